@@ -1,0 +1,167 @@
+"""The one internal request/response model that every protocol adapter feeds.
+
+HTTP/1.1 (h11), HTTP/2 (h2) and HTTP/3 (aioquic) adapters all turn their
+protocol events into a :class:`Request` whose body is a :class:`Body` stream,
+hand it to the handler, and write back the :class:`Response` it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+__all__ = ["Body", "Request", "Response", "Headers", "header_value"]
+
+Headers = list[tuple[str, str]]
+"""Header list: lower-case names, in order, repeated names allowed."""
+
+
+def header_value(headers: Headers, name: str) -> str | None:
+    """First value of header ``name`` (lower-case), or None."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+class Body:
+    """A request or response body, streamed in chunks with back-pressure.
+
+    The producer (a protocol adapter) calls :meth:`feed` and :meth:`end` (or
+    :meth:`abort`); the consumer iterates with ``async for``. ``on_consumed`` is
+    called with the size of each chunk the consumer took, so the adapter can
+    give flow-control credit back to the peer only for data actually used.
+    """
+
+    def __init__(self, on_consumed: Callable[[int], None] | None = None) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._waiter = asyncio.Event()
+        self._on_consumed = on_consumed
+        self.buffered = 0
+        """Bytes received but not yet consumed."""
+        self.received = 0
+        """Bytes received in total."""
+
+    @classmethod
+    def empty(cls) -> Body:
+        body = cls()
+        body.end()
+        return body
+
+    @classmethod
+    def of(cls, data: bytes) -> Body:
+        body = cls()
+        if data:
+            body.feed(data)
+        body.end()
+        return body
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(data)
+            self.buffered += len(data)
+            self.received += len(data)
+            self._waiter.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._waiter.set()
+
+    def abort(self, error: BaseException) -> None:
+        self._error = error
+        self._waiter.set()
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    async def read(self) -> bytes:
+        """Next chunk, or b"" at the end of the body."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self.buffered -= len(chunk)
+                if self._on_consumed is not None:
+                    self._on_consumed(len(chunk))
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._ended:
+                return b""
+            self._waiter.clear()
+            await self._waiter.wait()
+
+    def unread(self, data: bytes) -> None:
+        """Put a chunk back at the front (it was already counted as consumed)."""
+        if data:
+            self._chunks.appendleft(data)
+            self.buffered += len(data)
+            self._waiter.set()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read():
+            yield chunk
+
+
+@dataclass
+class Request:
+    """One request, whatever protocol carried it."""
+
+    method: str
+    "Request method, upper-case as sent."
+    scheme: str
+    "'https' or 'http': how the client reached us."
+    authority: str
+    "Host (and port) the client asked for: :authority or Host."
+    target: str
+    "Path and query, as sent."
+    headers: Headers
+    "Regular headers, lower-case names (no pseudo-headers, no Host)."
+    protocol: str
+    "'HTTP/1.1', 'HTTP/2' or 'HTTP/3'."
+    client: tuple[str, int]
+    "Peer address and port."
+    server: tuple[str, int]
+    "Local address and port the request arrived on."
+    body: Body = field(default_factory=Body.empty)
+    "Request body stream."
+    content_length: int | None = None
+    "Declared body length, when known."
+    early_data: bool = False
+    "True when received as QUIC 0-RTT data (replayable)."
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def host(self) -> str:
+        """Authority without port, lower-case."""
+        auth = self.authority.lower()
+        if auth.startswith("["):
+            return auth.split("]", 1)[0] + "]"
+        return auth.rsplit(":", 1)[0] if auth.count(":") == 1 else auth
+
+
+@dataclass
+class Response:
+    """One response, written back by the adapter that carried the request."""
+
+    status: int
+    "Status code."
+    headers: Headers = field(default_factory=list)
+    "Regular headers, lower-case names, hop-by-hop headers already removed."
+    body: Body = field(default_factory=Body.empty)
+    "Response body stream."
+    content_length: int | None = None
+    "Body length when known, for HTTP/1.1 framing."
+
+    @classmethod
+    def text(cls, status: int, text: str, headers: Headers | None = None) -> Response:
+        data = text.encode()
+        hdrs = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(data)))]
+        return cls(status, hdrs + list(headers or []), Body.of(data), len(data))

@@ -1,0 +1,76 @@
+"""What the proxy needs from a WAF, whichever mode runs it (inline or service)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .._model import Headers
+
+__all__ = ["WafDecision", "WafRequest", "WafTransaction", "Waf", "WafUnavailable"]
+
+
+@dataclass
+class WafRequest:
+    """The parts of a request the engine inspects."""
+
+    method: str
+    "Request method."
+    uri: str
+    "Path and query as sent."
+    headers: Headers
+    "Request headers, lower-case names, including host."
+    protocol: str
+    "'HTTP/1.1', 'HTTP/2' or 'HTTP/3'."
+    remote_addr: str
+    "Client address."
+    remote_port: int
+    "Client port."
+    server_addr: str
+    "Local address."
+    server_port: int
+    "Local port."
+
+
+@dataclass
+class WafDecision:
+    """The engine's verdict, taken from ModSecurity's intervention and log callback."""
+
+    allowed: bool
+    "False when the request must be blocked."
+    status: int = 200
+    "Status to answer a blocked request with (403 by default)."
+    rule_ids: list[str] = field(default_factory=list)
+    "Ids of the rules that matched."
+    messages: list[str] = field(default_factory=list)
+    "Rule messages."
+    severity: str | None = None
+    "Highest severity among the matches (CRITICAL, ERROR, WARNING, NOTICE)."
+
+
+class WafUnavailable(Exception):
+    """The WAF could not give a decision (service down, timeout, bad answer)."""
+
+
+class WafTransaction(Protocol):
+    """One request's inspection: headers, then body chunks, then a final verdict."""
+
+    async def headers(self) -> WafDecision | None:
+        """Run the connection/URI/headers phases; a blocking decision or None."""
+
+    async def body_chunk(self, data: bytes) -> None:
+        """Feed part of the body (only the inspected prefix is ever fed)."""
+
+    async def finish(self) -> WafDecision:
+        """End of (inspected) body: run the body phase and return the verdict."""
+
+    async def close(self) -> None:
+        """Release the transaction (logging phase)."""
+
+
+class Waf(Protocol):
+    def transaction(self, request: WafRequest) -> WafTransaction:
+        """Start inspecting ``request``."""
+
+    async def aclose(self) -> None:
+        """Release engine or connections."""

@@ -45,6 +45,14 @@ class Body:
         """Bytes received but not yet consumed."""
         self.received = 0
         """Bytes received in total."""
+        self._source: AsyncIterator[bytes] | None = None
+
+    @classmethod
+    def from_iter(cls, source: AsyncIterator[bytes]) -> Body:
+        """A body pulled from an async iterator (back-pressure comes for free)."""
+        body = cls()
+        body._source = source
+        return body
 
     @classmethod
     def empty(cls) -> Body:
@@ -77,11 +85,25 @@ class Body:
 
     @property
     def ended(self) -> bool:
-        return self._ended
+        return self._ended and not self._chunks
+
+    async def aclose(self) -> None:
+        """Stop a pulled body early (closes its source, e.g. an upstream connection)."""
+        source, self._source = self._source, None
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def read(self) -> bytes:
         """Next chunk, or b"" at the end of the body."""
         while True:
+            if self._source is not None and not self._chunks:
+                try:
+                    return await self._source.__anext__()
+                except StopAsyncIteration:
+                    self._source = None
+                    self._ended = True
+                    return b""
             if self._chunks:
                 chunk = self._chunks.popleft()
                 self.buffered -= len(chunk)

@@ -1,0 +1,225 @@
+"""Command line: `quicproxy serve`, `quicproxy waf serve`, `quicproxy get`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from typing import Any, NoReturn
+
+from . import __version__
+from ._config import Config, load_config
+from ._errors import ConfigError
+from ._server import Proxy, default_ports
+from ._tls import ensure_certificate
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"quicproxy: {message} (see quicproxy {self.prog.split()[-1]} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="quicproxy", description="HTTP/3 edge reverse proxy with a WAF")
+    top.add_argument("--version", action="version", version=f"quicproxy {__version__}")
+    sub = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help="YAML config file")
+    serve.add_argument("--backend", help="default upstream, http://HOST:PORT")
+    serve.add_argument("--host", help="address to listen on")
+    serve.add_argument("--http-port", help="plain HTTP port")
+    serve.add_argument("--https-port", help="TLS TCP and QUIC UDP port")
+    serve.add_argument("--alt-svc-port", help="port advertised in Alt-Svc")
+    serve.add_argument("--cert", help="PEM certificate chain")
+    serve.add_argument("--key", help="PEM private key")
+    serve.add_argument("--waf", choices=("off", "inline", "service"), help="WAF mode")
+    serve.add_argument("--waf-url", help="WAF service URL for --waf service")
+    serve.add_argument("--waf-fail", choices=("closed", "open"), help="when the WAF is down")
+    serve.add_argument("--workers", help="worker processes")
+    serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+    waf = sub.add_parser("waf", help="WAF service commands")
+    waf_sub = waf.add_subparsers(dest="waf_command", required=True, parser_class=_Parser)
+    wserve = waf_sub.add_parser("serve", help="run the standalone WAF service")
+    wserve.add_argument("--config", help="YAML config file (its waf: section is used)")
+    wserve.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    wserve.add_argument("--port", default="9000", help="port to listen on")
+
+    get = sub.add_parser("get", help="fetch a URL over HTTP/3 and print the body")
+    get.add_argument("url")
+    get.add_argument("-k", "--insecure", action="store_true", help="do not verify the certificate")
+    get.add_argument("--cacert", help="CA bundle to verify with")
+    get.add_argument("-i", "--include", action="store_true", help="print status and headers")
+    return top
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    listen: dict[str, Any] = {}
+    for flag, key in (("http_port", "http_port"), ("https_port", "https_port"),
+                      ("alt_svc_port", "alt_svc_port"), ("host", "host")):
+        value = getattr(args, flag)
+        if value is not None:
+            listen[key] = value
+    if listen:
+        out["listen"] = listen
+    if args.backend is not None:
+        out["backend"] = args.backend
+    tls = {k: getattr(args, k) for k in ("cert", "key") if getattr(args, k) is not None}
+    if tls:
+        out["tls"] = tls
+    waf: dict[str, Any] = {}
+    if args.waf is not None:
+        waf["mode"] = args.waf
+    if args.waf_url is not None:
+        waf["url"] = args.waf_url
+    if args.waf_fail is not None:
+        waf["fail"] = args.waf_fail
+    if waf:
+        out["waf"] = waf
+    if args.workers is not None:
+        out["workers"] = args.workers
+    if args.log_level is not None:
+        out["log_level"] = args.log_level
+    return out
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("quic").setLevel(logging.WARNING)
+
+
+def _banner(proxy: Proxy) -> str:
+    cfg = proxy.config
+    host = cfg.listen.host
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    http, https = proxy.http_port, proxy.https_port
+    lines = [f"quicproxy {__version__} is listening:"]
+    if proxy.port_note:
+        lines.append(f"  note: {proxy.port_note}")
+    mode = "redirects to https" if cfg.listen.plain_http == "redirect" else "proxied"
+    lines += [
+        f"  http://{shown}:{http}/    plain HTTP/1.1 ({mode}; /_gwhealthz, /metrics)",
+        f"  https://{shown}:{https}/   TLS over TCP: HTTP/2 and HTTP/1.1",
+        f"  https://{shown}:{https}/   QUIC over UDP: HTTP/3 (Alt-Svc advertises port "
+        f"{cfg.listen.alt_svc_port})",
+    ]
+    if proxy.using_demo_backend:
+        lines.append("  backend: built-in demo backend (give --backend http://HOST:PORT)")
+    else:
+        lines.append(f"  backend: {cfg.backend}")
+    lines.append(f"  WAF: {cfg.waf.mode}")
+    if proxy.self_signed:
+        lines.append(f"  certificate: self-signed, {proxy.cert}")
+    insecure = " --insecure" if proxy.self_signed else ""
+    lines.append(f"Try HTTP/3:  quicproxy get{insecure} -i https://{shown}:{https}/")
+    return "\n".join(lines)
+
+
+async def _serve(cfg: Config, reuse_port: bool, banner: bool) -> int:
+    proxy = Proxy(cfg, reuse_port=reuse_port)
+    await proxy.start()
+    if banner:
+        print(_banner(proxy), flush=True)
+    return await proxy.serve_forever()
+
+
+def _worker(cfg: Config, banner: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = asyncio.run(_serve(cfg, True, banner))
+    except ConfigError as exc:
+        print(f"quicproxy: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+def _run_workers(cfg: Config) -> int:
+    http, https, _ = default_ports(cfg)
+    if not http or not https:
+        raise ConfigError("workers", "port 0 cannot be shared by several workers",
+                          "give fixed ports or use --workers 1")
+    cfg.listen.http_port, cfg.listen.https_port = http, https
+    cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(cfg, i == 0), daemon=False)
+             for i in range(cfg.workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    return max((proc.exitcode or 0) for proc in procs)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, overrides=_overrides(args))
+    _logging(cfg.log_level)
+    if cfg.workers > 1:
+        return _run_workers(cfg)
+    return asyncio.run(_serve(cfg, False, True))
+
+
+def _cmd_waf(args: argparse.Namespace) -> int:
+    from .waf import run_waf_service
+
+    try:
+        port = int(args.port)
+    except ValueError:
+        raise ConfigError("--port", f"{args.port!r} is not a port", "use a number") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError("--port", f"port {port} out of range", "use a port from 1 to 65535")
+    overrides = {"waf": {"mode": "inline"}}
+    cfg = load_config(args.config, overrides=overrides)
+    _logging(cfg.log_level)
+    return run_waf_service(cfg.waf, args.host, port)
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    from ._client import h3_get
+
+    resp = asyncio.run(h3_get(args.url, insecure=args.insecure, cafile=args.cacert))
+    if args.include:
+        print(f"HTTP/3 {resp.status}")
+        for k, v in resp.headers:
+            print(f"{k}: {v}")
+        print()
+    sys.stdout.buffer.write(resp.body)
+    sys.stdout.flush()
+    return 0 if resp.status < 400 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "waf":
+            return _cmd_waf(args)
+        return _cmd_get(args)
+    except ConfigError as exc:
+        print(f"quicproxy: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        print(f"quicproxy: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1

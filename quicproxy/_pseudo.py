@@ -1,0 +1,66 @@
+"""Pseudo-header handling shared by the HTTP/2 and HTTP/3 adapters."""
+
+from __future__ import annotations
+
+from ._forward import strip_hop_by_hop
+from ._model import Body, Headers, Request
+
+__all__ = ["request_from_pseudo", "response_headers"]
+
+
+def request_from_pseudo(
+    raw: Headers,
+    protocol: str,
+    client: tuple[str, int],
+    server: tuple[str, int],
+    body: Body,
+) -> Request:
+    """Build a Request from an h2/h3 header list; ValueError if malformed."""
+    pseudo: dict[str, str] = {}
+    headers: Headers = []
+    cookies: list[str] = []
+    for name, value in raw:
+        if name.startswith(":"):
+            if name in pseudo or headers:
+                raise ValueError(f"misplaced or repeated pseudo-header {name}")
+            pseudo[name] = value
+        elif name != name.lower():
+            raise ValueError(f"upper-case header name {name!r}")
+        elif name == "cookie":
+            cookies.append(value)  # split crumbs are joined again (RFC 9113 8.2.3)
+        else:
+            headers.append((name, value))
+    if cookies:
+        headers.append(("cookie", "; ".join(cookies)))
+    method = pseudo.get(":method")
+    if not method:
+        raise ValueError("missing :method")
+    if method == "CONNECT":
+        raise ValueError("CONNECT is not supported (this is not a forward proxy)")
+    for required in (":scheme", ":path"):
+        if not pseudo.get(required):
+            raise ValueError(f"missing {required}")
+    host = next((v for k, v in headers if k == "host"), None)
+    authority = pseudo.get(":authority") or host
+    if not authority:
+        raise ValueError("missing :authority")
+    length = next((v for k, v in headers if k == "content-length"), None)
+    if length is not None and not length.isdigit():
+        raise ValueError("bad content-length")
+    return Request(
+        method=method,
+        scheme=pseudo[":scheme"],
+        authority=authority,
+        target=pseudo[":path"],
+        headers=[(k, v) for k, v in headers if k != "host"],
+        protocol=protocol,
+        client=client,
+        server=server,
+        body=body,
+        content_length=int(length) if length is not None else None,
+    )
+
+
+def response_headers(status: int, headers: Headers) -> list[tuple[str, str]]:
+    """Response header list for h2/h3: :status first, connection-specific ones removed."""
+    return [(":status", str(status))] + strip_hop_by_hop(headers)

@@ -1,0 +1,212 @@
+"""The proxy: listeners for plain HTTP, TLS (h2/http1.1) and QUIC (h3), and their life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from typing import Protocol
+
+from ._config import Config, Route, parse_backend
+from ._errors import ConfigError
+from ._h1 import H1Connection
+from ._h2 import H2Connection
+from ._h3 import QuicListener, start_quic_listener
+from ._handler import Handler
+from ._router import Pool, Router
+from ._tls import ensure_certificate, tcp_tls_context
+
+__all__ = ["Proxy", "default_ports"]
+
+log = logging.getLogger("quicproxy")
+
+
+class _Conn(Protocol):
+    busy: bool
+
+    def shutdown(self) -> None: ...
+
+
+def default_ports(cfg: Config) -> tuple[int, int, str | None]:
+    """(http, https, note): 80/443 as root, 8080/8443 otherwise, unless configured."""
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    http = cfg.listen.http_port
+    https = cfg.listen.https_port
+    note = None
+    if http is None or https is None:
+        if not root:
+            note = "not running as root: using high ports (set --http-port/--https-port to change)"
+        http = (80 if root else 8080) if http is None else http
+        https = (443 if root else 8443) if https is None else https
+    return http, https, note
+
+
+class Proxy:
+    """A running proxy inside the current asyncio loop.
+
+    >>> proxy = Proxy(load_config(overrides={"backend": "http://127.0.0.1:9000"}))
+    >>> await proxy.start()          # listeners are up; proxy.https_port is bound
+    >>> proxy.add_route(Route(backends=["http://127.0.0.1:9001"], path_prefix="/api"))
+    >>> await proxy.stop()           # graceful: drains in-flight requests
+    """
+
+    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+        self.config = config.validate()
+        self.reuse_port = reuse_port
+        self.router = Router()
+        if config.backend:
+            self.router.default = Pool("default", [parse_backend("backend", config.backend)])
+        for route in config.routes:
+            self.router.add(route)
+        self.handler: Handler | None = None
+        self.http_port = 0
+        self.https_port = 0
+        self.cert = ""
+        self.key = ""
+        self.self_signed = False
+        self.port_note: str | None = None
+        self._tcp: list[asyncio.Server] = []
+        self._quic: QuicListener | None = None
+        self._conns: set[_Conn] = set()
+        self._stopped = asyncio.Event()
+
+    def add_route(self, route: Route) -> None:
+        """Add a host/path route while running (or before start)."""
+        self.router.add(route)
+
+    @property
+    def using_demo_backend(self) -> bool:
+        return self.router.default is None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.cert, self.key, self.self_signed = ensure_certificate(cfg)
+        tls = tcp_tls_context(self.cert, self.key)
+        waf = None
+        if cfg.waf.mode != "off":
+            from .waf import create_waf
+
+            waf = create_waf(cfg.waf)
+        self.handler = handler = Handler(cfg, self.router, waf)
+        http, https, self.port_note = default_ports(cfg)
+        host = cfg.listen.host
+        try:
+            plain = await asyncio.start_server(
+                lambda r, w: self._serve_tcp(r, w, None), host, http,
+                reuse_port=self.reuse_port or None,
+            )
+            self._tcp.append(plain)
+            self.http_port = plain.sockets[0].getsockname()[1]
+            secure, self._quic = await self._bind_https(tls, host, https)
+            self._tcp.append(secure)
+        except OSError as exc:
+            await self._close_listeners()
+            hint = "use a free port, or ports >= 1024 when not root"
+            raise ConfigError("listen", f"cannot bind {host} ({exc.strerror})", hint) from None
+        self.https_port = secure.sockets[0].getsockname()[1]
+        alt = cfg.listen.alt_svc_port or self.https_port
+        handler.alt_svc = f'h3=":{alt}"; ma=86400'
+        if cfg.listen.alt_svc_port is None:
+            cfg.listen.alt_svc_port = self.https_port
+
+    async def _bind_https(
+        self, tls: object, host: str, port: int
+    ) -> tuple[asyncio.Server, QuicListener]:
+        """Bind TCP and UDP on one port number (an ephemeral one when ``port`` is 0)."""
+        assert self.handler is not None
+        for _ in range(20):
+            secure = await asyncio.start_server(
+                lambda r, w: self._serve_tcp(r, w, "tls"), host, port, ssl=tls,  # type: ignore[arg-type]
+                ssl_handshake_timeout=10, reuse_port=self.reuse_port or None,
+            )
+            bound = secure.sockets[0].getsockname()[1]
+            try:
+                quic = await start_quic_listener(
+                    self.config, self.handler, self.cert, self.key, host, bound, self.reuse_port
+                )
+                return secure, quic
+            except OSError:
+                secure.close()
+                if port:
+                    raise
+        raise OSError(98, "no port free for both TCP and UDP")
+
+    async def _serve_tcp(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str | None
+    ) -> None:
+        assert self.handler is not None
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn: H1Connection | H2Connection
+        if kind == "tls":
+            ssl_obj = writer.get_extra_info("ssl_object")
+            alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
+            if alpn == "h2":
+                conn = H2Connection(self.handler, reader, writer)
+            else:
+                conn = H1Connection(self.handler, reader, writer, "https")
+        else:
+            conn = H1Connection(self.handler, reader, writer, "http")
+        if self.handler.draining:
+            conn.shutdown()
+        self._conns.add(conn)
+        try:
+            await conn.run()
+        finally:
+            self._conns.discard(conn)
+
+    async def _close_listeners(self) -> None:
+        for server in self._tcp:
+            server.close()
+        if self._quic is not None:
+            self._quic.drain()
+
+    async def stop(self, grace: float | None = None) -> bool:
+        """Drain: health 503, stop accepting, GOAWAY, wait for in-flight requests
+        up to ``grace`` seconds (config shutdown_grace by default), then close.
+        Returns True when every in-flight request finished in time."""
+        if self.handler is None:
+            return True
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.handler.draining = True
+        await self._close_listeners()
+        for conn in list(self._conns):
+            conn.shutdown()
+        clean = await self.handler.wait_idle(grace)
+        if self._quic is not None:
+            self._quic.close()
+        for conn in list(self._conns):
+            writer = getattr(conn, "writer", None)
+            if writer is not None:
+                writer.close()
+        await self.handler.upstream.aclose()
+        if self.handler.waf is not None:
+            await self.handler.waf.aclose()
+        self._stopped.set()
+        return clean
+
+    async def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down: draining for up to %ss", self.config.shutdown_grace)
+        clean = await self.stop()
+        if not clean:
+            log.warning("grace period over with requests still in flight")
+        return 0
+
+    async def __aenter__(self) -> Proxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

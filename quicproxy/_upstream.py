@@ -1,0 +1,215 @@
+"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import h11
+
+from ._config import UpstreamConfig
+from ._errors import UpstreamConnectError, UpstreamTimeout
+from ._model import Body, Headers, Response
+
+__all__ = ["UpstreamPool"]
+
+_READ = 65536
+
+
+class _Conn:
+    """One upstream connection and its h11 state."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
+        self.reused = False
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def next_event(self, timeout: float) -> h11.Event:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            try:
+                data = await asyncio.wait_for(self.reader.read(_READ), timeout)
+            except asyncio.TimeoutError:
+                raise UpstreamTimeout("upstream did not answer in time") from None
+            self.h11.receive_data(data)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    @property
+    def usable(self) -> bool:
+        return not self.reader.at_eof() and not self.writer.is_closing()
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per (host, port), up to ``pool_size`` each."""
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.cfg = cfg
+        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self.connections_opened = 0
+        "Upstream TCP connections opened so far (for metrics and tests)."
+
+    async def _connect(self, member: tuple[str, int]) -> _Conn:
+        host, port = member
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, limit=_READ * 4), self.cfg.connect_timeout
+            )
+        except asyncio.TimeoutError:
+            raise UpstreamConnectError(f"connect to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"connect to {host}:{port} failed: {exc.strerror}") from None
+        self.connections_opened += 1
+        return _Conn(reader, writer)
+
+    async def _acquire(self, member: tuple[str, int]) -> _Conn:
+        idle = self._idle.get(member)
+        while idle:
+            conn = idle.pop()
+            if conn.usable:
+                conn.reused = True
+                return conn
+            conn.close()
+        return await self._connect(member)
+
+    def _release(self, member: tuple[str, int], conn: _Conn) -> None:
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            idle = self._idle.setdefault(member, [])
+            if len(idle) < self.cfg.pool_size and conn.usable:
+                idle.append(conn)
+                return
+        conn.close()
+
+    async def aclose(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+    async def request(
+        self,
+        member: tuple[str, int],
+        method: str,
+        target: str,
+        headers: Headers,
+        body: Body,
+        content_length: int | None,
+    ) -> Response:
+        """Send one request; return the response with its body still streaming."""
+        for attempt in (1, 2):
+            conn = await self._acquire(member)
+            try:
+                return await self._exchange(member, conn, method, target, headers, body, content_length)
+            except _Stale:
+                conn.close()
+                if attempt == 2:
+                    raise UpstreamConnectError("upstream closed the connection") from None
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _exchange(
+        self,
+        member: tuple[str, int],
+        conn: _Conn,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: Body,
+        content_length: int | None,
+    ) -> Response:
+        framing: Headers = []
+        if content_length is not None:
+            framing = [("content-length", str(content_length))]
+        elif not body.ended or body.buffered:
+            framing = [("transfer-encoding", "chunked")]
+        empty_body = content_length == 0 or (body.ended and not body.buffered)
+        try:
+            await conn.send(h11.Request(method=method, target=target, headers=headers + framing))
+        except (ConnectionError, OSError):
+            if conn.reused and empty_body:
+                raise _Stale() from None
+            raise UpstreamConnectError("upstream connection failed") from None
+        sender = asyncio.ensure_future(self._send_body(conn, body))
+        head = asyncio.ensure_future(self._read_head(conn))
+        try:
+            await asyncio.wait([sender, head], return_when=asyncio.FIRST_COMPLETED)
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()  # type: ignore[misc]
+            response = await head
+        except _Stale:
+            if conn.reused and empty_body:
+                raise
+            raise UpstreamConnectError("upstream closed the connection") from None
+        except BaseException:
+            head.cancel()
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            raise
+        out: Headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in response.headers]
+        length = None
+        for k, v in out:
+            if k == "content-length" and v.isdigit():
+                length = int(v)
+        stream = Body.from_iter(self._read_body(member, conn, sender))
+        if method == "HEAD" or response.status_code in (204, 304):
+            length = length if method == "HEAD" else None
+        return Response(response.status_code, out, stream, length)
+
+    async def _send_body(self, conn: _Conn, body: Body) -> None:
+        async for chunk in body:
+            await conn.send(h11.Data(data=chunk))
+        await conn.send(h11.EndOfMessage())
+
+    async def _read_head(self, conn: _Conn) -> h11.Response:
+        while True:
+            try:
+                event = await conn.next_event(self.cfg.timeout)
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
+            except (ConnectionError, OSError):
+                raise _Stale() from None
+            if isinstance(event, h11.ConnectionClosed):
+                raise _Stale()
+            if isinstance(event, h11.Response):
+                return event
+            # h11.InformationalResponse (100 Continue and the like) is skipped
+
+    async def _read_body(
+        self, member: tuple[str, int], conn: _Conn, sender: asyncio.Future[None]
+    ) -> AsyncIterator[bytes]:
+        done = False
+        try:
+            while True:
+                event = await conn.next_event(self.cfg.timeout)
+                if isinstance(event, h11.Data):
+                    yield bytes(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    done = True
+                    break
+                else:
+                    raise UpstreamConnectError("upstream closed mid-body")
+        finally:
+            if done and sender.done() and not sender.cancelled() and sender.exception() is None:
+                self._release(member, conn)
+            else:
+                sender.cancel()
+                conn.close()
+
+
+class _Stale(Exception):
+    """A kept-alive connection turned out closed before any answer."""

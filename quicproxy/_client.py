@@ -127,6 +127,8 @@ class H3Client:
             (b":authority", self.authority.encode()),
             (b":path", path.encode()),
         ] + [(k.lower().encode(), v.encode()) for k, v in headers]
+        if isinstance(body, bytes):
+            head.append((b"content-length", str(len(body)).encode()))
         p = _Pending(asyncio.get_running_loop().create_future(), keep=keep_body, hasher=hasher)
         proto.pending[sid] = p
         proto.h3.send_headers(sid, head, end_stream=body is None)

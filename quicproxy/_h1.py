@@ -22,10 +22,13 @@ _KEEPALIVE_TIMEOUT = 75.0
 
 
 class _Writer:
-    def __init__(self, conn: H1Connection) -> None:
+    def __init__(self, conn: H1Connection, body: Body) -> None:
         self.conn = conn
+        self.body = body
 
     async def send_head(self, status: int, headers: Headers) -> None:
+        if not self.body.ended:
+            self.conn.closing = True  # answering before the whole body came: no keep-alive
         if self.conn.closing:
             headers = [(k, v) for k, v in headers if k != "connection"] + [("connection", "close")]
         try:
@@ -136,6 +139,7 @@ class H1Connection:
         pump: asyncio.Task[None] | None = None
         if length is None and not chunked:
             body = Body.empty()
+            self.h11.next_event()  # the EndOfMessage h11 has ready for a body-less request
         else:
             body = Body(on_consumed=self._consumed)
             pump = asyncio.ensure_future(self._pump(body))
@@ -152,7 +156,7 @@ class H1Connection:
             content_length=int(length) if length is not None and length.isdigit() else None,
         )
         try:
-            await self.handler.exchange(req, _Writer(self))
+            await self.handler.exchange(req, _Writer(self, body))
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()

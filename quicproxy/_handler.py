@@ -28,6 +28,7 @@ __all__ = ["Handler", "ResponseWriter"]
 
 log = logging.getLogger("quicproxy")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_PREFETCH = 65536
 
 
 class ResponseWriter(Protocol):
@@ -156,8 +157,10 @@ class Handler:
     async def _forward(self, req: Request) -> Response:
         pool = self.router.match(req.host, req.path)
         member = pool.pick() if pool is not None else DEMO
-        body = req.body
         limit = self.cfg.limits.max_body_bytes
+        if req.content_length is None and not req.body.ended:
+            await self._measure_small_body(req, limit)
+        body = req.body
         if body.ended:
             body = Body.empty()
         elif limit and (req.content_length is None or req.content_length > limit):
@@ -171,6 +174,22 @@ class Handler:
         )
         resp.headers = strip_hop_by_hop(resp.headers)
         return resp
+
+    async def _measure_small_body(self, req: Request, limit: int) -> None:
+        """Read up to 64 KiB of a body of unknown length before contacting the upstream:
+        a small body then goes with a Content-Length, one over ``limit`` never leaves."""
+        parts: list[bytes] = []
+        total = 0
+        while total <= _PREFETCH:
+            chunk = await req.body.read()
+            if not chunk:
+                req.content_length = total
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if limit and total > limit:
+                raise BodyTooLarge(f"request body over {limit} bytes")
+        req.body.unread(b"".join(parts))
 
     # ------------------------------------------------------------------ WAF
 

@@ -1,0 +1,90 @@
+"""Helpers for tests: ports, tools, clients for each protocol."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+from typing import Any
+
+import httpx
+import pytest
+
+from quicproxy import Proxy, load_config
+from quicproxy._client import h3_client
+from tests.backend import Backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def need_tool(name: str, install: str) -> str:
+    """Path of tool ``name``; fails under CI, skips with the install hint elsewhere."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{name} is required in CI but missing: {install}")
+    pytest.skip(f"{name} not installed: {install}")
+
+
+def proxy_config(certs: tuple[str, str], origin: Backend | None, **extra: Any) -> Any:
+    """A validated config on ephemeral loopback ports, overridden by ``extra`` sections."""
+    data: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "http_port": 0, "https_port": 0},
+        "tls": {"cert": certs[0], "key": certs[1]},
+        "shutdown_grace": 5,
+    }
+    if origin is not None:
+        data["backend"] = origin.url
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    return load_config(env={}, overrides=data)
+
+
+def https_url(proxy: Proxy, path: str = "/") -> str:
+    return f"https://localhost:{proxy.https_port}{path}"
+
+
+def http_url(proxy: Proxy, path: str = "/") -> str:
+    return f"http://127.0.0.1:{proxy.http_port}{path}"
+
+
+def tcp_client(certs: tuple[str, str], http2: bool, **kw: Any) -> httpx.AsyncClient:
+    """httpx client speaking only HTTP/2 (http2=True) or only HTTP/1.1 over TLS."""
+    ctx = ssl.create_default_context(cafile=certs[0])
+    return httpx.AsyncClient(verify=ctx, http2=http2, http1=not http2, timeout=30.0, **kw)
+
+
+def h3(proxy: Proxy, certs: tuple[str, str]) -> Any:
+    """aioquic HTTP/3 client context manager for ``proxy``."""
+    return h3_client(https_url(proxy), cafile=certs[0])
+
+
+async def fetch(
+    proxy: Proxy,
+    certs: tuple[str, str],
+    proto: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: list[tuple[str, str]] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request over ``proto`` ('h1', 'h2' or 'h3'); (status, headers, body)."""
+    if proto == "h3":
+        async with h3(proxy, certs) as client:
+            r = await client.request(method, path, headers or [], body)
+            return r.status, dict(r.headers), r.body
+    async with tcp_client(certs, http2=proto == "h2") as client:
+        resp = await client.request(method, https_url(proxy, path), content=body,
+                                    headers=headers)
+        expected = "HTTP/2" if proto == "h2" else "HTTP/1.1"
+        assert resp.http_version == expected
+        return resp.status_code, dict(resp.headers), resp.content

@@ -63,8 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     listen: dict[str, Any] = {}
-    for flag, key in (("http_port", "http_port"), ("https_port", "https_port"),
-                      ("alt_svc_port", "alt_svc_port"), ("host", "host")):
+    for flag, key in (
+        ("http_port", "http_port"),
+        ("https_port", "https_port"),
+        ("alt_svc_port", "alt_svc_port"),
+        ("host", "host"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             listen[key] = value
@@ -148,13 +152,17 @@ def _worker(cfg: Config, banner: bool) -> None:
 def _run_workers(cfg: Config) -> int:
     http, https, _ = default_ports(cfg)
     if not http or not https:
-        raise ConfigError("workers", "port 0 cannot be shared by several workers",
-                          "give fixed ports or use --workers 1")
+        raise ConfigError(
+            "workers",
+            "port 0 cannot be shared by several workers",
+            "give fixed ports or use --workers 1",
+        )
     cfg.listen.http_port, cfg.listen.https_port = http, https
     cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(cfg, i == 0), daemon=False)
-             for i in range(cfg.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(cfg, i == 0), daemon=False) for i in range(cfg.workers)
+    ]
     for proc in procs:
         proc.start()
 

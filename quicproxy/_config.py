@@ -138,7 +138,7 @@ class WafConfig:
     body_limit: int = 131072
     "Bytes of a request body inspected (and held back until the decision)."
     over_limit: str = "reject"
-    "Bodies over body_limit: 'reject' (413) or 'inspect-prefix' (forward after inspecting the first part)."
+    "Bodies over body_limit: 'reject' (413) or 'inspect-prefix' (inspect the start, forward all)."
     extra_rules: list[str] = field(default_factory=list)
     "Extra rule files loaded after the CRS."
     exclusions: list[WafExclusion] = field(default_factory=list)
@@ -195,7 +195,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
             raise ConfigError(key, f"expected a list, got {value!r}", "give a YAML list")
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
+        if isinstance(value, tp):  # type: ignore[arg-type]
             return value
         if not isinstance(value, Mapping):
             raise ConfigError(key, f"expected a mapping, got {value!r}", "give a YAML mapping")
@@ -258,7 +258,9 @@ def parse_backend(key: str, url: str) -> tuple[str, int]:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(key, f"cannot parse backend URL {url!r} ({exc})", "use http://HOST:PORT")
+        raise ConfigError(
+            key, f"cannot parse backend URL {url!r} ({exc})", "use http://HOST:PORT"
+        ) from None
     if parts.scheme != "http":
         raise ConfigError(
             key, f"unsupported scheme in {url!r}", "upstreams are plain http://HOST:PORT"
@@ -352,7 +354,9 @@ def _validate(cfg: Config) -> None:
         try:
             parse_backend("waf.url", waf.url)
         except ConfigError as exc:
-            raise ConfigError("waf.url", str(exc).split(": ", 2)[-1], "use http://HOST:PORT")
+            raise ConfigError(
+                "waf.url", str(exc).split(": ", 2)[-1], "use http://HOST:PORT"
+            ) from None
 
 
 # --------------------------------------------------------------------------- sources
@@ -410,7 +414,9 @@ def _file_dict(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh)
     except OSError as exc:
-        raise ConfigError("--config", f"cannot read {path} ({exc.strerror})", "give a readable file")
+        raise ConfigError(
+            "--config", f"cannot read {path} ({exc.strerror})", "give a readable file"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -111,7 +111,7 @@ class H1Connection:
                 if self.h11.their_state is not h11.DONE:
                     break  # request body not read to its end: no keep-alive
                 self.h11.start_next_cycle()
-        except (asyncio.TimeoutError, ConnectionError, OSError, h11.LocalProtocolError):
+        except (TimeoutError, ConnectionError, OSError, h11.LocalProtocolError):
             pass
         finally:
             self.writer.close()
@@ -124,8 +124,11 @@ class H1Connection:
         status = exc.error_status_hint
         text = {431: "Request Header Fields Too Large"}.get(status, "Bad Request")
         body = f"{status} {text}\n".encode()
-        headers = [("content-type", "text/plain"), ("content-length", str(len(body))),
-                   ("connection", "close")]
+        headers = [
+            ("content-type", "text/plain"),
+            ("content-length", str(len(body))),
+            ("connection", "close"),
+        ]
         with contextlib.suppress(Exception):
             await self.send(h11.Response(status_code=status, headers=headers))
             await self.send(h11.Data(data=body))
@@ -185,5 +188,5 @@ class H1Connection:
                     return
         except h11.RemoteProtocolError as exc:
             body.abort(BadRequest(f"malformed request body: {exc}"))
-        except (asyncio.TimeoutError, ConnectionError, OSError) as exc:
+        except (TimeoutError, ConnectionError, OSError) as exc:
             body.abort(BadRequest(f"request body not received: {exc!r}"))

@@ -104,18 +104,26 @@ class H2Connection:
         return bool(self.streams)
 
     def shutdown(self) -> None:
-        """Graceful close: GOAWAY now; the connection ends once its streams finish."""
+        """Graceful close: refuse new streams, GOAWAY once in-flight streams are done.
+
+        GOAWAY waits for the connection to be idle because h2-based clients (httpx,
+        httpcore) fail every open stream when a GOAWAY arrives, even streams the
+        GOAWAY lets finish; refused streams are safe for any client to retry.
+        """
         if self.closing:
             return
         self.closing = True
+        if not self.streams:
+            self._goaway()
+
+    def _goaway(self) -> None:
         frame = GoAwayFrame(0)
         frame.last_stream_id = self._last_stream
         frame.error_code = 0
         self.flush_nowait()
         if not self.writer.is_closing():
             self.writer.write(frame.serialize())
-        if not self.streams:
-            self.writer.close()
+        self.writer.close()
 
     # ------------------------------------------------------------------ input
 
@@ -227,4 +235,4 @@ class H2Connection:
         finally:
             self.streams.pop(sid, None)
             if self.closing and not self.streams:
-                self.writer.close()
+                self._goaway()

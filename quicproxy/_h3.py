@@ -90,7 +90,9 @@ class H3Protocol(QuicConnectionProtocol):
     def __init__(self, *args: Any, handler: Handler, listener: QuicListener, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self._quic.__class__ = _CreditedQuicConnection
-        self._quic.credit = {}
+        self.credit: dict[int, int] = {}
+        "Receive window granted per request stream (consumed bytes + stream_window)."
+        self._quic.credit = self.credit  # type: ignore[attr-defined]
         self.handler = handler
         self.listener = listener
         self.h3 = H3Connection(self._quic)
@@ -145,7 +147,7 @@ class H3Protocol(QuicConnectionProtocol):
         task = self.tasks.pop(sid, None)
         if task is not None:
             self._acked.set()
-        self._quic.credit.pop(sid, None)
+        self.credit.pop(sid, None)
 
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
@@ -171,15 +173,15 @@ class H3Protocol(QuicConnectionProtocol):
 
         def credit(size: int) -> None:
             consumed[0] += size
-            if sid in self._quic.credit:
-                self._quic.credit[sid] = consumed[0] + self._window
+            if sid in self.credit:
+                self.credit[sid] = consumed[0] + self._window
                 self.transmit()
 
         body = Body(on_consumed=credit)
         if event.stream_ended:
             body.end()
         else:
-            self._quic.credit[sid] = self._window
+            self.credit[sid] = self._window
         stream = self._quic._streams.get(sid)
         client = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
         try:
@@ -209,7 +211,7 @@ class H3Protocol(QuicConnectionProtocol):
         finally:
             self.tasks.pop(sid, None)
             self.bodies.pop(sid, None)
-            self._quic.credit.pop(sid, None)
+            self.credit.pop(sid, None)
             if self.closing and not self.tasks:
                 self.close()
 
@@ -242,7 +244,8 @@ class _Server(QuicServer):
         if self.draining:
             try:
                 header = pull_quic_header(
-                    Buffer(data=bytes(data)), host_cid_length=self._configuration.connection_id_length
+                    Buffer(data=data if isinstance(data, bytes) else data.encode()),
+                    host_cid_length=self._configuration.connection_id_length,
                 )
             except ValueError:
                 return
@@ -273,7 +276,9 @@ class QuicListener:
             self.transport.close()
 
 
-def _ticket_store() -> tuple[Callable[[bytes], SessionTicket | None], Callable[[SessionTicket], None]]:
+def _ticket_store() -> tuple[
+    Callable[[bytes], SessionTicket | None], Callable[[SessionTicket], None]
+]:
     tickets: dict[bytes, SessionTicket] = {}
 
     def fetch(label: bytes) -> SessionTicket | None:

@@ -102,7 +102,7 @@ class Handler:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def handle(self, req: Request) -> Response:
@@ -124,8 +124,11 @@ class Handler:
             return Response.text(200, "OK")
         if req.scheme == "http":
             if req.path == "/metrics":
-                return Response(200, [("content-type", "text/plain; version=0.0.4")],
-                                Body.of(self.metrics.render().encode()))
+                return Response(
+                    200,
+                    [("content-type", "text/plain; version=0.0.4")],
+                    Body.of(self.metrics.render().encode()),
+                )
             if self.cfg.listen.plain_http == "redirect":
                 return self._redirect(req)
         self._check_limits(req)
@@ -217,8 +220,9 @@ class Handler:
             if wcfg.fail == "closed":
                 self.metrics.events["waf_unavailable"] += 1
                 log.error("WAF unavailable, failing closed: %s", exc)
-                return Response.text(503, "503 Service Unavailable: the WAF could not check "
-                                          "this request\n")
+                return Response.text(
+                    503, "503 Service Unavailable: the WAF could not check this request\n"
+                )
             self.metrics.events["waf_fail_open"] += 1
             log.warning("WAF unavailable, failing open (forwarding unchecked): %s", exc)
             return None
@@ -262,7 +266,9 @@ class Handler:
             if more:
                 parts.append(more)
                 if wcfg.over_limit == "reject":
-                    raise BodyTooLarge(f"request body over the WAF inspection limit ({limit} bytes)")
+                    raise BodyTooLarge(
+                        f"request body over the WAF inspection limit ({limit} bytes)"
+                    )
         req.body.unread(b"".join(parts))
 
     def _log_decision(self, event: str, req: Request, decision: WafDecision) -> None:

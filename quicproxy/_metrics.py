@@ -40,7 +40,7 @@ class Metrics:
         for (proto, status), n in sorted(self.requests.items()):
             lines.append(f'quicproxy_requests_total{{protocol="{proto}",status="{status}"}} {n}')
         lines += [
-            "# HELP quicproxy_events_total Notable events (WAF blocks, fail-open, upstream errors).",
+            "# HELP quicproxy_events_total Notable events (WAF blocks, fail-open, upstream errors)",
             "# TYPE quicproxy_events_total counter",
         ]
         for name, n in sorted(self.events.items()):

@@ -55,9 +55,7 @@ class Router:
 
     def add(self, route: Route) -> None:
         """Add a route (also at run time, from library code)."""
-        members = [
-            parse_backend(f"route {route.path_prefix}", url) for url in route.backends
-        ]
+        members = [parse_backend(f"route {route.path_prefix}", url) for url in route.backends]
         pool = Pool(f"{route.host or '*'}{route.path_prefix}", members)
         host = route.host.lower() if route.host else None
         self._rules.append(_Rule(host, route.path_prefix, pool))

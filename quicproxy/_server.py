@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from typing import Protocol
 
 from ._config import Config, Route, parse_backend
@@ -25,7 +26,8 @@ log = logging.getLogger("quicproxy")
 
 
 class _Conn(Protocol):
-    busy: bool
+    @property
+    def busy(self) -> bool: ...
 
     def shutdown(self) -> None: ...
 
@@ -95,7 +97,9 @@ class Proxy:
         host = cfg.listen.host
         try:
             plain = await asyncio.start_server(
-                lambda r, w: self._serve_tcp(r, w, None), host, http,
+                lambda r, w: self._serve_tcp(r, w, None),
+                host,
+                http,
                 reuse_port=self.reuse_port or None,
             )
             self._tcp.append(plain)
@@ -113,14 +117,18 @@ class Proxy:
             cfg.listen.alt_svc_port = self.https_port
 
     async def _bind_https(
-        self, tls: object, host: str, port: int
+        self, tls: ssl.SSLContext, host: str, port: int
     ) -> tuple[asyncio.Server, QuicListener]:
         """Bind TCP and UDP on one port number (an ephemeral one when ``port`` is 0)."""
         assert self.handler is not None
         for _ in range(20):
             secure = await asyncio.start_server(
-                lambda r, w: self._serve_tcp(r, w, "tls"), host, port, ssl=tls,  # type: ignore[arg-type]
-                ssl_handshake_timeout=10, reuse_port=self.reuse_port or None,
+                lambda r, w: self._serve_tcp(r, w, "tls"),
+                host,
+                port,
+                ssl=tls,
+                ssl_handshake_timeout=10,
+                reuse_port=self.reuse_port or None,
             )
             bound = secure.sockets[0].getsockname()[1]
             try:

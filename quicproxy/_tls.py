@@ -31,7 +31,7 @@ def self_signed(cert_path: Path, key_path: Path, names: list[str] | None = None)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
     alt += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)

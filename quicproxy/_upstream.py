@@ -39,7 +39,7 @@ class _Conn:
                 return event  # type: ignore[return-value]
             try:
                 data = await asyncio.wait_for(self.reader.read(_READ), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UpstreamTimeout("upstream did not answer in time") from None
             self.h11.receive_data(data)
 
@@ -66,7 +66,7 @@ class UpstreamPool:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, limit=_READ * 4), self.cfg.connect_timeout
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamConnectError(f"connect to {host}:{port} timed out") from None
         except OSError as exc:
             raise UpstreamConnectError(f"connect to {host}:{port} failed: {exc.strerror}") from None
@@ -111,7 +111,9 @@ class UpstreamPool:
         for attempt in (1, 2):
             conn = await self._acquire(member)
             try:
-                return await self._exchange(member, conn, method, target, headers, body, content_length)
+                return await self._exchange(
+                    member, conn, method, target, headers, body, content_length
+                )
             except _Stale:
                 conn.close()
                 if attempt == 2:

@@ -90,16 +90,31 @@ class Backend:
                     return
 
         async def respond(status: int, data: bytes, ctype: str = "text/plain") -> None:
-            await send(h11.Response(status_code=status, headers=[
-                ("content-type", ctype), ("content-length", str(len(data))),
-                ("connection", "keep-alive"), ("keep-alive", "timeout=5"),
-                ("x-backend", self.name)]))
+            await send(
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        ("content-type", ctype),
+                        ("content-length", str(len(data))),
+                        ("connection", "keep-alive"),
+                        ("keep-alive", "timeout=5"),
+                        ("x-backend", self.name),
+                    ],
+                )
+            )
             await send(h11.Data(data=data))
             await send(h11.EndOfMessage())
 
         if path == "/echo":
-            await send(h11.Response(status_code=200, headers=[
-                ("content-type", "application/octet-stream"), ("x-backend", self.name)]))
+            await send(
+                h11.Response(
+                    status_code=200,
+                    headers=[
+                        ("content-type", "application/octet-stream"),
+                        ("x-backend", self.name),
+                    ],
+                )
+            )
             async for chunk in body_chunks():
                 await send(h11.Data(data=chunk))
             await send(h11.EndOfMessage())
@@ -110,13 +125,23 @@ class Backend:
             digest.update(chunk)
             size += len(chunk)
         if path == "/sha256":
-            await respond(200, json.dumps({"sha256": digest.hexdigest(), "size": size}).encode(),
-                          "application/json")
+            await respond(
+                200,
+                json.dumps({"sha256": digest.hexdigest(), "size": size}).encode(),
+                "application/json",
+            )
         elif path.startswith("/bytes/"):
             n = int(path[7:])
-            await send(h11.Response(status_code=200, headers=[
-                ("content-type", "application/octet-stream"), ("content-length", str(n)),
-                ("x-backend", self.name)]))
+            await send(
+                h11.Response(
+                    status_code=200,
+                    headers=[
+                        ("content-type", "application/octet-stream"),
+                        ("content-length", str(n)),
+                        ("x-backend", self.name),
+                    ],
+                )
+            )
             sent = 0
             while sent < n:
                 part = PATTERN[: min(len(PATTERN), n - sent)]

@@ -12,6 +12,7 @@ from quicproxy._tls import self_signed
 from tests.backend import Backend
 from tests.helpers import proxy_config
 
+
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp("certs")

@@ -83,8 +83,7 @@ async def fetch(
             r = await client.request(method, path, headers or [], body)
             return r.status, dict(r.headers), r.body
     async with tcp_client(certs, http2=proto == "h2") as client:
-        resp = await client.request(method, https_url(proxy, path), content=body,
-                                    headers=headers)
+        resp = await client.request(method, https_url(proxy, path), content=body, headers=headers)
         expected = "HTTP/2" if proto == "h2" else "HTTP/1.1"
         assert resp.http_version == expected
         return resp.status_code, dict(resp.headers), resp.content

@@ -20,8 +20,7 @@ async def two_requests(proxy, certs, proto, first, second=("GET", "/hello", None
         return out
     async with tcp_client(certs, http2=proto == "h2") as client:
         for method, path, body, headers in (first, second):
-            r = await client.request(method, https_url(proxy, path), content=body,
-                                     headers=headers)
+            r = await client.request(method, https_url(proxy, path), content=body, headers=headers)
             out.append((r.status_code, r.content))
     return out
 
@@ -99,9 +98,7 @@ async def test_garbage_on_h2_connection_closes_it_without_hurting_others(proxy, 
 
     ctx = ssl.create_default_context(cafile=certs[0])
     ctx.set_alpn_protocols(["h2"])
-    reader, writer = await asyncio.open_connection(
-        "localhost", proxy.https_port, ssl=ctx
-    )
+    reader, writer = await asyncio.open_connection("localhost", proxy.https_port, ssl=ctx)
     writer.write(b"this is not the HTTP/2 preface at all\r\n\r\n" * 3)
     await writer.drain()
     data = await asyncio.wait_for(reader.read(), 5)  # server closes: read hits EOF

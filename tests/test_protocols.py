@@ -78,8 +78,9 @@ async def test_20mb_download_arrives_intact(proxy, certs, proto):
 @pytest.mark.parametrize("proto", PROTOCOLS)
 async def test_20mb_upload_arrives_intact(proxy, certs, proto):
     data = os.urandom(MB20)
-    status, _, body = await fetch(proxy, certs, proto, "POST", "/sha256", data,
-                                  [("content-type", "application/octet-stream")])
+    status, _, body = await fetch(
+        proxy, certs, proto, "POST", "/sha256", data, [("content-type", "application/octet-stream")]
+    )
     assert status == 200
     assert json.loads(body) == {"sha256": hashlib.sha256(data).hexdigest(), "size": MB20}
 

@@ -1,0 +1,179 @@
+"""The command line: embedded defaults, bad config, graceful SIGTERM drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from quicproxy._client import h3_client
+from tests.helpers import free_port
+
+QUICPROXY = [sys.executable, "-m", "quicproxy"]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        QUICPROXY + list(args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_unknown_config_key_fails_at_start_naming_it(tmp_path: Path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("quic:\n  idle_timout: 5\n")
+    proc = run_cli("serve", "--config", str(cfg))
+    assert_one_line_error(proc, "quic.idle_timout", "unknown key", "idle_timeout")
+
+
+def test_port_out_of_range_fails_naming_the_setting():
+    proc = run_cli("serve", "--https-port", "70000")
+    assert_one_line_error(proc, "listen.https_port", "70000", "1 to 65535")
+
+
+def test_env_port_out_of_range_fails_naming_the_setting():
+    proc = run_cli("serve", env={"HTTP_PORT": "99999"})
+    assert_one_line_error(proc, "listen.http_port", "99999")
+
+
+def test_unreadable_certificate_fails_naming_the_setting(tmp_path: Path):
+    proc = run_cli("serve", "--cert", str(tmp_path / "nope.pem"), "--key", str(tmp_path / "k"))
+    assert_one_line_error(proc, "tls.cert", "nope.pem", "fix:")
+
+
+def test_unparsable_backend_url_fails_naming_the_setting():
+    proc = run_cli("serve", "--backend", "http://bad host:abc")
+    assert_one_line_error(proc, "backend", "http://HOST:PORT")
+
+
+def test_waf_service_mode_without_url_fails_naming_the_setting():
+    proc = run_cli("serve", "--waf", "service")
+    assert_one_line_error(proc, "waf.url", "--waf-url")
+
+
+def test_non_root_defaults_to_high_ports(monkeypatch):
+    # Root cannot become non-root inside one process: geteuid is replaced here only.
+    from quicproxy import load_config
+    from quicproxy._server import default_ports
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    http, https, note = default_ports(load_config(env={}))
+    assert (http, https) == (8080, 8443)
+    assert note and "high ports" in note
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_ports(load_config(env={}))[:2] == (80, 443)
+
+
+async def _wait_h3(url: str, deadline: float) -> object:
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            async with h3_client(url, insecure=True) as client:
+                return await asyncio.wait_for(client.request("GET", "/json"), 5)
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            last = exc
+            await asyncio.sleep(0.3)
+    raise AssertionError(f"no HTTP/3 answer at {url}: {last!r}")
+
+
+async def test_embedded_default_serve_answers_http3(tmp_path: Path):
+    """`quicproxy serve` with nothing else: self-signed cert, demo backend, h3 answers."""
+    root = os.geteuid() == 0
+    https = 443 if root else 8443
+    proc = subprocess.Popen(
+        QUICPROXY + ["serve"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": ""},
+    )
+    try:
+        resp = await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+        assert resp.status == 200  # type: ignore[attr-defined]
+        assert b'"protocol": "HTTP/3"' in resp.body  # type: ignore[attr-defined]
+        assert (tmp_path / ".cache/quicproxy/selfsigned.crt").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"https://localhost:{https}/" in out
+    assert "quicproxy get" in out and "demo backend" in out
+
+
+async def test_sigterm_drains_in_flight_requests(tmp_path: Path):
+    from tests.backend import Backend
+
+    backend = await Backend().start()
+    http, https = free_port(), free_port()
+    proc = subprocess.Popen(
+        QUICPROXY
+        + [
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(http),
+            "--https-port",
+            str(https),
+            "--backend",
+            backend.url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    try:
+        await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+        async with (
+            h3_client(f"https://localhost:{https}/", insecure=True) as h3c,
+            httpx.AsyncClient(verify=False, http2=True) as h2c,
+        ):
+            h3_calls = [asyncio.ensure_future(h3c.request("GET", "/slow?s=2")) for _ in range(5)]
+            h2_calls = [
+                asyncio.ensure_future(h2c.get(f"https://localhost:{https}/slow?s=2"))
+                for _ in range(5)
+            ]
+            await asyncio.sleep(0.8)
+            proc.send_signal(signal.SIGTERM)
+            h3_done = await asyncio.gather(*h3_calls)
+            h2_done = await asyncio.gather(*h2_calls)
+        assert [r.status for r in h3_done] == [200] * 5
+        assert [r.status_code for r in h2_done] == [200] * 5
+        assert all(r.body == b"slow done" for r in h3_done)
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+        assert code == 0
+        with pytest.raises(httpx.ConnectError):
+            async with httpx.AsyncClient() as c:
+                await c.get(f"http://127.0.0.1:{http}/_gwhealthz")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        await backend.stop()
+
+
+def test_python_dash_m_and_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("quicproxy ")

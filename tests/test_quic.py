@@ -1,0 +1,81 @@
+"""QUIC switches: Retry, 0-RTT (safe methods only), draining health, library API."""
+
+from __future__ import annotations
+
+import asyncio
+
+from quicproxy._client import h3_client
+from tests.helpers import fetch, https_url, tcp_client
+
+
+async def test_retry_switch_validates_address_and_still_serves(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, quic={"retry": True})
+    status, _, body = await fetch(proxy, certs, "h3", "GET", "/hello")
+    assert (status, body) == (200, b"hello from backend /hello")
+
+
+async def _ticket(proxy, certs):
+    tickets = []
+    async with h3_client(
+        https_url(proxy), cafile=certs[0], session_ticket_handler=tickets.append
+    ) as client:
+        assert (await client.request("GET", "/hello")).status == 200
+        await asyncio.sleep(0.2)
+    assert tickets, "server issued no session ticket"
+    return tickets[-1]
+
+
+async def test_0rtt_admits_safe_methods_and_answers_425_to_others(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, quic={"early_data": True})
+    ticket = await _ticket(proxy, certs)
+    async with h3_client(
+        https_url(proxy), cafile=certs[0], session_ticket=ticket, wait_connected=False
+    ) as client:
+        post = asyncio.ensure_future(client.request("POST", "/sha256", [], b"pay=1"))
+        get = asyncio.ensure_future(client.request("GET", "/hello"))
+        post_r, get_r = await post, await get
+        assert client.proto._quic.tls.early_data_accepted
+    assert post_r.status == 425
+    assert get_r.status == 200
+    assert not [r for r in backend.requests if r[1] == "/sha256"]
+
+
+async def test_0rtt_is_off_by_default_so_no_tickets_are_issued(proxy, certs):
+    tickets = []
+    async with h3_client(
+        https_url(proxy), cafile=certs[0], session_ticket_handler=tickets.append
+    ) as client:
+        assert (await client.request("GET", "/hello")).status == 200
+        await asyncio.sleep(0.2)
+    assert tickets == []
+
+
+async def test_health_turns_503_while_draining(proxy, certs):
+    async with (
+        h3_client(https_url(proxy), cafile=certs[0]) as h3c,
+        tcp_client(certs, http2=True) as h2c,
+        tcp_client(certs, http2=False) as h1c,
+    ):
+        url = https_url(proxy, "/_gwhealthz")
+        before = [
+            (await h2c.get(url)).status_code,
+            (await h1c.get(url)).status_code,
+            (await h3c.request("GET", "/_gwhealthz")).status,
+        ]
+        proxy.handler.draining = True
+        after = [
+            (await h2c.get(url)).status_code,
+            (await h1c.get(url)).status_code,
+            (await h3c.request("GET", "/_gwhealthz")).status,
+        ]
+        proxy.handler.draining = False
+    assert before == [200, 200, 200]
+    assert after == [503, 503, 503]
+
+
+async def test_idle_timeout_is_applied(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, quic={"idle_timeout": 0.5})
+    async with h3_client(https_url(proxy), cafile=certs[0]) as client:
+        assert (await client.request("GET", "/hello")).status == 200
+        await asyncio.sleep(2.0)
+        assert client.proto._quic._close_event is not None

@@ -11,7 +11,7 @@ import h11
 
 from ._errors import BadRequest
 from ._handler import Handler
-from ._model import Body, Headers, Request, header_value
+from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
 
 __all__ = ["H1Connection"]
 
@@ -28,7 +28,8 @@ class _Writer:
 
     async def send_head(self, status: int, headers: Headers) -> None:
         if not self.body.ended:
-            self.conn.closing = True  # answering before the whole body came: no keep-alive
+            # Answering before the whole body came: no keep-alive, and a lingering close.
+            self.conn.closing = self.conn.linger = True
         if self.conn.closing:
             headers = [(k, v) for k, v in headers if k != "connection"] + [("connection", "close")]
         try:
@@ -69,6 +70,8 @@ class H1Connection:
         self.client = (str(peer[0]), int(peer[1]))
         self.server = (str(sock[0]), int(sock[1]))
         self.closing = False
+        self.linger = False
+        "Discard unread request data before closing, so the client can read our answer."
         self.busy = False
         self._room = asyncio.Event()
         self._room.set()
@@ -114,9 +117,25 @@ class H1Connection:
         except (TimeoutError, ConnectionError, OSError, h11.LocalProtocolError):
             pass
         finally:
+            if self.linger:
+                await self._discard_rest()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+    async def _discard_rest(self) -> None:
+        """Read and drop what the client still sends (bounded in time and size):
+        closing with unread data makes the kernel reset the connection, and the
+        client would lose the response it has not read yet."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DISCARD_SECONDS
+        left = DISCARD_BYTES
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
+            while left > 0:
+                data = await asyncio.wait_for(self.reader.read(_READ), deadline - loop.time())
+                if not data:
+                    break
+                left -= len(data)
 
     async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

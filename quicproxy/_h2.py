@@ -15,7 +15,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from ._handler import Handler
-from ._model import Body, Headers, Request
+from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
 
 __all__ = ["H2Connection"]
@@ -226,10 +226,12 @@ class H2Connection:
         try:
             await self.handler.exchange(req, _Writer(self, sid))
             if not req.body.ended and sid in self.streams:
-                # Answered before the whole request body came: stop the upload.
-                with contextlib.suppress(h2.exceptions.H2Error):
-                    self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
-                self.flush_nowait()
+                # Answered before the whole request body came: take the rest (bounded),
+                # then stop the upload if it is still going.
+                if not await req.body.discard(DISCARD_SECONDS, DISCARD_BYTES):
+                    with contextlib.suppress(h2.exceptions.H2Error):
+                        self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
+                    self.flush_nowait()
         except (ConnectionError, OSError, h2.exceptions.H2Error):
             pass
         finally:

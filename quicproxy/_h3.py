@@ -22,7 +22,7 @@ from aioquic.tls import SessionTicket
 
 from ._config import Config
 from ._handler import Handler
-from ._model import Body, Headers, Request
+from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
 
 __all__ = ["start_quic_listener", "QuicListener"]
@@ -202,10 +202,12 @@ class H3Protocol(QuicConnectionProtocol):
         try:
             await self.handler.exchange(req, _Writer(self, sid))
             if not req.body.ended and sid in self.tasks:
-                # Answered before the whole request body came: stop the upload.
-                with contextlib.suppress(Exception):
-                    self._quic.stop_stream(sid, ErrorCode.H3_NO_ERROR)
-                    self.transmit()
+                # Answered before the whole request body came: take the rest (bounded),
+                # then stop the upload if it is still going.
+                if not await req.body.discard(DISCARD_SECONDS, DISCARD_BYTES):
+                    with contextlib.suppress(Exception):
+                        self._quic.stop_stream(sid, ErrorCode.H3_NO_ERROR)
+                        self.transmit()
         except (ConnectionError, OSError):
             pass
         finally:

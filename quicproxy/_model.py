@@ -14,6 +14,11 @@ from dataclasses import dataclass, field
 
 __all__ = ["Body", "Request", "Response", "Headers", "header_value"]
 
+DISCARD_SECONDS = 5.0
+"How long an unread request body is still taken in after an early answer."
+DISCARD_BYTES = 64 << 20
+"How much of it at most."
+
 Headers = list[tuple[str, str]]
 """Header list: lower-case names, in order, repeated names allowed."""
 
@@ -123,6 +128,23 @@ class Body:
             self._chunks.appendleft(data)
             self.buffered += len(data)
             self._waiter.set()
+
+    async def discard(self, seconds: float, limit: int) -> bool:
+        """Read and drop the rest (bounded); True if the body reached its end.
+
+        Used after answering early (413, 403): clients that keep sending until the
+        body is out only read the answer then, so the rest is taken and dropped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        try:
+            while limit > 0:
+                chunk = await asyncio.wait_for(self.read(), max(0.0, deadline - loop.time()))
+                if not chunk:
+                    return True
+                limit -= len(chunk)
+        except Exception:  # timeout, reset, or the body was aborted
+            return False
+        return False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while chunk := await self.read():

@@ -1,0 +1,169 @@
+"""The WAF in front of the backend, through the running proxy, on h1, h2 and h3,
+in both modes (inline engine and remote WAF service), with the real OWASP CRS."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from quicproxy import WafConfig
+from quicproxy.waf import start_waf_service
+from tests.helpers import fetch, free_port
+
+PROTOCOLS = ["h1", "h2", "h3"]
+FORM = [("content-type", "application/x-www-form-urlencoded")]
+JSON = [("content-type", "application/json")]
+
+ATTACKS = {
+    "sqli-query": (
+        "GET",
+        "/search?q=1%27%20UNION%20SELECT%20username,password%20FROM%20users--",
+        None,
+        [],
+    ),
+    "xss-form": ("POST", "/comment", b"text=<script>alert(document.cookie)</script>", FORM),
+    "traversal": ("GET", "/download?file=../../../../etc/passwd", None, []),
+    "cmdi-json": ("POST", "/api/ping", b'{"host": "127.0.0.1; cat /etc/passwd"}', JSON),
+    "scanner-ua": ("GET", "/", None, [("user-agent", "sqlmap/1.7.2#stable (https://sqlmap.org)")]),
+    "sqli-cookie": ("GET", "/account", None, [("cookie", "session=1' OR '1'='1' --")]),
+    "sqli-referer": ("GET", "/", None, [("referer", "1' UNION ALL SELECT NULL,@@version-- -")]),
+}
+BENIGN = {
+    "browse": (
+        "GET",
+        "/products/shoes?page=2&sort=price",
+        None,
+        [("user-agent", "Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0"), ("accept", "text/html")],
+    ),
+    "form": ("POST", "/login", b"username=alice&password=correct+horse+battery", FORM),
+    "json-api": (
+        "POST",
+        "/api/orders",
+        b'{"item": 42, "qty": 2, "note": "gift wrap please"}',
+        JSON,
+    ),
+    "upload": (
+        "POST",
+        "/upload",
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="photo.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n" + bytes(range(256)) * 8 + b"\r\n--XyZ--\r\n",
+        [("content-type", "multipart/form-data; boundary=XyZ")],
+    ),
+}
+
+
+def multipart_file(size: int) -> tuple[bytes, list[tuple[str, str]]]:
+    """A browser-style file upload of ``size`` random bytes."""
+    head = (
+        b'--QpBoundary\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="video.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    )
+    body = head + os.urandom(size) + b"\r\n--QpBoundary--\r\n"
+    return body, [("content-type", "multipart/form-data; boundary=QpBoundary")]
+
+
+@pytest.fixture(params=["inline", "service"])
+async def waf_settings(request) -> AsyncIterator[dict[str, Any]]:
+    """Proxy `waf:` settings for each mode; the service one runs a real WAF service."""
+    if request.param == "inline":
+        yield {"mode": "inline"}
+        return
+    service = await start_waf_service(WafConfig(mode="inline"), "127.0.0.1", 0)
+    yield {"mode": "service", "url": f"http://127.0.0.1:{service.port}", "timeout_ms": 5000}
+    await service.aclose()
+
+
+@pytest.fixture
+async def waf_proxy(make_proxy, backend, waf_settings):
+    return await make_proxy(backend, waf=waf_settings)
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+async def test_attack_is_blocked_and_never_reaches_backend(
+    waf_proxy, backend, certs, proto, attack
+):
+    method, path, body, headers = ATTACKS[attack]
+    status, resp_headers, resp_body = await fetch(
+        waf_proxy, certs, proto, method, path, body, headers
+    )
+    assert status == 403, resp_body
+    assert resp_headers["x-waf-rule-id"]
+    assert all(part.isdigit() for part in resp_headers["x-waf-rule-id"].split(","))
+    assert b"blocked" in resp_body and len(resp_body) < 300
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+@pytest.mark.parametrize("case", sorted(BENIGN))
+async def test_ordinary_traffic_passes(waf_proxy, backend, certs, proto, case):
+    method, path, body, headers = BENIGN[case]
+    status, resp_headers, resp_body = await fetch(
+        waf_proxy, certs, proto, method, path, body, headers
+    )
+    assert status == 200, resp_body
+    assert "x-waf-rule-id" not in resp_headers
+    assert [r[1] for r in backend.requests] == [path]
+
+
+@pytest.mark.parametrize("fail, expected", [("closed", 503), ("open", 200)])
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_waf_service_down_follows_fail_mode(
+    make_proxy, backend, certs, fail, expected, proto
+):
+    proxy = await make_proxy(
+        backend,
+        waf={
+            "mode": "service",
+            "fail": fail,
+            "timeout_ms": 500,
+            "url": f"http://127.0.0.1:{free_port()}",
+        },
+    )
+    status, _, body = await fetch(proxy, certs, proto, "GET", "/hello")
+    assert status == expected, body
+    assert len(backend.requests) == (1 if fail == "open" else 0)
+    event = "waf_fail_open" if fail == "open" else "waf_unavailable"
+    assert proxy.handler.metrics.events[event] == 1
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_10mb_upload_over_inspection_limit_is_rejected_by_default(
+    waf_proxy, backend, certs, proto
+):
+    data, ctype = multipart_file(10 << 20)
+    status, _, _ = await fetch(waf_proxy, certs, proto, "POST", "/sha256", data, ctype)
+    assert status == 413
+    assert backend.requests == []
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_10mb_upload_forwarded_whole_after_inspecting_its_start(
+    make_proxy, backend, certs, proto, waf_settings
+):
+    proxy = await make_proxy(backend, waf={**waf_settings, "over_limit": "inspect-prefix"})
+    data, ctype = multipart_file(10 << 20)
+    status, _, body = await fetch(proxy, certs, proto, "POST", "/sha256", data, ctype)
+    assert status == 200, body
+    assert json.loads(body) == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+async def test_attack_in_inspected_prefix_of_large_body_is_blocked(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, waf={"mode": "inline", "over_limit": "inspect-prefix"})
+    body = b"q=1' UNION SELECT password FROM users--&pad=" + b"a" * (1 << 20)
+    status, _, _ = await fetch(proxy, certs, "h3", "POST", "/form", body, FORM)
+    assert status == 403
+    assert backend.requests == []
+
+
+async def test_detection_only_forwards_but_counts(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, waf={"mode": "inline", "engine": "DetectionOnly"})
+    method, path, body, headers = ATTACKS["sqli-query"]
+    status, _, _ = await fetch(proxy, certs, "h2", method, path, body, headers)
+    assert status == 200
+    assert len(backend.requests) == 1

@@ -101,7 +101,8 @@ def _logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("quic").setLevel(logging.WARNING)
+    for noisy in ("quic", "hpack", "h2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _banner(proxy: Proxy) -> str:

@@ -49,8 +49,8 @@ class Route:
 
 @dataclass
 class ListenConfig:
-    host: str = "0.0.0.0"
-    "Address to bind every listener to."
+    host: str = ""
+    "Address to bind every listener to; empty means every address, IPv4 and IPv6."
     http_port: int | None = None
     "Plain HTTP port; default 80 as root, 8080 otherwise."
     https_port: int | None = None

@@ -59,8 +59,6 @@ class TrustedProxies:
 def upstream_headers(req: Request, trusted: TrustedProxies) -> Headers:
     """Headers to send upstream: Host kept, hop-by-hop removed, X-Forwarded-* set."""
     peer = req.client[0]
-    if peer.startswith("::ffff:"):
-        peer = peer[7:]
     kept = strip_hop_by_hop(req.headers)
     out: Headers = [("host", req.authority)]
     if peer in trusted:

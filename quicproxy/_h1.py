@@ -12,6 +12,7 @@ import h11
 from ._errors import BadRequest
 from ._handler import Handler
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
+from ._sockets import plain_addr
 
 __all__ = ["H1Connection"]
 
@@ -65,10 +66,8 @@ class H1Connection:
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=handler.cfg.limits.max_header_bytes
         )
-        peer = writer.get_extra_info("peername") or ("", 0)
-        sock = writer.get_extra_info("sockname") or ("", 0)
-        self.client = (str(peer[0]), int(peer[1]))
-        self.server = (str(sock[0]), int(sock[1]))
+        self.client = plain_addr(writer.get_extra_info("peername"))
+        self.server = plain_addr(writer.get_extra_info("sockname"))
         self.closing = False
         self.linger = False
         "Discard unread request data before closing, so the client can read our answer."

@@ -17,6 +17,7 @@ from hyperframe.frame import GoAwayFrame
 from ._handler import Handler
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
+from ._sockets import plain_addr
 
 __all__ = ["H2Connection"]
 
@@ -67,10 +68,8 @@ class H2Connection:
         self.h2 = h2.connection.H2Connection(config)
         self.streams: dict[int, _Stream] = {}
         self._window = asyncio.Event()
-        peer = writer.get_extra_info("peername") or ("", 0)
-        sock = writer.get_extra_info("sockname") or ("", 0)
-        self.client = (str(peer[0]), int(peer[1]))
-        self.server = (str(sock[0]), int(sock[1]))
+        self.client = plain_addr(writer.get_extra_info("peername"))
+        self.server = plain_addr(writer.get_extra_info("sockname"))
         self.closing = False
         self._last_stream = 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -24,6 +25,7 @@ from ._config import Config
 from ._handler import Handler
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
+from ._sockets import bind_socket, plain_addr
 
 __all__ = ["start_quic_listener", "QuicListener"]
 
@@ -183,11 +185,10 @@ class H3Protocol(QuicConnectionProtocol):
         else:
             self.credit[sid] = self._window
         stream = self._quic._streams.get(sid)
-        client = self._quic._network_paths[0].addr if self._quic._network_paths else ("", 0)
+        paths = self._quic._network_paths
+        client = plain_addr(paths[0].addr if paths else None)
         try:
-            req = request_from_pseudo(
-                raw, "HTTP/3", (str(client[0]), int(client[1])), self.listener.address, body
-            )
+            req = request_from_pseudo(raw, "HTTP/3", client, self.listener.address, body)
         except ValueError as exc:
             log.info("bad HTTP/3 request from %s: %s", client[0], exc)
             self.h3.send_headers(sid, [(b":status", b"400")], end_stream=True)
@@ -319,11 +320,9 @@ async def start_quic_listener(
             session_ticket_handler=store,
             retry=q.retry,
         ),
-        local_addr=(host, port),
-        reuse_port=reuse_port or None,
+        sock=bind_socket(host, port, socket.SOCK_DGRAM, reuse_port),
     )
     listener.server = server
     listener.transport = transport
-    sock = transport.get_extra_info("sockname")
-    listener.address = (str(sock[0]), int(sock[1]))
+    listener.address = plain_addr(transport.get_extra_info("sockname"))
     return listener

@@ -18,6 +18,7 @@ from ._h2 import H2Connection
 from ._h3 import QuicListener, start_quic_listener
 from ._handler import Handler
 from ._router import Pool, Router
+from ._sockets import bind_socket
 from ._tls import ensure_certificate, tcp_tls_context
 
 __all__ = ["Proxy", "default_ports"]
@@ -98,9 +99,7 @@ class Proxy:
         try:
             plain = await asyncio.start_server(
                 lambda r, w: self._serve_tcp(r, w, None),
-                host,
-                http,
-                reuse_port=self.reuse_port or None,
+                sock=bind_socket(host, http, socket.SOCK_STREAM, self.reuse_port),
             )
             self._tcp.append(plain)
             self.http_port = plain.sockets[0].getsockname()[1]
@@ -109,7 +108,8 @@ class Proxy:
         except OSError as exc:
             await self._close_listeners()
             hint = "use a free port, or ports >= 1024 when not root"
-            raise ConfigError("listen", f"cannot bind {host} ({exc.strerror})", hint) from None
+            where = host or "every address"
+            raise ConfigError("listen", f"cannot bind {where} ({exc.strerror})", hint) from None
         self.https_port = secure.sockets[0].getsockname()[1]
         alt = cfg.listen.alt_svc_port or self.https_port
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
@@ -124,11 +124,9 @@ class Proxy:
         for _ in range(20):
             secure = await asyncio.start_server(
                 lambda r, w: self._serve_tcp(r, w, "tls"),
-                host,
-                port,
+                sock=bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port),
                 ssl=tls,
                 ssl_handshake_timeout=10,
-                reuse_port=self.reuse_port or None,
             )
             bound = secure.sockets[0].getsockname()[1]
             try:

@@ -177,3 +177,48 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path):
 def test_python_dash_m_and_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("quicproxy ")
+
+
+async def test_two_workers_share_the_ports_and_stop_cleanly(tmp_path: Path):
+    from tests.backend import Backend
+
+    backend = await Backend().start()
+    http, https = free_port(), free_port()
+    proc = subprocess.Popen(
+        QUICPROXY
+        + [
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(http),
+            "--https-port",
+            str(https),
+            "--backend",
+            backend.url,
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    try:
+        await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+        statuses = []
+        for _ in range(6):
+            async with h3_client(f"https://localhost:{https}/", insecure=True) as client:
+                statuses.append((await client.request("GET", "/hello")).status)
+        async with httpx.AsyncClient(verify=False, http2=True) as client:
+            statuses.append((await client.get(f"https://localhost:{https}/hello")).status_code)
+        assert statuses == [200] * 7
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+        assert code == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, _ = proc.communicate()
+        await backend.stop()
+    assert out.count("is listening") == 1

@@ -1,0 +1,71 @@
+"""Turn ModSecurity log lines into a :class:`WafDecision`.
+
+A line looks like ``ModSecurity: Warning. ... [id "942100"] [rev ""] [msg "SQL
+Injection Attack Detected via libinjection"] [data "..."] [severity "2"] ...``.
+``id`` and ``msg`` come before ``data`` (which quotes the request, unescaped),
+so their first occurrence is trusted. ``severity`` comes after ``data``; taking
+the most severe value on the line means request text can only raise, never
+hide, the reported severity. ModSecurity 3 prints ``[severity "0"]`` for rules
+that set none, so 0 (EMERGENCY, which the CRS never uses) counts as "not given".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ._types import WafDecision
+
+__all__ = ["Match", "SEVERITIES", "parse_line", "make_decision"]
+
+SEVERITIES = ("EMERGENCY", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
+"ModSecurity severity names by number (0 is the most severe)."
+
+_ID = re.compile(r'\[id "(\d+)"\]')
+_MSG = re.compile(r'\[msg "(.*?)"\] \[(?:data|severity|ver|tag|hostname|maturity)')
+_SEVERITY = re.compile(r'\[severity "([1-7])"\]')
+
+
+@dataclass
+class Match:
+    """One rule that matched."""
+
+    rule_id: str
+    "Rule id."
+    message: str
+    "Rule message (msg action), may be empty."
+    severity: int | None
+    "Severity number 0-7, None when the rule gives none."
+
+
+def parse_line(line: str) -> Match | None:
+    """The rule a log line reports, or None when it names no rule."""
+    found = _ID.search(line)
+    if not found:
+        return None
+    msg = _MSG.search(line, found.end())
+    levels = [int(m) for m in _SEVERITY.findall(line, found.end())]
+    return Match(found.group(1), msg.group(1) if msg else "", min(levels) if levels else None)
+
+
+def make_decision(lines: list[str], status: int | None) -> WafDecision:
+    """Decision from the log lines of one transaction; ``status`` set when blocked.
+
+    Rules are listed most severe first, in match order among equals, so the
+    first one is the attack that mattered (the CRS verdict rule 949110 comes last
+    among the critical ones because it runs last).
+    """
+    found: dict[str, Match] = {}
+    for line in lines:
+        match = parse_line(line)
+        if match and match.rule_id not in found:
+            found[match.rule_id] = match
+    matches = sorted(found.values(), key=lambda m: 8 if m.severity is None else m.severity)
+    levels = [m.severity for m in matches if m.severity is not None]
+    return WafDecision(
+        allowed=status is None,
+        status=200 if status is None else status,
+        rule_ids=[m.rule_id for m in matches],
+        messages=[m.message for m in matches],
+        severity=SEVERITIES[min(levels)] if levels else None,
+    )

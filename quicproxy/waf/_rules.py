@@ -1,0 +1,267 @@
+"""The rule set the inline WAF loads, in order, built from :class:`WafConfig`.
+
+Order: base directives (engine, body handling), the CRS setup file, our
+settings (paranoia level, threshold, path exclusions), the CRS request rules,
+the after-CRS exclusion files, ``extra_rules``, then global rule removals.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+
+from .._config import WafConfig
+from .._errors import ConfigError
+
+__all__ = ["CrsLayout", "RuleSource", "find_crs", "rule_sources", "INSTALL_HINT"]
+
+INSTALL_HINT = (
+    "apt-get install libmodsecurity3 modsecurity-crs, or disable the WAF with --waf off "
+    "(WAF_ENABLED=false)"
+)
+
+ALLOWED_METHODS = "GET HEAD POST OPTIONS PUT PATCH DELETE"
+"Methods allowed when crs-setup.conf does not set tx.allowed_methods."
+
+DEBIAN_SETUP_DIR = "/etc/modsecurity/crs"
+"Where Debian's modsecurity-crs package keeps crs-setup.conf and the exclusion files."
+
+_VERSION = re.compile(rb"ver:'OWASP_CRS/(\d+)\.(\d+)\.(\d+)'")
+_SETUP_VERSION = re.compile(rb"(?m)^[^#\n]*crs_setup_version=(\d+)")
+_APP_FILE = re.compile(r"^REQUEST-903\.\d+-(\w+)-EXCLUSION-RULES\.conf$")
+_APP_ENABLED = re.compile(rb"(?mi)^[^#\n]*tx\.crs_exclusions_(\w+)=1")
+_SAFE_PREFIX = re.compile(r"^/[^\"'\\\s]*$")
+
+# Rule ids 99000-99999 sit in ModSecurity's "local use" range, away from CRS ids.
+_ID_BASE = 99001
+_ID_SETTINGS = 99010
+_ID_PATH_EXCLUSIONS = 99100
+
+
+@dataclass
+class CrsLayout:
+    """Where the pieces of an OWASP CRS installation are."""
+
+    rules_dir: str
+    "Directory holding rules/."
+    version: tuple[int, int, int]
+    "CRS version read from the rule files."
+    setup: str | None
+    "crs-setup.conf(.example) used, or None for the built-in minimal setup."
+    before: list[str]
+    "Files loaded before the CRS rules (exclusions, plugin config)."
+    rules: list[str]
+    "REQUEST-*.conf rule files, in order."
+    after: list[str]
+    "Files loaded after the CRS rules (exclusions, plugins)."
+
+
+@dataclass
+class RuleSource:
+    """One piece of the rule set: a file to load or directives text."""
+
+    name: str
+    "File path, or a label for generated text."
+    key: str
+    "Config key to blame when it fails to load."
+    text: str | None = None
+    "Directives to add; None means load the file ``name``."
+
+
+def _existing(*paths: str) -> list[str]:
+    return [p for p in paths if os.path.isfile(p)]
+
+
+def _read_version(paths: list[str]) -> tuple[int, int, int] | None:
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                match = _VERSION.search(fh.read())
+        except OSError:
+            continue
+        if match:
+            major, minor, patch = (int(g) for g in match.groups())
+            return major, minor, patch
+    return None
+
+
+def _find_setup(rules_dir: str, version: tuple[int, int, int]) -> str | None:
+    own = _existing(
+        os.path.join(rules_dir, "crs-setup.conf"),
+        os.path.join(rules_dir, "crs-setup.conf.example"),
+    )
+    if own:
+        return own[0]
+    # Debian layout: rules under /usr/share, setup under /etc; use it if it is
+    # written for the same major CRS version.
+    debian = os.path.join(DEBIAN_SETUP_DIR, "crs-setup.conf")
+    try:
+        with open(debian, "rb") as fh:
+            match = _SETUP_VERSION.search(fh.read())
+    except OSError:
+        return None
+    if match and match.group(1).decode().startswith(str(version[0])):
+        return debian
+    return None
+
+
+def _without_disabled_apps(rules: list[str], settings: list[str]) -> list[str]:
+    """Drop CRS 3 application exclusion packages (Drupal, WordPress...) not enabled
+    in the setup: they would only skip themselves, at a cost on every request."""
+    enabled: set[str] = set()
+    for path in settings:
+        try:
+            with open(path, "rb") as fh:
+                enabled.update(m.decode().lower() for m in _APP_ENABLED.findall(fh.read()))
+        except OSError:
+            continue
+    kept = []
+    for path in rules:
+        app = _APP_FILE.match(os.path.basename(path))
+        if app is None or app.group(1).lower() in enabled:
+            kept.append(path)
+    return kept
+
+
+def find_crs(rules_dir: str) -> CrsLayout:
+    """Locate the CRS under ``rules_dir``; ConfigError with the install hint if absent."""
+    rules = sorted(glob.glob(os.path.join(rules_dir, "rules", "REQUEST-*.conf")))
+    if not rules:
+        raise ConfigError(
+            "waf.rules_dir",
+            f"no OWASP CRS rules in {rules_dir}/rules",
+            f"{INSTALL_HINT}, or point waf.rules_dir (WAF_RULES_DIR) at a CRS checkout",
+        )
+    version = _read_version(rules) or (3, 3, 0)
+    setup = _find_setup(rules_dir, version)
+    setup_dir = os.path.dirname(setup) if setup else rules_dir
+    before: list[str] = []
+    after: list[str] = []
+    if setup_dir != rules_dir:
+        # Debian keeps the user-edited exclusion files next to crs-setup.conf.
+        before += _existing(os.path.join(setup_dir, "REQUEST-900-EXCLUSION-RULES-BEFORE-CRS.conf"))
+        after += _existing(os.path.join(setup_dir, "RESPONSE-999-EXCLUSION-RULES-AFTER-CRS.conf"))
+    after += sorted(glob.glob(os.path.join(rules_dir, "rules", "RESPONSE-999-*.conf")))
+    rules = _without_disabled_apps(rules, ([setup] if setup else []) + before)
+    plugins = os.path.join(rules_dir, "plugins")
+    before += sorted(glob.glob(os.path.join(plugins, "*-config.conf")))
+    before += sorted(glob.glob(os.path.join(plugins, "*-before.conf")))
+    after += sorted(glob.glob(os.path.join(plugins, "*-after.conf")))
+    return CrsLayout(rules_dir, version, setup, before, rules, after)
+
+
+def base_directives(config: WafConfig) -> str:
+    """Engine switches and request body handling (what modsecurity.conf would hold)."""
+    limit = max(1, config.body_limit)
+    lines = [
+        f"SecRuleEngine {config.engine}",
+        # Off would also skip phase 2, where the CRS decides; with body_access
+        # false the engine simply feeds no body.
+        "SecRequestBodyAccess On",
+        f"SecRequestBodyLimit {limit}",
+        f"SecRequestBodyNoFilesLimit {limit}",
+        # The proxy feeds at most body_limit bytes; a longer body is inspected in part.
+        "SecRequestBodyLimitAction ProcessPartial",
+        "SecResponseBodyAccess Off",
+        "SecAuditEngine Off",
+        "SecArgumentSeparator &",
+        f'SecRule REQUEST_HEADERS:Content-Type "@rx ^(?:application(?:/soap\\+|/)|text/)xml" '
+        f'"id:{_ID_BASE},phase:1,t:none,t:lowercase,pass,nolog,ctl:requestBodyProcessor=XML"',
+        f'SecRule REQUEST_HEADERS:Content-Type "@rx ^application/(?:[a-z0-9.-]+\\+)?json" '
+        f'"id:{_ID_BASE + 1},phase:1,t:none,t:lowercase,pass,nolog,'
+        f'ctl:requestBodyProcessor=JSON"',
+    ]
+    if config.body_access:
+        # A body that fails to parse is refused, unless it was cut at the limit
+        # (then only a prefix was fed and the parse error is expected).
+        # MULTIPART_UNMATCHED_BOUNDARY is 2 for well-formed bodies in 3.0.x; 1 is the finding.
+        for offset, (check, message) in enumerate(
+            (
+                ('REQBODY_ERROR "!@eq 0"', "Failed to parse request body"),
+                ('MULTIPART_STRICT_ERROR "!@eq 0"', "Multipart body failed strict validation"),
+                (
+                    'MULTIPART_UNMATCHED_BOUNDARY "@eq 1"',
+                    "Multipart body has an unmatched boundary",
+                ),
+            ),
+            start=2,
+        ):
+            lines.append(
+                f'SecRule {check} "id:{_ID_BASE + offset},phase:2,t:none,log,deny,'
+                f"status:400,msg:'{message}',logdata:'%{{reqbody_error_msg}}',"
+                f"severity:'CRITICAL',chain\""
+            )
+            lines.append(f'    SecRule REQUEST_BODY_LENGTH "@lt {limit}" "t:none"')
+    return "\n".join(lines) + "\n"
+
+
+def minimal_setup(version: tuple[int, int, int]) -> str:
+    """What crs-setup.conf must hold at least, for when none is installed."""
+    return (
+        'SecDefaultAction "phase:1,log,auditlog,pass"\n'
+        'SecDefaultAction "phase:2,log,auditlog,pass"\n'
+        f'SecAction "id:{_ID_BASE + 8},phase:1,nolog,pass,t:none,'
+        f'setvar:tx.crs_setup_version={version[0]}{version[1]}{version[2]}"\n'
+    )
+
+
+def settings_directives(config: WafConfig, version: tuple[int, int, int]) -> str:
+    """Paranoia level, anomaly threshold and per-path exclusions (before the CRS rules)."""
+    level_var = "tx.paranoia_level" if version[0] < 4 else "tx.blocking_paranoia_level"
+    lines = [
+        f'SecAction "id:{_ID_SETTINGS},phase:1,pass,nolog,t:none,'
+        f"setvar:'{level_var}={config.paranoia_level}',"
+        f"setvar:'tx.inbound_anomaly_score_threshold={config.anomaly_threshold}'\""
+    ]
+    # CRS allows only GET HEAD POST OPTIONS unless crs-setup says otherwise; a
+    # reverse proxy in front of REST APIs needs PUT, PATCH and DELETE as well.
+    lines.append(
+        f'SecRule &TX:allowed_methods "@eq 0" "id:{_ID_SETTINGS + 1},phase:1,pass,nolog,'
+        f"t:none,setvar:'tx.allowed_methods={ALLOWED_METHODS}'\""
+    )
+    for i, exclusion in enumerate(config.exclusions):
+        key = f"waf.exclusions[{i}]"
+        if exclusion.rule_id <= 0:
+            raise ConfigError(key + ".rule_id", "missing or not positive", "give a rule id")
+        prefix = exclusion.path_prefix
+        if prefix is None:
+            continue
+        if not _SAFE_PREFIX.match(prefix):
+            raise ConfigError(
+                key + ".path_prefix",
+                f"{prefix!r} is not a plain path",
+                "start with / and leave out quotes, backslashes and spaces",
+            )
+        lines.append(
+            f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
+            f'"id:{_ID_PATH_EXCLUSIONS + i},phase:1,t:none,t:normalizePath,pass,nolog,'
+            f'ctl:ruleRemoveById={exclusion.rule_id}"'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def removal_directives(config: WafConfig) -> str:
+    ids = [str(e.rule_id) for e in config.exclusions if e.path_prefix is None]
+    return "".join(f"SecRuleRemoveById {rule_id}\n" for rule_id in ids)
+
+
+def rule_sources(config: WafConfig, layout: CrsLayout) -> list[RuleSource]:
+    """Everything to load, in order."""
+    sources = [RuleSource("base directives", "waf", base_directives(config))]
+    if layout.setup:
+        sources.append(RuleSource(layout.setup, "waf.rules_dir"))
+    else:
+        sources.append(RuleSource("built-in CRS setup", "waf", minimal_setup(layout.version)))
+    sources.append(
+        RuleSource("WAF settings", "waf.exclusions", settings_directives(config, layout.version))
+    )
+    for path in layout.before + layout.rules + layout.after:
+        sources.append(RuleSource(path, "waf.rules_dir"))
+    for i, path in enumerate(config.extra_rules):
+        sources.append(RuleSource(path, f"waf.extra_rules[{i}]"))
+    removals = removal_directives(config)
+    if removals:
+        sources.append(RuleSource("rule removals", "waf.exclusions", removals))
+    return sources

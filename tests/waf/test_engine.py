@@ -1,0 +1,276 @@
+"""Inline engine: real libmodsecurity with the installed OWASP CRS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from quicproxy._config import WafExclusion
+from quicproxy.waf import InlineWaf, WafDecision
+
+from .corpus import FORM, JSON, _multipart
+from .helpers import evaluate, make_request
+
+
+def assert_blocked(decision: WafDecision, *rule_ids: str) -> None:
+    assert not decision.allowed, decision
+    assert decision.status == 403
+    assert "949110" in decision.rule_ids  # the CRS anomaly score decided
+    for rule_id in rule_ids:
+        assert rule_id in decision.rule_ids, decision
+    assert decision.severity == "CRITICAL"
+    assert len(decision.messages) == len(decision.rule_ids)
+
+
+def assert_clean(decision: WafDecision) -> None:
+    assert decision.allowed, decision
+    assert decision.status == 200
+    assert decision.rule_ids == []
+    assert decision.severity is None
+
+
+# -- attacks by kind and place ------------------------------------------------------------
+
+
+async def test_sqli_in_query(waf: InlineWaf) -> None:
+    decision = await evaluate(waf, "GET", "/products?id=1%27%20OR%20%271%27=%271")
+    assert_blocked(decision, "942100")
+    assert decision.messages[0] == "SQL Injection Attack Detected via libinjection"
+
+
+async def test_xss_in_urlencoded_form(waf: InlineWaf) -> None:
+    body = b"name=bob&comment=%3Cscript%3Ealert(document.cookie)%3C%2Fscript%3E"
+    assert_blocked(await evaluate(waf, "POST", "/comment", FORM, body), "941100")
+
+
+async def test_sqli_in_json_body(waf: InlineWaf) -> None:
+    body = json.dumps({"user": {"id": "1 UNION SELECT password FROM users--"}}).encode()
+    assert_blocked(await evaluate(waf, "POST", "/api/users", JSON, body), "942100")
+
+
+async def test_json_body_goes_through_the_json_processor(make_waf: Any, tmp_path: Any) -> None:
+    # ARGS:json.user.name only exists when ModSecurity parsed the body as JSON.
+    rules = tmp_path / "json.conf"
+    rules.write_text('SecRule ARGS:json.user.name "@streq mallory" "id:12347,phase:2,deny,log"\n')
+    waf = make_waf(extra_rules=[str(rules)])
+    body = json.dumps({"user": {"name": "mallory"}}).encode()
+    decision = await evaluate(waf, "POST", "/api", JSON, body, chunk=7)
+    assert not decision.allowed
+    assert decision.rule_ids == ["12347"]
+    plain = await evaluate(waf, "POST", "/api", FORM, body)
+    assert plain.allowed
+
+
+async def test_path_traversal(waf: InlineWaf) -> None:
+    assert_blocked(await evaluate(waf, "GET", "/download?file=../../../../etc/passwd"), "930100")
+
+
+async def test_command_injection(waf: InlineWaf) -> None:
+    assert_blocked(await evaluate(waf, "GET", "/ping?host=127.0.0.1;cat%20/etc/passwd"), "932100")
+
+
+@pytest.mark.parametrize(
+    "agent",
+    ["sqlmap/1.7.2#stable (https://sqlmap.org)", "Mozilla/5.00 (Nikto/2.1.6) (Evasions:None)"],
+)
+async def test_scanner_user_agents(waf: InlineWaf, agent: str) -> None:
+    assert_blocked(await evaluate(waf, "GET", "/", [("user-agent", agent)]), "913100")
+
+
+async def test_sqli_in_header_and_cookie(waf: InlineWaf) -> None:
+    referer = [("referer", "http://x/?id=1' UNION SELECT 1,2,3--")]
+    assert_blocked(await evaluate(waf, "GET", "/", referer), "942100")
+    cookie = [("cookie", "session=abc; uid=1' OR '1'='1")]
+    assert_blocked(await evaluate(waf, "GET", "/account", cookie), "942100")
+
+
+async def test_response_splitting_and_smuggling(waf: InlineWaf) -> None:
+    assert_blocked(await evaluate(waf, "GET", "/?x=%0d%0aSet-Cookie:%20evil=1"), "921120")
+    body = b"a=x%0d%0a%0d%0aGET%20/admin%20HTTP/1.1%0d%0aHost:%20x"
+    assert_blocked(await evaluate(waf, "POST", "/form", FORM, body), "921110")
+    both = [("content-length", "5"), ("transfer-encoding", "chunked")]
+    assert_blocked(await evaluate(waf, "GET", "/", both), "920171")
+
+
+async def test_php_file_upload(waf: InlineWaf) -> None:
+    ctype, body = _multipart("shell.php", b"<?php system($_GET['c']); ?>")
+    assert_blocked(
+        await evaluate(waf, "POST", "/upload", [("content-type", ctype)], body), "933110"
+    )
+
+
+# -- ordinary traffic ---------------------------------------------------------------------
+
+
+async def test_browsing_passes(waf: InlineWaf) -> None:
+    assert_clean(await evaluate(waf, "GET", "/"))
+    assert_clean(await evaluate(waf, "GET", "/products?category=shoes&size=42&sort=price_asc"))
+    assert_clean(await evaluate(waf, "GET", "/search?q=men%27s+jacket"))
+
+
+async def test_form_post_passes(waf: InlineWaf) -> None:
+    body = b"username=jane.doe%40example.com&password=Tr0ub4dor%263&remember=on"
+    assert_clean(await evaluate(waf, "POST", "/login", FORM, body))
+
+
+async def test_json_api_passes(waf: InlineWaf) -> None:
+    body = json.dumps({"items": [{"sku": "SHOE-42", "qty": 2}], "note": "ring twice"}).encode()
+    assert_clean(await evaluate(waf, "POST", "/api/v1/orders", JSON, body))
+    assert_clean(await evaluate(waf, "PUT", "/api/v1/users/1", JSON, b'{"name": "Jane"}'))
+    assert_clean(await evaluate(waf, "DELETE", "/api/v1/sessions/1", [("accept", "*/*")]))
+
+
+async def test_multipart_upload_passes(waf: InlineWaf) -> None:
+    ctype, body = _multipart("beach.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 64)
+    assert_clean(await evaluate(waf, "POST", "/upload", [("content-type", ctype)], body))
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/2", "HTTP/3"])
+async def test_h2_h3_requests(waf: InlineWaf, protocol: str) -> None:
+    # No Content-Length on a body is normal for HTTP/2 and HTTP/3.
+    body = b'{"query": "running shoes"}'
+    assert_clean(await evaluate(waf, "POST", "/api/search", JSON, body, protocol=protocol))
+    attack = await evaluate(waf, "GET", "/?q=%3Cscript%3Ealert(1)%3C/script%3E", protocol=protocol)
+    assert_blocked(attack, "941100")
+
+
+async def test_malformed_json_body_refused(waf: InlineWaf) -> None:
+    decision = await evaluate(waf, "POST", "/api", JSON, b'{"q": "unterminated')
+    assert not decision.allowed
+    assert decision.status == 400
+    assert decision.rule_ids == ["99003"]
+
+
+async def test_body_cut_at_limit_is_not_a_parse_error(make_waf: Any) -> None:
+    waf = make_waf(body_limit=64, over_limit="inspect-prefix")
+    body = json.dumps({"text": "a long and harmless note " * 20}).encode()
+    prefix = body[:64]  # the proxy feeds only body_limit bytes
+    headers = JSON + [("content-length", str(len(body)))]
+    decision = await evaluate(waf, "POST", "/api", headers, prefix)
+    assert decision.allowed, decision
+    short = await evaluate(waf, "POST", "/api", JSON, b'{"text": "cut')
+    assert short.status == 400
+
+
+# -- settings -----------------------------------------------------------------------------
+
+
+async def test_detection_only_reports_without_blocking(make_waf: Any) -> None:
+    waf = make_waf(engine="DetectionOnly")
+    decision = await evaluate(waf, "GET", "/?id=1%27%20OR%20%271%27=%271")
+    assert decision.allowed
+    assert decision.status == 200
+    assert "942100" in decision.rule_ids
+    assert decision.severity == "CRITICAL"
+
+
+async def test_exclusion_by_id(make_waf: Any) -> None:
+    waf = make_waf(exclusions=[WafExclusion(rule_id=913100)])
+    decision = await evaluate(waf, "GET", "/", [("user-agent", "sqlmap/1.7")])
+    assert_clean(decision)
+    # Other rules still apply.
+    assert_blocked(await evaluate(waf, "GET", "/?id=1%27%20OR%20%271%27=%271"), "942100")
+
+
+async def test_exclusion_by_path(make_waf: Any) -> None:
+    waf = make_waf(exclusions=[WafExclusion(rule_id=942100, path_prefix="/api/sql")])
+    attack = "?q=1%27%20OR%20%271%27=%271"
+    assert_clean(await evaluate(waf, "GET", "/api/sql/run" + attack))
+    assert_blocked(await evaluate(waf, "GET", "/api/other" + attack), "942100")
+    # A traversal out of the excluded prefix does not keep the exclusion.
+    assert_blocked(await evaluate(waf, "GET", "/api/sql/../../admin" + attack), "942100")
+
+
+async def test_paranoia_level_catches_more(make_waf: Any) -> None:
+    uri = "/?q=select%20name%20from%20list"
+    pl1, pl2 = make_waf(paranoia_level=1), make_waf(paranoia_level=2)
+    assert_clean(await evaluate(pl1, "GET", uri))
+    assert_blocked(await evaluate(pl2, "GET", uri), "942260")
+
+
+async def test_anomaly_threshold(make_waf: Any) -> None:
+    agent = [("user-agent", "sqlmap/1.7")]  # one critical match: score 5
+    strict, lenient = make_waf(anomaly_threshold=5), make_waf(anomaly_threshold=10)
+    assert_blocked(await evaluate(strict, "GET", "/", agent), "913100")
+    relaxed = await evaluate(lenient, "GET", "/", agent)
+    assert relaxed.allowed
+    assert relaxed.rule_ids == ["913100"]
+
+
+async def test_extra_rules(make_waf: Any, tmp_path: Any) -> None:
+    rules = tmp_path / "local.conf"
+    rules.write_text(
+        'SecRule REQUEST_HEADERS:X-Debug "@streq on" '
+        "\"id:12345,phase:1,deny,status:451,log,msg:'debug header refused',severity:'ERROR'\"\n"
+    )
+    waf = make_waf(extra_rules=[str(rules)])
+    decision = await evaluate(waf, "GET", "/", [("x-debug", "on")])
+    assert not decision.allowed
+    assert decision.status == 451
+    assert decision.rule_ids == ["12345"]
+    assert decision.messages == ["debug header refused"]
+    assert decision.severity == "ERROR"
+
+
+async def test_headers_phase_can_block(make_waf: Any, tmp_path: Any) -> None:
+    rules = tmp_path / "early.conf"
+    rules.write_text('SecRule REQUEST_URI "@beginsWith /admin" "id:12346,phase:1,deny,log"\n')
+    waf = make_waf(extra_rules=[str(rules)])
+    tx = waf.transaction(make_request("GET", "/admin/users"))
+    try:
+        decision = await tx.headers()
+    finally:
+        await tx.close()
+    assert decision is not None and not decision.allowed
+    assert decision.rule_ids == ["12346"]
+
+
+async def test_concurrent_transactions_keep_their_own_matches(waf: InlineWaf) -> None:
+    cases = [
+        ("/?id=1%27%20OR%20%271%27=%271", "942100"),
+        ("/?q=%3Cscript%3Ealert(1)%3C/script%3E", "941100"),
+        ("/download?file=../../../../etc/passwd", "930100"),
+        ("/products?page=2", None),
+    ] * 25
+    decisions = await asyncio.gather(*(evaluate(waf, "GET", uri) for uri, _ in cases))
+    for (uri, rule_id), decision in zip(cases, decisions, strict=True):
+        if rule_id is None:
+            assert_clean(decision)
+        else:
+            assert_blocked(decision, rule_id)
+            others = {"942100", "941100", "930100"} - {rule_id}
+            assert not others & set(decision.rule_ids), (uri, decision)
+
+
+async def test_evaluate_in_one_call(waf: InlineWaf) -> None:
+    request = make_request("POST", "/login", FORM, b"user=admin%27--")
+    decision = await waf.evaluate(request, b"user=admin%27--")
+    assert_blocked(decision, "942100")
+
+
+async def test_cancelled_call_then_close(waf: InlineWaf) -> None:
+    body = b"q=" + b"a%27%20OR%201=1--%20" * 2000
+    for _ in range(20):
+        tx = waf.transaction(make_request("POST", "/search", FORM, body))
+        await tx.headers()
+        await tx.body_chunk(body)
+        task = asyncio.ensure_future(tx.finish())
+        await asyncio.sleep(0)
+        task.cancel()
+        await tx.close()  # waits for the engine call still running, then frees
+        await tx.close()
+    assert_blocked(await evaluate(waf, "POST", "/search", FORM, body), "942100")
+
+
+async def test_body_access_off_skips_bodies(make_waf: Any) -> None:
+    waf = make_waf(body_access=False)
+    body = b"username=admin%27%20OR%201%3D1--&password=x"
+    assert_clean(await evaluate(waf, "POST", "/login", FORM, body))
+    assert_clean(await evaluate(waf, "POST", "/api", JSON, b'{"q": "1 UNION SELECT 1--'))
+    ctype, upload = _multipart("shell.php", b"<?php system($_GET['c']); ?>")
+    assert_clean(await evaluate(waf, "POST", "/upload", [("content-type", ctype)], upload))
+    # Phase 2, where the CRS adds up the score, still runs.
+    assert_blocked(await evaluate(waf, "GET", "/login?username=admin%27%20OR%201%3D1--"), "942100")

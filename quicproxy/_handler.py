@@ -114,6 +114,12 @@ class Handler:
                 self.metrics.events["upstream_errors"] += 1
                 log.warning("%s %s -> %d: %s", req.method, req.path, exc.status, exc.detail)
             return Response.text(exc.status, f"{exc.status} {exc.reason}: {exc.detail}\n")
+        except (ConnectionError, OSError) as exc:
+            return Response.text(502, f"502 Bad Gateway: {exc}\n")
+        except Exception:
+            self.metrics.events["internal_errors"] += 1
+            log.exception("internal error on %s %s", req.method, req.path)
+            return Response.text(500, "500 Internal Server Error\n")
 
     # ------------------------------------------------------------------ steps
 

@@ -1,0 +1,215 @@
+{{/* Names ------------------------------------------------------------------ */}}
+
+{{- define "quic-proxy-waf.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "quic-proxy-waf.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "quic-proxy-waf.proxy.fullname" -}}
+{{- printf "%s-proxy" (include "quic-proxy-waf.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "quic-proxy-waf.proxy.metricsName" -}}
+{{- printf "%s-proxy-metrics" (include "quic-proxy-waf.fullname" . | trunc 49 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "quic-proxy-waf.waf.fullname" -}}
+{{- printf "%s-waf" (include "quic-proxy-waf.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "quic-proxy-waf.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "quic-proxy-waf.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "quic-proxy-waf.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels and annotations ------------------------------------------------- */}}
+
+{{- define "quic-proxy-waf.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "quic-proxy-waf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels of every object: standard ones, then the user's `labels`. */}}
+{{- define "quic-proxy-waf.labels" -}}
+helm.sh/chart: {{ include "quic-proxy-waf.chart" . }}
+{{ include "quic-proxy-waf.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.labels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "quic-proxy-waf.proxy.selectorLabels" -}}
+{{ include "quic-proxy-waf.selectorLabels" . }}
+app.kubernetes.io/component: proxy
+{{- end }}
+
+{{- define "quic-proxy-waf.proxy.labels" -}}
+{{ include "quic-proxy-waf.labels" . }}
+app.kubernetes.io/component: proxy
+{{- end }}
+
+{{- define "quic-proxy-waf.waf.selectorLabels" -}}
+{{ include "quic-proxy-waf.selectorLabels" . }}
+app.kubernetes.io/component: waf
+{{- end }}
+
+{{- define "quic-proxy-waf.waf.labels" -}}
+{{ include "quic-proxy-waf.labels" . }}
+app.kubernetes.io/component: waf
+{{- end }}
+
+{{/*
+"annotations:" block for an object's metadata: the user's `annotations`
+merged with object-specific ones. Call with (dict "root" $ "extra" map).
+Renders nothing when both are empty.
+*/}}
+{{- define "quic-proxy-waf.annotations" -}}
+{{- $all := merge (deepCopy (default dict .extra)) (deepCopy .root.Values.annotations) }}
+{{- with $all -}}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Images ----------------------------------------------------------------- */}}
+
+{{/* <registry>/<repository>:<image.tag or global.tag or appVersion>; call with (dict "root" $ "image" .Values.x.image) */}}
+{{- define "quic-proxy-waf.image" -}}
+{{- $g := .root.Values.global }}
+{{- $tag := .image.tag | default $g.tag | default .root.Chart.AppVersion }}
+{{- printf "%s/%s:%s" (trimSuffix "/" $g.registry) .image.repository (toString $tag) }}
+{{- end }}
+
+{{/* Proxy topology --------------------------------------------------------- */}}
+
+{{- define "quic-proxy-waf.isDaemonSet" -}}
+{{- if eq .Values.proxy.kind "daemonset" }}true{{ end }}
+{{- end }}
+
+{{/* Host networking: DaemonSet mode, host ports on, daemonset.hostNetwork on. */}}
+{{- define "quic-proxy-waf.proxy.hostNetwork" -}}
+{{- if and (include "quic-proxy-waf.isDaemonSet" .) .Values.proxy.ports.useHostPorts .Values.daemonset.hostNetwork }}true{{ end }}
+{{- end }}
+
+{{/* Ports the container binds: the public ones with host networking (a hostPort must then equal the containerPort), unprivileged ones otherwise. */}}
+{{- define "quic-proxy-waf.proxy.containerHttp" -}}
+{{- if include "quic-proxy-waf.proxy.hostNetwork" . }}{{ .Values.proxy.ports.http }}{{ else }}{{ .Values.proxy.ports.containerHttp }}{{ end }}
+{{- end }}
+
+{{- define "quic-proxy-waf.proxy.containerHttps" -}}
+{{- if include "quic-proxy-waf.proxy.hostNetwork" . }}{{ .Values.proxy.ports.https }}{{ else }}{{ .Values.proxy.ports.containerHttps }}{{ end }}
+{{- end }}
+
+{{/* The proxy Service exists unless disabled or the DaemonSet is reached on host ports. */}}
+{{- define "quic-proxy-waf.proxy.serviceEnabled" -}}
+{{- if and .Values.service.enabled (not (and (include "quic-proxy-waf.isDaemonSet" .) .Values.proxy.ports.useHostPorts)) }}true{{ end }}
+{{- end }}
+
+{{/* Root is needed only when the container itself binds a port below 1024. */}}
+{{- define "quic-proxy-waf.proxy.needsRoot" -}}
+{{- if or (lt (int (include "quic-proxy-waf.proxy.containerHttp" .)) 1024) (lt (int (include "quic-proxy-waf.proxy.containerHttps" .)) 1024) }}true{{ end }}
+{{- end }}
+
+{{/* Container securityContext of the proxy: the chart's safe default, then the user's `securityContext`. */}}
+{{- define "quic-proxy-waf.proxy.securityContext" -}}
+{{- $sc := dict "allowPrivilegeEscalation" false "readOnlyRootFilesystem" true "seccompProfile" (dict "type" "RuntimeDefault") }}
+{{- if include "quic-proxy-waf.proxy.needsRoot" . }}
+{{- $_ := set $sc "runAsNonRoot" false }}
+{{- $_ := set $sc "runAsUser" 0 }}
+{{- $_ := set $sc "capabilities" (dict "drop" (list "ALL") "add" (list "NET_BIND_SERVICE")) }}
+{{- else }}
+{{- $_ := set $sc "runAsNonRoot" true }}
+{{- $_ := set $sc "runAsUser" 10001 }}
+{{- $_ := set $sc "runAsGroup" 10001 }}
+{{- $_ := set $sc "capabilities" (dict "drop" (list "ALL")) }}
+{{- end }}
+{{- $sc = mergeOverwrite $sc (deepCopy .Values.securityContext) }}
+{{- if eq (toString $sc.runAsUser) "0" }}
+{{- $_ := set $sc "runAsNonRoot" false }}
+{{- end }}
+{{- toYaml $sc }}
+{{- end }}
+
+{{/* WAF wiring ------------------------------------------------------------- */}}
+
+{{/* off | service | inline, and the URL the proxy calls in service mode. */}}
+{{- define "quic-proxy-waf.proxy.wafMode" -}}
+{{- if not .Values.proxy.waf.enabled }}off
+{{- else if or .Values.waf.enabled .Values.proxy.waf.url }}service
+{{- else }}inline
+{{- end }}
+{{- end }}
+
+{{- define "quic-proxy-waf.proxy.wafUrl" -}}
+{{- if .Values.waf.enabled }}
+{{- printf "http://%s.%s.svc:%d" (include "quic-proxy-waf.waf.fullname" .) .Release.Namespace (int .Values.waf.service.port) }}
+{{- else }}
+{{- .Values.proxy.waf.url }}
+{{- end }}
+{{- end }}
+
+{{/* PodDisruptionBudget ----------------------------------------------------- */}}
+
+{{/*
+minAvailable that still lets one pod be evicted: a number is capped at
+replicas - 1, a percentage of 100% or more becomes replicas - 1.
+Call with (dict "min" value "replicas" n).
+*/}}
+{{- define "quic-proxy-waf.safeMinAvailable" -}}
+{{- $max := sub (int .replicas) 1 }}
+{{- $min := .min }}
+{{- if kindIs "string" $min }}
+{{- if and (hasSuffix "%" $min) (lt (int (trimSuffix "%" $min)) 100) }}{{ $min | quote }}{{ else }}{{ min (int (trimSuffix "%" $min)) $max }}{{ end }}
+{{- else }}
+{{- min (int $min) $max }}
+{{- end }}
+{{- end }}
+
+{{/* Test ---------------------------------------------------------------- */}}
+
+{{/* Shared fields of the helm-test containers; call with (dict "service" "true"|"") */}}
+{{- define "quic-proxy-waf.testContainer" -}}
+{{- if not .service }}
+env:
+  - name: HOST_IP
+    valueFrom:
+      fieldRef:
+        fieldPath: status.hostIP
+{{- end }}
+resources:
+  requests:
+    cpu: 10m
+    memory: 32Mi
+  limits:
+    cpu: 200m
+    memory: 128Mi
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  capabilities:
+    drop: ["ALL"]
+{{- end }}

@@ -1,0 +1,164 @@
+{{/*
+The proxy pod, shared by deployment.yaml and daemonset.yaml: they differ only
+in the workload fields around it (replicas/strategy vs updateStrategy).
+*/}}
+{{- define "quic-proxy-waf.proxy.podTemplate" -}}
+{{- $hostNetwork := include "quic-proxy-waf.proxy.hostNetwork" . }}
+{{- $ports := .Values.proxy.ports }}
+{{- $tls := .Values.proxy.tls -}}
+metadata:
+  labels:
+    {{- include "quic-proxy-waf.proxy.labels" . | nindent 4 }}
+    {{- with .Values.proxy.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- $podAnnotations := merge (dict "checksum/config" (include (print $.Template.BasePath "/configmap.yaml") . | sha256sum)) (deepCopy .Values.proxy.podAnnotations) }}
+  {{- with include "quic-proxy-waf.annotations" (dict "root" . "extra" $podAnnotations) }}{{ . | nindent 2 }}{{ end }}
+spec:
+  serviceAccountName: {{ include "quic-proxy-waf.serviceAccountName" . }}
+  automountServiceAccountToken: false
+  {{- if $hostNetwork }}
+  hostNetwork: true
+  dnsPolicy: {{ .Values.daemonset.dnsPolicy }}
+  {{- end }}
+  {{- with .Values.global.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.proxy.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ add (int .Values.proxy.shutdownGrace) 5 }}
+  {{- with .Values.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: proxy
+      image: {{ include "quic-proxy-waf.image" (dict "root" . "image" .Values.proxy.image) }}
+      imagePullPolicy: {{ .Values.global.imagePullPolicy }}
+      command: ["quicproxy"]
+      args:
+        - serve
+        - --config
+        - /etc/quicproxy/config.yaml
+        {{- range .Values.proxy.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      env:
+        # the image sets HTTP_PORT/HTTPS_PORT, which win over the config file
+        - name: HTTP_PORT
+          value: {{ include "quic-proxy-waf.proxy.containerHttp" . | quote }}
+        - name: HTTPS_PORT
+          value: {{ include "quic-proxy-waf.proxy.containerHttps" . | quote }}
+        - name: HOME
+          value: /tmp
+        {{- with .Values.proxy.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with .Values.proxy.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      ports:
+        - name: http
+          containerPort: {{ include "quic-proxy-waf.proxy.containerHttp" . }}
+          protocol: TCP
+          {{- if $ports.useHostPorts }}
+          hostPort: {{ $ports.http }}
+          {{- end }}
+        - name: https
+          containerPort: {{ include "quic-proxy-waf.proxy.containerHttps" . }}
+          protocol: TCP
+          {{- if $ports.useHostPorts }}
+          hostPort: {{ $ports.https }}
+          {{- end }}
+        - name: http3
+          containerPort: {{ include "quic-proxy-waf.proxy.containerHttps" . }}
+          protocol: UDP
+          {{- if $ports.useHostPorts }}
+          hostPort: {{ $ports.https }}
+          {{- end }}
+      livenessProbe:
+        httpGet:
+          path: /_gwhealthz
+          port: http
+        {{- toYaml .Values.proxy.livenessProbe | nindent 8 }}
+      readinessProbe:
+        httpGet:
+          path: /_gwhealthz
+          port: http
+        {{- toYaml .Values.proxy.readinessProbe | nindent 8 }}
+      {{- with .Values.proxy.resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- include "quic-proxy-waf.proxy.securityContext" . | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/quicproxy/config.yaml
+          subPath: config.yaml
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        {{- if $tls.secretName }}
+        - name: tls-cert
+          mountPath: {{ dir $tls.certFile }}
+          readOnly: true
+        {{- if ne (dir $tls.certFile) (dir $tls.keyFile) }}
+        - name: tls-key
+          mountPath: {{ dir $tls.keyFile }}
+          readOnly: true
+        {{- end }}
+        {{- else }}
+        - name: tls-self-signed
+          mountPath: /var/run/quicproxy/tls
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ include "quic-proxy-waf.proxy.fullname" . }}-config
+    - name: tmp
+      emptyDir: {}
+    {{- if $tls.secretName }}
+    {{- if eq (dir $tls.certFile) (dir $tls.keyFile) }}
+    - name: tls-cert
+      secret:
+        secretName: {{ $tls.secretName }}
+        items:
+          - key: tls.crt
+            path: {{ base $tls.certFile }}
+          - key: tls.key
+            path: {{ base $tls.keyFile }}
+    {{- else }}
+    - name: tls-cert
+      secret:
+        secretName: {{ $tls.secretName }}
+        items:
+          - key: tls.crt
+            path: {{ base $tls.certFile }}
+    - name: tls-key
+      secret:
+        secretName: {{ $tls.secretName }}
+        items:
+          - key: tls.key
+            path: {{ base $tls.keyFile }}
+    {{- end }}
+    {{- else }}
+    - name: tls-self-signed
+      emptyDir: {}
+    {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

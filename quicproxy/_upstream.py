@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import h11
 
 from ._config import UpstreamConfig
-from ._errors import UpstreamConnectError, UpstreamTimeout
+from ._errors import ProxyError, UpstreamConnectError, UpstreamTimeout
 from ._model import Body, Headers, Response
 
 __all__ = ["UpstreamPool"]
@@ -112,7 +112,7 @@ class UpstreamPool:
             conn = await self._acquire(member)
             try:
                 return await self._exchange(
-                    member, conn, method, target, headers, body, content_length
+                    member, conn, (method, target, headers), body, content_length
                 )
             except _Stale:
                 conn.close()
@@ -127,12 +127,11 @@ class UpstreamPool:
         self,
         member: tuple[str, int],
         conn: _Conn,
-        method: str,
-        target: str,
-        headers: Headers,
+        head: tuple[str, str, Headers],
         body: Body,
         content_length: int | None,
     ) -> Response:
+        method, target, headers = head
         framing: Headers = []
         if content_length is not None:
             framing = [("content-length", str(content_length))]
@@ -146,21 +145,20 @@ class UpstreamPool:
                 raise _Stale() from None
             raise UpstreamConnectError("upstream connection failed") from None
         sender = asyncio.ensure_future(self._send_body(conn, body))
-        head = asyncio.ensure_future(self._read_head(conn))
+        reading = asyncio.ensure_future(self._read_head(conn))
         try:
-            await asyncio.wait([sender, head], return_when=asyncio.FIRST_COMPLETED)
-            if sender.done() and sender.exception() is not None:
-                raise sender.exception()  # type: ignore[misc]
-            response = await head
-        except _Stale:
-            if conn.reused and empty_body:
-                raise
-            raise UpstreamConnectError("upstream closed the connection") from None
-        except BaseException:
-            head.cancel()
+            await asyncio.wait([sender, reading], return_when=asyncio.FIRST_COMPLETED)
+            failed = sender.exception() if sender.done() else None
+            if isinstance(failed, ProxyError):
+                raise failed  # the client's body went wrong (too large, aborted)
+            response = await reading  # an upstream that stopped reading may still answer
+        except BaseException as exc:
+            reading.cancel()
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
+            if isinstance(exc, _Stale) and not (conn.reused and empty_body):
+                raise UpstreamConnectError("upstream closed the connection") from None
             raise
         out: Headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in response.headers]
         length = None
@@ -168,8 +166,8 @@ class UpstreamPool:
             if k == "content-length" and v.isdigit():
                 length = int(v)
         stream = Body.from_iter(self._read_body(member, conn, sender))
-        if method == "HEAD" or response.status_code in (204, 304):
-            length = length if method == "HEAD" else None
+        if response.status_code in (204, 304):
+            length = None
         return Response(response.status_code, out, stream, length)
 
     async def _send_body(self, conn: _Conn, body: Body) -> None:

@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -121,24 +124,17 @@ async def test_embedded_default_serve_answers_http3(tmp_path: Path):
     assert "quicproxy get" in out and "demo backend" in out
 
 
-async def test_sigterm_drains_in_flight_requests(tmp_path: Path):
+@asynccontextmanager
+async def cli_proxy(tmp_path: Path, *extra: str) -> AsyncIterator[tuple[Any, int, int, Any]]:
+    """`quicproxy serve` in a subprocess in front of a test backend, once h3 answers:
+    yields (process, http_port, https_port, backend)."""
     from tests.backend import Backend
 
     backend = await Backend().start()
     http, https = free_port(), free_port()
+    args = ["serve", "--host", "127.0.0.1", "--http-port", str(http), "--https-port", str(https)]
     proc = subprocess.Popen(
-        QUICPROXY
-        + [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(http),
-            "--https-port",
-            str(https),
-            "--backend",
-            backend.url,
-        ],
+        QUICPROXY + args + ["--backend", backend.url, *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -146,6 +142,20 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path):
     )
     try:
         await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+        yield proc, http, https, backend
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.output = proc.communicate()[0]  # what it printed, for checks after the block
+        await backend.stop()
+
+
+async def _exit_code(proc: Any) -> int:
+    return await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+
+
+async def test_sigterm_drains_in_flight_requests(tmp_path: Path):
+    async with cli_proxy(tmp_path) as (proc, http, https, _):
         async with (
             h3_client(f"https://localhost:{https}/", insecure=True) as h3c,
             httpx.AsyncClient(verify=False, http2=True) as h2c,
@@ -162,16 +172,10 @@ async def test_sigterm_drains_in_flight_requests(tmp_path: Path):
         assert [r.status for r in h3_done] == [200] * 5
         assert [r.status_code for r in h2_done] == [200] * 5
         assert all(r.body == b"slow done" for r in h3_done)
-        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
-        assert code == 0
+        assert await _exit_code(proc) == 0
         with pytest.raises(httpx.ConnectError):
             async with httpx.AsyncClient() as c:
                 await c.get(f"http://127.0.0.1:{http}/_gwhealthz")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        await backend.stop()
 
 
 def test_python_dash_m_and_version():
@@ -180,32 +184,7 @@ def test_python_dash_m_and_version():
 
 
 async def test_two_workers_share_the_ports_and_stop_cleanly(tmp_path: Path):
-    from tests.backend import Backend
-
-    backend = await Backend().start()
-    http, https = free_port(), free_port()
-    proc = subprocess.Popen(
-        QUICPROXY
-        + [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            str(http),
-            "--https-port",
-            str(https),
-            "--backend",
-            backend.url,
-            "--workers",
-            "2",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "HOME": str(tmp_path)},
-    )
-    try:
-        await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+    async with cli_proxy(tmp_path, "--workers", "2") as (proc, _, https, _):
         statuses = []
         for _ in range(6):
             async with h3_client(f"https://localhost:{https}/", insecure=True) as client:
@@ -214,11 +193,5 @@ async def test_two_workers_share_the_ports_and_stop_cleanly(tmp_path: Path):
             statuses.append((await client.get(f"https://localhost:{https}/hello")).status_code)
         assert statuses == [200] * 7
         proc.send_signal(signal.SIGTERM)
-        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
-        assert code == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        out, _ = proc.communicate()
-        await backend.stop()
-    assert out.count("is listening") == 1
+        assert await _exit_code(proc) == 0
+    assert proc.output.count("is listening") == 1

@@ -119,12 +119,14 @@ class Backend:
                 await send(h11.Data(data=chunk))
             await send(h11.EndOfMessage())
             return
+        if path == "/stall":  # wait before reading the request body at all
+            await asyncio.sleep(float(query.get("s", ["1"])[0]))
         digest = hashlib.sha256()
         size = 0
         async for chunk in body_chunks():
             digest.update(chunk)
             size += len(chunk)
-        if path == "/sha256":
+        if path in ("/sha256", "/stall"):
             await respond(
                 200,
                 json.dumps({"sha256": digest.hexdigest(), "size": size}).encode(),

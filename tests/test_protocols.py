@@ -129,3 +129,40 @@ async def test_niquests_h3_only(proxy, certs):
     assert resp.status_code == 200
     assert resp.http_version == 30
     assert resp.text == "hello from backend /hello"
+
+
+async def test_h3_upload_to_a_stalled_backend_stays_within_the_stream_window(proxy, certs):
+    """Flow control, not buffering: while the backend reads nothing, the proxy holds
+    at most about one stream window of the upload."""
+    data = os.urandom(16 * 1024 * 1024)
+    window = proxy.config.quic.stream_window
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            for conn in proxy._quic.connections:
+                for body in conn.bodies.values():
+                    peak = max(peak, body.buffered)
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        async with h3(proxy, certs) as client:
+            resp = await client.request("POST", "/stall?s=2", [], data)
+    finally:
+        watcher.cancel()
+    assert resp.status == 200
+    assert json.loads(resp.body)["sha256"] == hashlib.sha256(data).hexdigest()
+    assert 0 < peak <= window + 256 * 1024
+
+
+@pytest.mark.parametrize("algorithm", ["reno", "cubic"])
+async def test_quic_transport_settings_are_applied(make_proxy, backend, certs, algorithm):
+    proxy = await make_proxy(
+        backend, quic={"congestion_control": algorithm, "max_datagram_size": 1200}
+    )
+    status, _, body = await fetch(proxy, certs, "h3", "GET", f"/bytes/{1 << 20}")
+    assert status == 200 and len(body) == 1 << 20
+    assert proxy._quic.server._configuration.congestion_control_algorithm == algorithm
+    assert proxy._quic.server._configuration.max_datagram_size == 1200

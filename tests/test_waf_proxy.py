@@ -167,3 +167,22 @@ async def test_detection_only_forwards_but_counts(make_proxy, backend, certs):
     status, _, _ = await fetch(proxy, certs, "h2", method, path, body, headers)
     assert status == 200
     assert len(backend.requests) == 1
+
+
+async def test_block_is_logged_as_one_structured_line(make_proxy, backend, certs, caplog):
+    proxy = await make_proxy(backend, waf={"mode": "inline"})
+    method, path, body, headers = ATTACKS["sqli-query"]
+    with caplog.at_level("WARNING", logger="quicproxy"):
+        status, resp_headers, _ = await fetch(proxy, certs, "h3", method, path, body, headers)
+    assert status == 403
+    lines = [json.loads(r.getMessage()) for r in caplog.records if "waf_block" in r.getMessage()]
+    assert len(lines) == 1
+    line = lines[0]
+    assert (line["client"], line["method"], line["path"], line["protocol"]) == (
+        "127.0.0.1",
+        "GET",
+        "/search",
+        "HTTP/3",
+    )
+    assert ",".join(line["rule_ids"]) == resp_headers["x-waf-rule-id"]
+    assert proxy.handler.metrics.events["waf_blocked"] == 1

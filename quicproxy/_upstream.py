@@ -144,6 +144,8 @@ class UpstreamPool:
             if conn.reused and empty_body:
                 raise _Stale() from None
             raise UpstreamConnectError("upstream connection failed") from None
+        if empty_body:
+            return await self._exchange_no_body(member, conn)
         sender = asyncio.ensure_future(self._send_body(conn, body))
         reading = asyncio.ensure_future(self._read_head(conn))
         try:
@@ -160,6 +162,26 @@ class UpstreamPool:
             if isinstance(exc, _Stale) and not (conn.reused and empty_body):
                 raise UpstreamConnectError("upstream closed the connection") from None
             raise
+        return self._response(member, conn, response, sender)
+
+    async def _exchange_no_body(self, member: tuple[str, int], conn: _Conn) -> Response:
+        """The common case, without the two tasks a streamed body needs."""
+        try:
+            await conn.send(h11.EndOfMessage())
+        except (ConnectionError, OSError):
+            raise _Stale() from None
+        response = await self._read_head(conn)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return self._response(member, conn, response, done)
+
+    def _response(
+        self,
+        member: tuple[str, int],
+        conn: _Conn,
+        response: h11.Response,
+        sender: asyncio.Future[None],
+    ) -> Response:
         out: Headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in response.headers]
         length = None
         for k, v in out:

@@ -1,0 +1,349 @@
+"""Cluster providers for the conformance suite.
+
+Select one with ``--cluster=NAME`` or ``QUICPROXY_CLUSTER=NAME``:
+
+* ``local``    a real single-node Kubernetes of upstream components started on this machine
+               (conformance/cluster/local.sh; root, Linux, Go, containerd), plus kwok fake nodes
+* ``kind``     a kind cluster with host port mappings 80/443 TCP and 443 UDP
+* ``k3d``      the k3d equivalent
+* ``existing`` whatever KUBECONFIG points at (image must be loadable or pullable there)
+* ``auto``     (default) existing if KUBECONFIG answers, else kind, k3d, local - the first usable
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLUSTER_DIR = HERE / "cluster"
+IMAGE_DIR = HERE / "image"
+CACHE = Path(os.environ.get("QUICPROXY_CACHE", "/var/cache/quicproxy-conformance"))
+
+Progress = Callable[[str], None]
+
+INSTALL_HINT = (
+    "no usable cluster for the conformance suite: install kind or k3d (with Docker), "
+    "or point KUBECONFIG at a cluster, or run as root on Linux with Go, containerd, "
+    "containernetworking-plugins and docker.io for QUICPROXY_CLUSTER=local"
+)
+
+
+def run_streamed(
+    cmd: list[str], progress: Progress, env: dict[str, str] | None = None, prefix: str = ""
+) -> str:
+    """Run cmd, forwarding stderr lines to progress as they come; return stdout."""
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, env=env, text=True)
+        assert proc.stderr is not None
+        tail: list[str] = []
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            tail = (tail + [line])[-40:]
+            progress(prefix + line)
+        rc = proc.wait()
+        out.seek(0)
+        stdout = out.read().decode()
+    if rc:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}):\n" + "\n".join(tail))
+    return stdout
+
+
+@dataclass
+class Provider:
+    name: str = "?"
+    kubeconfig: str = ""
+    supports_fake_nodes: bool = False
+    registry_less: bool = False  # True: images must be loaded, base image built locally
+    started_here: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+    def usable(self) -> str | None:
+        """None when usable, else why not."""
+        raise NotImplementedError
+
+    def up(self, progress: Progress) -> None:
+        raise NotImplementedError
+
+    def down(self, progress: Progress) -> None:
+        pass
+
+    def load_image(self, ref: str, tar: str, progress: Progress) -> None:
+        raise NotImplementedError
+
+    def host_port_address(self, node_ip: str) -> str:
+        """Address from which the test process reaches a node's host ports."""
+        return node_ip
+
+    def tools_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env["KUBECONFIG"] = self.kubeconfig
+        return env
+
+
+def _ok(cmd: list[str], timeout: float = 20) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=timeout).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class LocalProvider(Provider):
+    """Upstream components on this machine (see conformance/cluster/local.sh)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="local", supports_fake_nodes=True, registry_less=True)
+        self.kubeconfig = str(CACHE / "cluster" / "admin.kubeconfig")
+        bin_dir = CACHE / "bin"
+        self.env = {
+            "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            "QUICPROXY_CACHE": str(CACHE),
+        }
+
+    def usable(self) -> str | None:
+        if os.uname().sysname != "Linux":
+            return "the local provider needs Linux"
+        if os.geteuid() != 0:
+            return "the local provider needs root (it runs containerd, kubelet and kube-proxy)"
+        if not shutil.which("go"):
+            return "the local provider needs Go >= 1.24 (it builds Kubernetes from source)"
+        tools = ("containerd", "runc", "iptables", "ip", "openssl", "dockerd", "debootstrap")
+        missing = [t for t in tools if not shutil.which(t)]
+        if not Path("/usr/lib/cni/bridge").exists():
+            missing.append("containernetworking-plugins")
+        if missing and not shutil.which("apt-get"):
+            return "local provider: missing " + ", ".join(missing)
+        return None
+
+    def up(self, progress: Progress) -> None:
+        env = self.tools_env()
+        run_streamed(["bash", str(CLUSTER_DIR / "install-deps.sh")], progress, env)
+        run_streamed(["bash", str(CLUSTER_DIR / "build-bins.sh")], progress, env)
+        self.started_here = True  # from here on, down() cleans up even a half-started cluster
+        run_streamed(["bash", str(CLUSTER_DIR / "local.sh"), "up"], progress, env)
+
+    def down(self, progress: Progress) -> None:
+        if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
+            run_streamed(
+                ["bash", str(CLUSTER_DIR / "local.sh"), "down"], progress, self.tools_env()
+            )
+
+    def load_image(self, ref: str, tar: str, progress: Progress) -> None:
+        run_streamed(
+            ["bash", str(CLUSTER_DIR / "local.sh"), "load", tar], progress, self.tools_env()
+        )
+
+
+KIND_CONFIG = """\
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+nodes:
+- role: control-plane
+  extraPortMappings:
+{mappings}
+"""
+
+# Host ports the profiles use: 80/443 (seed, edge example) and 8080/8443 (custom-ports).
+# The edge label (node-role.kubernetes.io/edge) is set by the suite with admin rights: a
+# kubelet may not label itself with node-role.kubernetes.io/*.
+HOST_PORTS = [(80, "TCP"), (443, "TCP"), (443, "UDP"), (8080, "TCP"), (8443, "TCP"), (8443, "UDP")]
+
+
+class KindProvider(Provider):
+    """kind cluster; host ports reach the node through extraPortMappings on 127.0.0.1."""
+
+    cluster = os.environ.get("QUICPROXY_KIND_CLUSTER", "quicproxy-conformance")
+
+    def __init__(self) -> None:
+        super().__init__(name="kind")
+        self.kubeconfig = str(Path(tempfile.gettempdir()) / f"{self.cluster}.kubeconfig")
+
+    def usable(self) -> str | None:
+        if not shutil.which("kind"):
+            return "kind not installed"
+        if not _ok(["docker", "info"]):
+            return "kind needs a running Docker engine"
+        return None
+
+    def up(self, progress: Progress) -> None:
+        existing = subprocess.run(
+            ["kind", "get", "clusters"], capture_output=True, text=True
+        ).stdout
+        if self.cluster not in existing.split():
+            cfg = Path(tempfile.mkdtemp()) / "kind.yaml"
+            mappings = "\n".join(
+                f"  - {{containerPort: {p}, hostPort: {p}, protocol: {proto}}}"
+                for p, proto in HOST_PORTS
+            )
+            cfg.write_text(KIND_CONFIG.format(mappings=mappings))
+            run_streamed(
+                [
+                    "kind",
+                    "create",
+                    "cluster",
+                    "--name",
+                    self.cluster,
+                    "--config",
+                    str(cfg),
+                    "--wait",
+                    "180s",
+                ],
+                progress,
+            )
+            self.started_here = True
+        Path(self.kubeconfig).write_text(
+            subprocess.run(
+                ["kind", "get", "kubeconfig", "--name", self.cluster],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+
+    def down(self, progress: Progress) -> None:
+        if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
+            run_streamed(["kind", "delete", "cluster", "--name", self.cluster], progress)
+
+    def load_image(self, ref: str, tar: str, progress: Progress) -> None:
+        run_streamed(["kind", "load", "image-archive", tar, "--name", self.cluster], progress)
+
+    def host_port_address(self, node_ip: str) -> str:
+        return "127.0.0.1"
+
+
+class K3dProvider(Provider):
+    """k3d cluster (servicelb/traefik disabled); host ports mapped like kind."""
+
+    cluster = os.environ.get("QUICPROXY_K3D_CLUSTER", "quicproxy-conformance")
+
+    def __init__(self) -> None:
+        super().__init__(name="k3d")
+        self.kubeconfig = str(Path(tempfile.gettempdir()) / f"k3d-{self.cluster}.kubeconfig")
+
+    def usable(self) -> str | None:
+        if not shutil.which("k3d"):
+            return "k3d not installed"
+        if not _ok(["docker", "info"]):
+            return "k3d needs a running Docker engine"
+        return None
+
+    def up(self, progress: Progress) -> None:
+        listing = subprocess.run(
+            ["k3d", "cluster", "list", "-o", "json"], capture_output=True, text=True
+        )
+        names = [c.get("name") for c in json.loads(listing.stdout or "[]")]
+        if self.cluster not in names:
+            run_streamed(
+                [
+                    "k3d",
+                    "cluster",
+                    "create",
+                    self.cluster,
+                    "--wait",
+                    "--timeout",
+                    "180s",
+                    "--k3s-arg",
+                    "--disable=traefik@server:0",
+                    "--k3s-arg",
+                    "--disable=servicelb@server:0",
+                    *[
+                        a
+                        for p, proto in HOST_PORTS
+                        for a in ("-p", f"{p}:{p}/{proto.lower()}@server:0")
+                    ],
+                ],
+                progress,
+            )
+            self.started_here = True
+        Path(self.kubeconfig).write_text(
+            subprocess.run(
+                ["k3d", "kubeconfig", "get", self.cluster],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+
+    def down(self, progress: Progress) -> None:
+        if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
+            run_streamed(["k3d", "cluster", "delete", self.cluster], progress)
+
+    def load_image(self, ref: str, tar: str, progress: Progress) -> None:
+        run_streamed(["k3d", "image", "import", tar, "-c", self.cluster], progress)
+
+    def host_port_address(self, node_ip: str) -> str:
+        return "127.0.0.1"
+
+
+class ExistingProvider(Provider):
+    """Any cluster from KUBECONFIG.  Set QUICPROXY_IMAGE to an image its nodes can pull, or
+    QUICPROXY_IMAGE_LOAD to a command that loads "{tar}" onto its nodes; QUICPROXY_NODE_ADDRESS
+    overrides the address used to reach host ports."""
+
+    def __init__(self) -> None:
+        super().__init__(name="existing")
+        self.kubeconfig = os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))
+
+    def usable(self) -> str | None:
+        kubectl = shutil.which("kubectl") or str(CACHE / "bin" / "kubectl")
+        if not Path(self.kubeconfig).exists():
+            return "no KUBECONFIG"
+        if not _ok([kubectl, "--kubeconfig", self.kubeconfig, "get", "--raw", "/readyz"]):
+            return f"cluster from {self.kubeconfig} does not answer"
+        return None
+
+    def up(self, progress: Progress) -> None:
+        progress(f"using the cluster from {self.kubeconfig}")
+
+    def load_image(self, ref: str, tar: str, progress: Progress) -> None:
+        cmd = os.environ.get("QUICPROXY_IMAGE_LOAD")
+        if cmd:
+            run_streamed(["sh", "-c", cmd.format(tar=tar, ref=ref)], progress)
+        else:
+            progress(f"existing cluster: assuming nodes can get {ref} (set QUICPROXY_IMAGE_LOAD)")
+
+    def host_port_address(self, node_ip: str) -> str:
+        return os.environ.get("QUICPROXY_NODE_ADDRESS", node_ip)
+
+
+PROVIDERS: dict[str, type[Provider]] = {
+    "local": LocalProvider,
+    "kind": KindProvider,
+    "k3d": K3dProvider,
+    "existing": ExistingProvider,
+}
+
+
+def select(name: str) -> tuple[Provider | None, str]:
+    """(provider, reason).  For an explicit name the provider is returned even when unusable,
+    with the reason; "auto" returns the first usable one or None with the install hint."""
+    if name != "auto":
+        if name not in PROVIDERS:
+            return None, f"unknown cluster provider {name!r}; one of {', '.join(PROVIDERS)}, auto"
+        p = PROVIDERS[name]()
+        return p, p.usable() or ""
+    reasons = []
+    order = (
+        ["existing", "kind", "k3d", "local"]
+        if os.environ.get("KUBECONFIG")
+        else ["kind", "k3d", "local"]
+    )
+    for n in order:
+        p = PROVIDERS[n]()
+        why = p.usable()
+        if why is None:
+            return p, ""
+        reasons.append(why)
+    return None, INSTALL_HINT
+
+
+def describe() -> str:
+    return textwrap.dedent(__doc__ or "")

@@ -1,0 +1,804 @@
+"""Every values profile of the chart, installed on a real cluster and checked from outside.
+
+For each profile (module-scoped fixture `release`, one profile installed at a time because
+host ports are exclusive): helm install, rollout with probes on /_gwhealthz, objects the
+mode dictates (workload kind, Service, PDB), host ports from outside the pod (HTTP, HTTPS,
+QUIC/HTTP/3 with Alt-Svc), HTTP/3 through the Service, the WAF blocking an SQL injection and
+passing a benign request to a backend, DaemonSet placement on labelled/tainted (kwok) nodes,
+the DaemonSet rolling update honouring maxUnavailable, helm test, and helm uninstall leaving
+nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from . import _probe, conftest
+from ._cluster import CACHE, Provider, select
+from ._kube import Kube, node_selected, pod_ready
+from .conftest import ROOT, progress
+
+CHART = ROOT / "charts" / "quic-proxy-waf"
+
+if conftest._config is not None and conftest._config.getoption("--cluster") == "auto":
+    _auto, _why = select("auto")
+    if _auto is None:  # one line saying what to install, instead of one per test
+        pytest.skip(_why, allow_module_level=True)
+PROBE_SRC = (Path(__file__).parent / "_probe.py").read_text()
+
+
+@dataclass
+class Profile:
+    name: str
+    files: list[str]
+    kind: str  # Deployment | DaemonSet
+    service: bool  # proxy Service rendered
+    pdb: bool  # proxy PodDisruptionBudget rendered
+    waf: bool  # WAF service deployed and used
+    host_ports: tuple[int, int] | None = None  # (http, https) on the node
+    service_ports: tuple[int, int] = (80, 443)
+    set_values: dict[str, Any] = field(default_factory=dict)
+
+
+PROFILES = [
+    Profile("default", [], "Deployment", service=True, pdb=True, waf=True),
+    Profile(
+        "daemonset",
+        ["charts/quic-proxy-waf/values-daemonset.yaml"],
+        "DaemonSet",
+        service=False,
+        pdb=False,
+        waf=True,
+        host_ports=(80, 443),
+    ),
+    Profile(
+        "daemonset-no-hostports",
+        ["examples/values/daemonset-no-hostports.yaml"],
+        "DaemonSet",
+        service=True,
+        pdb=False,
+        waf=True,
+    ),
+    Profile(
+        "daemonset-edge-complete",
+        ["examples/values/daemonset-edge-complete.yaml"],
+        "DaemonSet",
+        service=False,
+        pdb=False,
+        waf=True,
+        host_ports=(80, 443),
+    ),
+    Profile(
+        "custom-ports",
+        ["examples/values/custom-ports.yaml"],
+        "DaemonSet",
+        service=False,
+        pdb=False,
+        waf=True,
+        host_ports=(8080, 8443),
+    ),
+    Profile(
+        "waf-disabled",
+        ["examples/values/waf-disabled.yaml"],
+        "Deployment",
+        service=True,
+        pdb=True,
+        waf=False,
+    ),
+]
+
+SQLI_PATH = "/search?id=1%27%20OR%20%271%27%3D%271%27%20UNION%20SELECT%20password%20FROM%20users--"
+BENIGN_PATH = "/hello?name=conformance"
+BACKEND_MARK = "quicproxy-conformance-backend"
+
+BACKEND = """\
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: backend, labels: {app: conformance-backend}}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: conformance-backend}}
+  template:
+    metadata: {labels: {app: conformance-backend}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      automountServiceAccountToken: false
+      containers:
+      - name: backend
+        image: IMAGE
+        imagePullPolicy: PULL
+        command: ["python3", "-c"]
+        args:
+        - |
+          import http.server, json
+          class H(http.server.BaseHTTPRequestHandler):
+              def reply(self):
+                  n = int(self.headers.get("content-length") or 0)
+                  if n: self.rfile.read(n)
+                  body = json.dumps({"mark": "MARK", "method": self.command,
+                                     "path": self.path}).encode()
+                  self.send_response(200)
+                  self.send_header("content-type", "application/json")
+                  self.send_header("content-length", str(len(body)))
+                  self.end_headers()
+                  self.wfile.write(body)
+              do_GET = do_POST = do_HEAD = reply
+              def log_message(self, *a): pass
+          http.server.ThreadingHTTPServer(("", 8080), H).serve_forever()
+        ports: [{containerPort: 8080, name: http}]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend}
+spec:
+  selector: {app: conformance-backend}
+  ports: [{name: http, port: 8080, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: conformance-client}}
+spec:
+  terminationGracePeriodSeconds: 1
+  automountServiceAccountToken: false
+  containers:
+  - name: client
+    image: IMAGE
+    imagePullPolicy: PULL
+    command: ["python3", "-c", "import time; time.sleep(10**9)"]
+"""
+
+FAKE_NODES = [
+    # name, labels, taints; all cordoned so only DaemonSet pods land there, and kwok-managed
+    ("kwok-edge-a", {"node-role.kubernetes.io/edge": "true"}, []),
+    (
+        "kwok-edge-tainted-tolerated",
+        {"node-role.kubernetes.io/edge": "true"},
+        [{"key": "edge-taint", "value": "true", "effect": "NoSchedule"}],
+    ),
+    ("kwok-plain", {}, []),
+    (
+        "kwok-untolerated",
+        {"node-role.kubernetes.io/edge": "true"},
+        [{"key": "quicproxy.io/untolerated", "value": "true", "effect": "NoSchedule"}],
+    ),
+]
+
+
+def selected_profiles(config: pytest.Config) -> list[Profile]:
+    wanted = [p.strip() for p in str(config.getoption("--profile") or "").split(",") if p.strip()]
+    unknown = set(wanted) - {p.name for p in PROFILES}
+    if unknown:
+        raise pytest.UsageError(
+            f"unknown profile(s) {sorted(unknown)}; known: " + ", ".join(p.name for p in PROFILES)
+        )
+    return [p for p in PROFILES if not wanted or p.name in wanted]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "profile" in metafunc.fixturenames:
+        profs = selected_profiles(metafunc.config)
+        metafunc.parametrize("profile", profs, ids=[p.name for p in profs], scope="module")
+
+
+class Release:
+    def __init__(self, kube: Kube, provider: Provider, profile: Profile, image: str) -> None:
+        self.kube, self.provider, self.profile, self.image = kube, provider, profile, image
+        self.ns = f"qpc-{profile.name}"[:63]
+        self.name = "qp"
+        self.installed = False
+        self.fake_nodes: list[str] = []
+        registry, _, rest = image.rpartition("/")
+        self.repository, _, self.tag = rest.partition(":")
+        self.registry = registry
+        self.pull = "IfNotPresent" if provider.name == "existing" else "Never"
+        self.values: dict[str, Any] = {}
+        self.broken = ""  # set when the install did not roll out: later checks fail fast
+
+    def need_rollout(self) -> None:
+        if self.broken:
+            pytest.fail(f"not checked: {self.broken}", pytrace=False)
+
+    # ---------------------------------------------------------------- helpers
+    def label(self) -> str:
+        return f"app.kubernetes.io/instance={self.name}"
+
+    def overrides(self) -> dict[str, Any]:
+        return {
+            "global": {"registry": self.registry, "tag": self.tag, "imagePullPolicy": self.pull},
+            "proxy": {
+                "image": {"repository": self.repository},
+                "backend": {"host": f"backend.{self.ns}.svc.cluster.local", "port": 8080},
+            },
+            "waf": {"image": {"repository": self.repository}},
+        }
+
+    def merged_values(self) -> dict[str, Any]:
+        """The profile's values as helm computes them (for expectations)."""
+        out = self.kube.helm(
+            "get", "values", self.name, "-n", self.ns, "--all", "-o", "json"
+        ).stdout
+        return dict(json.loads(out))
+
+    def workload(self) -> dict[str, Any]:
+        kind = "daemonsets" if self.profile.kind == "DaemonSet" else "deployments"
+        items = [
+            w
+            for w in self.kube.items(kind, self.ns, self.label())
+            if w["metadata"]["labels"].get("app.kubernetes.io/component") != "waf"
+        ]
+        assert len(items) == 1, (
+            f"expected one proxy {self.profile.kind}, got {[i['metadata']['name'] for i in items]}"
+        )
+        return items[0]
+
+    def proxy_pods(self) -> list[dict[str, Any]]:
+        sel = self.workload()["spec"]["selector"]["matchLabels"]
+        return self.kube.items("pods", self.ns, ",".join(f"{k}={v}" for k, v in sel.items()))
+
+    def probe_in_cluster(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = self.kube.kubectl(
+            "exec",
+            "-i",
+            "-n",
+            self.ns,
+            "client",
+            "--",
+            "python3",
+            "-",
+            json.dumps(specs),
+            input=PROBE_SRC,
+            timeout=180,
+        )
+        return list(json.loads(out.strip().splitlines()[-1]))
+
+    def real_nodes(self) -> list[dict[str, Any]]:
+        return [
+            n
+            for n in self.kube.items("nodes")
+            if n["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") != "fake"
+        ]
+
+    def node_ip(self, node: dict[str, Any]) -> str:
+        for a in node["status"].get("addresses", []):
+            if a["type"] == "InternalIP":
+                return str(a["address"])
+        raise AssertionError(f"node {node['metadata']['name']} has no InternalIP")
+
+    # ---------------------------------------------------------------- lifecycle
+    def prepare(self) -> None:
+        k = self.kube
+        k.kubectl("delete", "namespace", self.ns, "--ignore-not-found", "--wait=true", timeout=300)
+        k.kubectl("create", "namespace", self.ns)
+        k.apply(
+            BACKEND.replace("IMAGE", self.image)
+            .replace("PULL", self.pull)
+            .replace("MARK", BACKEND_MARK),
+            self.ns,
+        )
+
+    def install(self) -> None:
+        ov = CACHE / "conformance" / f"{self.profile.name}-overrides.yaml"
+        ov.parent.mkdir(parents=True, exist_ok=True)
+        ov.write_text(yaml.safe_dump(self.overrides()))
+        args = ["install", self.name, str(CHART), "-n", self.ns]
+        for f in self.profile.files:
+            args += ["-f", str(ROOT / f)]
+        args += ["-f", str(ov), "--timeout", "5m"]
+        progress(
+            f"[{self.profile.name}] helm install ({', '.join(self.profile.files) or 'values.yaml'})"
+        )
+        self.kube.helm(*args)
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if self.installed:
+            self.kube.helm(
+                "uninstall", self.name, "-n", self.ns, "--wait", "--timeout", "5m", check=False
+            )
+            self.installed = False
+
+    def delete_fake_nodes(self) -> None:
+        """Delete the kwok nodes and their pods (no kubelet will ever confirm those pods gone,
+        and the pod garbage collector only reaps them after its quarantine)."""
+        for n in self.fake_nodes:
+            self.kube.kubectl(
+                "delete", "node", n, "--ignore-not-found", "--wait=false", check=False
+            )
+        for n in self.fake_nodes:
+            for p in self.kube.get("pods", "-A", "--field-selector", f"spec.nodeName={n}")["items"]:
+                self.kube.kubectl(
+                    "delete",
+                    "pod",
+                    "-n",
+                    p["metadata"]["namespace"],
+                    p["metadata"]["name"],
+                    "--force",
+                    "--grace-period=0",
+                    "--wait=false",
+                    check=False,
+                )
+        self.fake_nodes = []
+
+
+@pytest.fixture(scope="module")
+def release(profile: Profile, kube: Kube, provider: Provider, image: str) -> Iterator[Release]:
+    rel = Release(kube, provider, profile, image)
+    t = time.monotonic()
+    progress(f"[{profile.name}] preparing namespace {rel.ns} (backend, client pod)")
+    rel.prepare()
+    try:
+        rel.install()
+    except RuntimeError as exc:
+        progress(f"[{profile.name}] helm install FAILED: {str(exc)[-1500:]}")
+    yield rel
+    rel.delete_fake_nodes()
+    rel.uninstall()
+    kube.kubectl("delete", "namespace", rel.ns, "--ignore-not-found", "--wait=false", check=False)
+    progress(f"[{profile.name}] done ({time.monotonic() - t:.0f}s)")
+
+
+# ====================================================================== checks
+def test_install_and_rollout(release: Release) -> None:
+    """helm install succeeded; every workload rolls out and its pods are Ready."""
+    t = time.monotonic()
+    release.broken = f"profile {release.profile.name} did not roll out"
+    if not release.installed:
+        pytest.fail("helm install failed", pytrace=False)
+    try:
+        release.kube.wait_rollout(release.ns, timeout=300)
+        release.kube.wait_until(
+            "client pod Ready",
+            lambda: all(
+                pod_ready(p)
+                for p in release.kube.items("pods", release.ns, "app=conformance-client")
+            ),
+            timeout=120,
+        )
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}\n{release.kube.describe_failure(release.ns)}")
+    pods = release.proxy_pods()
+    assert pods and all(pod_ready(p) for p in pods)
+    release.broken = ""
+    progress(
+        f"[{release.profile.name}] rolled out: {len(pods)} proxy pod(s) Ready "
+        f"({time.monotonic() - t:.0f}s)"
+    )
+
+
+def test_probes_on_gwhealthz(release: Release) -> None:
+    """Liveness and readiness probes GET /_gwhealthz, and they pass (pods Ready, no restarts)."""
+    release.need_rollout()
+    w = release.workload()
+    c = next(c for c in w["spec"]["template"]["spec"]["containers"] if c["name"] == "proxy")
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/_gwhealthz", probe
+    for p in release.proxy_pods():
+        assert pod_ready(p), p["metadata"]["name"]
+        for cs in p["status"].get("containerStatuses", []):
+            assert cs["restartCount"] == 0, f"{p['metadata']['name']} restarted: {cs}"
+
+
+def test_objects_match_mode(release: Release) -> None:
+    """Workload kind, proxy Service and PDBs present/absent exactly as the mode dictates."""
+    release.need_rollout()
+    prof, k = release.profile, release.kube
+    release.workload()  # exactly one proxy workload of the profile's kind
+    other = "deployments" if prof.kind == "DaemonSet" else "daemonsets"
+    assert not [
+        w
+        for w in k.items(other, release.ns, release.label())
+        if w["metadata"]["labels"].get("app.kubernetes.io/component") != "waf"
+    ]
+    svcs = {s["metadata"]["name"]: s for s in k.items("services", release.ns, release.label())}
+    proxy_svcs = [
+        s
+        for s in svcs.values()
+        if s["metadata"]["labels"].get("app.kubernetes.io/component") not in ("waf", "metrics")
+        and s["spec"].get("clusterIP") != "None"
+    ]
+    assert bool(proxy_svcs) == prof.service, f"proxy Service expected={prof.service}: {list(svcs)}"
+    if prof.service:
+        ports = {(p["port"], p["protocol"]) for p in proxy_svcs[0]["spec"]["ports"]}
+        http, https = prof.service_ports
+        assert {(http, "TCP"), (https, "TCP"), (https, "UDP")} <= ports, ports
+    pdbs = k.items("poddisruptionbudgets", release.ns, release.label())
+    proxy_pdbs = [
+        p for p in pdbs if p["metadata"]["labels"].get("app.kubernetes.io/component") != "waf"
+    ]
+    waf_pdbs = [
+        p for p in pdbs if p["metadata"]["labels"].get("app.kubernetes.io/component") == "waf"
+    ]
+    assert bool(proxy_pdbs) == prof.pdb, (
+        f"proxy PDB expected={prof.pdb}: {[p['metadata']['name'] for p in pdbs]}"
+    )
+    assert bool(waf_pdbs) == (prof.waf and prof.kind == "Deployment"), (
+        f"WAF PDB: {[p['metadata']['name'] for p in pdbs]}"
+    )
+    waf_deps = [
+        d
+        for d in k.items("deployments", release.ns, release.label())
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "waf"
+    ]
+    assert bool(waf_deps) == prof.waf, "WAF Deployment presence"
+    for pdb in proxy_pdbs + waf_pdbs:  # never blocks every eviction
+        st = pdb.get("status", {})
+        if st.get("expectedPods", 0) > 0:
+            k.wait_until(
+                f"PDB {pdb['metadata']['name']} allows a disruption",
+                lambda n=pdb["metadata"]["name"]: (
+                    k.get("pdb", n, "-n", release.ns)["status"].get("disruptionsAllowed", 0) >= 1
+                ),
+                timeout=60,
+            )
+
+
+def test_host_ports(release: Release) -> None:
+    """From outside the pod, each node answers on its host ports: HTTP, HTTPS, and QUIC
+    (ALPN h3, HTTP/3 GET); Alt-Svc advertises the reachable port; /_gwhealthz is 200 OK."""
+    release.need_rollout()
+    prof = release.profile
+    if not prof.host_ports:
+        pytest.skip("profile has no host ports")
+    http, https = prof.host_ports
+    nodes = [
+        n
+        for n in release.real_nodes()
+        if any(p["spec"].get("nodeName") == n["metadata"]["name"] for p in release.proxy_pods())
+    ]
+    assert nodes, "no real node runs a proxy pod"
+    for node in nodes:
+        addr = release.provider.host_port_address(release.node_ip(node))
+        progress(
+            f"[{prof.name}] host ports on {node['metadata']['name']} ({addr}): "
+            f"tcp/{http} tcp/{https} udp/{https}"
+        )
+        r1 = _probe.request_retry(
+            {"proto": "http", "host": addr, "port": http, "path": "/_gwhealthz"}
+        )
+        assert (r1.status, r1.body.strip()) == (200, b"OK"), (r1.status, r1.body)
+        r2 = _probe.request_retry(
+            {"proto": "https", "host": addr, "port": https, "path": "/_gwhealthz"}
+        )
+        assert (r2.status, r2.body.strip()) == (200, b"OK"), (r2.status, r2.body)
+        r3 = _probe.request_retry(
+            {"proto": "h3", "host": addr, "port": https, "path": "/_gwhealthz"}
+        )
+        assert r3.alpn == "h3", r3.alpn
+        assert (r3.status, r3.body.strip()) == (200, b"OK"), (r3.status, r3.body)
+        for r in (r1, r2, r3):
+            alt = r.header("alt-svc") or ""
+            m = re.search(r'h3="[^"]*:(\d+)"', alt)
+            assert m and int(m.group(1)) == https, (
+                f"Alt-Svc {alt!r} should advertise h3 on :{https}"
+            )
+        # the page through the proxy over HTTP/3 reaches the backend
+        r4 = _probe.request_retry({"proto": "h3", "host": addr, "port": https, "path": BENIGN_PATH})
+        assert r4.status == 200 and BACKEND_MARK.encode() in r4.body, (r4.status, r4.body[:300])
+
+
+def test_service_http3(release: Release) -> None:
+    """With a Service, HTTP/3 (and HTTP/1.1, HTTPS) reach the pods through it."""
+    release.need_rollout()
+    prof = release.profile
+    if not prof.service:
+        pytest.skip("profile has no proxy Service")
+    svc = next(
+        s
+        for s in release.kube.items("services", release.ns, release.label())
+        if s["metadata"]["labels"].get("app.kubernetes.io/component") not in ("waf", "metrics")
+        and s["spec"].get("clusterIP") != "None"
+    )
+    name = f"{svc['metadata']['name']}.{release.ns}.svc.cluster.local"
+    http, https = prof.service_ports
+    progress(
+        f"[{prof.name}] HTTP/3 through Service {svc['metadata']['name']} "
+        f"({svc['spec']['clusterIP']}) from a pod"
+    )
+    res = release.probe_in_cluster(
+        [
+            {"proto": "h3", "host": name, "port": https, "path": "/_gwhealthz", "retry": 30},
+            {
+                "proto": "h3",
+                "host": svc["spec"]["clusterIP"],
+                "port": https,
+                "path": BENIGN_PATH,
+                "retry": 30,
+            },
+            {"proto": "http", "host": name, "port": http, "path": "/_gwhealthz", "retry": 30},
+            {"proto": "https", "host": name, "port": https, "path": "/_gwhealthz", "retry": 30},
+        ]
+    )
+    for r in res:
+        assert r["ok"], r
+    assert res[0]["alpn"] == "h3" and res[0]["status"] == 200 and res[0]["body"].strip() == "OK", (
+        res[0]
+    )
+    assert res[1]["status"] == 200 and BACKEND_MARK in res[1]["body"], res[1]
+    assert res[2]["status"] == 200 and res[3]["status"] == 200, res[2:]
+    for r in (res[0], res[3]):  # Alt-Svc advertises the Service's HTTP/3 port
+        alt = dict((k.lower(), v) for k, v in r["headers"]).get("alt-svc", "")
+        m = re.search(r'h3="[^"]*:(\d+)"', alt)
+        assert m and int(m.group(1)) == https, f"Alt-Svc {alt!r} should advertise h3 on :{https}"
+
+
+def test_waf(release: Release) -> None:
+    """waf.enabled: an SQL injection is blocked by the WAF service, a benign request reaches
+    the backend.  WAF disabled: both reach the backend and no WAF runs."""
+    release.need_rollout()
+    prof = release.profile
+    specs = []
+    if prof.host_ports:
+        addr = release.provider.host_port_address(release.node_ip(release.real_nodes()[0]))
+        http, https = prof.host_ports
+        where = f"node host ports ({addr})"
+        run = lambda s: [_probe_local(x) for x in s]  # noqa: E731
+    else:
+        svc = next(
+            s
+            for s in release.kube.items("services", release.ns, release.label())
+            if s["metadata"]["labels"].get("app.kubernetes.io/component") not in ("waf", "metrics")
+            and s["spec"].get("clusterIP") != "None"
+        )
+        addr = f"{svc['metadata']['name']}.{release.ns}.svc.cluster.local"
+        http, https = prof.service_ports
+        where = f"Service {addr}"
+        run = release.probe_in_cluster
+    for proto, port in (("h3", https), ("https", https)):  # plain http redirects to https
+        specs.append({"proto": proto, "host": addr, "port": port, "path": SQLI_PATH, "retry": 20})
+        specs.append({"proto": proto, "host": addr, "port": port, "path": BENIGN_PATH, "retry": 20})
+    progress(f"[{prof.name}] WAF check through {where}")
+    before = _waf_counters(release) if prof.waf else {}
+    res = run(specs)
+    for r in res:
+        assert r["ok"], r
+    sqli, benign = res[0::2], res[1::2]
+    for r in benign:
+        assert r["status"] == 200 and BACKEND_MARK in r["body"], r
+    if prof.waf:
+        for r in sqli:
+            assert r["status"] == 403 and BACKEND_MARK not in r["body"], r
+        # and it is the deployed WAF service that decided: its own counters moved
+        after = _waf_counters(release)
+        blocked = after["waf_requests_blocked_total"] - before["waf_requests_blocked_total"]
+        evaluated = after["waf_requests_evaluated_total"] - before["waf_requests_evaluated_total"]
+        assert blocked >= len(sqli), f"WAF service blocked {blocked}, expected >= {len(sqli)}"
+        assert evaluated >= len(res), f"WAF service evaluated {evaluated} of {len(res)} requests"
+    else:
+        for r in sqli:
+            assert r["status"] == 200 and BACKEND_MARK in r["body"], r
+
+
+WAF_METRICS = (
+    "import os, urllib.request; print(urllib.request.urlopen("
+    "'http://127.0.0.1:%s/metrics' % os.environ.get('WAF_PORT', '9000'), timeout=10)"
+    ".read().decode())"
+)
+
+
+def _waf_counters(release: Release) -> dict[str, float]:
+    """Sum of the WAF service's counters over its pods (read inside each pod)."""
+    totals = {"waf_requests_blocked_total": 0.0, "waf_requests_evaluated_total": 0.0}
+    pods = [
+        p
+        for p in release.kube.items("pods", release.ns, release.label())
+        if p["metadata"]["labels"].get("app.kubernetes.io/component") == "waf"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+    assert pods, "no WAF service pods"
+    port = str(release.merged_values().get("waf", {}).get("containerPort", 9000))
+    for p in pods:
+        out = release.kube.kubectl(
+            "exec",
+            "-n",
+            release.ns,
+            p["metadata"]["name"],
+            "--",
+            "env",
+            f"WAF_PORT={port}",
+            "python3",
+            "-c",
+            WAF_METRICS,
+        )
+        for line in out.splitlines():
+            name, _, value = line.partition(" ")
+            if name in totals:
+                totals[name] += float(value)
+    return totals
+
+
+def _probe_local(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        r = _probe.request_retry(spec, float(spec.get("retry", 0)))
+        return {
+            "ok": True,
+            "status": r.status,
+            "headers": r.headers,
+            "body": r.body.decode("utf-8", "replace"),
+            "alpn": r.alpn,
+        }
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _expected_nodes(release: Release) -> set[str]:
+    values = release.merged_values()
+    sel = values.get("nodeSelector") or {}
+    tol = values.get("tolerations") or []
+    return {
+        n["metadata"]["name"] for n in release.kube.items("nodes") if node_selected(n, sel, tol)
+    }
+
+
+def _ds_pods_by_node(release: Release) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for p in release.proxy_pods():
+        out.setdefault(p["spec"].get("nodeName") or "<unscheduled>", []).append(p)
+    return out
+
+
+def test_daemonset_placement(release: Release) -> None:
+    """Exactly one proxy pod per selected node; nodes without the selector label or with an
+    untolerated taint get none (real node plus kwok fake nodes)."""
+    release.need_rollout()
+    prof, k = release.profile, release.kube
+    if prof.kind != "DaemonSet":
+        pytest.skip("Deployment mode")
+    if release.provider.supports_fake_nodes:
+        for name, labels, taints in FAKE_NODES:
+            node = {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {
+                        "kwok.x-k8s.io/node": "fake",
+                        "node.alpha.kubernetes.io/ttl": "0",
+                    },
+                    "labels": {
+                        "kubernetes.io/hostname": name,
+                        "kubernetes.io/os": "linux",
+                        "kubernetes.io/arch": "amd64",
+                        "type": "kwok",
+                        **labels,
+                    },
+                },
+                "spec": {"unschedulable": True, "taints": taints},
+                "status": {
+                    "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                    "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                },
+            }
+            k.apply(json.dumps(node))
+            release.fake_nodes.append(name)
+        k.wait_until(
+            "kwok nodes Ready",
+            lambda: all(
+                any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in k.get("node", n)["status"].get("conditions", [])
+                )
+                for n in release.fake_nodes
+            ),
+            timeout=60,
+        )
+    expected = _expected_nodes(release)
+    progress(f"[{prof.name}] placement: expecting proxy pods on {sorted(expected)}")
+
+    def placed() -> bool:
+        by_node = _ds_pods_by_node(release)
+        return set(by_node) == expected and all(
+            len(v) == 1 and pod_ready(v[0]) for v in by_node.values()
+        )
+
+    try:
+        k.wait_until("DaemonSet placement", placed, timeout=120)
+    except TimeoutError:
+        by_node = {
+            n: [p["metadata"]["name"] for p in v] for n, v in _ds_pods_by_node(release).items()
+        }
+        pytest.fail(f"pods per node {by_node}, expected exactly one on each of {sorted(expected)}")
+    if release.provider.supports_fake_nodes:
+        got = set(_ds_pods_by_node(release))
+        assert "kwok-untolerated" not in got
+        assert ("kwok-plain" in got) == (not (release.merged_values().get("nodeSelector") or {}))
+
+
+def test_daemonset_rolling_update(release: Release) -> None:
+    """A rolling update of the DaemonSet never has more than maxUnavailable nodes without a
+    Ready proxy pod, and ends with every selected node on the new revision."""
+    release.need_rollout()
+    prof, k = release.profile, release.kube
+    if prof.kind != "DaemonSet":
+        pytest.skip("Deployment mode")
+    try:
+        ds = release.workload()
+        max_unavail = ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"]
+        expected = _expected_nodes(release)
+        if isinstance(max_unavail, str) and max_unavail.endswith("%"):
+            import math
+
+            max_unavail = max(1, math.floor(len(expected) * int(max_unavail[:-1]) / 100))
+        old_gen = ds["metadata"]["generation"]
+        progress(
+            f"[{prof.name}] rolling update over {len(expected)} node(s), "
+            f"maxUnavailable={max_unavail}"
+        )
+        k.kubectl("rollout", "restart", f"daemonset/{ds['metadata']['name']}", "-n", release.ns)
+        worst, deadline = 0, time.monotonic() + 300
+        while True:
+            d = k.get("daemonset", ds["metadata"]["name"], "-n", release.ns)
+            st = d.get("status", {})
+            by_node = _ds_pods_by_node(release)
+            ready_nodes = {n for n, ps in by_node.items() if any(pod_ready(p) for p in ps)}
+            unavailable = len(expected - ready_nodes)
+            worst = max(worst, unavailable, st.get("numberUnavailable", 0))
+            assert worst <= max_unavail, (
+                f"{worst} nodes without a Ready proxy (maxUnavailable {max_unavail})"
+            )
+            if (
+                d["metadata"]["generation"] > old_gen
+                and st.get("observedGeneration", 0) >= d["metadata"]["generation"]
+                and st.get("updatedNumberScheduled", 0) == len(expected)
+                and st.get("numberReady", 0) == len(expected)
+                and unavailable == 0
+            ):
+                break
+            assert time.monotonic() < deadline, f"rolling update did not finish: {st}"
+            time.sleep(0.3)
+        progress(f"[{prof.name}] rolling update done; worst unavailable {worst}")
+    finally:
+        release.delete_fake_nodes()
+
+
+def test_helm_test(release: Release) -> None:
+    """`helm test` passes."""
+    release.need_rollout()
+    progress(f"[{release.profile.name}] helm test")
+    r = release.kube.helm("test", release.name, "-n", release.ns, "--timeout", "3m", check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_uninstall_leaves_nothing(release: Release) -> None:
+    """`helm uninstall` removes every object of the release, namespaced and cluster-wide,
+    and frees the host ports."""
+    k = release.kube
+    release.delete_fake_nodes()
+    progress(f"[{release.profile.name}] helm uninstall")
+    r = k.helm(
+        "uninstall", release.name, "-n", release.ns, "--wait", "--timeout", "5m", check=False
+    )
+    assert r.returncode == 0, r.stderr
+    release.installed = False
+    assert release.name not in k.helm("list", "-n", release.ns, "-q").stdout.split()
+    kinds = [
+        x
+        for x in k.kubectl("api-resources", "--verbs=list", "-o", "name").split()
+        if x.split(".")[0] not in ("events", "componentstatuses", "bindings")
+    ]
+    k.wait_until(
+        "release pods gone", lambda: not k.items("pods", release.ns, release.label()), timeout=120
+    )
+    left = k.kubectl("get", ",".join(kinds), "-A", "-l", release.label(), "-o", "name", check=False)
+    assert not left.strip(), f"left behind after helm uninstall:\n{left}"
+    if release.profile.host_ports:
+        addr = release.provider.host_port_address(release.node_ip(release.real_nodes()[0]))
+        for port in release.profile.host_ports:
+
+            def refused(port: int = port) -> bool:
+                try:
+                    _probe.http_request(addr, port, "/_gwhealthz", timeout=2)
+                    return False
+                except OSError:
+                    return True
+
+            k.wait_until(f"host port {port} freed", refused, timeout=60)

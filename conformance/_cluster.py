@@ -157,6 +157,15 @@ nodes:
 HOST_PORTS = [(80, "TCP"), (443, "TCP"), (443, "UDP"), (8080, "TCP"), (8443, "TCP"), (8443, "UDP")]
 
 
+def _docker_tool_missing(tool: str) -> str | None:
+    """Why a Docker-based cluster tool (kind, k3d) cannot run here, or None."""
+    if not shutil.which(tool):
+        return f"{tool} not installed"
+    if not _ok(["docker", "info"]):
+        return f"{tool} needs a running Docker engine"
+    return None
+
+
 class KindProvider(Provider):
     """kind cluster; host ports reach the node through extraPortMappings on 127.0.0.1."""
 
@@ -167,11 +176,7 @@ class KindProvider(Provider):
         self.kubeconfig = str(Path(tempfile.gettempdir()) / f"{self.cluster}.kubeconfig")
 
     def usable(self) -> str | None:
-        if not shutil.which("kind"):
-            return "kind not installed"
-        if not _ok(["docker", "info"]):
-            return "kind needs a running Docker engine"
-        return None
+        return _docker_tool_missing("kind")
 
     def up(self, progress: Progress) -> None:
         existing = subprocess.run(
@@ -229,11 +234,7 @@ class K3dProvider(Provider):
         self.kubeconfig = str(Path(tempfile.gettempdir()) / f"k3d-{self.cluster}.kubeconfig")
 
     def usable(self) -> str | None:
-        if not shutil.which("k3d"):
-            return "k3d not installed"
-        if not _ok(["docker", "info"]):
-            return "k3d needs a running Docker engine"
-        return None
+        return _docker_tool_missing("k3d")
 
     def up(self, progress: Progress) -> None:
         listing = subprocess.run(

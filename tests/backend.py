@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -64,7 +65,7 @@ class Backend:
                 event = await next_event()
                 if not isinstance(event, h11.Request):
                     break
-                await self._serve(event, next_event, send)
+                await self._serve(event, next_event, send, writer)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
                 conn.start_next_cycle()
@@ -73,7 +74,7 @@ class Backend:
         finally:
             writer.close()
 
-    async def _serve(self, req: h11.Request, next_event, send) -> None:  # type: ignore[no-untyped-def]
+    async def _serve(self, req: h11.Request, next_event, send, writer) -> None:  # type: ignore[no-untyped-def]
         target = req.target.decode()
         headers = [(k.decode().lower(), v.decode()) for k, v in req.headers]
         self.requests.append((req.method.decode(), target, headers))
@@ -120,6 +121,8 @@ class Backend:
             await send(h11.EndOfMessage())
             return
         if path == "/stall":  # wait before reading the request body at all
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # little kernel slack
             await asyncio.sleep(float(query.get("s", ["1"])[0]))
         digest = hashlib.sha256()
         size = 0

@@ -149,7 +149,7 @@ async def test_h3_upload_to_a_stalled_backend_stays_within_the_stream_window(pro
     watcher = asyncio.ensure_future(watch())
     try:
         async with h3(proxy, certs) as client:
-            resp = await client.request("POST", "/stall?s=2", [], data)
+            resp = await client.request("POST", "/stall?s=4", [], data)
     finally:
         watcher.cancel()
     assert resp.status == 200

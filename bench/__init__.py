@@ -1,0 +1,1 @@
+"""Benchmark harness: quicproxy side by side with Caddy and the bare backend."""

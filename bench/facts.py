@@ -1,0 +1,72 @@
+"""Machine facts printed with every result: cores, CPU, memory, tool versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+
+def _cmd(*args: str) -> str:
+    try:
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        return (r.stdout or r.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "not found"
+
+
+def _grep(path: str, prefix: str) -> str:
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(prefix):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def _pkg(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine(oha: str, qp: list[str] | None) -> dict[str, str]:
+    repo = Path(__file__).resolve().parent.parent
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
+        "cpu": _grep("/proc/cpuinfo", "model name"),
+        "memory": _grep("/proc/meminfo", "MemTotal"),
+        "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "kernel": platform.release(),
+        "os": _os(),
+        "python": platform.python_version(),
+        "oha": _cmd(oha, "--version"),
+        "caddy": _cmd("caddy", "version"),
+        "go (backend)": _cmd("go" if _has("go") else "/usr/local/go/bin/go", "version"),
+        "aioquic": _pkg("aioquic"),
+        "quicproxy": (
+            f"{_pkg('quic-proxy-waf')} @ {_cmd('git', '-C', str(repo), 'rev-parse', 'HEAD')[:10]}"
+            if qp
+            else "not available (no `quicproxy serve`): quicproxy targets skipped"
+        ),
+    }
+
+
+def _has(exe: str) -> bool:
+    return any((Path(d) / exe).exists() for d in os.environ.get("PATH", "").split(":") if d)
+
+
+def _os() -> str:
+    try:
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                return line.split("=", 1)[1].strip('"')
+    except OSError:
+        pass
+    return platform.platform()

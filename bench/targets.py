@@ -1,0 +1,301 @@
+"""Start and stop the backend and each target (Caddy, quicproxy variants) on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+# Clients use this name (resolved to HOST, oha runs with --ipv4): SNI and Host are a name, as in
+# production; a numeric Host header trips CRS rule 920350 and would log on every WAF request.
+NAME = "localhost"
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Target:
+    """One thing under load. `urls[proto]` is the base URL for that protocol."""
+
+    name: str
+    kind: str  # "direct" | "caddy" | "quicproxy"
+    workers: int = 1
+    waf: str = "off"
+    urls: dict[str, str] = field(default_factory=dict)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.procs[0].pid
+
+    @property
+    def protocols(self) -> tuple[str, ...]:
+        return tuple(self.urls)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on TCP and UDP both (https listeners use the same number for
+    QUIC). All n are held while picking, so one call never returns the same port twice."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        for _ in range(50 * n):
+            if len(ports) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            held.append(s)
+            port = s.getsockname()[1]
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                u.bind((HOST, port))
+            except OSError:
+                u.close()
+                continue
+            held.append(u)
+            ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    if len(ports) < n:
+        raise RuntimeError("no free ports")
+    return ports
+
+
+def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "ab")  # noqa: SIM115 - lives as long as the process
+    return subprocess.Popen(
+        cmd,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+    )
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group we started, then SIGKILL what is left after 5 s."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+def wait_http(url: str, procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Poll url until it answers 200; fail early if a process died."""
+    ctx = ssl._create_unverified_context()
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args[0]} exited with {p.returncode} (see logs)")
+        try:
+            with urllib.request.urlopen(url, timeout=2, context=ctx) as r:
+                if r.status == 200:
+                    return
+        except Exception as e:  # noqa: BLE001 - keep polling until the deadline
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f}s: {last}")
+
+
+def wait_tcp(port: int, procs: list[subprocess.Popen], timeout: float = 30.0) -> None:
+    """Poll until something accepts TCP connections on HOST:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"{procs[0].args[0]} exited early (see logs)")
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout:.0f}s")
+
+
+def proc_tree_rss_kib(pid: int) -> int:
+    """VmRSS of pid plus all its descendants (worker processes), in KiB."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def quicproxy_cmd() -> list[str] | None:
+    """How to run `quicproxy`, or None if its `serve` command is not there yet."""
+    exe = Path(sys.executable).parent / "quicproxy"
+    cmd = [str(exe)] if exe.exists() else ([w] if (w := shutil.which("quicproxy")) else None)
+    if cmd is None:
+        return None
+    try:
+        r = subprocess.run(cmd + ["serve", "--help"], capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return cmd if r.returncode == 0 else None
+
+
+class Lab:
+    """The shared pieces: certificate, backend, logs. Targets are started one at a time."""
+
+    def __init__(self, workdir: Path, cert: Path, key: Path, backend_bin: Path) -> None:
+        self.workdir, self.cert, self.key = workdir, cert, key
+        self.logs = workdir / "logs"
+        (self.backend_port,) = free_ports(1)
+        self.backend_url = f"http://{HOST}:{self.backend_port}"
+        self.backend = _spawn(
+            [str(backend_bin), "-addr", f"{HOST}:{self.backend_port}"], self.logs / "backend.log"
+        )
+        wait_http(self.backend_url + "/_gwhealthz", [self.backend])
+        self.qp = quicproxy_cmd()
+
+    def close(self) -> None:
+        stop([self.backend])
+
+    def plan(self, workers: int) -> list[Target]:
+        """Every target, in run order; quicproxy ones only when `quicproxy serve` exists."""
+        ts = [
+            Target("direct", "direct", note="plain HTTP backend: h1 only"),
+            Target("caddy", "caddy", workers=0, note="Caddy reverse_proxy, Go, all cores"),
+        ]
+        if self.qp:
+            ts += [
+                Target("qp-1w", "quicproxy", 1, "off"),
+                Target(f"qp-{workers}w", "quicproxy", workers, "off"),
+                Target("qp-waf-inline", "quicproxy", 1, "inline"),
+                Target("qp-waf-service", "quicproxy", 1, "service"),
+            ]
+        return ts
+
+    def start(self, t: Target) -> None:
+        if t.kind == "direct":
+            t.urls = {"h1": f"http://{NAME}:{self.backend_port}"}
+            return
+        port, http_port, waf_port = free_ports(3)
+        base = f"https://{NAME}:{port}"
+        if t.kind == "caddy":
+            t.procs = [self._caddy(port, http_port)]
+            wait_http(base + "/_gwhealthz", t.procs)
+        else:
+            t.procs = self._quicproxy(t, port, http_port, waf_port)
+            wait_http(base + "/_gwhealthz", t.procs)
+        t.urls = {"h1": base, "h2": base, "h3": base}
+
+    def stop(self, t: Target) -> None:
+        stop(list(reversed(t.procs)))
+        t.procs = []
+
+    def _caddy(self, port: int, http_port: int) -> subprocess.Popen:
+        conf = self.workdir / "Caddyfile"
+        conf.write_text(
+            "{\n\tadmin off\n\tauto_https disable_redirects\n"
+            f"\thttp_port {http_port}\n\thttps_port {port}\n\tdefault_sni localhost\n"
+            "\tservers {\n\t\tprotocols h1 h2 h3\n\t}\n}\n"
+            f"https://{HOST}:{port}, https://localhost:{port} {{\n\tbind {HOST}\n"
+            f"\ttls {self.cert} {self.key}\n\treverse_proxy {HOST}:{self.backend_port}\n}}\n"
+        )
+        env = {
+            "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
+            "XDG_DATA_HOME": str(self.workdir / "xdg"),
+        }
+        cmd = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+        return _spawn(cmd, self.logs / "caddy.log", env)
+
+    def _quicproxy(
+        self, t: Target, port: int, http_port: int, waf_port: int
+    ) -> list[subprocess.Popen]:
+        assert self.qp
+        procs: list[subprocess.Popen] = []
+        cmd = self.qp + [
+            "serve",
+            "--backend",
+            self.backend_url,
+            "--host",
+            HOST,
+            "--http-port",
+            str(http_port),
+            "--https-port",
+            str(port),
+            "--cert",
+            str(self.cert),
+            "--key",
+            str(self.key),
+            "--workers",
+            str(t.workers),
+            "--waf",
+            t.waf,
+            "--log-level",
+            "warning",
+        ]
+        if t.waf == "service":
+            waf = _spawn(
+                self.qp + ["waf", "serve", "--host", HOST, "--port", str(waf_port)],
+                self.logs / f"{t.name}-waf.log",
+            )
+            wait_tcp(waf_port, [waf])
+            cmd += ["--waf-url", f"http://{HOST}:{waf_port}"]
+            procs.append(_spawn(cmd, self.logs / f"{t.name}.log"))
+            procs.append(waf)  # procs[0] is the proxy: its tree is what RSS measures
+        else:
+            procs.append(_spawn(cmd, self.logs / f"{t.name}.log"))
+        return procs
+
+
+def build_backend(out: Path) -> Path:
+    """Compile bench/backend/main.go (stdlib only) with the local Go toolchain."""
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
+    if go is None:
+        raise RuntimeError("Go toolchain not found: the bare backend is built with `go build`")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    src = HERE / "backend" / "main.go"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        subprocess.run(
+            [go, "build", "-o", str(out), str(src)],
+            check=True,
+            timeout=300,
+            env={**os.environ, "GO111MODULE": "off", "CGO_ENABLED": "0"},
+        )
+    return out

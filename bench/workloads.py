@@ -1,0 +1,366 @@
+"""The workloads. Each returns {figure_key: value}; oha is the load generator everywhere.
+
+How oha is driven (same for every target and protocol): oha 1.16.0 on HTTP/3 waits for the
+server to close each connection after its GOAWAY, i.e. for the QUIC idle timeout (30 s) before
+it prints anything. So every run uses oha's rate-limited path (`-q`), which prints the results
+it has on SIGINT, with `--output-format csv` (one row per completed request: start, connect
+time, duration, bytes, status). The harness sends SIGINT after the measured window and counts
+only requests that completed inside it. For the request-rate tests the rate cap (`max_rate`) is
+far above what any target reaches here, so oha runs closed-loop at the given concurrency.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from bench.targets import HOST, NAME, Target, proc_tree_rss_kib
+
+OHA_VERSION = "1.16.0"
+MIB = 1024 * 1024
+BIG = 10 * MIB  # the "10 MB" body: backend /10m and the upload size
+
+
+@dataclass
+class Settings:
+    duration: float = 8.0  # seconds per measurement window
+    conc: int = 64  # connections for the 1 KiB request-rate test
+    max_rate: float = 100_000.0  # oha -q cap for "as fast as possible" runs
+    rate: float = 100.0  # requests/s for the latency test, below every target's saturation
+    lat_conc: int = 16
+    big_protos: tuple[str, ...] = ("h2", "h3")
+    lat_protos: tuple[str, ...] = ("h1", "h2", "h3")
+    burst: int = 64  # simultaneous new h3 connections in the handshake test
+    idle_conns: int = 1000
+    warm: float = 1.0  # seconds of warm-up per protocol (and settle time after idle memory)
+    aioquic_upload: bool = True  # the h3 upload row by aioquic's client (see upload_aioquic)
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            duration=2.0,
+            big_protos=("h3",),
+            lat_protos=("h3",),
+            idle_conns=100,
+            warm=0.5,
+            aioquic_upload=False,
+        )
+
+
+@dataclass
+class Figure:
+    key: str  # "<workload>/<proto>"
+    label: str
+    unit: str
+    better: str  # "higher" | "lower"
+
+
+FIGURES = {
+    f.key: f
+    for f in [
+        *(
+            Figure(f"rps_1k/{p}", f"1 KiB req/s, c=64, {p}", "req/s", "higher")
+            for p in ("h1", "h2", "h3")
+        ),
+        *(
+            Figure(f"lat_{q}/{p}", f"latency {q} at fixed rate, {p}", "ms", "lower")
+            for p in ("h1", "h2", "h3")
+            for q in ("p50", "p99")
+        ),
+        *(
+            Figure(f"{w}_10m/{p}", f"10 MiB {name}, 1 stream, {p}", "MiB/s", "higher")
+            for w, name in (("dl", "download"), ("ul", "upload"))
+            for p in ("h1", "h2", "h3")
+        ),
+        Figure("ul_10m_aq/h3", "10 MiB upload, 1 stream, h3, aioquic client", "MiB/s", "higher"),
+        Figure("handshake/h3", "new h3 connections/s", "conn/s", "higher"),
+        Figure("handshake_slow/h3", "new h3 connections slower than 0.5 s", "%", "lower"),
+        Figure("rss_base/h3", "RSS at start", "MiB", "lower"),
+        Figure("rss_idle/h3", "RSS with idle h3 conns", "MiB", "lower"),
+        Figure("rss_per_conn/h3", "RSS per idle h3 conn", "KiB", "lower"),
+        *(
+            Figure(f"waf_{q}/h3", f"latency the WAF adds, {q}, h3", "ms", "lower")
+            for q in ("p50", "p99")
+        ),
+    ]
+}
+
+
+class Row(NamedTuple):
+    start: float  # seconds since oha started
+    dialup: float  # DNS + connect (+ TLS/QUIC handshake) of the request's connection
+    duration: float  # latency (corrected for coordinated omission with --latency-correction)
+    nbytes: int
+    status: int
+
+    @property
+    def end(self) -> float:
+        return self.start + self.duration
+
+
+def find_oha() -> str:
+    for c in (os.environ.get("OHA"), shutil.which("oha"), str(Path.home() / ".cargo/bin/oha")):
+        if c and Path(c).exists():
+            return c
+    raise RuntimeError(
+        f"oha not found: cargo install --locked --features http3 oha --version {OHA_VERSION}"
+    )
+
+
+class Oha:
+    def __init__(self, exe: str, workdir: Path) -> None:
+        self.exe, self.workdir = exe, workdir
+        self.body = workdir / "upload-10m.bin"
+        if not self.body.exists() or self.body.stat().st_size != BIG:
+            self.body.write_bytes(os.urandom(BIG))
+
+    def run(
+        self,
+        url: str,
+        proto: str,
+        *,
+        conc: int,
+        rate: float,
+        seconds: float,
+        n: int | None = None,
+        correct: bool = False,
+        upload: bool = False,
+        grace: float = 0.5,
+    ) -> list[Row]:
+        """One oha process: `-z seconds` (or `-n n`), SIGINT at seconds + grace; its CSV rows."""
+        version = {"h1": "1.1", "h2": "2", "h3": "3"}[proto]
+        cmd = [self.exe, "--no-tui", "--output-format", "csv", "--insecure", "--ipv4"]
+        cmd += ["--http-version", version, "-c", str(conc), "-q", str(rate), "-t", "30s"]
+        cmd += ["-n", str(n)] if n else ["-z", f"{seconds}s"]
+        if correct:
+            cmd.append("--latency-correction")
+        if upload:
+            cmd += ["-m", "POST", "-D", str(self.body), "-T", "application/octet-stream"]
+        with tempfile.TemporaryFile("w+", dir=self.workdir) as out:
+            p = subprocess.Popen(cmd + [url], stdout=out, stderr=subprocess.PIPE, text=True)
+            try:
+                try:
+                    p.wait(timeout=seconds + grace)
+                except subprocess.TimeoutExpired:
+                    p.send_signal(signal.SIGINT)  # oha prints what it has and exits
+                _, err = p.communicate(timeout=30)
+            except BaseException:  # also when the harness itself is stopped
+                p.kill()
+                p.wait()
+                raise
+            if p.returncode != 0:
+                raise RuntimeError(f"oha failed ({p.returncode}): {err.strip()[-300:]}")
+            out.seek(0)
+            return [
+                Row(float(r[0]), float(r[2]), float(r[4]), int(r[5]), int(r[6]))
+                for r in csv.reader(out)
+                if r and r[0] != "request-start"
+            ]
+
+
+def _ok(rows: list[Row], what: str, window: float | None = None) -> list[Row]:
+    """2xx rows (completed within the window, if given); fail on none or >1 % non-2xx."""
+    if window is not None:
+        rows = [r for r in rows if r.end <= window]
+    good = [r for r in rows if 200 <= r.status < 300]
+    if not rows:
+        raise RuntimeError(f"{what}: no request completed (oha: errors only, or none in time)")
+    if not good or len(rows) - len(good) > 0.01 * len(rows):
+        codes = sorted({r.status for r in rows})
+        raise RuntimeError(f"{what}: {len(good)} ok of {len(rows)} (statuses {codes})")
+    return good
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1]
+
+
+def warmup(oha: Oha, t: Target, s: Settings) -> list[str]:
+    """A short light load per protocol (up to 3 tries, e.g. while the target is still
+    closing the idle-memory test's connections); returns the protocols that work."""
+    good = []
+    for proto, base in t.urls.items():
+        err: Exception | None = None
+        for _ in range(3):
+            try:
+                rows = oha.run(base + "/1k", proto, conc=4, rate=400, seconds=s.warm)
+                _ok(rows, f"warmup {proto}")
+                good.append(proto)
+                break
+            except Exception as e:  # noqa: BLE001 - retried, then reported
+                err = e
+        else:
+            print(f"    ! {t.name} {proto}: {err}", flush=True)
+    return good
+
+
+def rps_1k(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
+    rows = oha.run(t.urls[proto] + "/1k", proto, conc=s.conc, rate=s.max_rate, seconds=s.duration)
+    got = len(_ok(rows, "rps_1k", s.duration)) / s.duration
+    if got > 0.8 * s.max_rate:
+        print(f"    ! rps_1k/{proto} is near the oha rate cap {s.max_rate:.0f}", flush=True)
+    return {f"rps_1k/{proto}": got}
+
+
+def latency(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
+    rows = oha.run(
+        t.urls[proto] + "/1k",
+        proto,
+        conc=s.lat_conc,
+        rate=s.rate,
+        seconds=s.duration,
+        correct=True,
+    )
+    lat = [r.duration * 1000 for r in _ok(rows, "latency", s.duration)]
+    return {f"lat_p50/{proto}": _pct(lat, 50), f"lat_p99/{proto}": _pct(lat, 99)}
+
+
+def _transfer(oha: Oha, t: Target, proto: str, s: Settings, up: bool) -> float:
+    """One stream (c=1), back-to-back 10 MiB transfers for the window; every transfer that
+    completes (the last may end up to 5 s late) counts with its own time: MiB / seconds."""
+    path = "/up" if up else "/10m"
+    rows = oha.run(
+        t.urls[proto] + path,
+        proto,
+        conc=1,
+        rate=s.max_rate,
+        seconds=s.duration,
+        upload=up,
+        grace=5.0,
+    )
+    got = _ok(rows, "upload" if up else "download")
+    if not up and any(r.nbytes != BIG for r in got):
+        raise RuntimeError("download: short body")
+    return len(got) * BIG / sum(r.duration for r in got) / MIB
+
+
+def download(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
+    return {f"dl_10m/{proto}": _transfer(oha, t, proto, s, up=False)}
+
+
+def upload(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
+    return {f"ul_10m/{proto}": _transfer(oha, t, proto, s, up=True)}
+
+
+def upload_aioquic(t: Target, s: Settings) -> dict[str, float]:
+    """h3 upload with aioquic's client (bench/h3_upload.py, separate process): oha 1.16's h3
+    uploads of 1 MB and more get reset by Caddy 2.6 (H3_NO_ERROR), aioquic's are not. The
+    Python client tops out near 7 MiB/s here, so this row is client-bound for fast targets."""
+    port = t.urls["h3"].rsplit(":", 1)[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.h3_upload", HOST, port, NAME, str(s.duration)],
+        capture_output=True,
+        text=True,
+        timeout=s.duration + 90,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    done, spent = (r.stdout.split() + ["0", "0"])[:2] if r.returncode == 0 else ("0", "0")
+    if int(done) == 0:
+        raise RuntimeError(f"aioquic upload: none completed {r.stderr.strip()[-200:]}")
+    return {"ul_10m_aq/h3": int(done) * BIG / float(spent) / MIB}
+
+
+def handshake(oha: Oha, t: Target, s: Settings) -> dict[str, float]:
+    """New h3 connections/s. oha ignores --disable-keepalive on h3, so: `-n K -c K` to /slow
+    (the backend holds each request 1 s): the K connections start at once and each carries
+    exactly one request, so each row's dialup time is when its handshake finished.
+    Rate = K/2 / time until half of them were up. A lost Initial costs a ~1 s PTO, so the
+    share of connections slower than 0.5 s is reported beside it."""
+    rows = oha.run(
+        t.urls["h3"] + "/slow", "h3", conc=s.burst, rate=s.max_rate, seconds=3.0, n=s.burst
+    )
+    got = _ok(rows, "handshake")
+    conns = sorted({r.dialup for r in got})  # one distinct dialup time per connection
+    half = s.burst // 2
+    if len(conns) < half:
+        raise RuntimeError(f"handshake: {len(conns)}/{s.burst} connections in time")
+    slow = s.burst - sum(1 for c in conns if c <= 0.5)
+    return {"handshake/h3": half / conns[half - 1], "handshake_slow/h3": 100 * slow / s.burst}
+
+
+def idle_memory(t: Target, s: Settings) -> dict[str, float]:
+    """RSS of the target's process tree before and with N idle h3 connections (aioquic client
+    in a separate process)."""
+    base = proc_tree_rss_kib(t.pid)
+    port = t.urls["h3"].rsplit(":", 1)[1]
+    client = subprocess.Popen(
+        [sys.executable, "-m", "bench.idle_h3", HOST, port, str(s.idle_conns), "300", NAME],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert client.stdout and client.stdin
+        line = client.stdout.readline().split()  # "READY ok failed"; bounded by the hold time
+        if len(line) != 3 or line[0] != "READY":
+            raise RuntimeError("idle h3 client did not report READY")
+        ok = int(line[1])
+        if ok < 0.99 * s.idle_conns:
+            raise RuntimeError(f"only {ok}/{s.idle_conns} idle h3 connections opened")
+        time.sleep(1.0)
+        idle = proc_tree_rss_kib(t.pid)
+        client.stdin.close()
+        client.wait(timeout=30)
+        time.sleep(2 * s.warm)  # let the target finish closing them before the next workload
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    return {
+        "rss_base/h3": base / 1024,
+        "rss_idle/h3": idle / 1024,
+        "rss_per_conn/h3": (idle - base) / ok,
+    }
+
+
+def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
+    """Every workload that applies to this target; memory first, on a fresh process.
+    Returns {figure_key: value, "_failed": {figure_key: reason}}."""
+    res: dict = {"_failed": {}}
+
+    def step(name: str, keys: list[str], fn, *args) -> None:
+        t0 = time.monotonic()
+        try:
+            got = fn(*args)
+        except Exception as e:  # noqa: BLE001 - one failed figure must not end the run
+            log(f"    {name:<14} FAILED: {str(e)[:200]}")
+            res["_failed"].update({k: str(e)[:200] for k in keys})
+            return
+        res.update(got)
+        shown = ", ".join(f"{k.split('/')[0]}={v:.1f}" for k, v in got.items())
+        log(f"    {name:<14} {shown}  ({time.monotonic() - t0:.0f}s)")
+
+    full = t.waf == "off"  # WAF targets: request rate and latency only
+    if full and "h3" in t.urls:
+        keys = ["rss_base/h3", "rss_idle/h3", "rss_per_conn/h3"]
+        step("idle h3 mem", keys, idle_memory, t, s)
+    protos = warmup(oha, t, s)
+    for p in t.urls:
+        if p not in protos:
+            res["_failed"][f"rps_1k/{p}"] = "warmup failed"
+    for p in protos:
+        step(f"rps 1k {p}", [f"rps_1k/{p}"], rps_1k, oha, t, p, s)
+    for p in protos:
+        if p in s.lat_protos or t.kind == "direct":
+            step(f"latency {p}", [f"lat_p50/{p}", f"lat_p99/{p}"], latency, oha, t, p, s)
+    if full:
+        for p in protos:
+            if p in s.big_protos or t.kind == "direct":
+                step(f"download {p}", [f"dl_10m/{p}"], download, oha, t, p, s)
+                step(f"upload {p}", [f"ul_10m/{p}"], upload, oha, t, p, s)
+        if "h3" in protos:
+            if s.aioquic_upload:
+                step("upload h3 aq", ["ul_10m_aq/h3"], upload_aioquic, t, s)
+            step("handshake h3", ["handshake/h3", "handshake_slow/h3"], handshake, oha, t, s)
+    return res

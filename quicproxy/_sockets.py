@@ -25,6 +25,22 @@ def _dual_stack(kind: int, port: int) -> socket.socket | None:
         return None
 
 
+UDP_BUFFER = 4 << 20
+"UDP socket buffer asked for: a burst of handshakes must not overflow the default one."
+
+
+def _grow_buffers(sock: socket.socket) -> None:
+    """Raise the UDP receive/send buffers (past net.core.*mem_max when allowed to)."""
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER)
+            except OSError:
+                pass
+
+
 def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
     """A bound, non-blocking socket (TCP: also listening) on ``host``:``port``.
 
@@ -48,6 +64,8 @@ def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> so
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if kind == socket.SOCK_DGRAM:
+            _grow_buffers(sock)
         try:
             sock.bind(addr)
         except OSError:

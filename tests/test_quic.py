@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from quicproxy._client import h3_client
 from tests.helpers import fetch, https_url, tcp_client
@@ -75,3 +76,15 @@ async def test_idle_timeout_is_applied(make_proxy, backend, certs):
         assert (await client.request("GET", "/hello")).status == 200
         await asyncio.sleep(2.0)
         assert client.proto._quic._close_event is not None
+
+
+async def test_quic_socket_gets_a_large_receive_buffer(proxy):
+    import socket
+    from pathlib import Path
+
+    from quicproxy._sockets import UDP_BUFFER
+
+    sock = proxy._quic.transport.get_extra_info("socket")
+    got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    cap = int(Path("/proc/sys/net/core/rmem_max").read_text()) * 2
+    assert got >= (2 * UDP_BUFFER if os.geteuid() == 0 else min(2 * UDP_BUFFER, cap))

@@ -17,6 +17,8 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamReset
 
+from ._h3 import unacked_bytes
+
 __all__ = ["H3Response", "H3Client", "h3_client"]
 
 
@@ -94,12 +96,6 @@ class _Protocol(QuicConnectionProtocol):
             if not p.done.done():
                 p.done.set_result(None)
 
-    def pending_bytes(self, sid: int) -> int:
-        stream = self._quic._streams.get(sid)
-        if stream is None:
-            return 0
-        return stream.sender._buffer_stop - stream.sender._buffer_start
-
 
 class H3Client:
     """Requests over one QUIC connection; many may run at once."""
@@ -142,7 +138,7 @@ class H3Client:
                     break
                 proto.h3.send_data(sid, chunk, end_stream=False)
                 proto.transmit()
-                while proto.pending_bytes(sid) > (1 << 20) and not p.done.done():
+                while unacked_bytes(proto._quic, sid) > (1 << 20) and not p.done.done():
                     proto.acked.clear()
                     await asyncio.wait_for(proto.acked.wait(), timeout)
             if not p.done.done():

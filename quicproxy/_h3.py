@@ -27,11 +27,19 @@ from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
 from ._sockets import bind_socket, plain_addr
 
-__all__ = ["start_quic_listener", "QuicListener"]
+__all__ = ["start_quic_listener", "QuicListener", "unacked_bytes"]
 
 log = logging.getLogger("quicproxy")
 _SEND_HIGH_WATER = 1 << 20
 _MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+
+
+def unacked_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream and not yet acknowledged (what aioquic still holds)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    return stream.sender._buffer_stop - stream.sender._buffer_start
 
 
 class _CreditedQuicConnection(QuicConnection):
@@ -108,18 +116,12 @@ class H3Protocol(QuicConnectionProtocol):
 
     # ------------------------------------------------------------------ output
 
-    def _pending(self, sid: int) -> int:
-        stream = self._quic._streams.get(sid)
-        if stream is None:
-            return 0
-        return stream.sender._buffer_stop - stream.sender._buffer_start
-
     async def send_data(self, sid: int, data: bytes) -> None:
         if sid not in self.tasks:
             raise ConnectionError("stream reset by client")
         self.h3.send_data(sid, data, end_stream=False)
         self.transmit()
-        while self._pending(sid) > _SEND_HIGH_WATER:
+        while unacked_bytes(self._quic, sid) > _SEND_HIGH_WATER:
             if sid not in self.tasks or self._quic._close_event is not None:
                 raise ConnectionError("stream closed")
             self._acked.clear()

@@ -22,7 +22,7 @@ from ._metrics import Metrics
 from ._model import Body, Headers, Request, Response
 from ._router import DEMO, Router
 from ._upstream import UpstreamPool
-from .waf._types import Waf, WafDecision, WafRequest, WafUnavailable
+from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
 __all__ = ["Handler", "ResponseWriter"]
 
@@ -187,18 +187,12 @@ class Handler:
     async def _measure_small_body(self, req: Request, limit: int) -> None:
         """Read up to 64 KiB of a body of unknown length before contacting the upstream:
         a small body then goes with a Content-Length, one over ``limit`` never leaves."""
-        parts: list[bytes] = []
-        total = 0
-        while total <= _PREFETCH:
-            chunk = await req.body.read()
-            if not chunk:
-                req.content_length = total
-                break
-            parts.append(chunk)
-            total += len(chunk)
-            if limit and total > limit:
-                raise BodyTooLarge(f"request body over {limit} bytes")
-        req.body.unread(b"".join(parts))
+        chunks, complete = await req.body.peek(_PREFETCH)
+        total = sum(map(len, chunks))
+        if limit and total > limit:
+            raise BodyTooLarge(f"request body over {limit} bytes")
+        if complete:
+            req.content_length = total
 
     # ------------------------------------------------------------------ WAF
 
@@ -251,31 +245,25 @@ class Handler:
             [("x-waf-rule-id", rule)],
         )
 
-    async def _inspect_body(self, req: Request, tx: object) -> None:
+    async def _inspect_body(self, req: Request, tx: WafTransaction) -> None:
+        """Stream up to body_limit bytes into the engine; the body is left unread."""
         wcfg = self.cfg.waf
         if not wcfg.body_access or req.body.ended:
             return
         limit = wcfg.body_limit
+        too_large = BodyTooLarge(f"request body over the WAF inspection limit ({limit} bytes)")
         if wcfg.over_limit == "reject" and (req.content_length or 0) > limit:
-            raise BodyTooLarge(f"request body over the WAF inspection limit ({limit} bytes)")
-        parts: list[bytes] = []
-        total = 0
-        while total < limit:
-            chunk = await req.body.read()
-            if not chunk:
+            raise too_large
+        chunks, _ = await req.body.peek(limit)
+        fed = 0
+        for chunk in chunks:
+            if fed >= limit:
                 break
-            parts.append(chunk)
-            total += len(chunk)
-            await tx.body_chunk(chunk[: max(0, limit - (total - len(chunk)))])  # type: ignore[attr-defined]
-        if total >= limit and not req.body.ended:
-            more = await req.body.read()
-            if more:
-                parts.append(more)
-                if wcfg.over_limit == "reject":
-                    raise BodyTooLarge(
-                        f"request body over the WAF inspection limit ({limit} bytes)"
-                    )
-        req.body.unread(b"".join(parts))
+            part = chunk[: limit - fed]
+            await tx.body_chunk(part)
+            fed += len(part)
+        if wcfg.over_limit == "reject" and sum(map(len, chunks)) > limit:
+            raise too_large
 
     def _log_decision(self, event: str, req: Request, decision: WafDecision) -> None:
         line = {

@@ -129,6 +129,22 @@ class Body:
             self.buffered += len(data)
             self._waiter.set()
 
+    async def peek(self, size: int) -> tuple[list[bytes], bool]:
+        """Read until more than ``size`` bytes or the end came, then put it all back.
+
+        Returns the chunks read and whether they are the whole body."""
+        chunks: list[bytes] = []
+        total = 0
+        while total <= size:
+            chunk = await self.read()
+            if not chunk:
+                self.unread(b"".join(chunks))
+                return chunks, True
+            chunks.append(chunk)
+            total += len(chunk)
+        self.unread(b"".join(chunks))
+        return chunks, False
+
     async def discard(self, seconds: float, limit: int) -> bool:
         """Read and drop the rest (bounded); True if the body reached its end.
 

@@ -17,7 +17,7 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamReset
 
-from ._h3 import unacked_bytes
+from ._quic import unacked_bytes
 
 __all__ = ["H3Response", "H3Client", "h3_client"]
 

@@ -80,7 +80,25 @@ class QuicConfig:
     congestion_control: str = "reno"
     "Congestion control algorithm known to aioquic (reno, cubic)."
     retry: bool = False
-    "Send QUIC Retry to validate client addresses."
+    "Always send QUIC Retry to validate client addresses (else only under load)."
+    retry_above: int = 100
+    "Handshakes in progress above which new clients must first answer a Retry."
+    max_connections: int = 10000
+    "QUIC connections open at once; new ones beyond are dropped."
+    max_connections_per_address: int = 1000
+    "QUIC connections open at once from one client address."
+    max_handshakes: int = 1000
+    "Handshakes in progress at once (with Retry, only validated addresses count)."
+    max_handshakes_per_address: int = 128
+    "Handshakes in progress at once from one client address."
+    handshake_timeout: float = 10.0
+    "Seconds a handshake may take before its state is dropped."
+    max_handshake_bytes: int = 65536
+    "Bytes a client may send before its handshake completes."
+    max_new_per_second: int = 2000
+    "Initials of new connections examined per second; a flood beyond is dropped unread."
+    gso: bool = True
+    "Send datagram runs with UDP generic segmentation offload where the kernel allows."
     early_data: bool = False
     "Accept 0-RTT; only safe methods are admitted, others get 425."
     stream_window: int = 1048576
@@ -93,6 +111,16 @@ class LimitsConfig:
     "Total request header size; larger gets 431."
     max_body_bytes: int = 104857600
     "Request body size; larger gets 413 (0 = no limit)."
+    max_resets: int = 200
+    "Streams (h2/h3) a client may reset per abuse_window before the connection is closed."
+    max_control_frames: int = 1000
+    "HTTP/2 SETTINGS/PING/PRIORITY/empty frames per abuse_window before the connection is closed."
+    abuse_window: float = 10.0
+    "Seconds over which resets and control frames are counted."
+    h2_preface_timeout: float = 10.0
+    "Seconds for an HTTP/2 client to send its preface and SETTINGS."
+    idle_timeout: float = 60.0
+    "Seconds an HTTP/1.1 or HTTP/2 connection may sit with no request in flight."
 
 
 @dataclass
@@ -103,6 +131,12 @@ class UpstreamConfig:
     "Seconds to wait for upstream response headers or each body read; gives 504."
     pool_size: int = 64
     "Idle keep-alive connections kept per upstream member."
+    max_connections: int = 1024
+    "Upstream connections open at once, all members together."
+    max_connections_per_member: int = 256
+    "Upstream connections open at once to one member."
+    queue_timeout: float = 5.0
+    "Seconds a request waits for a free upstream connection before a 503."
 
 
 @dataclass
@@ -294,6 +328,12 @@ def _check_readable(key: str, path: str | None) -> None:
         ) from None
 
 
+def _check_positive(cfg: Config, section: str, *names: str) -> None:
+    for name in names:
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{section}.{name}", "must be positive", "give a number above 0")
+
+
 def _validate(cfg: Config) -> None:
     _check_port("listen.http_port", cfg.listen.http_port)
     _check_port("listen.https_port", cfg.listen.https_port)
@@ -319,6 +359,14 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("quic.idle_timeout", "must be positive", "give seconds, e.g. 60")
     if cfg.quic.stream_window < 65536:
         raise ConfigError("quic.stream_window", "too small", "use at least 65536")
+    _check_positive(cfg, "quic", "max_connections", "max_connections_per_address")
+    _check_positive(cfg, "quic", "max_handshakes", "max_handshakes_per_address")
+    _check_positive(cfg, "quic", "handshake_timeout", "max_handshake_bytes", "max_new_per_second")
+    _check_positive(cfg, "limits", "abuse_window", "h2_preface_timeout", "idle_timeout")
+    _check_positive(cfg, "upstream", "max_connections", "max_connections_per_member")
+    _check_positive(cfg, "upstream", "queue_timeout")
+    if cfg.quic.retry_above < 0:
+        raise ConfigError("quic.retry_above", "negative", "use 0 (always Retry) or a count")
     if cfg.limits.max_header_bytes < 1024:
         raise ConfigError("limits.max_header_bytes", "too small", "use at least 1024")
     if cfg.limits.max_body_bytes < 0:

@@ -10,6 +10,8 @@ __all__ = [
     "BadRequest",
     "UpstreamConnectError",
     "UpstreamTimeout",
+    "UpstreamTruncated",
+    "UpstreamBusy",
     "TooEarly",
 ]
 
@@ -56,6 +58,17 @@ class HeadersTooLarge(ProxyError):
 class UpstreamConnectError(ProxyError):
     status = 502
     reason = "Bad Gateway"
+
+
+class UpstreamTruncated(UpstreamConnectError):
+    """The upstream died mid-response: the client's stream is reset, not ended."""
+
+
+class UpstreamBusy(ProxyError):
+    """No upstream connection could be had in time (the caps are reached)."""
+
+    status = 503
+    reason = "Service Unavailable"
 
 
 class UpstreamTimeout(ProxyError):

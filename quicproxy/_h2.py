@@ -1,4 +1,11 @@
-"""HTTP/2 server adapter: h2 events to the request model, flow control honoured."""
+"""HTTP/2 server adapter: h2 events to the request model, flow control honoured.
+
+The stream life cycle (admit, credit, cancel on reset, abuse, truncation)
+lives in ``_streams.py``, shared with HTTP/3; this module translates h2's
+events and frames. Connection-level defences: a deadline for the client's
+preface and SETTINGS, an idle timeout while no request is in flight, and a
+budget of control frames (SETTINGS, PING, PRIORITY, empty DATA) per window.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +22,10 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from ._handler import Handler
-from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
-from ._pseudo import request_from_pseudo, response_headers
+from ._model import Headers
+from ._pseudo import response_headers
 from ._sockets import plain_addr
+from ._streams import RateWindow, Streams
 
 __all__ = ["H2Connection"]
 
@@ -25,34 +33,18 @@ log = logging.getLogger("quicproxy")
 _READ = 65536
 _STREAM_WINDOW = 1 << 20
 _CONN_WINDOW = 16 << 20
-
-
-class _Stream:
-    def __init__(self, body: Body) -> None:
-        self.body = body
-        self.task: asyncio.Task[object] | None = None
-
-
-class _Writer:
-    def __init__(self, conn: H2Connection, stream_id: int) -> None:
-        self.conn = conn
-        self.sid = stream_id
-
-    async def send_head(self, status: int, headers: Headers) -> None:
-        self.conn.h2.send_headers(self.sid, response_headers(status, headers))
-        await self.conn.flush()
-
-    async def send_data(self, data: bytes) -> None:
-        await self.conn.send_data(self.sid, data)
-
-    async def send_end(self) -> None:
-        self.conn.h2.end_stream(self.sid)
-        await self.conn.flush()
-
-    def abort(self) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
-            self.conn.h2.reset_stream(self.sid, ErrorCodes.INTERNAL_ERROR)
-        self.conn.flush_nowait()
+_MAX_STREAMS = 128
+_RESET_CODES = {
+    "refused": ErrorCodes.REFUSED_STREAM,
+    "internal": ErrorCodes.INTERNAL_ERROR,
+    "protocol": ErrorCodes.PROTOCOL_ERROR,
+    "done": ErrorCodes.NO_ERROR,
+}
+_CONTROL_EVENTS = (
+    h2.events.RemoteSettingsChanged,
+    h2.events.PingReceived,
+    h2.events.PriorityUpdated,
+)
 
 
 class H2Connection:
@@ -64,30 +56,29 @@ class H2Connection:
         self.handler = handler
         self.reader = reader
         self.writer = writer
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
-        self.streams: dict[int, _Stream] = {}
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
         self.server = plain_addr(writer.get_extra_info("sockname"))
-        self.closing = False
-        self._last_stream = 0
+        self.streams = Streams(handler, self, "HTTP/2", self.client, self.server)
+        limits = handler.cfg.limits
+        self.control = RateWindow(limits.max_control_frames, limits.abuse_window)
+        self._settings_seen = False
+        self._goaway_sent = False
 
-    # ------------------------------------------------------------------ output
+    # ------------------------------------------------------------------ StreamOps
 
-    def flush_nowait(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.writer.is_closing():
-            self.writer.write(data)
-
-    async def flush(self) -> None:
-        self.flush_nowait()
-        await self.writer.drain()
+    def send_head(self, sid: int, status: int, headers: Headers) -> None:
+        encoded = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers(status, headers)
+        ]
+        self.h2.send_headers(sid, encoded)
 
     async def send_data(self, sid: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            if sid not in self.streams:
+            if sid not in self.streams.tasks:
                 raise ConnectionError("stream reset by peer")
             window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             if window <= 0:
@@ -98,9 +89,43 @@ class H2Connection:
             view = view[window:]
             await self.flush()
 
+    def send_end(self, sid: int) -> None:
+        self.h2.end_stream(sid)
+
+    async def flush(self) -> None:
+        self._flush_nowait()
+        await self.writer.drain()
+
+    def reset(self, sid: int, why: str) -> None:
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.reset_stream(sid, _RESET_CODES[why])
+        self._flush_nowait()
+
+    def stop_reading(self, sid: int) -> None:
+        self.reset(sid, "done")
+
+    def grant(self, sid: int, size: int) -> None:
+        if sid in self.streams.tasks:
+            with contextlib.suppress(h2.exceptions.H2Error):
+                self.h2.acknowledge_received_data(size, sid)
+                self._flush_nowait()
+
+    def excessive_load(self, why: str) -> None:
+        self._goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def idle(self) -> None:
+        self._goaway(ErrorCodes.NO_ERROR)
+
+    # ------------------------------------------------------------------ output
+
+    def _flush_nowait(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
     @property
     def busy(self) -> bool:
-        return bool(self.streams)
+        return self.streams.busy
 
     def shutdown(self) -> None:
         """Graceful close: refuse new streams, GOAWAY once in-flight streams are done.
@@ -109,29 +134,43 @@ class H2Connection:
         httpcore) fail every open stream when a GOAWAY arrives, even streams the
         GOAWAY lets finish; refused streams are safe for any client to retry.
         """
-        if self.closing:
+        if self.streams.closing:
             return
-        self.closing = True
-        if not self.streams:
-            self._goaway()
+        self.streams.drain()
+        if not self.streams.busy:
+            self.idle()
 
-    def _goaway(self) -> None:
+    def _goaway(self, code: int) -> None:
+        if self._goaway_sent:
+            return
+        self._goaway_sent = True
+        self.streams.drain()
         frame = GoAwayFrame(0)
-        frame.last_stream_id = self._last_stream
-        frame.error_code = 0
-        self.flush_nowait()
+        frame.last_stream_id = max(0, self.streams.last_stream)
+        frame.error_code = code
+        self._flush_nowait()
         if not self.writer.is_closing():
             self.writer.write(frame.serialize())
+        if code != ErrorCodes.NO_ERROR:
+            self.streams.close_all("connection closed for abuse")
         self.writer.close()
 
     # ------------------------------------------------------------------ input
+
+    def _read_timeout(self) -> float | None:
+        limits = self.handler.cfg.limits
+        if not self._settings_seen:
+            return limits.h2_preface_timeout
+        if not self.streams.busy:
+            return limits.idle_timeout
+        return None
 
     async def run(self) -> None:
         limits = self.handler.cfg.limits
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 128,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 4,
             },
@@ -140,28 +179,29 @@ class H2Connection:
         self.h2.increment_flow_control_window(_CONN_WINDOW)
         try:
             await self.flush()
-            while True:
-                data = await self.reader.read(_READ)
+            while not self._goaway_sent:
+                data = await asyncio.wait_for(self.reader.read(_READ), self._read_timeout())
                 if not data:
                     break
                 try:
                     events = self.h2.receive_data(data)
                 except h2.exceptions.ProtocolError as exc:
                     log.info("HTTP/2 protocol error from %s: %s", self.client[0], exc)
-                    self.flush_nowait()
+                    self._flush_nowait()
                     break
                 for event in events:
                     self._dispatch(event)
-                await self.flush()
-                if self.closing and not self.streams:
+                if self.control.hit(sum(isinstance(e, _CONTROL_EVENTS) for e in events)):
+                    log.warning("HTTP/2 control-frame flood from %s: closing", self.client[0])
+                    self.excessive_load("control frames")
                     break
-        except (ConnectionError, OSError):
+                await self.flush()
+                if self.streams.closing and not self.streams.busy:
+                    break
+        except (TimeoutError, ConnectionError, OSError):
             pass
         finally:
-            for stream in list(self.streams.values()):
-                stream.body.abort(ConnectionError("client connection closed"))
-                if stream.task is not None:
-                    stream.task.cancel()
+            self.streams.close_all("client connection closed")
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
@@ -170,70 +210,35 @@ class H2Connection:
         if isinstance(event, h2.events.RequestReceived):
             self._request(event)
         elif isinstance(event, h2.events.DataReceived):
-            stream = self.streams.get(event.stream_id)
+            sid = event.stream_id
             padding = event.flow_controlled_length - len(event.data)
-            if stream is None:
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                return
+            if not self.streams.data(sid, event.data, False):
+                padding = event.flow_controlled_length
             if padding:
-                self.h2.acknowledge_received_data(padding, event.stream_id)
-            stream.body.feed(event.data)
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self.h2.acknowledge_received_data(padding, sid)
+            if not event.data:
+                self.control.hit()
         elif isinstance(event, h2.events.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.body.end()
+            self.streams.end(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None:
-                stream.body.abort(ConnectionError("stream reset by client"))
+            self.streams.peer_reset(event.stream_id)
             self._window.set()
-        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._settings_seen = True
+            self._window.set()
+        elif isinstance(event, h2.events.WindowUpdated):
             self._window.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.closing = True
+            self.streams.drain()
 
     def _request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
-        if self.closing:
-            self.h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            return
-        self._last_stream = max(self._last_stream, sid)
-        raw = [(str(k), str(v)) for k, v in (event.headers or [])]
-        body = Body(on_consumed=lambda n: self._consumed(sid, n))
-        stream = _Stream(body)
-        self.streams[sid] = stream
-        try:
-            req = request_from_pseudo(raw, "HTTP/2", self.client, self.server, body)
-        except ValueError as exc:
-            req = None
-            log.info("bad HTTP/2 request from %s: %s", self.client[0], exc)
-        if event.stream_ended is not None:
-            body.end()
-        if req is None:
-            self.h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
-            del self.streams[sid]
-            return
-        stream.task = asyncio.ensure_future(self._exchange(sid, req))
+        raw = [(_text(k), _text(v)) for k, v in (event.headers or [])]
+        self.streams.open(
+            sid, raw, event.stream_ended is not None, lambda size: self.grant(sid, size)
+        )
 
-    def _consumed(self, sid: int, size: int) -> None:
-        if sid in self.streams:
-            with contextlib.suppress(h2.exceptions.H2Error):
-                self.h2.acknowledge_received_data(size, sid)
-                self.flush_nowait()
 
-    async def _exchange(self, sid: int, req: Request) -> None:
-        try:
-            await self.handler.exchange(req, _Writer(self, sid))
-            if not req.body.ended and sid in self.streams:
-                # Answered before the whole request body came: take the rest (bounded),
-                # then stop the upload if it is still going.
-                if not await req.body.discard(DISCARD_SECONDS, DISCARD_BYTES):
-                    with contextlib.suppress(h2.exceptions.H2Error):
-                        self.h2.reset_stream(sid, ErrorCodes.NO_ERROR)
-                    self.flush_nowait()
-        except (ConnectionError, OSError, h2.exceptions.H2Error):
-            pass
-        finally:
-            self.streams.pop(sid, None)
-            if self.closing and not self.streams:
-                self._goaway()
+def _text(value: bytes | str) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value

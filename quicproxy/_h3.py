@@ -1,330 +1,233 @@
-"""HTTP/3 adapter: aioquic events to the request model, plus the QUIC listener glue."""
+"""HTTP/3 adapter: one QUIC connection's events to the request model.
+
+The connection is driven by the listener (``_quiclisten.py``): it hands in
+datagrams and timer expiries, and flushes what the connection has to send
+once per event-loop turn. The stream life cycle itself lives in
+``_streams.py``, shared with HTTP/2.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import socket
-from collections.abc import Callable
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer
-from aioquic.buffer import Buffer, encode_uint_var
-from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, encode_frame
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
-from aioquic.quic.packet import QuicFrameType, pull_quic_header
-from aioquic.tls import SessionTicket
 
-from ._config import Config
 from ._handler import Handler
-from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
-from ._pseudo import request_from_pseudo, response_headers
-from ._sockets import bind_socket, plain_addr
+from ._model import Headers
+from ._pseudo import response_headers
+from ._quic import CreditedConnection, control_stream, events, unacked_bytes
+from ._sockets import plain_addr
+from ._streams import Streams
 
-__all__ = ["start_quic_listener", "QuicListener", "unacked_bytes"]
+if TYPE_CHECKING:
+    from ._quiclisten import QuicListener
+
+__all__ = ["H3Conn"]
 
 log = logging.getLogger("quicproxy")
 _SEND_HIGH_WATER = 1 << 20
-_MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+_RESET_CODES = {
+    "refused": ErrorCode.H3_REQUEST_REJECTED,
+    "internal": ErrorCode.H3_INTERNAL_ERROR,
+    "protocol": ErrorCode.H3_MESSAGE_ERROR,
+    "done": ErrorCode.H3_NO_ERROR,
+}
 
 
-def unacked_bytes(quic: QuicConnection, stream_id: int) -> int:
-    """Bytes written to a stream and not yet acknowledged (what aioquic still holds)."""
-    stream = quic._streams.get(stream_id)
-    if stream is None:
-        return 0
-    return stream.sender._buffer_stop - stream.sender._buffer_start
-
-
-class _CreditedQuicConnection(QuicConnection):
-    """QuicConnection whose request-stream receive windows follow what the proxy consumed.
-
-    aioquic raises a stream's window as data arrives, whether or not anyone read
-    it; here a stream listed in ``credit`` only gets the window it was granted,
-    so a slow upstream slows the client instead of filling memory.
-    """
-
-    credit: dict[int, int]
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        limit = self.credit.get(stream.stream_id)
-        if limit is None:
-            super()._write_stream_limits(builder, space, stream)
-            return
-        stream.max_stream_data_local = max(stream.max_stream_data_local, limit)
-        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
-            return
-        buf = builder.start_frame(
-            QuicFrameType.MAX_STREAM_DATA,
-            capacity=_MAX_STREAM_DATA_CAPACITY,
-            handler=self._on_max_stream_data_delivery,
-            handler_args=(stream,),
-        )
-        buf.push_uint_var(stream.stream_id)
-        buf.push_uint_var(stream.max_stream_data_local)
-        stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-
-class _Writer:
-    def __init__(self, proto: H3Protocol, stream_id: int) -> None:
-        self.proto = proto
-        self.sid = stream_id
-
-    async def send_head(self, status: int, headers: Headers) -> None:
-        encoded = [(k.encode(), v.encode()) for k, v in response_headers(status, headers)]
-        self.proto.h3.send_headers(self.sid, encoded)
-        self.proto.transmit()
-
-    async def send_data(self, data: bytes) -> None:
-        await self.proto.send_data(self.sid, data)
-
-    async def send_end(self) -> None:
-        self.proto.h3.send_data(self.sid, b"", end_stream=True)
-        self.proto.transmit()
-
-    def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            self.proto._quic.reset_stream(self.sid, ErrorCode.H3_INTERNAL_ERROR)
-            self.proto.transmit()
-
-
-class H3Protocol(QuicConnectionProtocol):
+class H3Conn:
     """One QUIC connection carrying HTTP/3 requests."""
 
-    def __init__(self, *args: Any, handler: Handler, listener: QuicListener, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._quic.__class__ = _CreditedQuicConnection
-        self.credit: dict[int, int] = {}
-        "Receive window granted per request stream (consumed bytes + stream_window)."
-        self._quic.credit = self.credit  # type: ignore[attr-defined]
-        self.handler = handler
+    def __init__(
+        self, quic: CreditedConnection, listener: QuicListener, handler: Handler, addr: Any
+    ) -> None:
+        self.quic = quic
         self.listener = listener
-        self.h3 = H3Connection(self._quic)
-        self.bodies: dict[int, Body] = {}
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-        self._acked = asyncio.Event()
-        self.closing = False
-        self._next_stream = 0
+        self.handler = handler
+        self.h3 = H3Connection(quic)
+        self.cids: set[bytes] = set()
+        "Connection IDs that route datagrams to this connection."
+        self.address = addr
+        self.client = plain_addr(addr)
+        self.handshaking = True
+        self.received_bytes = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: float | None = None
+        self.closed = False
+        self.streams = Streams(handler, self, "HTTP/3", self.client, listener.address)
         self._window = handler.cfg.quic.stream_window
-        listener.connections.add(self)
+        self._consumed: dict[int, int] = {}
+        self._acked = asyncio.Event()
+        self._closer: asyncio.Future[None] | None = None
 
-    # ------------------------------------------------------------------ output
+    # ------------------------------------------------------------------ input
+
+    def receive(self, data: bytes, addr: Any, now: float) -> None:
+        self.received_bytes += len(data)
+        self.quic.receive_datagram(data, addr, now=now)
+        self._process()
+        self._acked.set()
+
+    def on_timer(self) -> None:
+        self.timer = None
+        now = max(self.timer_at or 0.0, self.listener.loop.time())
+        self.timer_at = None
+        self.quic.handle_timer(now=now)
+        self._process()
+
+    def _process(self) -> None:
+        quic = self.quic
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, events.ConnectionIdIssued):
+                self.listener.cid_issued(self, event.connection_id)
+            elif isinstance(event, events.ConnectionIdRetired):
+                self.listener.cid_retired(self, event.connection_id)
+            elif isinstance(event, events.HandshakeCompleted):
+                self.listener.handshake_done(self)
+            elif isinstance(event, events.StreamReset):
+                self._consumed.pop(event.stream_id, None)
+                quic.credit.pop(event.stream_id, None)
+                self.streams.peer_reset(event.stream_id)
+            elif isinstance(event, events.ConnectionTerminated):
+                self.terminated()
+                return
+            for h3_event in self.h3.handle_event(event):
+                self._h3_event(h3_event)
+        self.transmit()
+
+    def _h3_event(self, event: H3Event) -> None:
+        if isinstance(event, HeadersReceived):
+            if event.stream_id in self.streams.tasks:
+                return  # trailers: ignored
+            self._request(event)
+        elif isinstance(event, DataReceived):
+            self.streams.data(event.stream_id, event.data, event.stream_ended)
+
+    def _request(self, event: HeadersReceived) -> None:
+        sid = event.stream_id
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+        if not event.stream_ended:
+            self.quic.credit[sid] = self._window
+            self._consumed[sid] = 0
+        self.streams.open(
+            sid,
+            raw,
+            event.stream_ended,
+            lambda size: self.grant(sid, size),
+            early_data=not self.quic.handshake_complete,
+        )
+
+    # ------------------------------------------------------------------ StreamOps
+
+    def send_head(self, sid: int, status: int, headers: Headers) -> None:
+        encoded = [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers(status, headers)
+        ]
+        self.h3.send_headers(sid, encoded)
+        self.transmit()
 
     async def send_data(self, sid: int, data: bytes) -> None:
-        if sid not in self.tasks:
+        if sid not in self.streams.tasks:
             raise ConnectionError("stream reset by client")
         self.h3.send_data(sid, data, end_stream=False)
         self.transmit()
-        while unacked_bytes(self._quic, sid) > _SEND_HIGH_WATER:
-            if sid not in self.tasks or self._quic._close_event is not None:
+        while unacked_bytes(self.quic, sid) > _SEND_HIGH_WATER:
+            if sid not in self.streams.tasks or self.closed or self.quic.closing:
                 raise ConnectionError("stream closed")
             self._acked.clear()
             await self._acked.wait()
 
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        super().datagram_received(data, addr)
+    def send_end(self, sid: int) -> None:
+        self.h3.send_data(sid, b"", end_stream=True)
+        self.transmit()
+
+    async def flush(self) -> None:
+        self.transmit()
+
+    def reset(self, sid: int, why: str) -> None:
+        code = _RESET_CODES[why]
+        with contextlib.suppress(Exception):
+            self.quic.reset_stream(sid, code)
+        if why != "internal":
+            with contextlib.suppress(Exception):
+                self.quic.stop_stream(sid, code)
+        self.transmit()
+
+    def stop_reading(self, sid: int) -> None:
+        with contextlib.suppress(Exception):
+            self.quic.stop_stream(sid, ErrorCode.H3_NO_ERROR)
+        self.transmit()
+
+    def grant(self, sid: int, size: int) -> None:
+        if sid in self._consumed:
+            self._consumed[sid] += size
+            self.quic.credit[sid] = self._consumed[sid] + self._window
+            self.transmit()
+
+    def excessive_load(self, why: str) -> None:
+        self.close(ErrorCode.H3_EXCESSIVE_LOAD, why)
+
+    def idle(self) -> None:
+        """Draining and the last stream is done: close once what was sent is acknowledged."""
+        self._closer = asyncio.ensure_future(self._close_when_acked())
+
+    async def _close_when_acked(self, seconds: float = 2.0) -> None:
+        deadline = self.listener.loop.time() + seconds
+        while not self.closed and self.quic.unacked_total() and self._time_left(deadline):
+            self._acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), self._time_left(deadline))
+        self.close()
+
+    def _time_left(self, deadline: float) -> float:
+        return max(0.0, deadline - self.listener.loop.time())
+
+    # ------------------------------------------------------------------ output, life cycle
+
+    def transmit(self) -> None:
+        """Ask the listener to send what this connection has, once this loop turn."""
+        if not self.closed:
+            self.listener.dirty(self)
+
+    def close(self, code: int = ErrorCode.H3_NO_ERROR, reason: str = "") -> None:
+        """CONNECTION_CLOSE, after whatever stream data is still queued has gone out."""
+        if not self.closed:
+            self.listener.flush_one(self)
+            self.quic.close(error_code=code, reason_phrase=reason)
+            self.transmit()
+
+    def terminated(self) -> None:
+        """The QUIC connection ended: forget it everywhere, stop its streams."""
+        if self.closed:
+            return
+        self.closed = True
+        self.streams.close_all("connection closed")
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self._acked.set()
-
-    # ------------------------------------------------------------------ input
-
-    def quic_event_received(self, event: QuicEvent) -> None:
-        if isinstance(event, StreamReset):
-            self._stream_gone(event.stream_id, "stream reset by client")
-        elif isinstance(event, ConnectionTerminated):
-            for sid in list(self.tasks):
-                self._stream_gone(sid, "connection closed")
-            self.listener.connections.discard(self)
-            self._acked.set()
-        for h3_event in self.h3.handle_event(event):
-            self._h3_event(h3_event)
-
-    def _stream_gone(self, sid: int, why: str) -> None:
-        body = self.bodies.pop(sid, None)
-        if body is not None and not body.ended:
-            body.abort(ConnectionError(why))
-        task = self.tasks.pop(sid, None)
-        if task is not None:
-            self._acked.set()
-        self.credit.pop(sid, None)
-
-    def _h3_event(self, event: H3Event) -> None:
-        if isinstance(event, HeadersReceived):
-            if event.stream_id in self.tasks:
-                return  # trailers: ignored
-            self._request(event)
-        elif isinstance(event, DataReceived):
-            body = self.bodies.get(event.stream_id)
-            if body is not None:
-                body.feed(event.data)
-                if event.stream_ended:
-                    body.end()
-
-    def _request(self, event: HeadersReceived) -> None:
-        sid = event.stream_id
-        if self.closing:
-            self._quic.reset_stream(sid, ErrorCode.H3_REQUEST_REJECTED)
-            self.transmit()
-            return
-        self._next_stream = max(self._next_stream, sid + 4)
-        raw = [(k.decode(), v.decode("utf-8", "replace")) for k, v in event.headers]
-        consumed = [0]
-
-        def credit(size: int) -> None:
-            consumed[0] += size
-            if sid in self.credit:
-                self.credit[sid] = consumed[0] + self._window
-                self.transmit()
-
-        body = Body(on_consumed=credit)
-        if event.stream_ended:
-            body.end()
-        else:
-            self.credit[sid] = self._window
-        stream = self._quic._streams.get(sid)
-        paths = self._quic._network_paths
-        client = plain_addr(paths[0].addr if paths else None)
-        try:
-            req = request_from_pseudo(raw, "HTTP/3", client, self.listener.address, body)
-        except ValueError as exc:
-            log.info("bad HTTP/3 request from %s: %s", client[0], exc)
-            self.h3.send_headers(sid, [(b":status", b"400")], end_stream=True)
-            self.transmit()
-            return
-        req.early_data = not self._quic._handshake_complete
-        del stream
-        self.bodies[sid] = body
-        self.tasks[sid] = asyncio.ensure_future(self._exchange(sid, req))
-
-    async def _exchange(self, sid: int, req: Request) -> None:
-        try:
-            await self.handler.exchange(req, _Writer(self, sid))
-            if not req.body.ended and sid in self.tasks:
-                # Answered before the whole request body came: take the rest (bounded),
-                # then stop the upload if it is still going.
-                if not await req.body.discard(DISCARD_SECONDS, DISCARD_BYTES):
-                    with contextlib.suppress(Exception):
-                        self._quic.stop_stream(sid, ErrorCode.H3_NO_ERROR)
-                        self.transmit()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.tasks.pop(sid, None)
-            self.bodies.pop(sid, None)
-            self.credit.pop(sid, None)
-            if self.closing and not self.tasks:
-                self.close()
-
-    # ------------------------------------------------------------------ shutdown
+        self.listener.remove(self)
 
     @property
     def busy(self) -> bool:
-        return bool(self.tasks)
+        return self.streams.busy
 
     def shutdown(self) -> None:
         """Graceful close: HTTP/3 GOAWAY now, CONNECTION_CLOSE once streams finish."""
-        if self.closing:
+        if self.streams.closing:
             return
-        self.closing = True
-        control = self.h3._local_control_stream_id
+        self.streams.drain()
+        control = control_stream(self.h3)
         if control is not None:
-            frame = encode_frame(FrameType.GOAWAY, encode_uint_var(self._next_stream))
-            self._quic.send_stream_data(control, frame)
+            last = self.streams.last_stream
+            first_unserved = last + 4 if last >= 0 else 0
+            goaway = encode_frame(FrameType.GOAWAY, encode_uint_var(first_unserved))
+            with contextlib.suppress(Exception):
+                self.quic.send_stream_data(control, goaway)
         self.transmit()
-        if not self.tasks:
+        if not self.streams.busy:
             self.close()
-
-
-class _Server(QuicServer):
-    """aioquic's server, which stops taking new connections while draining."""
-
-    draining = False
-
-    def datagram_received(self, data: bytes | str, addr: Any) -> None:
-        if self.draining:
-            try:
-                header = pull_quic_header(
-                    Buffer(data=data if isinstance(data, bytes) else data.encode()),
-                    host_cid_length=self._configuration.connection_id_length,
-                )
-            except ValueError:
-                return
-            if header.destination_cid not in self._protocols:
-                return
-        super().datagram_received(data, addr)
-
-
-class QuicListener:
-    """The UDP side of the https port."""
-
-    def __init__(self) -> None:
-        self.connections: set[H3Protocol] = set()
-        self.server: _Server | None = None
-        self.transport: asyncio.DatagramTransport | None = None
-        self.address: tuple[str, int] = ("", 0)
-
-    def drain(self) -> None:
-        if self.server is not None:
-            self.server.draining = True
-        for conn in list(self.connections):
-            conn.shutdown()
-
-    def close(self) -> None:
-        for conn in list(self.connections):
-            conn.close()
-        if self.transport is not None:
-            self.transport.close()
-
-
-def _ticket_store() -> tuple[
-    Callable[[bytes], SessionTicket | None], Callable[[SessionTicket], None]
-]:
-    tickets: dict[bytes, SessionTicket] = {}
-
-    def fetch(label: bytes) -> SessionTicket | None:
-        return tickets.pop(label, None)  # single use: limits 0-RTT replay
-
-    def store(ticket: SessionTicket) -> None:
-        if len(tickets) > 10000:
-            tickets.pop(next(iter(tickets)))
-        tickets[ticket.ticket] = ticket
-
-    return fetch, store
-
-
-async def start_quic_listener(
-    cfg: Config, handler: Handler, cert: str, key: str, host: str, port: int, reuse_port: bool
-) -> QuicListener:
-    q = cfg.quic
-    configuration = QuicConfiguration(
-        alpn_protocols=H3_ALPN,
-        is_client=False,
-        idle_timeout=q.idle_timeout,
-        max_datagram_size=q.max_datagram_size,
-        congestion_control_algorithm=q.congestion_control,
-        max_stream_data=q.stream_window,
-        max_data=16 * q.stream_window,
-    )
-    configuration.load_cert_chain(cert, key)
-    listener = QuicListener()
-    fetch, store = _ticket_store() if q.early_data else (None, None)
-    loop = asyncio.get_running_loop()
-    transport, server = await loop.create_datagram_endpoint(
-        lambda: _Server(
-            configuration=configuration,
-            create_protocol=partial(H3Protocol, handler=handler, listener=listener),
-            session_ticket_fetcher=fetch,
-            session_ticket_handler=store,
-            retry=q.retry,
-        ),
-        sock=bind_socket(host, port, socket.SOCK_DGRAM, reuse_port),
-    )
-    listener.server = server
-    listener.transport = transport
-    listener.address = plain_addr(transport.get_extra_info("sockname"))
-    return listener

@@ -8,6 +8,7 @@ through a :class:`ResponseWriter`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -68,15 +69,21 @@ class Handler:
 
     # ------------------------------------------------------------------ exchange
 
-    async def exchange(self, req: Request, writer: ResponseWriter) -> Response:
-        """Handle ``req`` and write the response; returns it once fully sent."""
+    async def exchange(self, req: Request, writer: ResponseWriter) -> Response | None:
+        """Handle ``req`` and write the response; returns it once fully sent.
+
+        A response that cannot be finished (the upstream died mid-body, the
+        client went away) is aborted on its protocol: the client sees a reset
+        or a closed connection, never a clean end. Cancellation (the client
+        reset the stream) stops the upstream request at once."""
         self.active += 1
         self.metrics.in_flight += 1
         self._idle.clear()
         started = time.monotonic()
-        resp = await self.handle(req)
-        self.metrics.observe(req.protocol, resp.status, time.monotonic() - started)
+        resp: Response | None = None
         try:
+            resp = await self.handle(req)
+            self.metrics.observe(req.protocol, resp.status, time.monotonic() - started)
             headers = resp.headers
             if self.alt_svc:
                 headers = headers + [("alt-svc", self.alt_svc)]
@@ -89,8 +96,14 @@ class Handler:
             self.metrics.events["response_aborted"] += 1
             log.info("response to %s %s aborted: %s", req.method, req.path, exc)
             writer.abort()
+        except Exception:
+            self.metrics.events["response_aborted"] += 1
+            log.exception("response to %s %s failed", req.method, req.path)
+            writer.abort()
         finally:
-            await resp.body.aclose()
+            if resp is not None:
+                with contextlib.suppress(Exception):
+                    await resp.body.aclose()
             self.active -= 1
             self.metrics.in_flight -= 1
             if self.active == 0:

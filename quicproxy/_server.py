@@ -15,8 +15,8 @@ from ._config import Config, Route, parse_backend
 from ._errors import ConfigError
 from ._h1 import H1Connection
 from ._h2 import H2Connection
-from ._h3 import QuicListener, start_quic_listener
 from ._handler import Handler
+from ._quiclisten import QuicListener, start_quic_listener
 from ._router import Pool, Router
 from ._sockets import bind_socket
 from ._tls import ensure_certificate, tcp_tls_context
@@ -74,6 +74,7 @@ class Proxy:
         self._tcp: list[asyncio.Server] = []
         self._quic: QuicListener | None = None
         self._conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._stopped = asyncio.Event()
 
     def add_route(self, route: Route) -> None:
@@ -161,10 +162,17 @@ class Proxy:
         if self.handler.draining:
             conn.shutdown()
         self._conns.add(conn)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             await conn.run()
+        except asyncio.CancelledError:
+            pass  # the proxy stopped: the connection was aborted
         finally:
             self._conns.discard(conn)
+            if task is not None:
+                self._tasks.discard(task)
 
     async def _close_listeners(self) -> None:
         for server in self._tcp:
@@ -185,16 +193,31 @@ class Proxy:
             conn.shutdown()
         clean = await self.handler.wait_idle(grace)
         if self._quic is not None:
+            await self._quic.wait_closed(min(grace, 2.0))
             self._quic.close()
         for conn in list(self._conns):
             writer = getattr(conn, "writer", None)
             if writer is not None:
                 writer.close()
+        await self._end_connections()
         await self.handler.upstream.aclose()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
         self._stopped.set()
         return clean
+
+    async def _end_connections(self) -> None:
+        """Give connections a moment to close on their own, then abort and end them."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
+        for conn in list(self._conns):
+            writer = getattr(conn, "writer", None)
+            if writer is not None:
+                writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=1.0)
 
     async def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code."""

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 
 import h11
 
 from ._config import UpstreamConfig
-from ._errors import ProxyError, UpstreamConnectError, UpstreamTimeout
+from ._errors import (
+    ProxyError,
+    UpstreamBusy,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    UpstreamTruncated,
+)
 from ._model import Body, Headers, Response
 
 __all__ = ["UpstreamPool"]
@@ -25,6 +32,8 @@ class _Conn:
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
         self.reused = False
+        self.slot: Callable[[], None] | None = None
+        "Releases this connection's place under the connection caps."
 
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -43,24 +52,107 @@ class _Conn:
                 raise UpstreamTimeout("upstream did not answer in time") from None
             self.h11.receive_data(data)
 
+    def release_slot(self) -> None:
+        """Give the connection's place under the caps back (once)."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot()
+
     def close(self) -> None:
         self.writer.close()
+        self.release_slot()
 
     @property
     def usable(self) -> bool:
         return not self.reader.at_eof() and not self.writer.is_closing()
 
 
+class _Slots:
+    """A cap on open connections; ``wait`` returns when a place may have been freed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def free(self) -> bool:
+        return self.used < self.limit
+
+    def release(self) -> None:
+        self.used -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def wait(self, timeout: float) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+
 class UpstreamPool:
-    """Idle keep-alive connections per (host, port), up to ``pool_size`` each."""
+    """Idle keep-alive connections per (host, port), up to ``pool_size`` each.
+
+    Open connections are capped per member and in total; a request that finds
+    no free place waits up to ``queue_timeout`` (an idle connection closed to
+    make room counts as freed), then gets a 503."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
         self.connections_opened = 0
         "Upstream TCP connections opened so far (for metrics and tests)."
+        self.total = _Slots(cfg.max_connections)
+        self.members: dict[tuple[str, int], _Slots] = {}
+
+    async def _take_slot(self, member: tuple[str, int]) -> Callable[[], None]:
+        slots = self.members.get(member)
+        if slots is None:
+            slots = self.members[member] = _Slots(self.cfg.max_connections_per_member)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.queue_timeout
+        while not (slots.free() and self.total.free()):
+            if self._close_an_idle(member if not slots.free() else None):
+                continue
+            waiting = slots if not slots.free() else self.total
+            try:
+                await waiting.wait(max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise UpstreamBusy("too many upstream connections") from None
+        slots.used += 1
+        self.total.used += 1
+
+        def release() -> None:
+            slots.release()
+            self.total.release()
+
+        return release
+
+    def _close_an_idle(self, member: tuple[str, int] | None) -> bool:
+        """Close one idle connection (of ``member``, or of any) to free a place."""
+        for key, idle in self._idle.items():
+            if idle and (member is None or key == member):
+                idle.pop(0).close()
+                return True
+        return False
 
     async def _connect(self, member: tuple[str, int]) -> _Conn:
+        release = await self._take_slot(member)
+        try:
+            conn = await self._open(member)
+        except BaseException:
+            release()
+            raise
+        conn.slot = release
+        return conn
+
+    async def _open(self, member: tuple[str, int]) -> _Conn:
         host, port = member
         try:
             reader, writer = await asyncio.wait_for(
@@ -217,14 +309,21 @@ class UpstreamPool:
         done = False
         try:
             while True:
-                event = await conn.next_event(self.cfg.timeout)
+                try:
+                    event = await conn.next_event(self.cfg.timeout)
+                except h11.RemoteProtocolError:
+                    raise UpstreamTruncated(
+                        "upstream response ended early or was malformed"
+                    ) from None
+                except (ConnectionError, OSError):
+                    raise UpstreamTruncated("upstream connection lost mid-body") from None
                 if isinstance(event, h11.Data):
                     yield bytes(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     done = True
                     break
                 else:
-                    raise UpstreamConnectError("upstream closed mid-body")
+                    raise UpstreamTruncated("upstream closed mid-body")
         finally:
             if done and sender.done() and not sender.cancelled() and sender.exception() is None:
                 self._release(member, conn)

@@ -30,6 +30,9 @@ class Backend:
         self.port = 0
         self.requests: list[tuple[str, str, list[tuple[str, str]]]] = []
         self.connections = 0
+        self.open_now = 0
+        self.open_max = 0
+        "Connections open at once, now and at most (for connection-cap tests)."
 
     async def start(self) -> Backend:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -46,6 +49,8 @@ class Backend:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open_now += 1
+        self.open_max = max(self.open_max, self.open_now)
         conn = h11.Connection(h11.SERVER)
 
         async def next_event() -> h11.Event:
@@ -72,6 +77,7 @@ class Backend:
         except (ConnectionError, h11.ProtocolError, asyncio.CancelledError):
             pass
         finally:
+            self.open_now -= 1
             writer.close()
 
     async def _serve(self, req: h11.Request, next_event, send, writer) -> None:  # type: ignore[no-untyped-def]
@@ -119,6 +125,14 @@ class Backend:
             async for chunk in body_chunks():
                 await send(h11.Data(data=chunk))
             await send(h11.EndOfMessage())
+            return
+        if path.startswith("/abort/"):  # promise N bytes, send `after`, then drop the connection
+            n, after = int(path[7:]), int(query.get("after", ["0"])[0])
+            head = [("content-type", "application/octet-stream"), ("content-length", str(n))]
+            await send(h11.Response(status_code=200, headers=head))
+            await send(h11.Data(data=pattern_bytes(after)))
+            await asyncio.sleep(0.05)
+            writer.transport.abort()
             return
         if path == "/stall":  # wait before reading the request body at all
             sock = writer.get_extra_info("socket")

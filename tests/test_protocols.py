@@ -142,7 +142,7 @@ async def test_h3_upload_to_a_stalled_backend_stays_within_the_stream_window(pro
         nonlocal peak
         while True:
             for conn in proxy._quic.connections:
-                for body in conn.bodies.values():
+                for body in conn.streams.bodies.values():
                     peak = max(peak, body.buffered)
             await asyncio.sleep(0.01)
 
@@ -164,5 +164,5 @@ async def test_quic_transport_settings_are_applied(make_proxy, backend, certs, a
     )
     status, _, body = await fetch(proxy, certs, "h3", "GET", f"/bytes/{1 << 20}")
     assert status == 200 and len(body) == 1 << 20
-    assert proxy._quic.server._configuration.congestion_control_algorithm == algorithm
-    assert proxy._quic.server._configuration.max_datagram_size == 1200
+    assert proxy._quic.configuration.congestion_control_algorithm == algorithm
+    assert proxy._quic.configuration.max_datagram_size == 1200

@@ -84,7 +84,7 @@ async def test_quic_socket_gets_a_large_receive_buffer(proxy):
 
     from quicproxy._sockets import UDP_BUFFER
 
-    sock = proxy._quic.transport.get_extra_info("socket")
+    sock = proxy._quic.socket.sock
     got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     cap = int(Path("/proc/sys/net/core/rmem_max").read_text()) * 2
     assert got >= (2 * UDP_BUFFER if os.geteuid() == 0 else min(2 * UDP_BUFFER, cap))

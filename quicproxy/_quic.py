@@ -1,0 +1,298 @@
+"""The QUIC core: the one module that knows aioquic's QUIC layer.
+
+Everything the listener and the HTTP/3 adapter need from the QUIC library goes
+through here: reading a packet header, checking that an Initial decrypts,
+Retry and Version Negotiation packets, the connection object and the few
+private attributes the proxy relies on. Swapping the QUIC library means
+rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
+
+Private aioquic attributes used, and why (``PRIVATE`` lists them; a test fails
+loudly when an aioquic upgrade removes one):
+
+- ``QuicConnection._write_stream_limits``: overridden so a request stream's
+  receive window follows what the proxy consumed, not what arrived.
+- ``QuicConnection._streams`` and ``QuicStreamSender._buffer_start/_buffer_stop``:
+  bytes written to a stream and not yet acknowledged (send back-pressure).
+- ``QuicConnection._handshake_complete``: 0-RTT requests are marked replayable.
+- ``QuicConnection._network_paths``: the client address of a request.
+- ``QuicConnection._close_event``: whether the connection is closing.
+- ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
+- ``aioquic._crypto.AEAD`` and ``HeaderProtection``: the C primitives that check
+  an Initial cheaply before any connection exists.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic._crypto import AEAD, HeaderProtection
+from aioquic.buffer import Buffer, BufferReadError
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.quic import events as quic_events
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.crypto import INITIAL_SALT_VERSION_1, INITIAL_SALT_VERSION_2
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    QuicProtocolVersion,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+
+__all__ = [
+    "PRIVATE",
+    "MIN_INITIAL_SIZE",
+    "Header",
+    "CreditedConnection",
+    "RetryTokens",
+    "client_configuration",
+    "events",
+    "initial_decrypts",
+    "parse_header",
+    "server_configuration",
+    "unacked_bytes",
+    "version_negotiation",
+]
+
+events = quic_events
+"The QUIC event classes (ConnectionTerminated, StreamReset, HandshakeCompleted, ...)."
+
+MIN_INITIAL_SIZE = SMALLEST_MAX_DATAGRAM_SIZE
+"A client's first datagram is padded to at least this size (RFC 9000 §14.1)."
+
+PRIVATE = [
+    (QuicConnection, "_write_stream_limits"),
+    (QuicConnection, "_on_max_stream_data_delivery"),
+    ("connection", "_streams"),
+    ("connection", "_handshake_complete"),
+    ("connection", "_network_paths"),
+    ("connection", "_close_event"),
+    ("sender", "_buffer_start"),
+    ("sender", "_buffer_stop"),
+    ("h3", "_local_control_stream_id"),
+]
+"(owner, attribute) pairs this module reads or overrides; checked by a test."
+
+_MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+
+
+def server_configuration(
+    *,
+    cert: str,
+    key: str,
+    idle_timeout: float,
+    max_datagram_size: int,
+    congestion_control: str,
+    stream_window: int,
+) -> QuicConfiguration:
+    configuration = QuicConfiguration(
+        alpn_protocols=H3_ALPN,
+        is_client=False,
+        idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size,
+        congestion_control_algorithm=congestion_control,
+        max_stream_data=stream_window,
+        max_data=16 * stream_window,
+    )
+    configuration.load_cert_chain(cert, key)
+    return configuration
+
+
+def client_configuration(**kw: Any) -> QuicConfiguration:
+    return QuicConfiguration(alpn_protocols=H3_ALPN, is_client=True, **kw)
+
+
+@dataclass
+class Header:
+    """What the listener needs of a packet's first header."""
+
+    long: bool
+    version: int | None
+    packet_type: Any
+    dcid: bytes
+    scid: bytes
+    token: bytes
+    encrypted_offset: int
+    packet_length: int
+
+    @property
+    def initial(self) -> bool:
+        return self.packet_type == QuicPacketType.INITIAL
+
+    @property
+    def negotiation(self) -> bool:
+        return self.packet_type == QuicPacketType.VERSION_NEGOTIATION
+
+
+def parse_header(data: bytes, cid_length: int) -> Header | None:
+    """The first packet header of a datagram, or None when it is not QUIC."""
+    if not data:
+        return None
+    if not data[0] & 0x80:  # short header: only the connection ID matters
+        if len(data) < 1 + cid_length or not data[0] & 0x40:
+            return None
+        dcid = data[1 : 1 + cid_length]
+        return Header(False, None, QuicPacketType.ONE_RTT, dcid, b"", b"", 0, len(data))
+    buf = Buffer(data=data)
+    try:
+        h = pull_quic_header(buf, host_cid_length=cid_length)
+    except (ValueError, BufferReadError):
+        return None
+    return Header(
+        True,
+        h.version,
+        h.packet_type,
+        h.destination_cid,
+        h.source_cid,
+        h.token,
+        buf.tell(),
+        h.packet_length,
+    )
+
+
+def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
+    """HKDF-Expand-Label (RFC 8446 §7.1) with SHA-256, for outputs of one hash block."""
+    full = b"tls13 " + label
+    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
+    return hmac.digest(secret, info + b"\x01", "sha256")[:length]
+
+
+def initial_decrypts(data: bytes, header: Header) -> bool:
+    """True when an Initial packet opens with the keys its DCID implies.
+
+    A forged Initial (a real one with its DCID rewritten, random bytes) fails
+    here, before any connection state exists for it. Only the client's
+    direction is derived, with the standard library's HMAC and aioquic's C
+    AEAD: this runs for every unknown Initial, so it has to be cheap."""
+    if header.version == QuicProtocolVersion.VERSION_2:
+        salt, prefix = INITIAL_SALT_VERSION_2, b"quicv2 "
+    elif header.version == QuicProtocolVersion.VERSION_1:
+        salt, prefix = INITIAL_SALT_VERSION_1, b"quic "
+    else:
+        return False
+    secret = _expand_label(hmac.digest(salt, header.dcid, "sha256"), b"client in", 32)
+    key = _expand_label(secret, prefix + b"key", 16)
+    iv = _expand_label(secret, prefix + b"iv", 12)
+    hp = _expand_label(secret, prefix + b"hp", 16)
+    packet = data[: header.packet_length]
+    try:
+        plain_header, packet_number = HeaderProtection(b"aes-128-ecb", hp).remove(
+            packet, header.encrypted_offset
+        )
+        AEAD(b"aes-128-gcm", key, iv).decrypt(
+            packet[len(plain_header) :], plain_header, packet_number
+        )
+    except Exception:
+        return False
+    return True
+
+
+def version_negotiation(header: Header, versions: list[int]) -> bytes:
+    return encode_quic_version_negotiation(
+        source_cid=header.dcid, destination_cid=header.scid, supported_versions=versions
+    )
+
+
+class RetryTokens:
+    """Stateless Retry: tokens bind the client address and the original DCID."""
+
+    def __init__(self) -> None:
+        self._handler = QuicRetryTokenHandler()
+
+    def retry_packet(self, header: Header, addr: Any, now: float) -> bytes:
+        assert header.version is not None
+        source_cid = os.urandom(8)
+        token = self._handler.create_token(
+            address=addr,
+            original_destination_connection_id=header.dcid,
+            retry_source_connection_id=source_cid,
+            now=now,
+        )
+        return encode_quic_retry(
+            version=header.version,
+            source_cid=source_cid,
+            destination_cid=header.scid,
+            original_destination_cid=header.dcid,
+            retry_token=token,
+        )
+
+    def validate(self, header: Header, addr: Any, now: float) -> bytes | None:
+        """The original DCID the token was issued for, or None if it is not ours/valid."""
+        try:
+            return self._handler.validate_token(
+                address=addr, destination_cid=header.dcid, token=header.token, now=now
+            )
+        except (ValueError, IndexError, BufferReadError):
+            return None
+
+
+class CreditedConnection(QuicConnection):
+    """QuicConnection whose request-stream receive windows follow what the proxy consumed.
+
+    aioquic raises a stream's window as data arrives, whether or not anyone read
+    it; here a stream listed in ``credit`` only gets the window it was granted,
+    so a slow upstream slows the client instead of filling memory.
+    """
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.credit: dict[int, int] = {}
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        limit = self.credit.get(stream.stream_id)
+        if limit is None:
+            super()._write_stream_limits(builder, space, stream)
+            return
+        stream.max_stream_data_local = max(stream.max_stream_data_local, limit)
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
+        buf = builder.start_frame(
+            QuicFrameType.MAX_STREAM_DATA,
+            capacity=_MAX_STREAM_DATA_CAPACITY,
+            handler=self._on_max_stream_data_delivery,
+            handler_args=(stream,),
+        )
+        buf.push_uint_var(stream.stream_id)
+        buf.push_uint_var(stream.max_stream_data_local)
+        stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    # ------------------------------------------------------------ private reads
+
+    @property
+    def handshake_complete(self) -> bool:
+        return bool(self._handshake_complete)
+
+    @property
+    def closing(self) -> bool:
+        return self._close_event is not None
+
+    @property
+    def peer(self) -> Any:
+        paths = self._network_paths
+        return paths[0].addr if paths else None
+
+    def has_stream(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    def unacked_total(self) -> int:
+        """Stream bytes sent and not yet acknowledged, all streams together."""
+        return sum(unacked_bytes(self, sid) for sid in self._streams)
+
+
+def unacked_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream and not yet acknowledged (what the QUIC core still holds)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    return int(stream.sender._buffer_stop - stream.sender._buffer_start)
+
+
+def control_stream(h3: H3Connection) -> int | None:
+    """The local HTTP/3 control stream, where GOAWAY goes."""
+    return h3._local_control_stream_id

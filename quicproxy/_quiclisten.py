@@ -1,0 +1,328 @@
+"""The QUIC listener: datagrams to connections, caps, address validation on demand.
+
+- Dispatch is one dictionary look-up by destination connection ID; a
+  connection keeps the set of its own IDs, so tearing it down is O(its IDs).
+- A datagram that cannot start a valid handshake creates no state: it must be
+  an Initial of at least 1200 bytes that decrypts with the keys its DCID
+  implies (forged or rewritten Initials fail here).
+- Caps: connections in total and per client address, handshakes in progress
+  in total and per address, bytes a connection may send before its handshake
+  completes, and a deadline for the handshake.
+- Above ``quic.retry_above`` handshakes in progress (or always, with
+  ``quic.retry``) a new Initial without a valid token gets a stateless Retry:
+  spoofed sources never come back with the token.
+- Output is flushed once per event-loop turn for every connection that has
+  something to send, through :class:`DatagramSocket` (GSO batching).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from aioquic.tls import SessionTicket
+
+from ._config import Config
+from ._h3 import H3Conn
+from ._handler import Handler
+from ._quic import (
+    MIN_INITIAL_SIZE,
+    CreditedConnection,
+    Header,
+    RetryTokens,
+    initial_decrypts,
+    parse_header,
+    server_configuration,
+    version_negotiation,
+)
+from ._sockets import bind_socket, plain_addr
+from ._udp import DatagramSocket
+
+__all__ = ["QuicListener", "start_quic_listener"]
+
+log = logging.getLogger("quicproxy")
+
+
+class _Tickets:
+    """Session tickets for 0-RTT, single use (limits replay), bounded."""
+
+    def __init__(self, limit: int = 10000) -> None:
+        self.limit = limit
+        self.tickets: dict[bytes, SessionTicket] = {}
+
+    def fetch(self, label: bytes) -> SessionTicket | None:
+        return self.tickets.pop(label, None)
+
+    def store(self, ticket: SessionTicket) -> None:
+        if len(self.tickets) >= self.limit:
+            self.tickets.pop(next(iter(self.tickets)))
+        self.tickets[ticket.ticket] = ticket
+
+
+class QuicListener:
+    """The UDP side of the https port."""
+
+    def __init__(self, cfg: Config, handler: Handler, cert: str, key: str) -> None:
+        q = cfg.quic
+        self.cfg = q
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.configuration = server_configuration(
+            cert=cert,
+            key=key,
+            idle_timeout=q.idle_timeout,
+            max_datagram_size=q.max_datagram_size,
+            congestion_control=q.congestion_control,
+            stream_window=q.stream_window,
+        )
+        self._cid_length = self.configuration.connection_id_length
+        self._versions = list(self.configuration.supported_versions)
+        self.tickets = _Tickets() if q.early_data else None
+        self.retry = RetryTokens()
+        self.by_cid: dict[bytes, H3Conn] = {}
+        self.connections: set[H3Conn] = set()
+        self.handshakes = 0
+        self.per_address: dict[str, int] = {}
+        "Connections per client address (handshaking or not)."
+        self.handshakes_per_address: dict[str, int] = {}
+        self.draining = False
+        self.socket: DatagramSocket | None = None
+        self.address: tuple[str, int] = ("", 0)
+        self._dirty: set[H3Conn] = set()
+        self._flush_scheduled = False
+        self.stats = dict.fromkeys(
+            ("refused", "retry", "invalid", "handshakes", "expired", "shed"), 0
+        )
+        self._budget = float(q.max_new_per_second)
+        self._budget_at = self.loop.time()
+
+    def bind(self, sock: Any) -> None:
+        self.socket = DatagramSocket(sock, self.datagram_received, self.flush, gso=self.cfg.gso)
+        self.address = plain_addr(self.socket.address)
+
+    # ------------------------------------------------------------------ input
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        header = parse_header(data, self._cid_length)
+        if header is None:
+            return
+        conn = self.by_cid.get(header.dcid)
+        if conn is not None:
+            self._receive(conn, data, addr)
+            return
+        if not header.long or header.negotiation:
+            return  # unknown short-header packet, or a Version Negotiation: no answer
+        if header.version not in self._versions:
+            if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
+                self._send([(version_negotiation(header, self._versions), addr)])
+            return
+        if header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining:
+            self._new_connection(header, data, addr)
+
+    def _receive(self, conn: H3Conn, data: bytes, addr: Any) -> None:
+        try:
+            conn.receive(data, addr, self.loop.time())
+        except Exception:
+            log.exception("QUIC connection from %s failed", conn.client[0])
+            conn.terminated()
+            return
+        if conn.handshaking and conn.received_bytes > self.cfg.max_handshake_bytes:
+            self.stats["refused"] += 1
+            log.info("QUIC handshake from %s sent too much: dropped", conn.client[0])
+            conn.terminated()
+
+    def _refuse(self, why: str) -> None:
+        self.stats["refused"] += 1
+        self.handler.metrics.events[f"quic_refused_{why}"] += 1
+
+    def _examine_budget(self) -> bool:
+        """Token bucket for Initials of unknown connections: checking one costs crypto,
+        so a flood beyond the rate is dropped unread (real clients retransmit)."""
+        now = self.loop.time()
+        rate = self.cfg.max_new_per_second
+        self._budget = min(float(rate), self._budget + (now - self._budget_at) * rate)
+        self._budget_at = now
+        if self._budget < 1:
+            return False
+        self._budget -= 1
+        return True
+
+    def _new_connection(self, header: Header, data: bytes, addr: Any) -> None:
+        q = self.cfg
+        if not self._examine_budget():
+            self.stats["shed"] += 1
+            return
+        if not initial_decrypts(data, header):
+            self.stats["invalid"] += 1
+            return
+        now = self.loop.time()
+        original_dcid = None
+        if header.token:
+            original_dcid = self.retry.validate(header, addr, now)
+        host = plain_addr(addr)[0]
+        if original_dcid is None:
+            if q.retry or self.handshakes >= q.retry_above:
+                self.stats["retry"] += 1
+                self.handler.metrics.events["quic_retry_sent"] += 1
+                self._send([(self.retry.retry_packet(header, addr, now), addr)])
+                return
+        if len(self.connections) >= q.max_connections:
+            return self._refuse("connections")
+        if self.handshakes >= q.max_handshakes:
+            return self._refuse("handshakes")
+        if self.handshakes_per_address.get(host, 0) >= q.max_handshakes_per_address:
+            return self._refuse("address_handshakes")
+        if self.per_address.get(host, 0) >= q.max_connections_per_address:
+            return self._refuse("address_connections")
+        tickets = self.tickets
+        quic = CreditedConnection(
+            configuration=self.configuration,
+            original_destination_connection_id=original_dcid or header.dcid,
+            retry_source_connection_id=header.dcid if original_dcid else None,
+            session_ticket_fetcher=tickets.fetch if tickets else None,
+            session_ticket_handler=tickets.store if tickets else None,
+        )
+        conn = H3Conn(quic, self, self.handler, addr)
+        self.connections.add(conn)
+        self.handshakes += 1
+        self.stats["handshakes"] += 1
+        self.per_address[host] = self.per_address.get(host, 0) + 1
+        self.handshakes_per_address[host] = self.handshakes_per_address.get(host, 0) + 1
+        self.cid_issued(conn, header.dcid)
+        self.cid_issued(conn, quic.host_cid)
+        self.loop.call_later(q.handshake_timeout, self._handshake_deadline, conn)
+        self._receive(conn, data, addr)
+
+    def _handshake_deadline(self, conn: H3Conn) -> None:
+        if conn.handshaking and not conn.closed:
+            self.stats["expired"] += 1
+            conn.terminated()
+
+    # ------------------------------------------------------------------ connection callbacks
+
+    def cid_issued(self, conn: H3Conn, cid: bytes) -> None:
+        if not conn.closed:
+            self.by_cid[cid] = conn
+            conn.cids.add(cid)
+
+    def cid_retired(self, conn: H3Conn, cid: bytes) -> None:
+        if self.by_cid.get(cid) is conn:
+            del self.by_cid[cid]
+        conn.cids.discard(cid)
+
+    def handshake_done(self, conn: H3Conn) -> None:
+        if conn.handshaking:
+            conn.handshaking = False
+            self.handshakes -= 1
+            _decrement(self.handshakes_per_address, conn.client[0])
+            self.handler.metrics.events["quic_handshakes"] += 1
+
+    def remove(self, conn: H3Conn) -> None:
+        """Forget a connection: O(number of its connection IDs)."""
+        for cid in conn.cids:
+            if self.by_cid.get(cid) is conn:
+                del self.by_cid[cid]
+        conn.cids.clear()
+        if conn in self.connections:
+            self.connections.discard(conn)
+            _decrement(self.per_address, conn.client[0])
+            if conn.handshaking:
+                conn.handshaking = False
+                self.handshakes -= 1
+                _decrement(self.handshakes_per_address, conn.client[0])
+        self._dirty.discard(conn)
+
+    # ------------------------------------------------------------------ output
+
+    def dirty(self, conn: H3Conn) -> None:
+        self._dirty.add(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send what every connection with news has to send, and re-arm its timer."""
+        self._flush_scheduled = False
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        now = self.loop.time()
+        out: list[tuple[bytes, Any]] = []
+        for conn in dirty:
+            if conn.closed:
+                continue
+            out.extend(conn.quic.datagrams_to_send(now=now))
+            self._arm(conn)
+        if out:
+            self._send(out)
+
+    def flush_one(self, conn: H3Conn) -> None:
+        """Send one connection's queued datagrams now (before it closes)."""
+        self._dirty.discard(conn)
+        if not conn.closed:
+            self._send(conn.quic.datagrams_to_send(now=self.loop.time()))
+
+    def _arm(self, conn: H3Conn) -> None:
+        at = conn.quic.get_timer()
+        if conn.timer is not None and conn.timer_at != at:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.timer is None and at is not None:
+            conn.timer = self.loop.call_at(at, self._on_timer, conn)
+        conn.timer_at = at
+
+    def _on_timer(self, conn: H3Conn) -> None:
+        if conn.closed:
+            return
+        try:
+            conn.on_timer()
+        except Exception:
+            log.exception("QUIC timer for %s failed", conn.client[0])
+            conn.terminated()
+            return
+        self.dirty(conn)
+
+    def _send(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        if self.socket is not None:
+            self.socket.send(datagrams)
+
+    # ------------------------------------------------------------------ life cycle
+
+    def drain(self) -> None:
+        """Stop taking new connections; GOAWAY on every open one."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.shutdown()
+
+    async def wait_closed(self, seconds: float) -> None:
+        """Wait (bounded) for connections to finish their graceful close."""
+        deadline = self.loop.time() + seconds
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.close()
+        self.flush()
+        for conn in list(self.connections):
+            conn.terminated()
+        if self.socket is not None:
+            self.socket.close()
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
+async def start_quic_listener(
+    cfg: Config, handler: Handler, cert: str, key: str, host: str, port: int, reuse_port: bool
+) -> QuicListener:
+    listener = QuicListener(cfg, handler, cert, key)
+    listener.bind(bind_socket(host, port, socket.SOCK_DGRAM, reuse_port))
+    return listener

@@ -1,0 +1,232 @@
+"""Request streams of one multiplexed connection, for HTTP/2 and HTTP/3 alike.
+
+The life of a stream is written once here: admit a request (or refuse it while
+draining), give body credit back as the proxy consumes it, cancel the upstream
+request at once when the client resets the stream, count resets and answer
+abuse (CVE-2023-44487, "rapid reset") by closing the connection, signal a
+truncated response with a stream reset, and drain an unread body after an
+early answer. The h2 and h3 adapters only translate their protocol's events
+into calls on :class:`Streams` and implement :class:`StreamOps`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from ._errors import ProxyError
+from ._handler import Handler
+from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, Response
+from ._pseudo import request_from_pseudo
+
+__all__ = ["Streams", "StreamOps", "RateWindow"]
+
+log = logging.getLogger("quicproxy")
+
+
+class StreamOps(Protocol):
+    """What a multiplexed protocol does for :class:`Streams`."""
+
+    def send_head(self, sid: int, status: int, headers: Headers) -> None: ...
+    async def send_data(self, sid: int, data: bytes) -> None: ...
+    def send_end(self, sid: int) -> None: ...
+    async def flush(self) -> None: ...
+    def reset(self, sid: int, why: str) -> None:
+        """Reset a stream: why is 'refused', 'internal', 'protocol' or 'done'."""
+
+    def stop_reading(self, sid: int) -> None: ...
+    def grant(self, sid: int, size: int) -> None: ...
+    def excessive_load(self, why: str) -> None:
+        """Close the connection for abuse (GOAWAY with ENHANCE_YOUR_CALM / H3_EXCESSIVE_LOAD)."""
+
+    def idle(self) -> None:
+        """Called when the connection is draining and its last stream finished."""
+
+
+class RateWindow:
+    """Counts events in a fixed window; ``hit`` is True once over ``limit`` in ``seconds``."""
+
+    def __init__(self, limit: int, seconds: float) -> None:
+        self.limit = limit
+        self.seconds = seconds
+        self._start = time.monotonic()
+        self.count = 0
+
+    def hit(self, n: int = 1) -> bool:
+        now = time.monotonic()
+        if now - self._start > self.seconds:
+            self._start = now
+            self.count = 0
+        self.count += n
+        return self.limit > 0 and self.count > self.limit
+
+
+class _Writer:
+    def __init__(self, ops: StreamOps, sid: int) -> None:
+        self.ops = ops
+        self.sid = sid
+
+    async def send_head(self, status: int, headers: Headers) -> None:
+        self.ops.send_head(self.sid, status, headers)
+        await self.ops.flush()
+
+    async def send_data(self, data: bytes) -> None:
+        await self.ops.send_data(self.sid, data)
+
+    async def send_end(self) -> None:
+        self.ops.send_end(self.sid)
+        await self.ops.flush()
+
+    def abort(self) -> None:
+        self.ops.reset(self.sid, "internal")
+
+
+class Streams:
+    """The open request streams of one connection."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        ops: StreamOps,
+        protocol: str,
+        client: tuple[str, int],
+        server: tuple[str, int],
+    ) -> None:
+        self.handler = handler
+        self.ops = ops
+        self.protocol = protocol
+        self.client = client
+        self.server = server
+        self.bodies: dict[int, Body] = {}
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.closing = False
+        self.last_stream = -1
+        "Highest stream id admitted so far (-1: none)."
+        limits = handler.cfg.limits
+        self.resets = RateWindow(limits.max_resets, limits.abuse_window)
+        self.abusive = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.tasks)
+
+    def open(
+        self,
+        sid: int,
+        raw: Headers,
+        ended: bool,
+        grant: Callable[[int], None],
+        early_data: bool = False,
+    ) -> bool:
+        """Admit a request whose headers arrived; False when it was refused."""
+        if self.closing or self.abusive:
+            self.ops.reset(sid, "refused")
+            return False
+        self.last_stream = max(self.last_stream, sid)
+        body = Body(on_consumed=grant)
+        if ended:
+            body.end()
+        try:
+            req = request_from_pseudo(raw, self.protocol, self.client, self.server, body)
+        except ProxyError as exc:
+            log.info("refused %s request from %s: %s", self.protocol, self.client[0], exc)
+            self.bodies[sid] = body
+            self.tasks[sid] = asyncio.ensure_future(self._answer(sid, body, exc))
+            return True
+        except ValueError as exc:
+            log.info("malformed %s request from %s: %s", self.protocol, self.client[0], exc)
+            self.ops.reset(sid, "protocol")
+            return False
+        req.early_data = early_data
+        self.bodies[sid] = body
+        self.tasks[sid] = asyncio.ensure_future(self._exchange(sid, req))
+        return True
+
+    def data(self, sid: int, data: bytes, ended: bool) -> bool:
+        """Body bytes for a stream; False when nobody takes them (stream gone)."""
+        body = self.bodies.get(sid)
+        if body is None:
+            return False
+        body.feed(data)
+        if ended:
+            body.end()
+        return True
+
+    def end(self, sid: int) -> None:
+        body = self.bodies.get(sid)
+        if body is not None:
+            body.end()
+
+    def peer_reset(self, sid: int) -> None:
+        """The client reset a stream: stop its upstream request now."""
+        body = self.bodies.pop(sid, None)
+        task = self.tasks.pop(sid, None)
+        if body is not None and not body.ended:
+            body.abort(ConnectionError("stream reset by client"))
+        if task is not None and not task.done():
+            task.cancel()
+            self.handler.metrics.events["stream_resets"] += 1
+            if self.resets.hit() and not self.abusive:
+                self.abusive = True
+                log.warning(
+                    "%s connection from %s reset %d streams in %.0fs: closing it",
+                    self.protocol,
+                    self.client[0],
+                    self.resets.count,
+                    self.resets.seconds,
+                )
+                self.ops.excessive_load("too many stream resets")
+
+    def close_all(self, why: str) -> None:
+        """The connection is gone: every stream ends now."""
+        for sid in list(self.tasks):
+            body = self.bodies.pop(sid, None)
+            if body is not None and not body.ended:
+                body.abort(ConnectionError(why))
+            task = self.tasks.pop(sid)
+            task.cancel()
+
+    def drain(self) -> None:
+        self.closing = True
+
+    # ------------------------------------------------------------------ one stream
+
+    async def _exchange(self, sid: int, req: Request) -> None:
+        try:
+            await self.handler.exchange(req, _Writer(self.ops, sid))
+            await self._after_answer(sid, req.body)
+        except (asyncio.CancelledError, ConnectionError, OSError):
+            pass  # reset by the client or connection gone: nothing left to tell anyone
+        finally:
+            self._done(sid)
+
+    async def _answer(self, sid: int, body: Body, exc: ProxyError) -> None:
+        """A request refused before it was built (e.g. CONNECT): status + short reason."""
+        try:
+            resp = Response.text(exc.status, f"{exc.status} {exc.reason}\n")
+            writer = _Writer(self.ops, sid)
+            await writer.send_head(resp.status, resp.headers)
+            async for chunk in resp.body:
+                await writer.send_data(chunk)
+            await writer.send_end()
+            await self._after_answer(sid, body)
+        except (asyncio.CancelledError, ConnectionError, OSError):
+            pass
+        finally:
+            self._done(sid)
+
+    async def _after_answer(self, sid: int, body: Body) -> None:
+        if not body.ended and sid in self.tasks:
+            # Answered before the whole request body came: take the rest (bounded),
+            # then stop the upload if it is still going.
+            if not await body.discard(DISCARD_SECONDS, DISCARD_BYTES):
+                self.ops.stop_reading(sid)
+
+    def _done(self, sid: int) -> None:
+        self.tasks.pop(sid, None)
+        self.bodies.pop(sid, None)
+        if self.closing and not self.tasks:
+            self.ops.idle()

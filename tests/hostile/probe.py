@@ -1,0 +1,99 @@
+"""Tools for attack tests: a health prober, process memory and descriptors, raw QUIC packets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import time
+from typing import Any
+
+import httpx
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+
+def rss_kib() -> int:
+    """Resident memory of this process (the in-process proxy), KiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class HealthProbe:
+    """Asks /_gwhealthz on the plain port every ``every`` seconds while an attack runs;
+    records the slowest answer and every failure."""
+
+    def __init__(self, port: int, every: float = 0.2) -> None:
+        self.url = f"http://127.0.0.1:{port}/_gwhealthz"
+        self.every = every
+        self.slowest = 0.0
+        self.answers = 0
+        self.failures: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while True:
+                started = time.monotonic()
+                try:
+                    resp = await client.get(self.url)
+                    if resp.status_code != 200:
+                        self.failures.append(f"status {resp.status_code}")
+                    self.answers += 1
+                except httpx.HTTPError as exc:
+                    self.failures.append(repr(exc))
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                await asyncio.sleep(self.every)
+
+    async def __aenter__(self) -> HealthProbe:
+        self._task = asyncio.ensure_future(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+def client_initial(port: int, host: str = "127.0.0.1") -> bytes:
+    """The first datagram (a padded Initial with a ClientHello) of a real aioquic client."""
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="localhost")
+    cfg.verify_mode = ssl.CERT_NONE
+    conn = QuicConnection(configuration=cfg)
+    conn.connect((host, port), now=time.monotonic())
+    data, _ = conn.datagrams_to_send(now=time.monotonic())[0]
+    return data
+
+
+def udp_socket(host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    return sock
+
+
+def send_paced(sock: socket.socket, packets: list[bytes], port: int, seconds: float) -> int:
+    """Send ``packets`` to the proxy evenly over ``seconds`` (runs in a thread)."""
+    start = time.monotonic()
+    sent = 0
+    for i, data in enumerate(packets):
+        try:
+            sock.sendto(data, ("127.0.0.1", port))
+            sent += 1
+        except OSError:
+            pass
+        ahead = start + seconds * (i + 1) / len(packets) - time.monotonic()
+        if ahead > 0.002:
+            time.sleep(ahead)
+    return sent
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

@@ -1,0 +1,168 @@
+"""QUIC listener under forged and abusive handshakes: no state for junk, Retry under load,
+caps per address, handshake deadline; other clients keep being served throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+
+from tests.helpers import fetch, h3
+from tests.hostile.probe import (
+    HealthProbe,
+    client_initial,
+    in_thread,
+    rss_kib,
+    send_paced,
+    udp_socket,
+)
+
+DCID = slice(6, 14)  # aioquic clients use 8-byte connection IDs: bytes 6..13 of an Initial
+
+
+def forged(initial: bytes, count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        data = bytearray(initial)
+        data[DCID] = rng.randbytes(8)
+        out.append(bytes(data))
+    return out
+
+
+async def test_forged_initials_create_no_state_and_health_stays_fast(make_proxy, backend, certs):
+    proxy = await make_proxy(backend)
+    port = proxy.https_port
+    real = client_initial(port)
+    assert real[5] == 8 and len(real) >= 1200
+    packets = forged(real, 8000, seed=1)
+    rss_before = rss_kib()
+    sock = udp_socket()
+    async with HealthProbe(proxy.http_port) as probe:
+        sent = await in_thread(send_paced, sock, packets, port, 4.0)
+        await asyncio.sleep(0.5)
+        status, _, _ = await fetch(proxy, certs, "h3", "GET", "/during")
+    sock.close()
+    listener = proxy._quic
+    assert sent == 8000
+    assert listener.stats["handshakes"] <= 1  # only our own request's connection
+    # every datagram was refused unread (over the rate), or examined and found forged
+    assert listener.stats["invalid"] + listener.stats["shed"] >= 4000
+    assert status == 200
+    assert probe.failures == [] and probe.answers >= 10
+    assert probe.slowest < 1.0, f"health took {probe.slowest:.2f}s during the flood"
+    grown = rss_kib() - rss_before
+    assert grown < 30 * 1024, f"RSS grew {grown} KiB"
+    print(f"forged flood: health slowest {probe.slowest * 1000:.0f} ms, RSS +{grown} KiB")
+
+
+def valid_initials(port: int, count: int) -> list[bytes]:
+    return [client_initial(port) for _ in range(count)]
+
+
+async def test_handshake_flood_from_many_addresses_gets_retry_and_expires(
+    make_proxy, backend, certs
+):
+    proxy = await make_proxy(
+        backend, quic={"retry_above": 40, "handshake_timeout": 2.0, "max_handshakes": 500}
+    )
+    port = proxy.https_port
+    packets = await in_thread(valid_initials, port, 1200)
+    socks = [udp_socket(f"127.0.0.{2 + i}") for i in range(100)]  # "spoofed" sources
+    listener = proxy._quic
+    peak = 0
+
+    def flood() -> None:
+        for i in range(0, len(packets), 100):
+            for j, data in enumerate(packets[i : i + 100]):
+                socks[j].sendto(data, ("127.0.0.1", port))
+            time.sleep(0.1)
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, len(listener.connections))
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.ensure_future(watch())
+    async with HealthProbe(proxy.http_port) as probe, h3(proxy, certs) as open_conn:
+        assert (await open_conn.request("GET", "/before")).status == 200
+        flooding = asyncio.ensure_future(in_thread(flood))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        during = await open_conn.request("GET", "/during")  # an established connection
+        took = time.monotonic() - started
+        status, _, _ = await fetch(proxy, certs, "h3", "GET", "/new")  # answers the Retry
+        await flooding
+    watcher.cancel()
+    for s in socks:
+        s.close()
+    assert during.status == 200 and took < 1.0, f"established h3 took {took:.2f}s"
+    assert status == 200
+    assert probe.failures == [] and probe.slowest < 1.0
+    assert peak <= 42  # the flood's handshakes up to retry_above (+ our own two clients)
+    assert listener.stats["retry"] >= 1000
+    await asyncio.sleep(2.5)  # handshake_timeout: the flood's half-open connections go
+    assert len(listener.connections) == 0 and len(listener.by_cid) == 0
+    assert listener.handshakes == 0 and listener.per_address == {}
+    print(f"handshake flood: peak {peak} connections, {listener.stats['retry']} Retry sent")
+
+
+async def test_one_address_is_capped_in_handshakes(make_proxy, backend, certs):
+    proxy = await make_proxy(
+        backend, quic={"retry_above": 10000, "max_handshakes_per_address": 20}
+    )
+    port = proxy.https_port
+    packets = await in_thread(valid_initials, port, 200)
+    sock = udp_socket("127.0.0.9")
+    await in_thread(send_paced, sock, packets, port, 1.0)
+    await asyncio.sleep(0.3)
+    sock.close()
+    listener = proxy._quic
+    assert listener.per_address.get("127.0.0.9", 0) == 20
+    assert listener.stats["refused"] >= 150
+    status, _, _ = await fetch(proxy, certs, "h3", "GET", "/other-address")
+    assert status == 200
+
+
+async def test_too_much_data_before_the_handshake_drops_the_connection(make_proxy, backend):
+    proxy = await make_proxy(backend, quic={"max_handshake_bytes": 20000})
+    port = proxy.https_port
+    first = client_initial(port)
+    sock = udp_socket()
+    # The first Initial opens a connection; the same DCID again and again is more
+    # handshake data than allowed.
+    await in_thread(send_paced, sock, [first] * 40, port, 0.4)
+    await asyncio.sleep(0.3)
+    sock.close()
+    listener = proxy._quic
+    # 40 x 1200 bytes: each connection the copies open is dropped past 20,000 bytes
+    assert listener.stats["refused"] >= 2
+    assert all(c.received_bytes <= 20000 for c in listener.connections)
+    assert listener.stats["handshakes"] == listener.stats["refused"] + len(listener.connections)
+
+
+async def test_garbage_and_unknown_versions_get_nothing_or_version_negotiation(
+    make_proxy, backend
+):
+    proxy = await make_proxy(backend)
+    port = proxy.https_port
+    sock = udp_socket()
+    sock.settimeout(0.5)
+    rng = random.Random(3)
+    for size in (1, 20, 1199, 1200, 1500):
+        sock.sendto(rng.randbytes(size), ("127.0.0.1", port))
+    initial = bytearray(client_initial(port))
+    initial[1:5] = (0x1A2A3A4A).to_bytes(4, "big")  # a version we do not speak
+    sock.sendto(bytes(initial), ("127.0.0.1", port))
+    answers = []
+    try:
+        while True:
+            answers.append(sock.recv(65535))
+    except TimeoutError:
+        pass
+    sock.close()
+    assert len(answers) == 1 and answers[0][1:5] == b"\0\0\0\0"  # Version Negotiation
+    assert len(proxy._quic.connections) == 0
+    assert os.path.exists("/proc/self/fd")

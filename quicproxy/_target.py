@@ -122,6 +122,4 @@ def check_request(req: Request, max_fields: int) -> None:
 
 def options_response() -> Response:
     """The proxy's own answer to ``OPTIONS *``."""
-    resp = Response.text(200, "")
-    resp.headers.append(("allow", _ALLOW))
-    return resp
+    return Response(200, [("allow", _ALLOW), ("content-length", "0")], content_length=0)

@@ -145,9 +145,14 @@ async def _serve(cfg: Config, reuse_port: bool, banner: bool) -> int:
     return await proxy.serve_forever()
 
 
+def _exit_now(_signum: int, _frame: object) -> None:
+    """SIGTERM while a worker starts: nothing to drain yet."""
+    sys.exit(0)
+
+
 def _worker(cfg: Config, banner: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handler
+    signal.signal(signal.SIGTERM, _exit_now)  # until serve_forever drains on SIGTERM
     try:
         code = asyncio.run(_serve(cfg, True, banner))
     except ConfigError as exc:

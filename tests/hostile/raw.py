@@ -47,9 +47,7 @@ async def exchange(
     """Send ``data`` on a new connection, read until the proxy closes (or ``timeout``)."""
     host = "localhost" if ssl_ctx else "127.0.0.1"
     local_addr = (local, 0) if local else None
-    reader, writer = await asyncio.open_connection(
-        host, port, ssl=ssl_ctx, local_addr=local_addr
-    )
+    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_ctx, local_addr=local_addr)
     try:
         writer.write(data)
         await writer.drain()

@@ -27,7 +27,8 @@ async def edge(make_proxy, backend):
 async def test_content_length_with_transfer_encoding_is_400_and_closed(edge, backend):
     head = (
         b"POST /smuggle HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /second HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"GET /second HTTP/1.1\r\nHost: localhost\r\n\r\n"
     )
     answer = await plain(edge, head)
     assert status_of(answer) == 400
@@ -72,7 +73,8 @@ async def test_absolute_form_for_another_host_is_400(edge, backend):
 
 
 async def test_options_star_is_answered_by_the_proxy(edge, backend):
-    answer = await plain(edge, b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    head = b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    answer = await plain(edge, head)
     assert status_of(answer) == 200
     assert b"allow: get, head" in answer.lower()
     assert backend.requests == []
@@ -115,7 +117,8 @@ async def test_bad_host_is_400_never_a_redirect(proxy, backend, host):
 
 
 async def test_good_host_still_redirects(proxy):
-    answer = await exchange(proxy.http_port, b"GET /a HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", timeout=1)
+    head = b"GET /a HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"
+    answer = await exchange(proxy.http_port, head, timeout=1)
     assert status_of(answer) == 308
     assert f"location: https://[::1]:{proxy.https_port}/a".encode() in answer.lower()
 

@@ -159,6 +159,10 @@ class Proxy:
             return
         try:
             await self._serve_conn(reader, writer, kind)
+        except asyncio.CancelledError:
+            # The loop is going away after a drain: asyncio's stream callback would
+            # log the cancellation of this task as an error.
+            writer.transport.abort()
         except Exception:  # a bug, not the client: one traceback, the listener goes on
             log.exception("connection from %s failed", peer)
             writer.transport.abort()
@@ -215,11 +219,25 @@ class Proxy:
             writer = getattr(conn, "writer", None)
             if writer is not None:
                 writer.close()
+        await self._drop_connections(1.0)
         await self.handler.upstream.aclose()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
         self._stopped.set()
         return clean
+
+    async def _drop_connections(self, wait: float) -> None:
+        """Give closing connections ``wait`` seconds to flush, then abort the rest
+        (a client that stopped reading would otherwise hold the exit up)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while self._conns and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self._conns):
+            writer = getattr(conn, "writer", None)
+            if writer is not None:
+                writer.transport.abort()
+        await asyncio.sleep(0)  # let the aborted connections' tasks see it
 
     async def serve_forever(self) -> int:
         """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code."""

@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
-from tests.hostile.raw import exchange, fd_count, fds_back_to, health_seconds, status_of
+import pytest
+
+from tests.hostile.raw import (
+    exchange,
+    fd_count,
+    fds_back_to,
+    health_seconds,
+    status_of,
+    tls_context,
+)
 
 HEAD = b"GET /slowloris HTTP/1.1\r\nHost: localhost\r\nX-Padding: " + b"a" * 200 + b"\r\n\r\n"
 
 
-async def _trickle(port: int, closed_after: list[float], stop: asyncio.Event) -> None:
+async def _trickle(
+    port: int, closed_after: list[float], stop: asyncio.Event, ssl_ctx: Any = None
+) -> None:
     """Send the request head one byte every 0.5 s; note when the proxy closes."""
     started = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    host = "localhost" if ssl_ctx else "127.0.0.1"
+    reader, writer = await asyncio.open_connection(host, port, ssl=ssl_ctx)
     try:
         for byte in HEAD:
             if stop.is_set():
@@ -32,23 +45,31 @@ async def _trickle(port: int, closed_after: list[float], stop: asyncio.Event) ->
         writer.transport.abort()
 
 
-async def test_slowloris_connections_are_closed_by_the_header_deadline(make_proxy, backend):
+@pytest.mark.parametrize(("kind", "count"), [("plain", 200), ("tls", 50)])
+async def test_slowloris_connections_are_closed_by_the_header_deadline(
+    make_proxy, backend, certs, kind, count
+):
     proxy = await make_proxy(backend, timeouts={"header": 2})
     baseline = fd_count()
     closed_after: list[float] = []
     stop = asyncio.Event()
-    attack = [
-        asyncio.ensure_future(_trickle(proxy.http_port, closed_after, stop)) for _ in range(200)
-    ]
+    port, ctx = (proxy.https_port, tls_context(certs)) if kind == "tls" else (proxy.http_port, None)
+    attack = [asyncio.ensure_future(_trickle(port, closed_after, stop, ctx)) for _ in range(count)]
     await asyncio.sleep(1)
     latencies = [await health_seconds(proxy) for _ in range(5)]
     await asyncio.wait(attack, timeout=6)
     stop.set()
     await asyncio.gather(*attack)
-    assert len(closed_after) == 200, "some slowloris connections were never closed"
+    assert len(closed_after) == count, "some slowloris connections were never closed"
     assert max(closed_after) < 2 + 1.5, max(closed_after)
     assert max(latencies) < 1.0, latencies
-    assert await fds_back_to(baseline) <= baseline + 2
+    after = await fds_back_to(baseline)
+    print(
+        f"slowloris {kind} x{count}: closed after {min(closed_after):.2f}-"
+        f"{max(closed_after):.2f} s, health max {max(latencies) * 1000:.0f} ms, "
+        f"fds {baseline} -> {after}"
+    )
+    assert after <= baseline + 2
     assert backend.requests == []
 
 

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.backend import Backend
-from tests.helpers import free_port
+from tests.helpers import free_port, need_tool
 from tests.hostile.raw import exchange, status_of
+
+
+def listeners_of(port: int) -> str:
+    """`ss` line(s) of the TCP listeners on ``port``, naming their processes."""
+    ss = need_tool("ss", "apt-get install iproute2")
+    cmd = [ss, "-ltnpH", f"sport = :{port}"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
 def workers_of(pid: int) -> list[int]:
@@ -71,13 +78,15 @@ async def exit_code(proc: Any) -> int:
 
 async def test_worker_killed_with_sigkill_is_restarted_and_parent_exits_nonzero(tmp_path):
     async with two_workers(tmp_path) as (proc, http, log):
-        victim = workers_of(proc.pid)[0]
+        before = workers_of(proc.pid)
+        victim = before[0]
         os.kill(victim, signal.SIGKILL)
         await until(lambda: "killed by signal SIGKILL" in log.read_text(), 10, "the log line")
         answers = [await health(http) for _ in range(10)]  # the other worker answers meanwhile
         await until(lambda: len(workers_of(proc.pid)) == 2, 10, "a replacement worker")
         assert victim not in workers_of(proc.pid)
-        await asyncio.sleep(1)  # the replacement has bound its sockets
+        [replacement] = set(workers_of(proc.pid)) - {victim} - set(before)
+        await until(lambda: f"pid={replacement}," in listeners_of(http), 10, "it listening")
         answers += [await health(http) for _ in range(20)]
         assert [status for status, _ in answers] == [200] * 30
         assert max(seconds for _, seconds in answers) < 1.0

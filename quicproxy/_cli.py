@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import time
 from typing import Any, NoReturn
 
 from . import __version__
@@ -18,6 +21,8 @@ from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
 
 __all__ = ["main"]
+
+log = logging.getLogger("quicproxy")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,14 +145,113 @@ async def _serve(cfg: Config, reuse_port: bool, banner: bool) -> int:
     return await proxy.serve_forever()
 
 
+def _exit_now(_signum: int, _frame: object) -> None:
+    """SIGTERM while a worker starts: nothing to drain yet."""
+    sys.exit(0)
+
+
 def _worker(cfg: Config, banner: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_now)  # until serve_forever drains on SIGTERM
     try:
         code = asyncio.run(_serve(cfg, True, banner))
     except ConfigError as exc:
         print(f"quicproxy: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class _Supervisor:
+    """Keeps ``cfg.workers`` worker processes running until SIGTERM/SIGINT.
+
+    A worker that dies is restarted after a backoff (0.5 s, doubling up to 30 s
+    while workers keep dying within a minute of their start), with one log line
+    naming its exit status or signal. A worker that exits with status 2 (bad
+    config, port in use) is not restarted: everything stops. The exit code is 1
+    when any worker died abnormally (signal or non-zero status) during the run,
+    2 for a start failure, else 0."""
+
+    BACKOFF_MAX = 30.0
+    STABLE = 60.0
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.ctx = multiprocessing.get_context("fork")
+        self.procs: dict[int, Any] = {}
+        self.started: dict[int, float] = {}
+        self.due: dict[int, float] = {}
+        "Slot -> monotonic time its replacement starts."
+        self.backoff = 0.5
+        self.stopping = False
+        self.abnormal = False
+        self.code = 0
+
+    def start(self, slot: int, banner: bool) -> None:
+        proc = self.ctx.Process(target=_worker, args=(self.cfg, banner), daemon=False)
+        proc.start()
+        self.procs[slot] = proc
+        self.started[slot] = time.monotonic()
+
+    def stop(self, _signum: int = 0, _frame: object = None) -> None:
+        self.stopping = True
+        self.due.clear()
+        for proc in self.procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    def _reap(self, slot: int) -> None:
+        proc = self.procs.pop(slot)
+        proc.join()
+        code = proc.exitcode
+        if self.stopping and code == 0:
+            return
+        self.abnormal = self.abnormal or code != 0
+        if code == 2:
+            log.error("worker %d (pid %d) could not start (status 2): stopping", slot, proc.pid)
+            self.code = 2
+            self.stop()
+            return
+        if self.stopping:
+            log.error("worker %d (pid %d) %s while stopping", slot, proc.pid, _exit_text(code))
+            return
+        if time.monotonic() - self.started[slot] > self.STABLE:
+            self.backoff = 0.5
+        log.error(
+            "worker %d (pid %d) %s; restarting it in %g s",
+            slot,
+            proc.pid,
+            _exit_text(code),
+            self.backoff,
+        )
+        self.due[slot] = time.monotonic() + self.backoff
+        self.backoff = min(self.backoff * 2, self.BACKOFF_MAX)
+
+    def run(self) -> int:
+        for slot in range(self.cfg.workers):
+            self.start(slot, slot == 0)
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        while self.procs or self.due:
+            now = time.monotonic()
+            for slot, when in list(self.due.items()):
+                if when <= now:
+                    del self.due[slot]
+                    self.start(slot, False)
+            wait = min((when - now for when in self.due.values()), default=1.0)
+            sentinels = {proc.sentinel: slot for slot, proc in self.procs.items()}
+            for ready in multiprocessing.connection.wait(list(sentinels), max(0.0, wait)):
+                self._reap(sentinels[ready])
+        return self.code or (1 if self.abnormal else 0)
 
 
 def _run_workers(cfg: Config) -> int:
@@ -160,23 +264,7 @@ def _run_workers(cfg: Config) -> int:
         )
     cfg.listen.http_port, cfg.listen.https_port = http, https
     cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
-    ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=_worker, args=(cfg, i == 0), daemon=False) for i in range(cfg.workers)
-    ]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in procs:
-        proc.join()
-    return max((proc.exitcode or 0) for proc in procs)
+    return _Supervisor(cfg).run()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "TlsConfig",
     "QuicConfig",
     "LimitsConfig",
+    "TimeoutsConfig",
     "UpstreamConfig",
     "WafConfig",
     "Route",
@@ -59,6 +60,8 @@ class ListenConfig:
     "Port advertised in Alt-Svc (public port behind a hostPort/Service); default https_port."
     plain_http: str = "redirect"
     "What the plain HTTP port does: 'redirect' to https (308) or 'proxy'."
+    backlog: int = 1024
+    "TCP listen backlog handed to the kernel (capped by net.core.somaxconn)."
 
 
 @dataclass
@@ -117,10 +120,24 @@ class LimitsConfig:
     "HTTP/2 SETTINGS/PING/PRIORITY/empty frames per abuse_window before the connection is closed."
     abuse_window: float = 10.0
     "Seconds over which resets and control frames are counted."
-    h2_preface_timeout: float = 10.0
-    "Seconds for an HTTP/2 client to send its preface and SETTINGS."
-    idle_timeout: float = 60.0
-    "Seconds an HTTP/1.1 or HTTP/2 connection may sit with no request in flight."
+    max_headers: int = 100
+    "Request header fields (Host / :authority included); more gets 431."
+    max_connections_per_address: int = 256
+    "Open TCP connections per client address (IPv6: per /64); more are closed at once."
+
+
+@dataclass
+class TimeoutsConfig:
+    header: float = 10.0
+    "Seconds to receive a whole request head (h1), from the first byte; 408 and close."
+    idle: float = 60.0
+    "Seconds a connection may sit with no request in flight (h1 keep-alive, h2)."
+    body: float = 30.0
+    "Seconds the client may pause while sending a request body; the request then fails."
+    send: float = 60.0
+    "Seconds a client may leave our response unread (send buffer full) before we drop it."
+    h2_preface: float = 10.0
+    "Seconds for an h2 client to send its preface and SETTINGS after the TLS handshake."
 
 
 @dataclass
@@ -191,6 +208,7 @@ class Config:
     tls: TlsConfig = field(default_factory=TlsConfig)
     quic: QuicConfig = field(default_factory=QuicConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     waf: WafConfig = field(default_factory=WafConfig)
     trusted_proxies: list[str] = field(default_factory=list)
@@ -362,7 +380,7 @@ def _validate(cfg: Config) -> None:
     _check_positive(cfg, "quic", "max_connections", "max_connections_per_address")
     _check_positive(cfg, "quic", "max_handshakes", "max_handshakes_per_address")
     _check_positive(cfg, "quic", "handshake_timeout", "max_handshake_bytes", "max_new_per_second")
-    _check_positive(cfg, "limits", "abuse_window", "h2_preface_timeout", "idle_timeout")
+    _check_positive(cfg, "limits", "abuse_window")
     _check_positive(cfg, "upstream", "max_connections", "max_connections_per_member")
     _check_positive(cfg, "upstream", "queue_timeout")
     if cfg.quic.retry_above < 0:
@@ -371,6 +389,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.max_header_bytes", "too small", "use at least 1024")
     if cfg.limits.max_body_bytes < 0:
         raise ConfigError("limits.max_body_bytes", "negative", "use 0 (no limit) or a size")
+    if not 8 <= cfg.limits.max_headers <= 10000:
+        raise ConfigError("limits.max_headers", "out of range", "use 8 to 10000, e.g. 100")
+    if cfg.limits.max_connections_per_address < 1:
+        raise ConfigError("limits.max_connections_per_address", "must be at least 1", "e.g. 256")
+    if not 1 <= cfg.listen.backlog <= 65535:
+        raise ConfigError("listen.backlog", "out of range", "use 1 to 65535, e.g. 1024")
+    for name in ("header", "idle", "body", "send", "h2_preface"):
+        if getattr(cfg.timeouts, name) <= 0:
+            raise ConfigError(f"timeouts.{name}", "must be positive", "give seconds, e.g. 10")
     if cfg.upstream.connect_timeout <= 0 or cfg.upstream.timeout <= 0:
         raise ConfigError("upstream.timeout", "must be positive", "give seconds, e.g. 60")
     if cfg.workers < 1:

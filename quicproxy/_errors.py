@@ -1,18 +1,45 @@
-"""Typed errors that know the HTTP status to answer with (as h11 does)."""
+"""Typed errors that know the HTTP status to answer with (as h11 does).
+
+The tree::
+
+    Exception
+    ├── ConfigError                 bad configuration, one line naming key and fix
+    └── ProxyError (500)            answered to the client with ``status``
+        ├── RequestError            the client's request is at fault (also a ValueError)
+        │   ├── BadRequest (400)
+        │   ├── RequestTimeout (408)
+        │   ├── BodyTooLarge (413)
+        │   ├── TooEarly (425)
+        │   ├── HeadersTooLarge (431)
+        │   ├── MethodNotSupported (501)   CONNECT: this is not a forward proxy
+        │   └── VersionNotSupported (505)
+        ├── UpstreamConnectError (502)
+        │   └── UpstreamTruncated      died mid-response: the client's stream is reset
+        ├── UpstreamBusy (503)          no upstream connection free in time (caps)
+        └── UpstreamTimeout (504)
+
+``detail`` says what went wrong for the log; the answer to the client carries
+only ``status`` and ``reason``. :class:`RequestError` subclasses ValueError so
+adapters that catch ValueError from request parsing keep working.
+"""
 
 from __future__ import annotations
 
 __all__ = [
     "ConfigError",
     "ProxyError",
-    "HeadersTooLarge",
-    "BodyTooLarge",
+    "RequestError",
     "BadRequest",
+    "RequestTimeout",
+    "BodyTooLarge",
+    "TooEarly",
+    "HeadersTooLarge",
+    "MethodNotSupported",
+    "VersionNotSupported",
     "UpstreamConnectError",
     "UpstreamTimeout",
     "UpstreamTruncated",
     "UpstreamBusy",
-    "TooEarly",
 ]
 
 
@@ -35,24 +62,46 @@ class ProxyError(Exception):
         self.detail = detail or self.reason
 
 
-class BadRequest(ProxyError):
+class RequestError(ProxyError, ValueError):
+    """The request cannot be served as sent."""
+
     status = 400
     reason = "Bad Request"
 
 
-class BodyTooLarge(ProxyError):
+class BadRequest(RequestError):
+    status = 400
+    reason = "Bad Request"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    reason = "Request Timeout"
+
+
+class BodyTooLarge(RequestError):
     status = 413
     reason = "Content Too Large"
 
 
-class TooEarly(ProxyError):
+class TooEarly(RequestError):
     status = 425
     reason = "Too Early"
 
 
-class HeadersTooLarge(ProxyError):
+class HeadersTooLarge(RequestError):
     status = 431
     reason = "Request Header Fields Too Large"
+
+
+class MethodNotSupported(RequestError):
+    status = 501
+    reason = "Not Implemented"
+
+
+class VersionNotSupported(RequestError):
+    status = 505
+    reason = "HTTP Version Not Supported"
 
 
 class UpstreamConnectError(ProxyError):

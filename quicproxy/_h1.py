@@ -9,17 +9,18 @@ from http import HTTPStatus
 
 import h11
 
-from ._errors import BadRequest
-from ._handler import Handler
+from ._errors import BadRequest, RequestError, RequestTimeout, VersionNotSupported
+from ._h11io import READ_SIZE, next_event
+from ._handler import Handler, error_response
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
 from ._sockets import plain_addr
+from ._target import origin_form
 
 __all__ = ["H1Connection"]
 
 log = logging.getLogger("quicproxy")
-_READ = 65536
 _HIGH_WATER = 1 << 20
-_KEEPALIVE_TIMEOUT = 75.0
+_VERSIONS = (b"1.0", b"1.1")
 
 
 class _Writer:
@@ -66,6 +67,8 @@ class H1Connection:
         self.h11 = h11.Connection(
             h11.SERVER, max_incomplete_event_size=handler.cfg.limits.max_header_bytes
         )
+        self.timeouts = handler.cfg.timeouts
+        self.accepted = asyncio.get_running_loop().time()
         self.client = plain_addr(writer.get_extra_info("peername"))
         self.server = plain_addr(writer.get_extra_info("sockname"))
         self.closing = False
@@ -79,15 +82,26 @@ class H1Connection:
         data = self.h11.send(event)
         if data:
             self.writer.write(data)
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), self.timeouts.send)
 
-    async def _next_event(self, timeout: float | None = None) -> h11.Event:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            data = await asyncio.wait_for(self.reader.read(_READ), timeout)
-            self.h11.receive_data(data)
+    async def _next_request(self, first: bool) -> h11.Event:
+        """The next request head: the keep-alive wait for its first byte is bounded
+        by the idle timeout, the whole head by the header deadline (from the first
+        byte, or from the accept for the first request), however slowly it trickles."""
+        loop = asyncio.get_running_loop()
+        if first:
+            deadline = self.accepted + self.timeouts.header
+        else:
+            if not self.h11.trailing_data[0]:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeouts.idle)
+                self.h11.receive_data(data)
+            deadline = loop.time() + self.timeouts.header
+        try:
+            return await next_event(self.h11, self.reader, deadline=deadline)
+        except TimeoutError:
+            if self.h11.trailing_data[0]:
+                raise RequestTimeout("request head not received in time") from None
+            raise
 
     def shutdown(self) -> None:
         """Graceful close: now if idle, else after the response in progress."""
@@ -96,13 +110,19 @@ class H1Connection:
             self.writer.close()
 
     async def run(self) -> None:
+        first = True
         try:
             while not self.closing:
                 try:
-                    event = await self._next_event(_KEEPALIVE_TIMEOUT)
+                    event = await self._next_request(first)
                 except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(exc)
+                    log.info("bad HTTP/1.1 request from %s: %s", self.client[0], exc)
+                    await self._refuse(exc.error_status_hint, "")
                     break
+                except RequestTimeout as exc:
+                    await self._refuse(exc.status, exc.reason)
+                    break
+                first = False
                 if not isinstance(event, h11.Request):
                     break  # ConnectionClosed, or nothing more to read
                 self.busy = True
@@ -118,9 +138,15 @@ class H1Connection:
         finally:
             if self.linger:
                 await self._discard_rest()
-            self.writer.close()
-            with contextlib.suppress(Exception):
-                await self.writer.wait_closed()
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close, and drop the connection if the client does not take our last bytes."""
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), self.timeouts.send)
+        except Exception:  # timeout, reset, TLS close_notify failing: no more to say
+            self.writer.transport.abort()
 
     async def _discard_rest(self) -> None:
         """Read and drop what the client still sends (bounded in time and size):
@@ -131,30 +157,53 @@ class H1Connection:
         left = DISCARD_BYTES
         with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
             while left > 0:
-                data = await asyncio.wait_for(self.reader.read(_READ), deadline - loop.time())
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), deadline - loop.time())
                 if not data:
                     break
                 left -= len(data)
 
-    async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+    async def _refuse(self, status: int, reason: str) -> None:
+        """Answer an unusable request and close (the connection cannot be trusted after)."""
+        self.closing = True
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        status = exc.error_status_hint
-        text = {431: "Request Header Fields Too Large"}.get(status, "Bad Request")
-        body = f"{status} {text}\n".encode()
-        headers = [
-            ("content-type", "text/plain"),
-            ("content-length", str(len(body))),
-            ("connection", "close"),
-        ]
+        if not reason:
+            reason = {431: "Request Header Fields Too Large"}.get(status, "Bad Request")
+        resp = error_response(status, reason)
         with contextlib.suppress(Exception):
+            headers = resp.headers + [("connection", "close")]
             await self.send(h11.Response(status_code=status, headers=headers))
-            await self.send(h11.Data(data=body))
+            await self.send(h11.Data(data=await resp.body.read()))
             await self.send(h11.EndOfMessage())
+
+    def _request(self, event: h11.Request, headers: Headers) -> tuple[str, str]:
+        """(target, authority) of an h1 request: framing and version checked,
+        absolute-form made origin-form (RFC 9112 3.2, 6.1)."""
+        if event.http_version not in _VERSIONS:
+            raise VersionNotSupported(f"HTTP/{event.http_version.decode()}")
+        names = [k for k, _ in headers]
+        if "transfer-encoding" in names and "content-length" in names:
+            raise BadRequest("Content-Length and Transfer-Encoding together")
+        if names.count("host") > 1:
+            raise BadRequest("more than one Host header")
+        target, authority = origin_form(
+            event.method.decode("latin-1"),
+            event.target.decode("latin-1"),
+            header_value(headers, "host"),
+        )
+        if authority is None:  # HTTP/1.0 without Host: the address it came to
+            host = self.server[0]
+            authority = f"[{host}]" if ":" in host else host
+        return target, authority
 
     async def _serve(self, event: h11.Request) -> None:
         headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in event.headers]
-        authority = header_value(headers, "host") or self.server[0]
+        try:
+            target, authority = self._request(event, headers)
+        except RequestError as exc:
+            log.info("refused HTTP/1.1 request from %s: %s", self.client[0], exc.detail)
+            await self._refuse(exc.status, exc.reason)
+            return
         length = header_value(headers, "content-length")
         chunked = header_value(headers, "transfer-encoding") is not None
         pump: asyncio.Task[None] | None = None
@@ -168,7 +217,7 @@ class H1Connection:
             method=event.method.decode(),
             scheme=self.scheme,
             authority=authority,
-            target=event.target.decode("latin-1"),
+            target=target,
             headers=[(k, v) for k, v in headers if k != "host"],
             protocol="HTTP/1.1",
             client=self.client,
@@ -195,7 +244,7 @@ class H1Connection:
                 while body.buffered > _HIGH_WATER:
                     self._room.clear()
                     await self._room.wait()
-                event = await self._next_event(self.handler.cfg.upstream.timeout)
+                event = await next_event(self.h11, self.reader, timeout=self.timeouts.body)
                 if isinstance(event, h11.Data):
                     body.feed(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
@@ -204,7 +253,9 @@ class H1Connection:
                 else:
                     body.abort(BadRequest("client closed the request body"))
                     return
-        except h11.RemoteProtocolError as exc:
+        except h11.ProtocolError as exc:
             body.abort(BadRequest(f"malformed request body: {exc}"))
-        except (TimeoutError, ConnectionError, OSError) as exc:
+        except TimeoutError:
+            body.abort(RequestTimeout(f"request body stalled for {self.timeouts.body} s"))
+        except (ConnectionError, OSError) as exc:
             body.abort(BadRequest(f"request body not received: {exc!r}"))

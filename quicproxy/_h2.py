@@ -158,11 +158,11 @@ class H2Connection:
     # ------------------------------------------------------------------ input
 
     def _read_timeout(self) -> float | None:
-        limits = self.handler.cfg.limits
+        timeouts = self.handler.cfg.timeouts
         if not self._settings_seen:
-            return limits.h2_preface_timeout
+            return timeouts.h2_preface
         if not self.streams.busy:
-            return limits.idle_timeout
+            return timeouts.idle
         return None
 
     async def run(self) -> None:

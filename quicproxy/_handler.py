@@ -17,15 +17,16 @@ from typing import Protocol
 
 from ._config import Config
 from ._demo import demo_response
-from ._errors import BodyTooLarge, HeadersTooLarge, ProxyError, TooEarly
+from ._errors import BodyTooLarge, HeadersTooLarge, ProxyError, RequestError, TooEarly
 from ._forward import TrustedProxies, strip_hop_by_hop, upstream_headers
 from ._metrics import Metrics
 from ._model import Body, Headers, Request, Response
 from ._router import DEMO, Router
+from ._target import check_request, options_response
 from ._upstream import UpstreamPool
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
-__all__ = ["Handler", "ResponseWriter"]
+__all__ = ["Handler", "ResponseWriter", "error_response"]
 
 log = logging.getLogger("quicproxy")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -48,6 +49,11 @@ async def _limited(body: Body, limit: int) -> AsyncIterator[bytes]:
         if total > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
         yield chunk
+
+
+def error_response(status: int, reason: str) -> Response:
+    """An error answer: the status and a short reason, nothing internal."""
+    return Response.text(status, f"{status} {reason}\n")
 
 
 class Handler:
@@ -123,12 +129,16 @@ class Handler:
         try:
             return await self._handle(req)
         except ProxyError as exc:
-            if exc.status >= 500:
+            if isinstance(exc, RequestError):
+                log.info("%r %r -> %d: %s", req.method, req.path[:200], exc.status, exc.detail)
+            else:
                 self.metrics.events["upstream_errors"] += 1
                 log.warning("%s %s -> %d: %s", req.method, req.path, exc.status, exc.detail)
-            return Response.text(exc.status, f"{exc.status} {exc.reason}: {exc.detail}\n")
+            return error_response(exc.status, exc.reason)
         except (ConnectionError, OSError) as exc:
-            return Response.text(502, f"502 Bad Gateway: {exc}\n")
+            self.metrics.events["upstream_errors"] += 1
+            log.warning("%s %s -> 502: %r", req.method, req.path, exc)
+            return error_response(502, "Bad Gateway")
         except Exception:
             self.metrics.events["internal_errors"] += 1
             log.exception("internal error on %s %s", req.method, req.path)
@@ -137,6 +147,9 @@ class Handler:
     # ------------------------------------------------------------------ steps
 
     async def _handle(self, req: Request) -> Response:
+        check_request(req, self.cfg.limits.max_headers)
+        if req.target == "*":
+            return options_response()
         if req.path == "/_gwhealthz":
             if self.draining:
                 return Response.text(503, "draining\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._errors import BadRequest
 from ._forward import strip_hop_by_hop
 from ._model import Body, Headers, Request
 
@@ -15,17 +16,22 @@ def request_from_pseudo(
     server: tuple[str, int],
     body: Body,
 ) -> Request:
-    """Build a Request from an h2/h3 header list; ValueError if malformed."""
+    """Build a Request from an h2/h3 header list; BadRequest (a ValueError) if malformed.
+
+    Semantics (CONNECT, target form, authority syntax, header bytes and count)
+    are judged by the handler through ``_target.check_request``, as for h1, so
+    every protocol answers them with the same status. CONNECT has no :scheme or
+    :path (RFC 9113 8.5) and goes through to be refused there with 501."""
     pseudo: dict[str, str] = {}
     headers: Headers = []
     cookies: list[str] = []
     for name, value in raw:
         if name.startswith(":"):
             if name in pseudo or headers:
-                raise ValueError(f"misplaced or repeated pseudo-header {name}")
+                raise BadRequest(f"misplaced or repeated pseudo-header {name}")
             pseudo[name] = value
         elif name != name.lower():
-            raise ValueError(f"upper-case header name {name!r}")
+            raise BadRequest(f"upper-case header name {name!r}")
         elif name == "cookie":
             cookies.append(value)  # split crumbs are joined again (RFC 9113 8.2.3)
         else:
@@ -34,24 +40,22 @@ def request_from_pseudo(
         headers.append(("cookie", "; ".join(cookies)))
     method = pseudo.get(":method")
     if not method:
-        raise ValueError("missing :method")
-    if method == "CONNECT":
-        raise ValueError("CONNECT is not supported (this is not a forward proxy)")
+        raise BadRequest("missing :method")
     for required in (":scheme", ":path"):
-        if not pseudo.get(required):
-            raise ValueError(f"missing {required}")
+        if not pseudo.get(required) and method != "CONNECT":
+            raise BadRequest(f"missing {required}")
     host = next((v for k, v in headers if k == "host"), None)
     authority = pseudo.get(":authority") or host
     if not authority:
-        raise ValueError("missing :authority")
+        raise BadRequest("missing :authority")
     length = next((v for k, v in headers if k == "content-length"), None)
     if length is not None and not length.isdigit():
-        raise ValueError("bad content-length")
+        raise BadRequest("bad content-length")
     return Request(
         method=method,
-        scheme=pseudo[":scheme"],
+        scheme=pseudo.get(":scheme", "https"),
         authority=authority,
-        target=pseudo[":path"],
+        target=pseudo.get(":path", ""),
         headers=[(k, v) for k, v in headers if k != "host"],
         protocol=protocol,
         client=client,

@@ -24,6 +24,7 @@ from typing import Any
 
 from aioquic.tls import SessionTicket
 
+from ._caps import AddressCounter
 from ._config import Config
 from ._h3 import H3Conn
 from ._handler import Handler
@@ -84,9 +85,9 @@ class QuicListener:
         self.by_cid: dict[bytes, H3Conn] = {}
         self.connections: set[H3Conn] = set()
         self.handshakes = 0
-        self.per_address: dict[str, int] = {}
+        self.per_address = AddressCounter(q.max_connections_per_address)
         "Connections per client address (handshaking or not)."
-        self.handshakes_per_address: dict[str, int] = {}
+        self.handshakes_per_address = AddressCounter(q.max_handshakes_per_address)
         self.draining = False
         self.socket: DatagramSocket | None = None
         self.address: tuple[str, int] = ("", 0)
@@ -172,9 +173,10 @@ class QuicListener:
             return self._refuse("connections")
         if self.handshakes >= q.max_handshakes:
             return self._refuse("handshakes")
-        if self.handshakes_per_address.get(host, 0) >= q.max_handshakes_per_address:
+        if not self.handshakes_per_address.acquire(host):
             return self._refuse("address_handshakes")
-        if self.per_address.get(host, 0) >= q.max_connections_per_address:
+        if not self.per_address.acquire(host):
+            self.handshakes_per_address.release(host)
             return self._refuse("address_connections")
         tickets = self.tickets
         quic = CreditedConnection(
@@ -188,8 +190,6 @@ class QuicListener:
         self.connections.add(conn)
         self.handshakes += 1
         self.stats["handshakes"] += 1
-        self.per_address[host] = self.per_address.get(host, 0) + 1
-        self.handshakes_per_address[host] = self.handshakes_per_address.get(host, 0) + 1
         self.cid_issued(conn, header.dcid)
         self.cid_issued(conn, quic.host_cid)
         self.loop.call_later(q.handshake_timeout, self._handshake_deadline, conn)
@@ -216,7 +216,7 @@ class QuicListener:
         if conn.handshaking:
             conn.handshaking = False
             self.handshakes -= 1
-            _decrement(self.handshakes_per_address, conn.client[0])
+            self.handshakes_per_address.release(conn.client[0])
             self.handler.metrics.events["quic_handshakes"] += 1
 
     def remove(self, conn: H3Conn) -> None:
@@ -227,11 +227,11 @@ class QuicListener:
         conn.cids.clear()
         if conn in self.connections:
             self.connections.discard(conn)
-            _decrement(self.per_address, conn.client[0])
+            self.per_address.release(conn.client[0])
             if conn.handshaking:
                 conn.handshaking = False
                 self.handshakes -= 1
-                _decrement(self.handshakes_per_address, conn.client[0])
+                self.handshakes_per_address.release(conn.client[0])
         self._dirty.discard(conn)
 
     # ------------------------------------------------------------------ output
@@ -310,14 +310,6 @@ class QuicListener:
             conn.terminated()
         if self.socket is not None:
             self.socket.close()
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts.get(key, 0) - 1
-    if left > 0:
-        counts[key] = left
-    else:
-        counts.pop(key, None)
 
 
 async def start_quic_listener(

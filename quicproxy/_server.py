@@ -11,6 +11,7 @@ import socket
 import ssl
 from typing import Protocol
 
+from ._caps import AddressCounter
 from ._config import Config, Route, parse_backend
 from ._errors import ConfigError
 from ._h1 import H1Connection
@@ -18,7 +19,7 @@ from ._h2 import H2Connection
 from ._handler import Handler
 from ._quiclisten import QuicListener, start_quic_listener
 from ._router import Pool, Router
-from ._sockets import bind_socket
+from ._sockets import bind_socket, plain_addr
 from ._tls import ensure_certificate, tcp_tls_context
 
 __all__ = ["Proxy", "default_ports"]
@@ -75,6 +76,8 @@ class Proxy:
         self._quic: QuicListener | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[object]] = set()
+        self.per_address = AddressCounter(config.limits.max_connections_per_address)
+        "Open TCP connections per client address (the QUIC listener may share it)."
         self._stopped = asyncio.Event()
 
     def add_route(self, route: Route) -> None:
@@ -100,7 +103,8 @@ class Proxy:
         try:
             plain = await asyncio.start_server(
                 lambda r, w: self._serve_tcp(r, w, None),
-                sock=bind_socket(host, http, socket.SOCK_STREAM, self.reuse_port),
+                sock=self._tcp_socket(host, http),
+                backlog=cfg.listen.backlog,
             )
             self._tcp.append(plain)
             self.http_port = plain.sockets[0].getsockname()[1]
@@ -117,6 +121,10 @@ class Proxy:
         if cfg.listen.alt_svc_port is None:
             cfg.listen.alt_svc_port = self.https_port
 
+    def _tcp_socket(self, host: str, port: int) -> socket.socket:
+        backlog = self.config.listen.backlog
+        return bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port, backlog)
+
     async def _bind_https(
         self, tls: ssl.SSLContext, host: str, port: int
     ) -> tuple[asyncio.Server, QuicListener]:
@@ -125,7 +133,8 @@ class Proxy:
         for _ in range(20):
             secure = await asyncio.start_server(
                 lambda r, w: self._serve_tcp(r, w, "tls"),
-                sock=bind_socket(host, port, socket.SOCK_STREAM, self.reuse_port),
+                sock=self._tcp_socket(host, port),
+                backlog=self.config.listen.backlog,
                 ssl=tls,
                 ssl_handshake_timeout=10,
             )
@@ -142,6 +151,26 @@ class Proxy:
         raise OSError(98, "no port free for both TCP and UDP")
 
     async def _serve_tcp(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str | None
+    ) -> None:
+        assert self.handler is not None
+        peer = plain_addr(writer.get_extra_info("peername"))[0]
+        if not self.per_address.acquire(peer):
+            writer.transport.abort()  # over the per-address cap: close at once
+            return
+        try:
+            await self._serve_conn(reader, writer, kind)
+        except asyncio.CancelledError:
+            # The loop is going away after a drain: asyncio's stream callback would
+            # log the cancellation of this task as an error.
+            writer.transport.abort()
+        except Exception:  # a bug, not the client: one traceback, the listener goes on
+            log.exception("connection from %s failed", peer)
+            writer.transport.abort()
+        finally:
+            self.per_address.release(peer)
+
+    async def _serve_conn(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, kind: str | None
     ) -> None:
         assert self.handler is not None
@@ -167,8 +196,6 @@ class Proxy:
             self._tasks.add(task)
         try:
             await conn.run()
-        except asyncio.CancelledError:
-            pass  # the proxy stopped: the connection was aborted
         finally:
             self._conns.discard(conn)
             if task is not None:

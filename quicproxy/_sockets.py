@@ -41,7 +41,9 @@ def _grow_buffers(sock: socket.socket) -> None:
                 pass
 
 
-def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
+def bind_socket(
+    host: str, port: int, kind: int, reuse_port: bool = False, backlog: int = 1024
+) -> socket.socket:
     """A bound, non-blocking socket (TCP: also listening) on ``host``:``port``.
 
     ``host`` "" (or "::" / "0.0.0.0" when that family is missing) takes both
@@ -72,9 +74,9 @@ def bind_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> so
             if host != ANY or sock.family != socket.AF_INET6:
                 raise
             sock.close()  # IPv6 present but unusable (e.g. disabled in a pod): IPv4 only
-            return bind_socket("0.0.0.0", port, kind, reuse_port)
+            return bind_socket("0.0.0.0", port, kind, reuse_port, backlog)
         if kind == socket.SOCK_STREAM:
-            sock.listen(1024)
+            sock.listen(backlog)  # asyncio listens again: pass it ``backlog`` as well
         sock.setblocking(False)
         return sock
     except BaseException:

@@ -17,6 +17,7 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
+from ._h11io import next_event
 from ._model import Body, Headers, Response
 
 __all__ = ["UpstreamPool"]
@@ -42,15 +43,10 @@ class _Conn:
             await self.writer.drain()
 
     async def next_event(self, timeout: float) -> h11.Event:
-        while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            try:
-                data = await asyncio.wait_for(self.reader.read(_READ), timeout)
-            except TimeoutError:
-                raise UpstreamTimeout("upstream did not answer in time") from None
-            self.h11.receive_data(data)
+        try:
+            return await next_event(self.h11, self.reader, timeout=timeout)
+        except TimeoutError:
+            raise UpstreamTimeout("upstream did not answer in time") from None
 
     def release_slot(self) -> None:
         """Give the connection's place under the caps back (once)."""

@@ -50,6 +50,21 @@ def test_unknown_config_key_fails_at_start_naming_it(tmp_path: Path):
     assert_one_line_error(proc, "quic.idle_timout", "unknown key", "idle_timeout")
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "key", "fix"),
+    [
+        ("timeouts:\n  header: 0\n", "timeouts.header", "give seconds"),
+        ("listen:\n  backlog: 0\n", "listen.backlog", "1024"),
+        ("limits:\n  max_headers: 2\n", "limits.max_headers", "100"),
+        ("limits:\n  max_connections_per_address: 0\n", "max_connections_per_address", "256"),
+    ],
+)
+def test_bad_edge_limits_fail_at_start_naming_the_key(tmp_path: Path, yaml_text, key, fix):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    assert_one_line_error(run_cli("serve", "--config", str(cfg)), key, fix)
+
+
 def test_port_out_of_range_fails_naming_the_setting():
     proc = run_cli("serve", "--https-port", "70000")
     assert_one_line_error(proc, "listen.https_port", "70000", "1 to 65535")

@@ -16,6 +16,7 @@ from typing import Any
 import h11
 
 from .._config import WafConfig, parse_backend
+from .._h11io import next_event
 from ._types import WafDecision, WafRequest, WafUnavailable
 from ._wire import BadInput, decision_from_json, request_to_json
 
@@ -63,10 +64,8 @@ class _Connection:
         status = 0
         answer = bytearray()
         while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self.reader.read(65536))
-            elif isinstance(event, h11.Response):
+            event = await next_event(self.h11, self.reader)  # evaluate() bounds the time
+            if isinstance(event, h11.Response):
                 status = event.status_code
             elif isinstance(event, h11.Data):
                 answer += event.data

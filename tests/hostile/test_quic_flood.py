@@ -4,7 +4,6 @@ caps per address, handshake deadline; other clients keep being served throughout
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
@@ -105,7 +104,7 @@ async def test_handshake_flood_from_many_addresses_gets_retry_and_expires(
     assert listener.stats["retry"] >= 1000
     await asyncio.sleep(2.5)  # handshake_timeout: the flood's half-open connections go
     assert len(listener.connections) == 0 and len(listener.by_cid) == 0
-    assert listener.handshakes == 0 and listener.per_address == {}
+    assert listener.handshakes == 0 and len(listener.per_address) == 0
     print(f"handshake flood: peak {peak} connections, {listener.stats['retry']} Retry sent")
 
 
@@ -120,7 +119,7 @@ async def test_one_address_is_capped_in_handshakes(make_proxy, backend, certs):
     await asyncio.sleep(0.3)
     sock.close()
     listener = proxy._quic
-    assert listener.per_address.get("127.0.0.9", 0) == 20
+    assert listener.per_address.count("127.0.0.9") == 20
     assert listener.stats["refused"] >= 150
     status, _, _ = await fetch(proxy, certs, "h3", "GET", "/other-address")
     assert status == 200
@@ -156,13 +155,16 @@ async def test_garbage_and_unknown_versions_get_nothing_or_version_negotiation(
     initial = bytearray(client_initial(port))
     initial[1:5] = (0x1A2A3A4A).to_bytes(4, "big")  # a version we do not speak
     sock.sendto(bytes(initial), ("127.0.0.1", port))
-    answers = []
-    try:
-        while True:
-            answers.append(sock.recv(65535))
-    except TimeoutError:
-        pass
+
+    def receive_all() -> list[bytes]:
+        answers = []
+        try:
+            while True:
+                answers.append(sock.recv(65535))
+        except TimeoutError:
+            return answers
+
+    answers = await in_thread(receive_all)  # the proxy runs in this thread's event loop
     sock.close()
     assert len(answers) == 1 and answers[0][1:5] == b"\0\0\0\0"  # Version Negotiation
     assert len(proxy._quic.connections) == 0
-    assert os.path.exists("/proc/self/fd")

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from . import __version__
 from ._config import Config, load_config
 from ._errors import ConfigError
+from ._metrics import mark_worker_dead, metrics, multiprocess_dir
 from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
 
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--waf-url", help="WAF service URL for --waf service")
     serve.add_argument("--waf-fail", choices=("closed", "open"), help="when the WAF is down")
     serve.add_argument("--workers", help="worker processes")
+    serve.add_argument("--metrics-port", help="serve /metrics on this port (not the http port)")
+    serve.add_argument("--metrics-host", help="address of the metrics listener")
+    serve.add_argument("--access-log", choices=("json", "common", "off"), help="access log")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     waf = sub.add_parser("waf", help="WAF service commands")
@@ -90,6 +94,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["waf"] = waf
     if args.workers is not None:
         out["workers"] = args.workers
+    mopts = {"port": args.metrics_port, "host": args.metrics_host}
+    if any(v is not None for v in mopts.values()):
+        out["metrics"] = {k: v for k, v in mopts.items() if v is not None}
+    if args.access_log is not None:
+        out["log"] = {"access": args.access_log}
     if args.log_level is not None:
         out["log_level"] = args.log_level
     return out
@@ -115,11 +124,15 @@ def _banner(proxy: Proxy) -> str:
         lines.append(f"  note: {proxy.port_note}")
     mode = "redirects to https" if cfg.listen.plain_http == "redirect" else "proxied"
     lines += [
-        f"  http://{shown}:{http}/    plain HTTP/1.1 ({mode}; /_gwhealthz, /metrics)",
+        f"  http://{shown}:{http}/    plain HTTP/1.1 ({mode}; /_gwhealthz"
+        + ("" if cfg.metrics.port is not None else ", /metrics")
+        + ")",
         f"  https://{shown}:{https}/   TLS over TCP: HTTP/2 and HTTP/1.1",
         f"  https://{shown}:{https}/   QUIC over UDP: HTTP/3 (Alt-Svc advertises port "
         f"{cfg.listen.alt_svc_port})",
     ]
+    if proxy.metrics_port is not None:
+        lines.append(f"  http://{shown}:{proxy.metrics_port}/metrics    Prometheus metrics")
     if proxy.using_demo_backend:
         lines.append("  backend: built-in demo backend (give --backend http://HOST:PORT)")
     else:
@@ -140,8 +153,9 @@ async def _serve(cfg: Config, reuse_port: bool, banner: bool) -> int:
     return await proxy.serve_forever()
 
 
-def _worker(cfg: Config, banner: bool) -> None:
+def _worker(cfg: Config, banner: bool, metrics_dir: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    metrics.use_multiprocess(metrics_dir)
     try:
         code = asyncio.run(_serve(cfg, True, banner))
     except ConfigError as exc:
@@ -161,21 +175,25 @@ def _run_workers(cfg: Config) -> int:
     cfg.listen.http_port, cfg.listen.https_port = http, https
     cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
     ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=_worker, args=(cfg, i == 0), daemon=False) for i in range(cfg.workers)
-    ]
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, _frame: object) -> None:
+    with multiprocess_dir() as folder:  # every worker's metric files; removed at exit
+        procs = [
+            ctx.Process(target=_worker, args=(cfg, i == 0, folder), daemon=False)
+            for i in range(cfg.workers)
+        ]
         for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+            proc.start()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in procs:
-        proc.join()
+        def forward(signum: int, _frame: object) -> None:
+            for proc in procs:
+                if proc.pid is not None and proc.is_alive():
+                    os.kill(proc.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        for proc in procs:
+            proc.join()
+            if proc.pid is not None:
+                mark_worker_dead(folder, proc.pid)
     return max((proc.exitcode or 0) for proc in procs)
 
 

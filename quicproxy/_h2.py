@@ -15,6 +15,7 @@ from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
 from ._handler import Handler
+from ._metrics import metrics
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
 from ._sockets import plain_addr
@@ -183,6 +184,7 @@ class H2Connection:
             if stream is not None:
                 stream.body.end()
         elif isinstance(event, h2.events.StreamReset):
+            metrics.stream_resets.labels("h2").inc()
             stream = self.streams.pop(event.stream_id, None)
             if stream is not None:
                 stream.body.abort(ConnectionError("stream reset by client"))

@@ -17,12 +17,13 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, FrameType, H3Connection, e
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, QuicEvent, StreamReset
+from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamReset
 from aioquic.quic.packet import QuicFrameType, pull_quic_header
 from aioquic.tls import SessionTicket
 
 from ._config import Config
 from ._handler import Handler
+from ._metrics import metrics
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request
 from ._pseudo import request_from_pseudo, response_headers
 from ._sockets import bind_socket, plain_addr
@@ -113,6 +114,7 @@ class H3Protocol(QuicConnectionProtocol):
         self._next_stream = 0
         self._window = handler.cfg.quic.stream_window
         listener.connections.add(self)
+        metrics.active_connections.labels("h3").inc()
 
     # ------------------------------------------------------------------ output
 
@@ -135,11 +137,15 @@ class H3Protocol(QuicConnectionProtocol):
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamReset):
+            metrics.stream_resets.labels("h3").inc()
             self._stream_gone(event.stream_id, "stream reset by client")
+        elif isinstance(event, HandshakeCompleted):
+            metrics.quic_handshakes.inc()
         elif isinstance(event, ConnectionTerminated):
             for sid in list(self.tasks):
                 self._stream_gone(sid, "connection closed")
             self.listener.connections.discard(self)
+            metrics.active_connections.labels("h3").dec()
             self._acked.set()
         for h3_event in self.h3.handle_event(event):
             self._h3_event(h3_event)
@@ -244,8 +250,12 @@ class _Server(QuicServer):
     """aioquic's server, which stops taking new connections while draining."""
 
     draining = False
+    tls_store: Any = None
+    "Where each new connection's certificate comes from (_certwatch.TlsStore), if set."
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.tls_store is not None:  # certificate rotation: new connections get the new pair
+            self._configuration = self.tls_store.quic_configuration(self._configuration)
         if self.draining:
             try:
                 header = pull_quic_header(

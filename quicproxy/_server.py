@@ -11,15 +11,18 @@ import socket
 import ssl
 from typing import Protocol
 
+from ._certwatch import TlsStore
 from ._config import Config, Route, parse_backend
 from ._errors import ConfigError
 from ._h1 import H1Connection
 from ._h2 import H2Connection
 from ._h3 import QuicListener, start_quic_listener
 from ._handler import Handler
+from ._metrics import metrics
+from ._metrics_http import start_metrics_listener
 from ._router import Pool, Router
 from ._sockets import bind_socket
-from ._tls import ensure_certificate, tcp_tls_context
+from ._tls import ensure_certificate
 
 __all__ = ["Proxy", "default_ports"]
 
@@ -71,6 +74,10 @@ class Proxy:
         self.key = ""
         self.self_signed = False
         self.port_note: str | None = None
+        self.metrics_port: int | None = None
+        "Port of the separate metrics listener (metrics.port), once bound."
+        self.tls_store: TlsStore | None = None
+        "The certificate pair in use, reloaded when its files change."
         self._tcp: list[asyncio.Server] = []
         self._quic: QuicListener | None = None
         self._conns: set[_Conn] = set()
@@ -87,7 +94,8 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.config
         self.cert, self.key, self.self_signed = ensure_certificate(cfg)
-        tls = tcp_tls_context(self.cert, self.key)
+        self.tls_store = TlsStore(self.cert, self.key)
+        tls = self.tls_store.context
         waf = None
         if cfg.waf.mode != "off":
             from .waf import create_waf
@@ -105,11 +113,20 @@ class Proxy:
             self.http_port = plain.sockets[0].getsockname()[1]
             secure, self._quic = await self._bind_https(tls, host, https)
             self._tcp.append(secure)
+            if cfg.metrics.port is not None:
+                where = host if cfg.metrics.host is None else cfg.metrics.host
+                server = await start_metrics_listener(where, cfg.metrics.port, self.reuse_port)
+                self._tcp.append(server)
+                self.metrics_port = server.sockets[0].getsockname()[1]
         except OSError as exc:
             await self._close_listeners()
+            self.tls_store.close()
             hint = "use a free port, or ports >= 1024 when not root"
             where = host or "every address"
             raise ConfigError("listen", f"cannot bind {where} ({exc.strerror})", hint) from None
+        if self._quic is not None and self._quic.server is not None:
+            self._quic.server.tls_store = self.tls_store
+        self.tls_store.start()
         self.https_port = secure.sockets[0].getsockname()[1]
         alt = cfg.listen.alt_svc_port or self.https_port
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
@@ -149,11 +166,13 @@ class Proxy:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn: H1Connection | H2Connection
+        protocol = "h1"
         if kind == "tls":
             ssl_obj = writer.get_extra_info("ssl_object")
             alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
             if alpn == "h2":
                 conn = H2Connection(self.handler, reader, writer)
+                protocol = "h2"
             else:
                 conn = H1Connection(self.handler, reader, writer, "https")
         else:
@@ -161,10 +180,12 @@ class Proxy:
         if self.handler.draining:
             conn.shutdown()
         self._conns.add(conn)
+        metrics.active_connections.labels(protocol).inc()
         try:
             await conn.run()
         finally:
             self._conns.discard(conn)
+            metrics.active_connections.labels(protocol).dec()
 
     async def _close_listeners(self) -> None:
         for server in self._tcp:
@@ -191,6 +212,8 @@ class Proxy:
             if writer is not None:
                 writer.close()
         await self.handler.upstream.aclose()
+        if self.tls_store is not None:
+            self.tls_store.close()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
         self._stopped.set()

@@ -70,12 +70,16 @@ class TlsStore:
         self.cert_path = cert
         self.key_path = key
         self.poll = poll
+        self._task: asyncio.Task[None] | None = None
         self._scratch = tempfile.mkdtemp(prefix="quicproxy-tls-")
         self._signature = self._files_signature()
         pair_bytes = self._read()
         try:
             ctx, pair = self._load(pair_bytes, 1)
-        except (ssl.SSLError, OSError, ValueError, ConfigError) as exc:
+        except ConfigError:
+            self.close()
+            raise
+        except (ssl.SSLError, OSError, ValueError) as exc:
             self.close()
             raise ConfigError(
                 "tls.cert", f"cannot load certificate/key ({exc})", "give a matching PEM pair"
@@ -85,7 +89,6 @@ class TlsStore:
         self._pair = pair
         self._quic: dict[int, QuicConfiguration] = {}
         self._failed: str | None = None
-        self._task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ reading
 

@@ -107,7 +107,7 @@ class Handler:
         finally:
             await resp.body.aclose()
             self.active -= 1
-            _safe(metrics.in_flight.dec)
+            _safe(lambda: metrics.in_flight.dec())
             if self.active == 0:
                 self._idle.set()
             rec.status = resp.status
@@ -118,7 +118,7 @@ class Handler:
 
     def _begin(self, req: Request) -> AccessRecord:
         """Request id (kept from a trusted proxy, else new; sent upstream) and log record."""
-        _safe(metrics.in_flight.inc)
+        _safe(lambda: metrics.in_flight.inc())
         rid = request_id(req, self.trusted)
         req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"]
         req.headers.append(("x-request-id", rid))

@@ -79,6 +79,7 @@ class Proxy:
         self.tls_store: TlsStore | None = None
         "The certificate pair in use, reloaded when its files change."
         self._tcp: list[asyncio.Server] = []
+        self._metrics_server: asyncio.Server | None = None
         self._quic: QuicListener | None = None
         self._conns: set[_Conn] = set()
         self._stopped = asyncio.Event()
@@ -116,10 +117,12 @@ class Proxy:
             if cfg.metrics.port is not None:
                 where = host if cfg.metrics.host is None else cfg.metrics.host
                 server = await start_metrics_listener(where, cfg.metrics.port, self.reuse_port)
-                self._tcp.append(server)
+                self._metrics_server = server  # kept open while draining, closed last
                 self.metrics_port = server.sockets[0].getsockname()[1]
         except OSError as exc:
             await self._close_listeners()
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             self.tls_store.close()
             hint = "use a free port, or ports >= 1024 when not root"
             where = host or "every address"
@@ -214,6 +217,8 @@ class Proxy:
         await self.handler.upstream.aclose()
         if self.tls_store is not None:
             self.tls_store.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
         self._stopped.set()

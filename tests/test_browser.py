@@ -35,5 +35,5 @@ async def test_chromium_gets_the_page_over_http3(make_proxy, tmp_path):
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert '<b id="protocol">HTTP/3</b>' in out.decode(), out.decode()[:2000]
-    labels = {"protocol": "h3", "status_class": "2xx", "route": "default"}
+    labels = {"protocol": "h3", "status_class": "2xx", "route": "demo"}
     assert metrics.value("quicproxy_requests_total", **labels) >= 1

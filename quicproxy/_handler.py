@@ -1,6 +1,7 @@
 """What happens to a request once any protocol adapter has parsed it.
 
-Health, limits, 0-RTT policy, the WAF, routing and forwarding are written once
+Health, limits, rate limits, 0-RTT policy, the WAF, routing and forwarding,
+the request id, the access log line and the request metrics are written once
 here; the h1, h2 and h3 adapters only translate events and write responses
 through a :class:`ResponseWriter`.
 """

@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from . import __version__
 from ._config import Config, load_config
 from ._errors import ConfigError
+from ._metrics import mark_worker_dead, metrics, multiprocess_dir
 from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
 
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--waf-url", help="WAF service URL for --waf service")
     serve.add_argument("--waf-fail", choices=("closed", "open"), help="when the WAF is down")
     serve.add_argument("--workers", help="worker processes")
+    serve.add_argument("--metrics-port", help="serve /metrics on this port (not the http port)")
+    serve.add_argument("--metrics-host", help="address of the metrics listener")
+    serve.add_argument("--access-log", choices=("json", "common", "off"), help="access log")
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
 
     waf = sub.add_parser("waf", help="WAF service commands")
@@ -95,6 +99,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["waf"] = waf
     if args.workers is not None:
         out["workers"] = args.workers
+    mopts = {"port": args.metrics_port, "host": args.metrics_host}
+    if any(v is not None for v in mopts.values()):
+        out["metrics"] = {k: v for k, v in mopts.items() if v is not None}
+    if args.access_log is not None:
+        out["log"] = {"access": args.access_log}
     if args.log_level is not None:
         out["log_level"] = args.log_level
     return out
@@ -120,11 +129,15 @@ def _banner(proxy: Proxy) -> str:
         lines.append(f"  note: {proxy.port_note}")
     mode = "redirects to https" if cfg.listen.plain_http == "redirect" else "proxied"
     lines += [
-        f"  http://{shown}:{http}/    plain HTTP/1.1 ({mode}; /_gwhealthz, /metrics)",
+        f"  http://{shown}:{http}/    plain HTTP/1.1 ({mode}; /_gwhealthz"
+        + ("" if cfg.metrics.port is not None else ", /metrics")
+        + ")",
         f"  https://{shown}:{https}/   TLS over TCP: HTTP/2 and HTTP/1.1",
         f"  https://{shown}:{https}/   QUIC over UDP: HTTP/3 (Alt-Svc advertises port "
         f"{cfg.listen.alt_svc_port})",
     ]
+    if proxy.metrics_port is not None:
+        lines.append(f"  http://{shown}:{proxy.metrics_port}/metrics    Prometheus metrics")
     if proxy.using_demo_backend:
         lines.append("  backend: built-in demo backend (give --backend http://HOST:PORT)")
     else:
@@ -150,9 +163,10 @@ def _exit_now(_signum: int, _frame: object) -> None:
     sys.exit(0)
 
 
-def _worker(cfg: Config, banner: bool) -> None:
+def _worker(cfg: Config, banner: bool, metrics_dir: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_now)  # until serve_forever drains on SIGTERM
+    metrics.use_multiprocess(metrics_dir)
     try:
         code = asyncio.run(_serve(cfg, True, banner))
     except ConfigError as exc:
@@ -183,8 +197,9 @@ class _Supervisor:
     BACKOFF_MAX = 30.0
     STABLE = 60.0
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, metrics_dir: str) -> None:
         self.cfg = cfg
+        self.metrics_dir = metrics_dir
         self.ctx = multiprocessing.get_context("fork")
         self.procs: dict[int, Any] = {}
         self.started: dict[int, float] = {}
@@ -196,7 +211,8 @@ class _Supervisor:
         self.code = 0
 
     def start(self, slot: int, banner: bool) -> None:
-        proc = self.ctx.Process(target=_worker, args=(self.cfg, banner), daemon=False)
+        args = (self.cfg, banner, self.metrics_dir)
+        proc = self.ctx.Process(target=_worker, args=args, daemon=False)
         proc.start()
         self.procs[slot] = proc
         self.started[slot] = time.monotonic()
@@ -212,6 +228,8 @@ class _Supervisor:
     def _reap(self, slot: int) -> None:
         proc = self.procs.pop(slot)
         proc.join()
+        if proc.pid is not None:
+            mark_worker_dead(self.metrics_dir, proc.pid)
         code = proc.exitcode
         if self.stopping and code == 0:
             return
@@ -264,7 +282,8 @@ def _run_workers(cfg: Config) -> int:
         )
     cfg.listen.http_port, cfg.listen.https_port = http, https
     cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
-    return _Supervisor(cfg).run()
+    with multiprocess_dir() as folder:  # every worker's metric files; removed at exit
+        return _Supervisor(cfg, folder).run()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

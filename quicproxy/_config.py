@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import types
 import typing
@@ -30,6 +31,9 @@ __all__ = [
     "TimeoutsConfig",
     "UpstreamConfig",
     "WafConfig",
+    "RateLimitConfig",
+    "LogConfig",
+    "MetricsConfig",
     "Route",
     "load_config",
     "parse_backend",
@@ -199,6 +203,36 @@ class WafConfig:
 
 
 @dataclass
+class RateLimitConfig:
+    enabled: bool = False
+    "Limit requests per client address (the real one, after trusted_proxies)."
+    rate: float = 50.0
+    "Tokens added per second to each client's bucket."
+    burst: int = 100
+    "Bucket size: requests a client may send at once."
+    per_route: bool = False
+    "One bucket per client and route instead of one per client."
+    allow: list[str] = field(default_factory=list)
+    "Networks (IPs or CIDRs) never limited, e.g. health checkers."
+    max_entries: int = 100000
+    "Buckets kept at most (least recently seen dropped first)."
+
+
+@dataclass
+class LogConfig:
+    access: str = "json"
+    "Access log to stdout: json, common (Apache combined-like) or off."
+
+
+@dataclass
+class MetricsConfig:
+    port: int | None = None
+    "Separate /metrics listener port; unset: /metrics on the plain HTTP port."
+    host: str | None = None
+    "Address of the metrics listener; default listen.host."
+
+
+@dataclass
 class Config:
     backend: str | None = None
     "Default upstream (http://host:port); the built-in demo backend when unset."
@@ -211,6 +245,9 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     waf: WafConfig = field(default_factory=WafConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     trusted_proxies: list[str] = field(default_factory=list)
     "Peers (IPs or CIDRs) whose X-Forwarded-* headers are kept."
     shutdown_grace: float = 30.0
@@ -412,6 +449,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 f"trusted_proxies[{i}]", f"{net!r} is not an IP or CIDR", "e.g. 10.0.0.0/8"
             ) from None
+    _validate_ops(cfg)
     waf = cfg.waf
     _check_choice("waf.mode", waf.mode, ("off", "inline", "service"))
     _check_choice("waf.fail", waf.fail, ("closed", "open"))
@@ -431,6 +469,26 @@ def _validate(cfg: Config) -> None:
         except ConfigError as exc:
             raise ConfigError(
                 "waf.url", str(exc).split(": ", 2)[-1], "use http://HOST:PORT"
+            ) from None
+
+
+def _validate_ops(cfg: Config) -> None:
+    """Access log, metrics listener and rate limit settings."""
+    _check_choice("log.access", cfg.log.access, ("json", "common", "off"))
+    _check_port("metrics.port", cfg.metrics.port)
+    rl = cfg.rate_limit
+    if not rl.rate > 0 or math.isinf(rl.rate):
+        raise ConfigError("rate_limit.rate", f"{rl.rate} is not a rate", "give requests/s, e.g. 50")
+    if rl.burst < 1:
+        raise ConfigError("rate_limit.burst", f"{rl.burst} is too small", "use 1 or more")
+    if rl.max_entries < 1:
+        raise ConfigError("rate_limit.max_entries", "too small", "use e.g. 100000")
+    for i, net in enumerate(rl.allow):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"rate_limit.allow[{i}]", f"{net!r} is not an IP or CIDR", "e.g. 10.0.0.0/8"
             ) from None
 
 

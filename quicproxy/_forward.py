@@ -6,7 +6,13 @@ import ipaddress
 
 from ._model import Headers, Request
 
-__all__ = ["HOP_BY_HOP", "strip_hop_by_hop", "TrustedProxies", "upstream_headers"]
+__all__ = [
+    "HOP_BY_HOP",
+    "strip_hop_by_hop",
+    "TrustedProxies",
+    "upstream_headers",
+    "real_client",
+]
 
 HOP_BY_HOP = frozenset(
     {
@@ -54,6 +60,23 @@ class TrustedProxies:
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
             ip = ip.ipv4_mapped
         return any(ip in net for net in self._nets)
+
+
+def real_client(req: Request, trusted: TrustedProxies) -> str:
+    """The client's address: the peer, or when the peer is a trusted proxy the
+    right-most X-Forwarded-For entry that is not itself a trusted proxy."""
+    peer = req.client[0]
+    if peer not in trusted:
+        return peer
+    hops = [h.strip() for k, v in req.headers if k == "x-forwarded-for" for h in v.split(",")]
+    for hop in reversed(hops):
+        try:
+            addr = str(ipaddress.ip_address(hop.split("%", 1)[0]))
+        except ValueError:
+            return peer  # a garbled list: trust nothing left of it
+        if addr not in trusted:
+            return addr
+    return hops[0] if hops else peer
 
 
 def upstream_headers(req: Request, trusted: TrustedProxies) -> Headers:

@@ -1,6 +1,7 @@
 """What happens to a request once any protocol adapter has parsed it.
 
-Health, limits, 0-RTT policy, the WAF, routing and forwarding are written once
+Health, limits, rate limits, 0-RTT policy, the WAF, routing and forwarding,
+the request id, the access log line and the request metrics are written once
 here; the h1, h2 and h3 adapters only translate events and write responses
 through a :class:`ResponseWriter`.
 """
@@ -12,15 +13,26 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
+from ._access import AccessLog, AccessRecord, request_id
 from ._config import Config
 from ._demo import demo_response
-from ._errors import BodyTooLarge, HeadersTooLarge, ProxyError, RequestError, TooEarly
-from ._forward import TrustedProxies, strip_hop_by_hop, upstream_headers
-from ._metrics import Metrics
+from ._errors import (
+    BodyTooLarge,
+    HeadersTooLarge,
+    ProxyError,
+    RequestError,
+    TooEarly,
+    UpstreamBusy,
+    UpstreamConnectError,
+    UpstreamTimeout,
+)
+from ._forward import TrustedProxies, real_client, strip_hop_by_hop, upstream_headers
+from ._metrics import CONTENT_TYPE, metrics, status_class
 from ._model import Body, Headers, Request, Response
+from ._ratelimit import RateLimiter
 from ._router import DEMO, Router
 from ._target import check_request, options_response
 from ._upstream import UpstreamPool
@@ -63,9 +75,13 @@ class Handler:
         self.cfg = cfg
         self.router = router
         self.waf = waf
-        self.metrics = Metrics()
         self.upstream = UpstreamPool(cfg.upstream)
         self.trusted = TrustedProxies(cfg.trusted_proxies)
+        self.access = AccessLog(cfg.log.access)
+        "Access log; its ``sink`` (a callable taking one line) can be replaced."
+        self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit.enabled else None
+        self.waf_engine = cfg.waf.mode
+        "Engine label of the WAF metrics."
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -83,27 +99,29 @@ class Handler:
         or a closed connection, never a clean end. Cancellation (the client
         reset the stream) stops the upstream request at once."""
         self.active += 1
-        self.metrics.in_flight += 1
         self._idle.clear()
         started = time.monotonic()
+        rec = self._begin(req)
+        body_in = req.body
         resp: Response | None = None
         try:
-            resp = await self.handle(req)
-            self.metrics.observe(req.protocol, resp.status, time.monotonic() - started)
-            headers = resp.headers
+            resp = await self.handle(req, rec)
+            headers = [(k, v) for k, v in resp.headers if k != "x-request-id"]
+            headers.append(("x-request-id", rec.request_id))
             if self.alt_svc:
-                headers = headers + [("alt-svc", self.alt_svc)]
+                headers.append(("alt-svc", self.alt_svc))
             await writer.send_head(resp.status, headers)
             if req.method != "HEAD":
                 async for chunk in resp.body:
+                    rec.bytes_out += len(chunk)
                     await writer.send_data(chunk)
             await writer.send_end()
         except (ProxyError, OSError, ConnectionError) as exc:
-            self.metrics.events["response_aborted"] += 1
+            _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
             log.info("response to %s %s aborted: %s", req.method, req.path, exc)
             writer.abort()
         except Exception:
-            self.metrics.events["response_aborted"] += 1
+            _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
             log.exception("response to %s %s failed", req.method, req.path)
             writer.abort()
         finally:
@@ -111,10 +129,35 @@ class Handler:
                 with contextlib.suppress(Exception):
                     await resp.body.aclose()
             self.active -= 1
-            self.metrics.in_flight -= 1
+            _safe(lambda: metrics.in_flight.dec())
             if self.active == 0:
                 self._idle.set()
+            rec.status = resp.status if resp is not None else 499  # 499: client went away
+            rec.bytes_in = body_in.received
+            rec.duration = time.monotonic() - started
+            self._finish(rec)
         return resp
+
+    def _begin(self, req: Request) -> AccessRecord:
+        """Request id (kept from a trusted proxy, else new; sent upstream) and log record."""
+        _safe(lambda: metrics.in_flight.inc())
+        rid = request_id(req, self.trusted)
+        req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"]
+        req.headers.append(("x-request-id", rid))
+        return self.access.start(req, real_client(req, self.trusted), rid)
+
+    def _finish(self, rec: AccessRecord) -> None:
+        try:
+            route = rec.route or "-"
+            metrics.requests.labels(rec.protocol, status_class(rec.status), route).inc()
+            metrics.request_duration.labels(rec.protocol).observe(rec.duration)
+            metrics.bytes_received.labels(rec.protocol).inc(rec.bytes_in)
+            metrics.bytes_sent.labels(rec.protocol).inc(rec.bytes_out)
+            if rec.upstream_time is not None:
+                metrics.upstream_duration.labels(rec.protocol).observe(rec.upstream_time)
+        except Exception:  # metrics must never break a request
+            log.exception("recording metrics failed")
+        self.access.write(rec)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if ``timeout`` ran out first."""
@@ -124,29 +167,32 @@ class Handler:
         except TimeoutError:
             return False
 
-    async def handle(self, req: Request) -> Response:
+    async def handle(self, req: Request, rec: AccessRecord | None = None) -> Response:
         """The response for ``req``; errors become small error responses."""
+        if rec is None:
+            rec = self.access.start(req, req.client[0], "-")
         try:
-            return await self._handle(req)
+            return await self._handle(req, rec)
         except ProxyError as exc:
             if isinstance(exc, RequestError):
                 log.info("%r %r -> %d: %s", req.method, req.path[:200], exc.status, exc.detail)
             else:
-                self.metrics.events["upstream_errors"] += 1
+                kind = _error_kind(exc)
+                _safe(lambda: metrics.upstream_errors.labels(kind=kind).inc())
                 log.warning("%s %s -> %d: %s", req.method, req.path, exc.status, exc.detail)
             return error_response(exc.status, exc.reason)
         except (ConnectionError, OSError) as exc:
-            self.metrics.events["upstream_errors"] += 1
+            _safe(lambda: metrics.upstream_errors.labels(kind="connect").inc())
             log.warning("%s %s -> 502: %r", req.method, req.path, exc)
             return error_response(502, "Bad Gateway")
         except Exception:
-            self.metrics.events["internal_errors"] += 1
+            _safe(lambda: metrics.upstream_errors.labels(kind="internal").inc())
             log.exception("internal error on %s %s", req.method, req.path)
             return Response.text(500, "500 Internal Server Error\n")
 
     # ------------------------------------------------------------------ steps
 
-    async def _handle(self, req: Request) -> Response:
+    async def _handle(self, req: Request, rec: AccessRecord) -> Response:
         check_request(req, self.cfg.limits.max_headers)
         if req.target == "*":
             return options_response()
@@ -155,20 +201,41 @@ class Handler:
                 return Response.text(503, "draining\n")
             return Response.text(200, "OK")
         if req.scheme == "http":
-            if req.path == "/metrics":
-                return Response(
-                    200,
-                    [("content-type", "text/plain; version=0.0.4")],
-                    Body.of(self.metrics.render().encode()),
-                )
+            if req.path == "/metrics" and self.cfg.metrics.port is None:
+                return Response(200, [("content-type", CONTENT_TYPE)], Body.of(metrics.render()))
             if self.cfg.listen.plain_http == "redirect":
                 return self._redirect(req)
+        pool = self.router.match(req.host, req.path)
+        rec.route = pool.name if pool is not None else "demo"
+        if self.limiter is not None:
+            limited = self._rate_limit(rec)
+            if limited is not None:
+                return limited
         self._check_limits(req)
         if self.waf is not None:
-            blocked = await self._inspect(req)
+            blocked = await self._inspect(req, rec)
             if blocked is not None:
                 return blocked
-        return await self._forward(req)
+        return await self._forward(req, rec)
+
+    def _rate_limit(self, rec: AccessRecord) -> Response | None:
+        """429 with Retry-After when the client is over its rate; never raises."""
+        assert self.limiter is not None
+        try:
+            wait = self.limiter.check(rec.client, rec.route or "")
+            metrics.rate_limit_buckets.set(len(self.limiter))
+            if wait is None:
+                return None
+            metrics.rate_limited.labels(route=rec.route or "-").inc()
+        except Exception:
+            log.exception("rate limiter failed; request let through")
+            return None
+        rec.rate_limited = True
+        return Response.text(
+            429,
+            "429 Too Many Requests: slow down and retry later\n",
+            [("retry-after", RateLimiter.retry_after(wait))],
+        )
 
     def _redirect(self, req: Request) -> Response:
         port = self.cfg.listen.alt_svc_port or self.cfg.listen.https_port or 443
@@ -189,7 +256,7 @@ class Handler:
         if req.early_data and req.method not in _SAFE_METHODS:
             raise TooEarly("retry after the handshake completes")
 
-    async def _forward(self, req: Request) -> Response:
+    async def _forward(self, req: Request, rec: AccessRecord) -> Response:
         pool = self.router.match(req.host, req.path)
         member = pool.pick() if pool is not None else DEMO
         limit = self.cfg.limits.max_body_bytes
@@ -204,9 +271,12 @@ class Handler:
             req.body = body
             return await demo_response(req)
         headers = upstream_headers(req, self.trusted)
+        rec.upstream = f"{member[0]}:{member[1]}"
+        sent = time.monotonic()
         resp = await self.upstream.request(
             member, req.method, req.target, headers, body, req.content_length
         )
+        rec.upstream_time = time.monotonic() - sent
         resp.headers = strip_hop_by_hop(resp.headers)
         return resp
 
@@ -222,8 +292,18 @@ class Handler:
 
     # ------------------------------------------------------------------ WAF
 
-    async def _inspect(self, req: Request) -> Response | None:
+    async def _inspect(self, req: Request, rec: AccessRecord) -> Response | None:
         """Run the WAF; a response when the request must not go on, else None."""
+        assert self.waf is not None
+        started = time.monotonic()
+        try:
+            return await self._inspect_timed(req, rec)
+        finally:
+            _safe(lambda: metrics.waf_decisions.labels(self.waf_engine, rec.waf).inc())
+            seconds = time.monotonic() - started
+            _safe(lambda: metrics.waf_duration.labels(self.waf_engine).observe(seconds))
+
+    async def _inspect_timed(self, req: Request, rec: AccessRecord) -> Response | None:
         assert self.waf is not None
         wcfg = self.cfg.waf
         wreq = WafRequest(
@@ -236,6 +316,7 @@ class Handler:
             server_addr=req.server[0],
             server_port=req.server[1],
         )
+        rec.waf = "error"
         tx = self.waf.transaction(wreq)
         try:
             decision = await tx.headers()
@@ -244,12 +325,12 @@ class Handler:
                 decision = await tx.finish()
         except WafUnavailable as exc:
             if wcfg.fail == "closed":
-                self.metrics.events["waf_unavailable"] += 1
+                rec.waf = "unavailable"
                 log.error("WAF unavailable, failing closed: %s", exc)
                 return Response.text(
                     503, "503 Service Unavailable: the WAF could not check this request\n"
                 )
-            self.metrics.events["waf_fail_open"] += 1
+            rec.waf = "fail_open"
             log.warning("WAF unavailable, failing open (forwarding unchecked): %s", exc)
             return None
         finally:
@@ -257,14 +338,16 @@ class Handler:
                 await tx.close()
             except WafUnavailable:
                 pass
+        rule = ",".join(decision.rule_ids) or "unknown"
         if decision.allowed:
+            rec.waf = "allow"
             if decision.rule_ids:
+                rec.waf, rec.waf_rule = "detect", rule
                 self._log_decision("waf_detect", req, decision)
             return None
-        self.metrics.events["waf_blocked"] += 1
+        rec.waf, rec.waf_rule = "block", rule
         self._log_decision("waf_block", req, decision)
         status = decision.status if decision.status >= 400 else 403
-        rule = ",".join(decision.rule_ids) or "unknown"
         return Response.text(
             status,
             f"{status} Forbidden: request blocked by the web application firewall (rule {rule})\n",
@@ -304,3 +387,21 @@ class Handler:
             "messages": decision.messages[:3],
         }
         log.warning(json.dumps(line))
+
+
+def _safe(record: Callable[[], object]) -> None:
+    """Run one metric update; a failure is logged, never raised into a request."""
+    try:
+        record()
+    except Exception:
+        log.exception("recording a metric failed")
+
+
+def _error_kind(exc: ProxyError) -> str:
+    if isinstance(exc, UpstreamTimeout):
+        return "timeout"
+    if isinstance(exc, UpstreamBusy):
+        return "busy"
+    if isinstance(exc, UpstreamConnectError):
+        return "closed" if "closed" in exc.detail else "connect"
+    return "other"

@@ -1,62 +1,214 @@
-"""Prometheus text-format counters, gauges and one latency histogram."""
+"""Prometheus metrics of the proxy (prometheus-client), one set per process.
+
+Every part of the proxy counts through the module-level :data:`metrics`::
+
+    from ._metrics import metrics
+    metrics.quic_handshakes.inc()
+    metrics.connections_refused.labels(reason="per_ip").inc()
+    metrics.stream_resets.labels(protocol="h3").inc()
+    metrics.retry_sent.inc()
+
+With ``--workers N`` the parent makes a fresh directory for prometheus-client's
+multiprocess mode before forking (:func:`multiprocess_dir`); each worker calls
+:meth:`Metrics.use_multiprocess` and every scrape, whichever worker answers,
+sums the files of all workers. Recording never raises into a request.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-__all__ = ["Metrics"]
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    values,
+)
 
-_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+__all__ = ["Metrics", "metrics", "multiprocess_dir", "CONTENT_TYPE", "status_class"]
+
+log = logging.getLogger("quicproxy")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_WAF_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def status_class(status: int) -> str:
+    """'2xx', '4xx'... for a status code."""
+    return f"{status // 100}xx" if 100 <= status <= 599 else "other"
 
 
 class Metrics:
+    """The proxy's metric objects; :meth:`reset` rebuilds them (tests, workers)."""
+
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        "(protocol, status) -> requests answered."
-        self.events: Counter[str] = Counter()
-        "Named events: waf_blocked, waf_unavailable, waf_fail_open, upstream_errors..."
-        self.in_flight = 0
-        "Requests being handled now."
-        self._buckets = [0] * (len(_BUCKETS) + 1)
-        self._sum = 0.0
-        self._count = 0
+        self.multiprocess_dir: str | None = None
+        self.reset()
 
-    def observe(self, protocol: str, status: int, seconds: float) -> None:
-        self.requests[(protocol, status)] += 1
-        self._sum += seconds
-        self._count += 1
-        for i, bound in enumerate(_BUCKETS):
-            if seconds <= bound:
-                self._buckets[i] += 1
-                break
+    def reset(self) -> None:
+        """New metric objects: in a private registry, or multiprocess files."""
+        self.registry = CollectorRegistry()
+        reg = None if self.multiprocess_dir else self.registry
+        p = "quicproxy_"
+
+        self.requests = Counter(
+            p + "requests",
+            "Requests answered, by protocol, status class and route.",
+            ["protocol", "status_class", "route"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "Time from request headers to the end of the response, by protocol.",
+            ["protocol"],
+            buckets=_TIME_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_duration = Histogram(
+            p + "upstream_duration_seconds",
+            "Time the upstream took to send response headers, by protocol.",
+            ["protocol"],
+            buckets=_TIME_BUCKETS,
+            registry=reg,
+        )
+        self.bytes_received = Counter(
+            p + "request_bytes",
+            "Request body bytes received from clients, by protocol.",
+            ["protocol"],
+            registry=reg,
+        )
+        self.bytes_sent = Counter(
+            p + "response_bytes",
+            "Response body bytes sent to clients, by protocol.",
+            ["protocol"],
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            p + "in_flight_requests",
+            "Requests being handled.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.active_connections = Gauge(
+            p + "active_connections",
+            "Client connections open, by protocol.",
+            ["protocol"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.quic_handshakes = Counter(
+            p + "quic_handshakes", "QUIC handshakes completed.", registry=reg
+        )
+        self.retry_sent = Counter(p + "quic_retry_sent", "QUIC Retry packets sent.", registry=reg)
+        self.connections_refused = Counter(
+            p + "connections_refused",
+            "Connections refused by a cap, by reason.",
+            ["reason"],
+            registry=reg,
+        )
+        self.stream_resets = Counter(
+            p + "stream_resets",
+            "Request streams reset by the client, by protocol.",
+            ["protocol"],
+            registry=reg,
+        )
+        self.waf_decisions = Counter(
+            p + "waf_decisions",
+            "WAF decisions, by engine and verdict (allow, detect, block, unavailable, fail_open).",
+            ["engine", "verdict"],
+            registry=reg,
+        )
+        self.waf_duration = Histogram(
+            p + "waf_evaluation_seconds",
+            "Time the WAF took to decide, by engine.",
+            ["engine"],
+            buckets=_WAF_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            p + "upstream_errors",
+            "Upstream failures, by kind (connect, timeout, closed, internal).",
+            ["kind"],
+            registry=reg,
+        )
+        self.rate_limited = Counter(
+            p + "rate_limited",
+            "Requests answered 429 by the rate limiter, by route.",
+            ["route"],
+            registry=reg,
+        )
+        self.rate_limit_buckets = Gauge(
+            p + "rate_limit_buckets",
+            "Token buckets held by the rate limiter.",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.cert_reloads = Counter(
+            p + "certificate_reloads",
+            "Certificate pair reloads, by result (ok, error).",
+            ["result"],
+            registry=reg,
+        )
+        self.response_aborted = Counter(
+            p + "responses_aborted",
+            "Responses cut off (client gone, upstream failed mid-body).",
+            ["protocol"],
+            registry=reg,
+        )
+
+    def use_multiprocess(self, directory: str) -> None:
+        """Record into ``directory`` (shared by every worker) from now on."""
+        os.environ[_ENV] = directory
+        values.ValueClass = values.MultiProcessValue()
+        self.multiprocess_dir = directory
+        self.reset()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this process (or of every worker)."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """Current value of one sample (0 when absent); for tests and checks."""
+        registry = CollectorRegistry()
+        if self.multiprocess_dir:
+            multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
         else:
-            self._buckets[-1] += 1
+            registry = self.registry
+        found = registry.get_sample_value(name, labels)
+        return found or 0.0
 
-    def render(self) -> str:
-        lines = [
-            "# HELP quicproxy_requests_total Requests answered, by protocol and status.",
-            "# TYPE quicproxy_requests_total counter",
-        ]
-        for (proto, status), n in sorted(self.requests.items()):
-            lines.append(f'quicproxy_requests_total{{protocol="{proto}",status="{status}"}} {n}')
-        lines += [
-            "# HELP quicproxy_events_total Notable events (WAF blocks, fail-open, upstream errors)",
-            "# TYPE quicproxy_events_total counter",
-        ]
-        for name, n in sorted(self.events.items()):
-            lines.append(f'quicproxy_events_total{{event="{name}"}} {n}')
-        lines += [
-            "# HELP quicproxy_in_flight_requests Requests being handled.",
-            "# TYPE quicproxy_in_flight_requests gauge",
-            f"quicproxy_in_flight_requests {self.in_flight}",
-            "# HELP quicproxy_request_duration_seconds Time to response headers.",
-            "# TYPE quicproxy_request_duration_seconds histogram",
-        ]
-        running = 0
-        for bound, n in zip(_BUCKETS, self._buckets, strict=False):
-            running += n
-            lines.append(f'quicproxy_request_duration_seconds_bucket{{le="{bound}"}} {running}')
-        lines.append(f'quicproxy_request_duration_seconds_bucket{{le="+Inf"}} {self._count}')
-        lines.append(f"quicproxy_request_duration_seconds_sum {self._sum:.6f}")
-        lines.append(f"quicproxy_request_duration_seconds_count {self._count}")
-        return "\n".join(lines) + "\n"
+
+metrics = Metrics()
+"The process's metrics; see the module docstring for the names to call."
+
+
+@contextmanager
+def multiprocess_dir() -> Iterator[str]:
+    """A fresh directory for the workers' metric files, removed afterwards."""
+    folder = tempfile.mkdtemp(prefix="quicproxy-metrics-")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def mark_worker_dead(directory: str, pid: int) -> None:
+    """Drop a finished worker's live gauges (its counters stay in the sums)."""
+    try:
+        multiprocess.mark_process_dead(pid, directory)
+    except OSError as exc:
+        log.debug("metrics cleanup for worker %d: %s", pid, exc)

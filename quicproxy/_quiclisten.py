@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from aioquic.tls import SessionTicket
 
 from ._caps import AddressCounter
+from ._certwatch import TlsStore
 from ._config import Config
 from ._h3 import H3Conn
 from ._handler import Handler
+from ._metrics import metrics
 from ._quic import (
     MIN_INITIAL_SIZE,
     CreditedConnection,
@@ -90,6 +93,8 @@ class QuicListener:
         self.handshakes_per_address = AddressCounter(q.max_handshakes_per_address)
         self.draining = False
         self.socket: DatagramSocket | None = None
+        self.tls_store: TlsStore | None = None
+        "Where new connections take the current certificate pair from (set by the server)."
         self.address: tuple[str, int] = ("", 0)
         self._dirty: set[H3Conn] = set()
         self._flush_scheduled = False
@@ -136,7 +141,7 @@ class QuicListener:
 
     def _refuse(self, why: str) -> None:
         self.stats["refused"] += 1
-        self.handler.metrics.events[f"quic_refused_{why}"] += 1
+        _safe(lambda: metrics.connections_refused.labels(reason=f"quic_{why}").inc())
 
     def _examine_budget(self) -> bool:
         """Token bucket for Initials of unknown connections: checking one costs crypto,
@@ -166,7 +171,7 @@ class QuicListener:
         if original_dcid is None:
             if q.retry or self.handshakes >= q.retry_above:
                 self.stats["retry"] += 1
-                self.handler.metrics.events["quic_retry_sent"] += 1
+                _safe(metrics.retry_sent.inc)
                 self._send([(self.retry.retry_packet(header, addr, now), addr)])
                 return
         if len(self.connections) >= q.max_connections:
@@ -179,8 +184,11 @@ class QuicListener:
             self.handshakes_per_address.release(host)
             return self._refuse("address_connections")
         tickets = self.tickets
+        configuration = self.configuration
+        if self.tls_store is not None:  # the certificate pair in use now (rotation)
+            configuration = self.tls_store.quic_configuration(configuration)
         quic = CreditedConnection(
-            configuration=self.configuration,
+            configuration=configuration,
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
             session_ticket_fetcher=tickets.fetch if tickets else None,
@@ -188,6 +196,7 @@ class QuicListener:
         )
         conn = H3Conn(quic, self, self.handler, addr)
         self.connections.add(conn)
+        _safe(lambda: metrics.active_connections.labels("h3").inc())
         self.handshakes += 1
         self.stats["handshakes"] += 1
         self.cid_issued(conn, header.dcid)
@@ -217,7 +226,7 @@ class QuicListener:
             conn.handshaking = False
             self.handshakes -= 1
             self.handshakes_per_address.release(conn.client[0])
-            self.handler.metrics.events["quic_handshakes"] += 1
+            _safe(metrics.quic_handshakes.inc)
 
     def remove(self, conn: H3Conn) -> None:
         """Forget a connection: O(number of its connection IDs)."""
@@ -227,6 +236,7 @@ class QuicListener:
         conn.cids.clear()
         if conn in self.connections:
             self.connections.discard(conn)
+            _safe(lambda: metrics.active_connections.labels("h3").dec())
             self.per_address.release(conn.client[0])
             if conn.handshaking:
                 conn.handshaking = False
@@ -310,6 +320,14 @@ class QuicListener:
             conn.terminated()
         if self.socket is not None:
             self.socket.close()
+
+
+def _safe(record: Callable[[], object]) -> None:
+    """Metrics never break the listener."""
+    try:
+        record()
+    except Exception:
+        log.exception("recording a QUIC metric failed")
 
 
 async def start_quic_listener(

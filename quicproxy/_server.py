@@ -12,15 +12,18 @@ import ssl
 from typing import Protocol
 
 from ._caps import AddressCounter
+from ._certwatch import TlsStore
 from ._config import Config, Route, parse_backend
 from ._errors import ConfigError
 from ._h1 import H1Connection
 from ._h2 import H2Connection
 from ._handler import Handler
+from ._metrics import metrics
+from ._metrics_http import start_metrics_listener
 from ._quiclisten import QuicListener, start_quic_listener
 from ._router import Pool, Router
 from ._sockets import bind_socket, plain_addr
-from ._tls import ensure_certificate, tcp_tls_context
+from ._tls import ensure_certificate
 
 __all__ = ["Proxy", "default_ports"]
 
@@ -72,7 +75,12 @@ class Proxy:
         self.key = ""
         self.self_signed = False
         self.port_note: str | None = None
+        self.metrics_port: int | None = None
+        "Port of the separate metrics listener (metrics.port), once bound."
+        self.tls_store: TlsStore | None = None
+        "The certificate pair in use, reloaded when its files change."
         self._tcp: list[asyncio.Server] = []
+        self._metrics_server: asyncio.Server | None = None
         self._quic: QuicListener | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -91,7 +99,8 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.config
         self.cert, self.key, self.self_signed = ensure_certificate(cfg)
-        tls = tcp_tls_context(self.cert, self.key)
+        self.tls_store = TlsStore(self.cert, self.key)
+        tls = self.tls_store.context
         waf = None
         if cfg.waf.mode != "off":
             from .waf import create_waf
@@ -110,11 +119,22 @@ class Proxy:
             self.http_port = plain.sockets[0].getsockname()[1]
             secure, self._quic = await self._bind_https(tls, host, https)
             self._tcp.append(secure)
+            if cfg.metrics.port is not None:
+                where = host if cfg.metrics.host is None else cfg.metrics.host
+                server = await start_metrics_listener(where, cfg.metrics.port, self.reuse_port)
+                self._metrics_server = server  # kept open while draining, closed last
+                self.metrics_port = server.sockets[0].getsockname()[1]
         except OSError as exc:
             await self._close_listeners()
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+            self.tls_store.close()
             hint = "use a free port, or ports >= 1024 when not root"
             where = host or "every address"
             raise ConfigError("listen", f"cannot bind {where} ({exc.strerror})", hint) from None
+        if self._quic is not None:
+            self._quic.tls_store = self.tls_store
+        self.tls_store.start()
         self.https_port = secure.sockets[0].getsockname()[1]
         alt = cfg.listen.alt_svc_port or self.https_port
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
@@ -157,6 +177,8 @@ class Proxy:
         peer = plain_addr(writer.get_extra_info("peername"))[0]
         if not self.per_address.acquire(peer):
             writer.transport.abort()  # over the per-address cap: close at once
+            with contextlib.suppress(Exception):
+                metrics.connections_refused.labels(reason="tcp_address_connections").inc()
             return
         try:
             await self._serve_conn(reader, writer, kind)
@@ -179,11 +201,13 @@ class Proxy:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn: H1Connection | H2Connection
+        protocol = "h1"
         if kind == "tls":
             ssl_obj = writer.get_extra_info("ssl_object")
             alpn = ssl_obj.selected_alpn_protocol() if ssl_obj is not None else None
             if alpn == "h2":
                 conn = H2Connection(self.handler, reader, writer)
+                protocol = "h2"
             else:
                 conn = H1Connection(self.handler, reader, writer, "https")
         else:
@@ -194,12 +218,14 @@ class Proxy:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
+        metrics.active_connections.labels(protocol).inc()
         try:
             await conn.run()
         finally:
             self._conns.discard(conn)
             if task is not None:
                 self._tasks.discard(task)
+            metrics.active_connections.labels(protocol).dec()
 
     async def _close_listeners(self) -> None:
         for server in self._tcp:
@@ -228,6 +254,10 @@ class Proxy:
                 writer.close()
         await self._end_connections()
         await self.handler.upstream.aclose()
+        if self.tls_store is not None:
+            self.tls_store.close()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
         self._stopped.set()

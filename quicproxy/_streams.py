@@ -12,6 +12,7 @@ into calls on :class:`Streams` and implement :class:`StreamOps`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Protocol
 
 from ._errors import ProxyError
 from ._handler import Handler
+from ._metrics import metrics
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, Response
 from ._pseudo import request_from_pseudo
 
@@ -98,6 +100,7 @@ class Streams:
         self.handler = handler
         self.ops = ops
         self.protocol = protocol
+        self.label = "h3" if protocol == "HTTP/3" else "h2"
         self.client = client
         self.server = server
         self.bodies: dict[int, Body] = {}
@@ -168,7 +171,8 @@ class Streams:
             body.abort(ConnectionError("stream reset by client"))
         if task is not None and not task.done():
             task.cancel()
-            self.handler.metrics.events["stream_resets"] += 1
+            with contextlib.suppress(Exception):
+                metrics.stream_resets.labels(protocol=self.label).inc()
             if self.resets.hit() and not self.abusive:
                 self.abusive = True
                 log.warning(

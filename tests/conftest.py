@@ -8,9 +8,16 @@ from typing import Any
 import pytest
 
 from quicproxy import Proxy
+from quicproxy._metrics import metrics
 from quicproxy._tls import self_signed
 from tests.backend import Backend
 from tests.helpers import proxy_config
+
+
+@pytest.fixture(autouse=True)
+def fresh_metrics() -> None:
+    """Every test starts from zero counters (metrics are per process)."""
+    metrics.reset()
 
 
 @pytest.fixture(scope="session")

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 
 from quicproxy import Proxy, load_config
-from quicproxy._client import h3_client
+from quicproxy._client import H3Client, h3_client
+from quicproxy._client import _Protocol as H3Protocol
 from tests.backend import Backend
 
 
@@ -86,4 +93,51 @@ async def fetch(
         resp = await client.request(method, https_url(proxy, path), content=body, headers=headers)
         expected = "HTTP/2" if proto == "h2" else "HTTP/1.1"
         assert resp.http_version == expected
+        return resp.status_code, dict(resp.headers), resp.content
+
+
+@asynccontextmanager
+async def h3_from(local_ip: str, proxy: Proxy, certs: tuple[str, str]) -> AsyncIterator[Any]:
+    """HTTP/3 client whose UDP socket is bound to ``local_ip`` (e.g. 127.0.0.2):
+    a second client address on loopback (aioquic's connect always binds ::)."""
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.server_name = "localhost"
+    config.load_verify_locations(certs[0])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((local_ip, 0))
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: H3Protocol(QuicConnection(configuration=config)), sock=sock
+    )
+    try:
+        proto.connect(("127.0.0.1", proxy.https_port))
+        await asyncio.wait_for(proto.wait_connected(), 10)
+        yield H3Client(proto, f"localhost:{proxy.https_port}")
+    finally:
+        proto.close()
+        await proto.wait_closed()
+        transport.close()
+
+
+def tcp_client_from(
+    local_ip: str, certs: tuple[str, str], http2: bool, **kw: Any
+) -> httpx.AsyncClient:
+    """Like tcp_client, with connections from ``local_ip``."""
+    ctx = ssl.create_default_context(cafile=certs[0])
+    transport = httpx.AsyncHTTPTransport(
+        verify=ctx, http2=http2, http1=not http2, local_address=local_ip
+    )
+    return httpx.AsyncClient(transport=transport, timeout=30.0, **kw)
+
+
+async def fetch_from(
+    local_ip: str, proxy: Proxy, certs: tuple[str, str], proto: str, path: str
+) -> tuple[int, dict[str, str], bytes]:
+    """One GET over ``proto`` from the loopback address ``local_ip``."""
+    if proto == "h3":
+        async with h3_from(local_ip, proxy, certs) as client:
+            r = await client.request("GET", path)
+            return r.status, dict(r.headers), r.body
+    async with tcp_client_from(local_ip, certs, http2=proto == "h2") as client:
+        resp = await client.get(https_url(proxy, path))
         return resp.status_code, dict(resp.headers), resp.content

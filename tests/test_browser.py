@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from quicproxy._metrics import metrics
 from quicproxy._tls import spki_sha256_b64
 from tests.helpers import need_tool
 
@@ -34,4 +35,5 @@ async def test_chromium_gets_the_page_over_http3(make_proxy, tmp_path):
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert '<b id="protocol">HTTP/3</b>' in out.decode(), out.decode()[:2000]
-    assert proxy.handler.metrics.requests[("HTTP/3", 200)] >= 1
+    labels = {"protocol": "h3", "status_class": "2xx", "route": "demo"}
+    assert metrics.value("quicproxy_requests_total", **labels) >= 1

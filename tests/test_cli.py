@@ -90,6 +90,26 @@ def test_waf_service_mode_without_url_fails_naming_the_setting():
     assert_one_line_error(proc, "waf.url", "--waf-url")
 
 
+def test_metrics_port_out_of_range_fails_naming_the_setting():
+    proc = run_cli("serve", "--metrics-port", "70000")
+    assert_one_line_error(proc, "metrics.port", "70000", "1 to 65535")
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("rate_limit:\n  rate: 0\n", ["rate_limit.rate", "fix:"]),
+        ("rate_limit:\n  burst: 0\n", ["rate_limit.burst", "fix:"]),
+        ("rate_limit:\n  allow: [not-a-net]\n", ["rate_limit.allow[0]", "CIDR"]),
+        ("log:\n  access: xml\n", ["log.access", "json, common, off"]),
+    ],
+)
+def test_bad_ops_settings_fail_at_start_naming_the_key(tmp_path: Path, text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    assert_one_line_error(run_cli("serve", "--config", str(cfg)), *words)
+
+
 def test_non_root_defaults_to_high_ports(monkeypatch):
     # Root cannot become non-root inside one process: geteuid is replaced here only.
     from quicproxy import load_config

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from quicproxy import WafConfig
+from quicproxy._metrics import metrics
 from quicproxy.waf import start_waf_service
 from tests.helpers import fetch, free_port
 
@@ -128,8 +129,8 @@ async def test_waf_service_down_follows_fail_mode(
     status, _, body = await fetch(proxy, certs, proto, "GET", "/hello")
     assert status == expected, body
     assert len(backend.requests) == (1 if fail == "open" else 0)
-    event = "waf_fail_open" if fail == "open" else "waf_unavailable"
-    assert proxy.handler.metrics.events[event] == 1
+    verdict = "fail_open" if fail == "open" else "unavailable"
+    assert metrics.value("quicproxy_waf_decisions_total", engine="service", verdict=verdict) == 1
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
@@ -185,4 +186,4 @@ async def test_block_is_logged_as_one_structured_line(make_proxy, backend, certs
         "HTTP/3",
     )
     assert ",".join(line["rule_ids"]) == resp_headers["x-waf-rule-id"]
-    assert proxy.handler.metrics.events["waf_blocked"] == 1
+    assert metrics.value("quicproxy_waf_decisions_total", engine="inline", verdict="block") == 1

@@ -1,9 +1,8 @@
-"""Counters of the WAF service, rendered in the Prometheus text format."""
+"""Metrics of the WAF service (prometheus-client, one registry per service)."""
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["ServiceMetrics", "LATENCY_BUCKETS"]
 
@@ -11,90 +10,64 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 "Upper bounds (seconds) of the evaluation latency histogram."
 
 
-@dataclass
 class ServiceMetrics:
-    evaluated: int = 0
-    "Requests evaluated."
-    blocked: int = 0
-    "Requests the WAF would block."
-    detected: int = 0
-    "Requests allowed although some rule matched (DetectionOnly, low scores)."
-    bad_requests: int = 0
-    "POST /evaluate calls refused as malformed (400, 413)."
-    errors: int = 0
-    "Evaluations that failed inside the engine (500)."
-    connections: int = 0
-    "TCP connections accepted."
-    open_connections: int = 0
-    "TCP connections open now."
-    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    "Evaluations per latency bucket (the last one is +Inf)."
-    latency_sum: float = 0.0
-    "Total evaluation time in seconds."
+    """What the WAF service counts; ``render()`` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = reg = CollectorRegistry()
+        self._evaluated = Counter("waf_requests_evaluated", "Requests evaluated.", registry=reg)
+        self._blocked = Counter("waf_requests_blocked", "Requests blocked.", registry=reg)
+        self._detected = Counter(
+            "waf_requests_detected", "Requests allowed with rule matches.", registry=reg
+        )
+        self._errors = Counter(
+            "waf_errors", "Evaluation calls that failed, by kind.", ["kind"], registry=reg
+        )
+        self._connections = Counter("waf_connections", "TCP connections accepted.", registry=reg)
+        self._open = Gauge("waf_connections_open", "TCP connections open.", registry=reg)
+        self._latency = Histogram(
+            "waf_evaluation_seconds", "Evaluation latency.", buckets=LATENCY_BUCKETS, registry=reg
+        )
+        for kind in ("bad_request", "engine"):
+            self._errors.labels(kind)
 
     def observe(self, seconds: float, allowed: bool, matched: bool) -> None:
-        self.evaluated += 1
+        self._evaluated.inc()
         if not allowed:
-            self.blocked += 1
+            self._blocked.inc()
         elif matched:
-            self.detected += 1
-        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+            self._detected.inc()
+        self._latency.observe(seconds)
+
+    def connection_opened(self) -> None:
+        self._connections.inc()
+        self._open.inc()
+
+    def connection_closed(self) -> None:
+        self._open.dec()
+
+    def bad_request(self) -> None:
+        """A POST /evaluate refused as malformed (400, 413)."""
+        self._errors.labels("bad_request").inc()
+
+    def engine_error(self) -> None:
+        """An evaluation that failed inside the engine (500)."""
+        self._errors.labels("engine").inc()
+
+    def _value(self, name: str, **labels: str) -> int:
+        return int(self.registry.get_sample_value(name, labels) or 0)
+
+    @property
+    def evaluated(self) -> int:
+        return self._value("waf_requests_evaluated_total")
+
+    @property
+    def connections(self) -> int:
+        return self._value("waf_connections_total")
+
+    @property
+    def open_connections(self) -> int:
+        return self._value("waf_connections_open")
 
     def render(self) -> str:
-        out: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, lines: list[str]) -> None:
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            out.extend(lines)
-
-        metric(
-            "waf_requests_evaluated_total",
-            "counter",
-            "Requests evaluated.",
-            [f"waf_requests_evaluated_total {self.evaluated}"],
-        )
-        metric(
-            "waf_requests_blocked_total",
-            "counter",
-            "Requests blocked.",
-            [f"waf_requests_blocked_total {self.blocked}"],
-        )
-        metric(
-            "waf_requests_detected_total",
-            "counter",
-            "Requests allowed with rule matches.",
-            [f"waf_requests_detected_total {self.detected}"],
-        )
-        metric(
-            "waf_errors_total",
-            "counter",
-            "Evaluation calls that failed.",
-            [
-                f'waf_errors_total{{kind="bad_request"}} {self.bad_requests}',
-                f'waf_errors_total{{kind="engine"}} {self.errors}',
-            ],
-        )
-        metric(
-            "waf_connections_total",
-            "counter",
-            "TCP connections accepted.",
-            [f"waf_connections_total {self.connections}"],
-        )
-        metric(
-            "waf_connections_open",
-            "gauge",
-            "TCP connections open.",
-            [f"waf_connections_open {self.open_connections}"],
-        )
-        buckets = []
-        running = 0
-        for bound, count in zip((*LATENCY_BUCKETS, None), self.latency_counts, strict=True):
-            running += count
-            le = "+Inf" if bound is None else repr(bound)
-            buckets.append(f'waf_evaluation_seconds_bucket{{le="{le}"}} {running}')
-        buckets.append(f"waf_evaluation_seconds_sum {self.latency_sum:.6f}")
-        buckets.append(f"waf_evaluation_seconds_count {running}")
-        metric("waf_evaluation_seconds", "histogram", "Evaluation latency.", buckets)
-        return "\n".join(out) + "\n"
+        return generate_latest(self.registry).decode()

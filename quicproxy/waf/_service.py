@@ -70,8 +70,7 @@ class WafService:
     # -- HTTP -------------------------------------------------------------------------
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.metrics.connections += 1
-        self.metrics.open_connections += 1
+        self.metrics.connection_opened()
         self._writers.add(writer)
         conn = h11.Connection(h11.SERVER)
         try:
@@ -83,7 +82,7 @@ class WafService:
             log.exception("WAF service connection failed")
         finally:
             self._writers.discard(writer)
-            self.metrics.open_connections -= 1
+            self.metrics.connection_closed()
             writer.close()
 
     async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
@@ -101,7 +100,7 @@ class WafService:
         try:
             event = await self._next(conn, reader)
         except h11.RemoteProtocolError as exc:
-            self.metrics.bad_requests += 1
+            self.metrics.bad_request()
             status = exc.error_status_hint
             await self._send(conn, writer, status, _error(str(exc)), _JSON, close=True)
             return False
@@ -111,7 +110,7 @@ class WafService:
             status, payload, ctype = await self._handle(conn, reader, event)
         except _Reply as reply:
             if reply.close:
-                self.metrics.bad_requests += 1
+                self.metrics.bad_request()
                 await self._send(conn, writer, reply.status, _error(str(reply)), _JSON, close=True)
                 return False
             status, payload, ctype = reply.status, _error(str(reply)), _JSON
@@ -158,14 +157,14 @@ class WafService:
         try:
             request, request_body = request_from_json(json.loads(body))
         except (ValueError, RecursionError) as exc:
-            self.metrics.bad_requests += 1
+            self.metrics.bad_request()
             problem = str(exc) if isinstance(exc, BadInput) else f"body is not valid JSON ({exc})"
             raise _Reply(400, problem) from None
         started = time.perf_counter()
         try:
             decision = await self.waf.evaluate(request, request_body)
         except Exception as exc:
-            self.metrics.errors += 1
+            self.metrics.engine_error()
             log.exception("WAF evaluation failed")
             raise _Reply(500, f"evaluation failed: {exc}") from None
         self.metrics.observe(

@@ -19,7 +19,16 @@ def _load(m, tmp_path):
 
     c = m.proxy_container()
     path = tmp_path / "config.yaml"
-    path.write_text(m.get("ConfigMap", "-proxy-config")["data"]["config.yaml"])
+    data = yaml.safe_load(m.get("ConfigMap", "-proxy-config")["data"]["config.yaml"])
+    if "cert" in data["tls"]:  # a mounted Secret: check the pod mounts it, load stand-ins
+        mounts = [v["mountPath"] for v in c["volumeMounts"] if v["name"].startswith("tls-")]
+        assert posixpath.dirname(data["tls"]["cert"]) in mounts
+        assert posixpath.dirname(data["tls"]["key"]) in mounts
+        from quicproxy._tls import self_signed
+
+        self_signed(tmp_path / "tls.crt", tmp_path / "tls.key")
+        data["tls"] = {"cert": str(tmp_path / "tls.crt"), "key": str(tmp_path / "tls.key")}
+    path.write_text(yaml.safe_dump(data))
     env = dict(IMAGE_ENV)
     env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
     assert c["command"] == ["quicproxy"] and c["args"][:3] == [
@@ -37,7 +46,10 @@ def test_quicproxy_accepts_the_rendered_config(profile, name, tmp_path):
     ports = {p["name"]: p["containerPort"] for p in m.proxy_container()["ports"]}
     assert cfg.listen.http_port == ports["http"]
     assert cfg.listen.https_port == ports["https"] == ports["http3"]
-    assert cfg.tls.self_signed_dir == "/var/run/quicproxy/tls"
+    if m.find("Certificate") is None:
+        assert cfg.tls.self_signed_dir == "/var/run/quicproxy/tls"
+    assert cfg.metrics.port == ports["metrics"] and cfg.metrics.host == "0.0.0.0"
+    assert cfg.log.access == "json"
 
 
 def test_config_file_is_mounted_where_serve_reads_it(profile):
@@ -125,6 +137,9 @@ def test_configmap_is_valid_yaml_with_no_unknown_top_level_keys(profile):
         "upstream",
         "waf",
         "trusted_proxies",
+        "rate_limit",
+        "log",
+        "metrics",
         "shutdown_grace",
         "workers",
         "log_level",

@@ -52,7 +52,8 @@ def test_host_network_can_be_turned_off_keeping_host_ports(render):
     m = render(PROFILES["daemonset"][0], values={"daemonset": {"hostNetwork": False}})
     spec = m.proxy_pod()["spec"]
     assert "hostNetwork" not in spec and "dnsPolicy" not in spec
-    assert {p["hostPort"] for p in m.proxy_container()["ports"]} == {80, 443}
+    ports = {p["name"]: p.get("hostPort") for p in m.proxy_container()["ports"]}
+    assert ports == {"http": 80, "https": 443, "http3": 443, "metrics": None}
 
 
 def test_daemonset_without_host_ports_gets_a_service_and_no_host_network(render):

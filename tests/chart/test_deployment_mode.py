@@ -67,7 +67,8 @@ def test_deployment_with_host_ports_keeps_its_service(render):
     assert m.get("Deployment", "-proxy")
     assert m.proxy_service() is not None
     ports = m.proxy_container()["ports"]
-    assert {p.get("hostPort") for p in ports} == {80, 443}
+    assert {p.get("hostPort") for p in ports if p["name"] != "metrics"} == {80, 443}
+    assert [p for p in ports if p["name"] == "metrics" and "hostPort" in p] == []
 
 
 def test_service_can_be_switched_off(render):

@@ -10,7 +10,7 @@ from ._chart import PROFILES
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a recent one.
 KUBE_VERSIONS = ["1.26.0", "1.31.0"]
-CRD_GROUPS = ("monitoring.coreos.com/",)
+CRD_GROUPS = ("monitoring.coreos.com/", "cert-manager.io/")
 
 VARIANTS = {
     "tls-secret": {"proxy": {"tls": {"secretName": "edge-tls"}}},

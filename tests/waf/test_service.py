@@ -142,11 +142,11 @@ async def test_metrics(http: httpx.AsyncClient) -> None:
     await http.post("/evaluate", json=evaluate_json("/"))
     await http.post("/evaluate", content=b"{")
     text = (await http.get("/metrics")).text
-    assert "waf_requests_evaluated_total 2\n" in text
-    assert "waf_requests_blocked_total 1\n" in text
-    assert 'waf_errors_total{kind="bad_request"} 1\n' in text
-    assert 'waf_evaluation_seconds_bucket{le="+Inf"} 2\n' in text
-    assert "waf_evaluation_seconds_count 2\n" in text
+    assert "waf_requests_evaluated_total 2.0\n" in text
+    assert "waf_requests_blocked_total 1.0\n" in text
+    assert 'waf_errors_total{kind="bad_request"} 1.0\n' in text
+    assert 'waf_evaluation_seconds_bucket{le="+Inf"} 2.0\n' in text
+    assert "waf_evaluation_seconds_count 2.0\n" in text
     assert "# TYPE waf_evaluation_seconds histogram" in text
 
 

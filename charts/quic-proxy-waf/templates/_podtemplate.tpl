@@ -79,6 +79,14 @@ spec:
           {{- if $ports.useHostPorts }}
           hostPort: {{ $ports.https }}
           {{- end }}
+        # /metrics: scraped through the metrics Service, not a host port (with
+        # host networking every port is on the node: Kubernetes sets hostPort)
+        - name: metrics
+          containerPort: {{ .Values.metrics.port }}
+          protocol: TCP
+          {{- if $hostNetwork }}
+          hostPort: {{ .Values.metrics.port }}
+          {{- end }}
       livenessProbe:
         httpGet:
           path: /_gwhealthz

@@ -10,4 +10,14 @@
 {{- if eq (int $p.ports.containerHttp) (int $p.ports.containerHttps) }}
 {{- fail (printf "proxy.ports: containerHttp and containerHttps are both %d; give them different ports" (int $p.ports.containerHttp)) }}
 {{- end }}
+{{- $m := int .Values.metrics.port }}
+{{- if or (eq $m (int (include "quic-proxy-waf.proxy.containerHttp" .))) (eq $m (int (include "quic-proxy-waf.proxy.containerHttps" .))) }}
+{{- fail (printf "metrics.port: %d is also the proxy's http or https container port; give the metrics listener a port of its own" $m) }}
+{{- end }}
+{{- if and $p.tls.certManager.enabled (not $p.tls.secretName) }}
+{{- fail "proxy.tls.certManager.enabled: cert-manager needs a Secret to write to; set proxy.tls.secretName" }}
+{{- end }}
+{{- if and $p.tls.certManager.enabled (or (not $p.tls.certManager.issuerRef.name) (not $p.tls.certManager.dnsNames)) }}
+{{- fail "proxy.tls.certManager: set issuerRef.name and at least one dnsNames entry" }}
+{{- end }}
 {{- end }}

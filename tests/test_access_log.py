@@ -1,0 +1,123 @@
+"""Access log: the same fields for the same request on h1, h2 and h3, and the
+request id kept from trusted proxies only, sent upstream and back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quicproxy._access import AccessLog, AccessRecord
+from tests.helpers import fetch
+
+PROTOCOLS = ["h1", "h2", "h3"]
+FIELDS = [
+    "time",
+    "request_id",
+    "client",
+    "protocol",
+    "method",
+    "host",
+    "path",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "upstream",
+    "upstream_ms",
+    "route",
+    "waf",
+    "waf_rule",
+]
+
+
+def capture(proxy) -> list[str]:
+    lines: list[str] = []
+    proxy.handler.access.sink = lines.append
+    return lines
+
+
+async def test_every_protocol_logs_the_same_fields_for_the_same_request(make_proxy, backend, certs):
+    proxy = await make_proxy(backend)
+    lines = capture(proxy)
+    for proto in PROTOCOLS:
+        status, headers, _ = await fetch(proxy, certs, proto, "POST", "/echo?q=1", b"x" * 1000)
+        assert status == 200
+    entries = [json.loads(line) for line in lines]
+    assert [e["protocol"] for e in entries] == PROTOCOLS
+    for entry in entries:
+        assert list(entry) == FIELDS
+        same = {k: entry[k] for k in FIELDS if k not in ("time", "request_id", "protocol")}
+        same.pop("duration_ms")
+        same.pop("upstream_ms")
+        assert same == {
+            "client": "127.0.0.1",
+            "method": "POST",
+            "host": "localhost",
+            "path": "/echo",
+            "status": 200,
+            "bytes_in": 1000,
+            "bytes_out": 1000,
+            "upstream": f"127.0.0.1:{backend.port}",
+            "route": "default",
+            "waf": "off",
+            "waf_rule": None,
+        }
+        assert entry["duration_ms"] >= entry["upstream_ms"] > 0
+        assert entry["time"].endswith("Z") and len(entry["request_id"]) == 32
+    assert len({e["request_id"] for e in entries}) == 3
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_request_id_is_generated_forwarded_and_returned(make_proxy, backend, certs, proto):
+    proxy = await make_proxy(backend)
+    lines = capture(proxy)
+    headers = [("x-request-id", "from-an-untrusted-client")]
+    _, resp_headers, _ = await fetch(proxy, certs, proto, "GET", "/x", headers=headers)
+    rid = resp_headers["x-request-id"]
+    assert rid != "from-an-untrusted-client" and len(rid) == 32
+    sent = [v for k, v in backend.requests[-1][2] if k == "x-request-id"]
+    assert sent == [rid]
+    assert json.loads(lines[-1])["request_id"] == rid
+
+
+async def test_request_id_and_client_of_a_trusted_proxy_are_kept(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, trusted_proxies=["127.0.0.0/8"])
+    lines = capture(proxy)
+    headers = [("x-request-id", "edge-42"), ("x-forwarded-for", "203.0.113.9, 127.0.0.5")]
+    _, resp_headers, _ = await fetch(proxy, certs, "h2", "GET", "/x", headers=headers)
+    assert resp_headers["x-request-id"] == "edge-42"
+    assert [v for k, v in backend.requests[-1][2] if k == "x-request-id"] == ["edge-42"]
+    entry = json.loads(lines[-1])
+    assert (entry["request_id"], entry["client"]) == ("edge-42", "203.0.113.9")
+
+
+async def test_a_waf_block_is_logged_with_verdict_and_rule(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, waf={"mode": "inline"})
+    lines = capture(proxy)
+    path = "/search?q=1%27%20UNION%20SELECT%20password%20FROM%20users--"
+    status, headers, _ = await fetch(proxy, certs, "h3", "GET", path)
+    assert status == 403
+    entry = json.loads(lines[-1])
+    assert (entry["status"], entry["waf"]) == (403, "block")
+    assert entry["waf_rule"] == headers["x-waf-rule-id"]
+    assert entry["upstream"] is None and entry["path"] == "/search"
+
+
+async def test_off_writes_nothing(make_proxy, backend, certs):
+    proxy = await make_proxy(backend, log={"access": "off"})
+    lines = capture(proxy)
+    assert (await fetch(proxy, certs, "h1", "GET", "/"))[0] == 200
+    assert lines == []
+
+
+def test_common_format_is_one_line_without_raw_control_characters():
+    lines: list[str] = []
+    log = AccessLog("common", lines.append)
+    rec = AccessRecord("rid1", "10.0.0.1", "h2", "GET", "evil\n host", '/a"b c', 0.0, 200)
+    rec.bytes_out = 12
+    log.write(rec)
+    (line,) = lines
+    when = "[01/Jan/1970:00:00:00 +0000]"
+    assert line.startswith(f'10.0.0.1 - - {when} "GET /a\\x22b\\x20c h2" 200 12')
+    assert "host=evil\\x0a\\x20host" in line and "rid=rid1" in line and "\n" not in line

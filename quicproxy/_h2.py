@@ -39,6 +39,7 @@ _RESET_CODES = {
     "internal": ErrorCodes.INTERNAL_ERROR,
     "protocol": ErrorCodes.PROTOCOL_ERROR,
     "done": ErrorCodes.NO_ERROR,
+    "cancelled": ErrorCodes.CANCEL,
 }
 _CONTROL_EVENTS = (
     h2.events.RemoteSettingsChanged,
@@ -66,6 +67,7 @@ class H2Connection:
         self.control = RateWindow(limits.max_control_frames, limits.abuse_window)
         self._settings_seen = False
         self._goaway_sent = False
+        self._abusive = False
 
     # ------------------------------------------------------------------ StreamOps
 
@@ -153,6 +155,8 @@ class H2Connection:
             self.writer.write(frame.serialize())
         if code != ErrorCodes.NO_ERROR:
             self.streams.close_all("connection closed for abuse")
+            self._abusive = True  # run() closes after a lingering read, so GOAWAY is read
+            return
         self.writer.close()
 
     # ------------------------------------------------------------------ input
@@ -190,6 +194,8 @@ class H2Connection:
                     self._flush_nowait()
                     break
                 for event in events:
+                    if self._goaway_sent:
+                        break  # closed for abuse: the rest of the batch is not worth reading
                     self._dispatch(event)
                 if self.control.hit(sum(isinstance(e, _CONTROL_EVENTS) for e in events)):
                     log.warning("HTTP/2 control-frame flood from %s: closing", self.client[0])
@@ -202,9 +208,20 @@ class H2Connection:
             pass
         finally:
             self.streams.close_all("client connection closed")
+            if self._abusive:
+                await self._linger()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+    async def _linger(self, seconds: float = 1.0, limit: int = 1 << 20) -> None:
+        """Drop what the client still sends for a moment: closing with unread input
+        resets the connection and the client would lose our GOAWAY."""
+        with contextlib.suppress(Exception):
+            await self.writer.drain()
+            async with asyncio.timeout(seconds):
+                while limit > 0 and (data := await self.reader.read(_READ)):
+                    limit -= len(data)
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):

@@ -36,6 +36,7 @@ _RESET_CODES = {
     "internal": ErrorCode.H3_INTERNAL_ERROR,
     "protocol": ErrorCode.H3_MESSAGE_ERROR,
     "done": ErrorCode.H3_NO_ERROR,
+    "cancelled": ErrorCode.H3_REQUEST_CANCELLED,
 }
 
 
@@ -91,7 +92,8 @@ class H3Conn:
             elif isinstance(event, events.StreamReset):
                 self._consumed.pop(event.stream_id, None)
                 quic.credit.pop(event.stream_id, None)
-                self.streams.peer_reset(event.stream_id)
+                if self.streams.peer_reset(event.stream_id):
+                    self.reset(event.stream_id, "cancelled")  # our half goes too: stream freed
             elif isinstance(event, events.ConnectionTerminated):
                 self.terminated()
                 return

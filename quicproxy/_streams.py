@@ -37,7 +37,7 @@ class StreamOps(Protocol):
     def send_end(self, sid: int) -> None: ...
     async def flush(self) -> None: ...
     def reset(self, sid: int, why: str) -> None:
-        """Reset a stream: why is 'refused', 'internal', 'protocol' or 'done'."""
+        """Reset a stream: 'refused', 'internal', 'protocol', 'done' or 'cancelled'."""
 
     def stop_reading(self, sid: int) -> None: ...
     def grant(self, sid: int, size: int) -> None: ...
@@ -163,8 +163,10 @@ class Streams:
         if body is not None:
             body.end()
 
-    def peer_reset(self, sid: int) -> None:
-        """The client reset a stream: stop its upstream request now."""
+    def peer_reset(self, sid: int) -> bool:
+        """The client reset a stream: stop its upstream request now.
+
+        True when the stream was still in progress here."""
         body = self.bodies.pop(sid, None)
         task = self.tasks.pop(sid, None)
         if body is not None and not body.ended:
@@ -183,6 +185,7 @@ class Streams:
                     self.resets.seconds,
                 )
                 self.ops.excessive_load("too many stream resets")
+        return task is not None
 
     def close_all(self, why: str) -> None:
         """The connection is gone: every stream ends now."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 import time
@@ -20,10 +19,6 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 class HealthProbe:

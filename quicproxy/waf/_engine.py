@@ -28,6 +28,9 @@ __all__ = ["Engine", "InlineWaf", "InlineTransaction", "engine_version"]
 
 T = TypeVar("T")
 
+MODSECURITY_LIBRARY = "libmodsecurity.so.3"
+"Soname loaded when waf.library is unset."
+
 _HTTP_VERSIONS = {"HTTP/1.0": "1.0", "HTTP/1.1": "1.1", "HTTP/2": "2.0", "HTTP/3": "3.0"}
 
 
@@ -96,7 +99,7 @@ class _Runtime:
                 self.lib.msc_cleanup(self.handle)
 
 
-def engine_version(library: str = "libmodsecurity.so.3") -> str:
+def engine_version(library: str = MODSECURITY_LIBRARY) -> str:
     """'ModSecurity v3.0.9 (Linux)'; ConfigError if the library is missing."""
     runtime = _Runtime.acquire(library)
     try:
@@ -116,10 +119,12 @@ class _Phase:
 class Engine:
     """A loaded rule set plus the worker threads that evaluate against it."""
 
+    name = "modsecurity"
+
     def __init__(self, config: WafConfig, workers: int | None = None) -> None:
         self.config = config
         self.crs: CrsLayout = find_crs(config.rules_dir)
-        self._runtime = _Runtime.acquire(config.library)
+        self._runtime = _Runtime.acquire(config.library or MODSECURITY_LIBRARY)
         self.lib = self._runtime.lib
         self.rules: int | None = self.lib.msc_create_rules_set()
         try:
@@ -137,6 +142,20 @@ class Engine:
     @property
     def version(self) -> str:
         return self._runtime.version
+
+    @property
+    def release(self) -> str:
+        """'3.0.9' out of 'ModSecurity v3.0.9 (Linux)'."""
+        words = self.version.split()
+        return words[1].lstrip("v") if len(words) > 1 else self.version
+
+    @property
+    def crs_version(self) -> tuple[int, int, int]:
+        return self.crs.version
+
+    @property
+    def crs_release(self) -> str:
+        return ".".join(map(str, self.crs.version))
 
     def _load(self, source: RuleSource) -> int:
         error = ctypes.c_void_p()

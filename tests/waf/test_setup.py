@@ -93,7 +93,7 @@ def test_paranoia_variable_follows_crs_version() -> None:
 
 
 def test_body_settings() -> None:
-    text = base_directives(WafConfig(engine="DetectionOnly", body_limit=5000))
+    text = base_directives(WafConfig(rule_engine="DetectionOnly", body_limit=5000))
     assert "SecRuleEngine DetectionOnly" in text
     assert "SecRequestBodyLimit 5000" in text
     assert "SecRequestBodyLimitAction ProcessPartial" in text

@@ -18,11 +18,13 @@ import (
 	"fmt"
 	"runtime/cgo"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"unsafe"
 
 	"github.com/corazawaf/coraza/v3"
 	"github.com/corazawaf/coraza/v3/experimental"
+	"github.com/corazawaf/coraza/v3/experimental/plugins/plugintypes"
 	"github.com/corazawaf/coraza/v3/types"
 )
 
@@ -151,18 +153,34 @@ func hostOnly(authority string) string {
 	return authority
 }
 
-// qpc_tx_body appends body bytes; the status to block with, or 0.
+// setBodyLength sets REQUEST_BODY_LENGTH, which the JSON and multipart
+// processors leave unset and the body error rules compare with the limit.
+func setBodyLength(t types.Transaction, n int) {
+	if withVars, ok := t.(interface {
+		Variables() plugintypes.TransactionVariables
+	}); ok {
+		if length, ok := withVars.Variables().RequestBodyLength().(interface{ Set(string) }); ok {
+			length.Set(strconv.Itoa(n))
+		}
+	}
+}
+
+// qpc_tx_body hands over the whole (inspected) body in one call; the status
+// to block with, or 0. A body at the limit runs the body phase right away.
 //
 //export qpc_tx_body
 func qpc_tx_body(h C.uintptr_t, data *C.char, size C.int) C.int {
-	it, _, err := tx(h).WriteRequestBody(C.GoBytes(unsafe.Pointer(data), size))
+	t := tx(h)
+	setBodyLength(t, int(size))
+	it, _, err := t.WriteRequestBody(C.GoBytes(unsafe.Pointer(data), size))
 	if err != nil {
 		return -1
 	}
 	return status(it)
 }
 
-// qpc_tx_finish runs the request body phase; the status to block with, or 0.
+// qpc_tx_finish runs the request body phase (unless the body write did);
+// the status to block with, or 0.
 //
 //export qpc_tx_finish
 func qpc_tx_finish(h C.uintptr_t) C.int {

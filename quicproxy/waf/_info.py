@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .._config import WafConfig
-from ._coraza import CorazaWaf
-from ._engine import InlineWaf
+
+if TYPE_CHECKING:
+    from ._coraza import CorazaWaf
+    from ._engine import InlineWaf
 
 __all__ = ["WafInfo", "waf_info"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+from ._info import WafInfo
+
 __all__ = ["ServiceMetrics", "LATENCY_BUCKETS"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -31,6 +33,8 @@ class ServiceMetrics:
     "Evaluations per latency bucket (the last one is +Inf)."
     latency_sum: float = 0.0
     "Total evaluation time in seconds."
+    info: WafInfo | None = None
+    "Engine and rule set, rendered as the labels of waf_info."
 
     def observe(self, seconds: float, allowed: bool, matched: bool) -> None:
         self.evaluated += 1
@@ -97,4 +101,15 @@ class ServiceMetrics:
         buckets.append(f"waf_evaluation_seconds_sum {self.latency_sum:.6f}")
         buckets.append(f"waf_evaluation_seconds_count {running}")
         metric("waf_evaluation_seconds", "histogram", "Evaluation latency.", buckets)
+        if self.info is not None:
+            labels = ",".join(f'{k}="{v}"' for k, v in self.info.labels().items())
+            metric(
+                "waf_info", "gauge", "Engine and CRS in use (value 1).", [f"waf_info{{{labels}}} 1"]
+            )
+            metric(
+                "waf_rules_loaded",
+                "gauge",
+                "Rules loaded by the engine.",
+                [f'waf_rules_loaded{{engine="{self.info.engine}"}} {self.info.rules}'],
+            )
         return "\n".join(out) + "\n"

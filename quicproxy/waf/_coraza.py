@@ -25,6 +25,9 @@ __all__ = ["CorazaEngine", "CorazaTransaction", "CorazaWaf", "coraza_directives"
 
 T = TypeVar("T")
 
+RAW_BODY_RULE = 99007
+"Our rule that hands unclaimed bodies to the raw processor (ModSecurity's local id range)."
+
 _PROTOCOLS = {"HTTP/2": "HTTP/2.0", "HTTP/3": "HTTP/3.0"}
 "What the engine is told; CRS 4 allows HTTP/2.0 and HTTP/3.0 (tx.allowed_http_versions)."
 
@@ -42,6 +45,11 @@ def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> s
     parts = [
         base_directives(config),
         f"SecRequestBodyInMemoryLimit {limit}\n",
+        # CRS rule 901340 forces REQUEST_BODY for bodies no processor claims; Coraza
+        # then parses them as urlencoded (binary uploads turn into garbage ARGS).
+        # The raw processor fills REQUEST_BODY alone, as ModSecurity does.
+        'SecRule REQBODY_PROCESSOR "!@rx (?:URLENCODED|MULTIPART|XML|JSON)" '
+        f'"id:{RAW_BODY_RULE},phase:1,pass,nolog,ctl:requestBodyProcessor=RAW"\n',
         "Include @crs-setup.conf.example\n",
         settings_directives(config, crs_version),
         "Include @owasp_crs/REQUEST-*.conf\n",

@@ -41,7 +41,9 @@ _PHOTO_TYPE, _PHOTO = _multipart(
 )
 _SHELL_TYPE, _SHELL = _multipart("shell.php", b"<?php system($_GET['c']); ?>")
 _CSV_TYPE, _CSV = _multipart("report.csv", b"date,amount\n2024-01-02,12.50\n2024-01-03,7.25\n")
-_AVATAR_TYPE, _AVATAR = _multipart("me.png", b"\x89PNG\r\n\x1a\n" + bytes(range(255, -1, -1)) * 8, "avatar")
+_AVATAR_TYPE, _AVATAR = _multipart(
+    "me.png", b"\x89PNG\r\n\x1a\n" + bytes(range(255, -1, -1)) * 8, "avatar"
+)
 
 # fmt: off
 ATTACKS: list[Case] = [

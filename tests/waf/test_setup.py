@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +196,27 @@ def test_waf_engine_env_still_accepts_the_old_rule_engine_values() -> None:
     assert (old.engine, old.rule_engine) == ("coraza", "DetectionOnly")
     new = load_config(env={"WAF_ENGINE": "modsecurity", "WAF_RULE_ENGINE": "DetectionOnly"}).waf
     assert (new.engine, new.rule_engine) == ("modsecurity", "DetectionOnly")
+
+
+def test_build_command_makes_a_loadable_library(tmp_path: Path) -> None:
+    # python -m quicproxy.waf.build OUTPUT: the documented build, into a path of our own.
+    if shutil.which("go") is None:
+        reason = "Go is not installed; the Coraza engine cannot be built here"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    out = tmp_path / "libquicproxy-coraza.so"
+    done = subprocess.run(
+        [sys.executable, "-m", "quicproxy.waf.build", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and not (tmp_path / "libquicproxy-coraza.h").exists()
+    waf = inline_waf(inline_config(engine="coraza", library=str(out)))
+    try:
+        assert waf.engine.lib.path == str(out)
+        assert (waf.engine.release, waf.engine.crs_release) == ("3.8.1", "4.25.0")
+    finally:
+        waf.engine.close()

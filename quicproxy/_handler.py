@@ -209,6 +209,7 @@ class Handler:
             remote_port=req.client[1],
             server_addr=req.server[0],
             server_port=req.server[1],
+            has_body=not req.body.ended,
         )
         tx = self.waf.transaction(wreq)
         try:

@@ -121,6 +121,7 @@ class CorazaTransaction:
         self._matches: list[Match] = []
         self._body = bytearray()
         self._started = False
+        self._finished = False
         self._closed = False
         self._pending: concurrent.futures.Future[Any] | None = None
 
@@ -164,6 +165,12 @@ class CorazaTransaction:
         )
         self._settle(blocked.value)
 
+    def _start_and_finish(self) -> None:
+        self._start()
+        if self._blocked is None:
+            self._finish_body()
+        self._finished = True
+
     def _finish_body(self) -> None:
         lib = self._engine.lib
         fed = len(self._body) if self._engine.config.body_access else 0
@@ -197,7 +204,10 @@ class CorazaTransaction:
 
     async def headers(self) -> WafDecision | None:
         self._started = True
-        await self._run(self._start)
+        if self._request.has_body:
+            await self._run(self._start)
+        else:  # nothing to wait for: every phase in one pool call
+            await self._run(self._start_and_finish)
         return None if self._blocked is None else self._decision()
 
     async def body_chunk(self, data: bytes) -> None:
@@ -209,7 +219,7 @@ class CorazaTransaction:
     async def finish(self) -> WafDecision:
         if not self._started:
             await self.headers()
-        if self._blocked is None and self._handle:
+        if self._blocked is None and self._handle and not self._finished:
             await self._run(self._finish_body)
         return self._decision()
 

@@ -217,6 +217,7 @@ class InlineTransaction:
         self._lines: list[str] = []
         self._blocked: int | None = None
         self._started = False
+        self._finished = False
         self._closed = False
         self._pending: concurrent.futures.Future[Any] | None = None
         self._body_access = engine.config.body_access
@@ -252,6 +253,12 @@ class InlineTransaction:
             lib.msc_process_request_headers(handle)
             self._blocked = engine.intervention(handle, self._lines)
 
+    def _start_and_finish(self) -> None:
+        self._start()
+        if self._blocked is None:
+            self._finish_body()
+        self._finished = True
+
     def _finish_body(self) -> None:
         assert self._handle is not None
         self._engine.lib.msc_process_request_body(self._handle)
@@ -284,7 +291,10 @@ class InlineTransaction:
 
     async def headers(self) -> WafDecision | None:
         self._started = True
-        await self._run(self._start)
+        if self._request.has_body:
+            await self._run(self._start)
+        else:  # nothing to wait for: every phase in one pool call
+            await self._run(self._start_and_finish)
         return None if self._blocked is None else self._decision()
 
     async def body_chunk(self, data: bytes) -> None:
@@ -297,7 +307,7 @@ class InlineTransaction:
     async def finish(self) -> WafDecision:
         if not self._started:
             await self.headers()
-        if self._blocked is None and self._handle is not None:
+        if self._blocked is None and self._handle is not None and not self._finished:
             await self._run(self._finish_body)
         return self._decision()
 

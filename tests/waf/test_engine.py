@@ -334,3 +334,25 @@ async def test_early_blocking_decides_on_headers(make_waf: Any) -> None:
         assert await tx.headers() is None  # without it the score is read in phase 2
     finally:
         await tx.close()
+
+
+async def test_bodiless_request_is_decided_in_one_call(waf: Any) -> None:
+    # The CRS scores query arguments in phase 2: with a body to come, headers() cannot
+    # know yet; with none, headers() runs every phase and finish() only reads the verdict.
+    uri = "/products?id=1%27%20OR%20%271%27=%271"
+    later = waf.transaction(make_request("GET", uri))
+    try:
+        assert await later.headers() is None
+        assert_blocked(await later.finish(), "942100")
+    finally:
+        await later.close()
+    request = make_request("GET", uri)
+    request.has_body = False
+    now = waf.transaction(request)
+    try:
+        decision = await now.headers()
+        assert decision is not None
+        assert_blocked(decision, "942100")
+        assert await now.finish() == decision
+    finally:
+        await now.close()

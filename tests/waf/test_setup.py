@@ -14,8 +14,9 @@ from quicproxy._config import WafConfig, WafExclusion, load_config
 from quicproxy._errors import ConfigError
 from quicproxy.waf import InlineWaf, WafClient, create_waf, engine_version, inline_waf
 from quicproxy.waf._rules import base_directives, find_crs, settings_directives
+from tests.conftest import require_engine
 
-from .helpers import inline_config
+from .helpers import inline_config, make_request
 
 CRS = "/usr/share/modsecurity-crs"
 
@@ -218,5 +219,29 @@ def test_build_command_makes_a_loadable_library(tmp_path: Path) -> None:
     try:
         assert waf.engine.lib.path == str(out)
         assert (waf.engine.release, waf.engine.crs_release) == ("3.8.1", "4.25.0")
+    finally:
+        waf.engine.close()
+
+
+def test_coraza_engine_failure_is_a_request_error_not_a_crash() -> None:
+    # A panic inside the Go engine (here: a handle that does not exist) comes back as
+    # the failure code, which the transaction turns into WafUnavailable (fail open/closed).
+    require_engine("coraza")
+    from quicproxy.waf import WafUnavailable
+    from quicproxy.waf._coraza_lib import load
+
+    lib = load()
+    assert lib.qpc_tx_body(987654321, b"x", 1) == -1
+    assert lib.qpc_tx_finish(987654321) == -1
+    waf = inline_waf(inline_config(engine="coraza"))
+    try:
+        tx = waf.transaction(make_request("POST", "/", [("content-type", "text/plain")]))
+        tx._start()
+        tx._handle, real = 987654321, tx._handle
+        tx._body += b"x"
+        with pytest.raises(WafUnavailable):
+            tx._finish_body()
+        tx._handle = real
+        tx._end(None)
     finally:
         waf.engine.close()

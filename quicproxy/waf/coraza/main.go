@@ -87,6 +87,15 @@ func qpc_waf_free(h C.uintptr_t) {
 	cgo.Handle(h).Delete()
 }
 
+// guard turns a panic inside the engine into the failure code -1, so a bad
+// request costs its own verdict (the proxy applies fail open/closed) and not
+// the whole process.
+func guard(code *C.int) {
+	if recover() != nil {
+		*code = -1
+	}
+}
+
 func tx(h C.uintptr_t) types.Transaction {
 	return cgo.Handle(h).Value().(types.Transaction)
 }
@@ -103,7 +112,8 @@ func status(it *types.Interruption) C.int {
 
 // qpc_tx_new starts a transaction and runs the connection, URI and header
 // phases. headers holds (u32 name length, name, u32 value length, value)...
-// little endian. *blocked is the status to block with, 0 when not blocked.
+// little endian. *blocked is the status to block with, 0 when not blocked,
+// -1 when the engine failed (the handle, if not 0, must still be closed).
 //
 //export qpc_tx_new
 func qpc_tx_new(
@@ -111,7 +121,8 @@ func qpc_tx_new(
 	client *C.char, clientPort C.int, server *C.char, serverPort C.int,
 	uri *C.char, method *C.char, protocol *C.char,
 	headers *C.char, headersLen C.int, blocked *C.int,
-) C.uintptr_t {
+) (handle C.uintptr_t) {
+	defer guard(blocked)
 	waf := cgo.Handle(h).Value().(coraza.WAF)
 	t := waf.NewTransaction()
 	t.ProcessConnection(C.GoString(client), int(clientPort), C.GoString(server), int(serverPort))
@@ -137,8 +148,9 @@ func qpc_tx_new(
 		}
 		t.AddRequestHeader(parts[0], parts[1])
 	}
+	handle = C.uintptr_t(cgo.NewHandle(t))
 	*blocked = status(t.ProcessRequestHeaders())
-	return C.uintptr_t(cgo.NewHandle(t))
+	return handle
 }
 
 func hostOnly(authority string) string {
@@ -169,7 +181,8 @@ func setBodyLength(t types.Transaction, n int) {
 // to block with, or 0. A body at the limit runs the body phase right away.
 //
 //export qpc_tx_body
-func qpc_tx_body(h C.uintptr_t, data *C.char, size C.int) C.int {
+func qpc_tx_body(h C.uintptr_t, data *C.char, size C.int) (code C.int) {
+	defer guard(&code)
 	t := tx(h)
 	setBodyLength(t, int(size))
 	it, _, err := t.WriteRequestBody(C.GoBytes(unsafe.Pointer(data), size))
@@ -183,7 +196,8 @@ func qpc_tx_body(h C.uintptr_t, data *C.char, size C.int) C.int {
 // the status to block with, or 0.
 //
 //export qpc_tx_finish
-func qpc_tx_finish(h C.uintptr_t) C.int {
+func qpc_tx_finish(h C.uintptr_t) (code C.int) {
+	defer guard(&code)
 	it, err := tx(h).ProcessRequestBody()
 	if err != nil {
 		return -1
@@ -217,8 +231,10 @@ func qpc_tx_matches(h C.uintptr_t) *C.char {
 //
 //export qpc_tx_close
 func qpc_tx_close(h C.uintptr_t) {
+	var ignored C.int
+	defer guard(&ignored)
+	defer cgo.Handle(h).Delete()
 	t := tx(h)
 	t.ProcessLogging()
 	_ = t.Close()
-	cgo.Handle(h).Delete()
 }

@@ -1,6 +1,13 @@
 # quic-proxy-waf: one image, two entrypoints
 #   proxy:        quicproxy serve            (HTTP :8080, HTTPS TCP + QUIC/HTTP/3 UDP :8443)
-#   WAF service:  quicproxy waf serve --port 9000   (libmodsecurity3 + OWASP CRS inside)
+#   WAF service:  quicproxy waf serve --port 9000
+# WAF engines inside: Coraza + OWASP CRS 4 (default; quicproxy/waf/coraza/libquicproxy-coraza.so)
+# and ModSecurity (libmodsecurity3) + Debian's CRS 3 (--waf-engine modsecurity).
+#
+# The Coraza library is Go; the base images carry no Go, so it is built on the host first
+# (conformance/image/build-image.sh does this):
+#   bash quicproxy/waf/coraza/build.sh && docker build ...
+# A base image that has Go builds it here instead.
 #
 # BASE_IMAGE must be a Debian bookworm image with python3 (3.11+) and the venv module.
 # The default is the public python:3.11-slim-bookworm; machines without a registry pass a
@@ -26,10 +33,15 @@ COPY pyproject.toml /src/pyproject.toml
 RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && /opt/quicproxy/bin/pip install --only-binary=:all: -r /tmp/requirements.txt
 COPY . /src
-RUN touch /src/README.md \
+RUN lib=/src/quicproxy/waf/coraza/libquicproxy-coraza.so \
+ && if [ ! -s "$lib" ]; then \
+      if command -v go >/dev/null 2>&1; then bash /src/quicproxy/waf/coraza/build.sh; \
+      else echo "Coraza WAF engine not built: run 'bash quicproxy/waf/coraza/build.sh' before docker build" >&2; exit 1; fi; fi \
+ && touch /src/README.md \
  && /opt/quicproxy/bin/pip install --no-deps /src \
  && /opt/quicproxy/bin/python -m compileall -q /opt/quicproxy/lib \
  && /opt/quicproxy/bin/quicproxy --help >/dev/null \
+ && /opt/quicproxy/bin/quicproxy waf info \
  && rm -f /opt/quicproxy/pip.conf /opt/build-ca.pem
 
 FROM ${BASE_IMAGE}
@@ -59,6 +71,7 @@ RUN apt-get update \
       > /usr/local/bin/quicproxy-healthcheck \
  && chmod 0755 /usr/local/bin/quicproxy-healthcheck
 COPY --from=build /opt/quicproxy /opt/quicproxy
+RUN /opt/quicproxy/bin/quicproxy waf info && /opt/quicproxy/bin/quicproxy waf info --waf-engine modsecurity
 ENV PATH=/opt/quicproxy/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 XDG_CACHE_HOME=/tmp/.cache \
     HTTP_PORT=8080 HTTPS_PORT=8443 WAF_PORT=9000 \

@@ -101,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     md = report.markdown(rows, names, machine, settings, notes)
     (out / "results.md").write_text(md)
     tlist = [
-        {"name": t.name, "kind": t.kind, "workers": t.workers, "waf": t.waf, "note": t.note}
+        {
+            "name": t.name,
+            "kind": t.kind,
+            "workers": t.workers,
+            "waf": t.waf,
+            "engine": t.engine if t.waf != "off" else None,
+            "note": t.note,
+        }
         for t in plan
     ]
     report.write_json(out / "results.json", rows, results, machine, settings, tlist)

@@ -23,7 +23,7 @@ def waf_added(runs: list[dict[str, dict[str, float]]]) -> None:
     """Add waf_p50/p99 per run: WAF target latency minus qp-1w latency in the same run."""
     for run in runs:
         base = run.get("qp-1w", {})
-        for name in ("qp-waf-inline", "qp-waf-service"):
+        for name in ("qp-waf-inline", "qp-waf-coraza", "qp-waf-service"):
             got = run.get(name)
             for q in ("p50", "p99"):
                 key = f"lat_{q}/h3"

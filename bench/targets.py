@@ -29,6 +29,7 @@ class Target:
     kind: str  # "direct" | "caddy" | "quicproxy"
     workers: int = 1
     waf: str = "off"
+    engine: str = "modsecurity"  # WAF engine when waf is not "off": "modsecurity" | "coraza"
     urls: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     note: str = ""
@@ -203,8 +204,9 @@ class Lab:
             ts += [
                 Target("qp-1w", "quicproxy", 1, "off"),
                 Target(f"qp-{workers}w", "quicproxy", workers, "off"),
-                Target("qp-waf-inline", "quicproxy", 1, "inline"),
-                Target("qp-waf-service", "quicproxy", 1, "service"),
+                Target("qp-waf-inline", "quicproxy", 1, "inline", note="ModSecurity + CRS 3"),
+                Target("qp-waf-coraza", "quicproxy", 1, "inline", "coraza", note="Coraza + CRS 4"),
+                Target("qp-waf-service", "quicproxy", 1, "service", note="ModSecurity + CRS 3"),
             ]
         return ts
 
@@ -265,12 +267,16 @@ class Lab:
             str(t.workers),
             "--waf",
             t.waf,
+            "--waf-engine",
+            t.engine,
             "--log-level",
             "warning",
         ]
         if t.waf == "service":
             waf = _spawn(
-                self.qp + ["waf", "serve", "--host", HOST, "--port", str(waf_port)],
+                self.qp
+                + ["waf", "serve", "--host", HOST, "--port", str(waf_port)]
+                + ["--waf-engine", t.engine],
                 self.logs / f"{t.name}-waf.log",
             )
             wait_tcp(waf_port, [waf])

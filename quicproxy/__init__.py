@@ -1,4 +1,4 @@
-"""quic-proxy-waf: an HTTP/3 (QUIC) edge reverse proxy with a ModSecurity/CRS WAF.
+"""quic-proxy-waf: an HTTP/3 (QUIC) edge reverse proxy with an OWASP CRS WAF.
 
 Run it inside your own asyncio program::
 

@@ -1,4 +1,4 @@
-"""Command line: `quicproxy serve`, `quicproxy waf serve`, `quicproxy get`."""
+"""Command line: `quicproxy serve`, `quicproxy waf serve|info`, `quicproxy get`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ __all__ = ["main"]
 log = logging.getLogger("quicproxy")
 
 
+_ENGINES = ("coraza", "modsecurity")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"quicproxy: {message} (see quicproxy {self.prog.split()[-1]} --help)\n")
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cert", help="PEM certificate chain")
     serve.add_argument("--key", help="PEM private key")
     serve.add_argument("--waf", choices=("off", "inline", "service"), help="WAF mode")
+    serve.add_argument("--waf-engine", choices=_ENGINES, help="inline WAF engine")
     serve.add_argument("--waf-url", help="WAF service URL for --waf service")
     serve.add_argument("--waf-fail", choices=("closed", "open"), help="when the WAF is down")
     serve.add_argument("--workers", help="worker processes")
@@ -60,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     wserve.add_argument("--config", help="YAML config file (its waf: section is used)")
     wserve.add_argument("--host", default="0.0.0.0", help="address to listen on")
     wserve.add_argument("--port", default="9000", help="port to listen on")
+    wserve.add_argument("--waf-engine", choices=_ENGINES, help="WAF engine")
+    winfo = waf_sub.add_parser("info", help="load the WAF and print engine, CRS and rule count")
+    winfo.add_argument("--config", help="YAML config file (its waf: section is used)")
+    winfo.add_argument("--waf-engine", choices=_ENGINES, help="WAF engine")
 
     get = sub.add_parser("get", help="fetch a URL over HTTP/3 and print the body")
     get.add_argument("url")
@@ -95,6 +103,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         waf["url"] = args.waf_url
     if args.waf_fail is not None:
         waf["fail"] = args.waf_fail
+    if args.waf_engine is not None:
+        waf["engine"] = args.waf_engine
     if waf:
         out["waf"] = waf
     if args.workers is not None:
@@ -286,25 +296,57 @@ def _run_workers(cfg: Config) -> int:
         return _Supervisor(cfg, folder).run()
 
 
+def _check_engine(cfg: Config) -> None:
+    """Fail at start, before any worker forks, when the inline engine is not built.
+    Only the file is checked: the Go runtime inside is loaded in each worker."""
+    if cfg.waf.mode == "inline" and cfg.waf.engine == "coraza":
+        from .waf._coraza_lib import check_built
+
+        check_built(cfg.waf.library)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides=_overrides(args))
+    _check_engine(cfg)
     _logging(cfg.log_level)
     if cfg.workers > 1:
         return _run_workers(cfg)
     return asyncio.run(_serve(cfg, False, True))
 
 
+def _waf_config(args: argparse.Namespace) -> Config:
+    waf: dict[str, Any] = {"mode": "inline"}
+    if args.waf_engine is not None:
+        waf["engine"] = args.waf_engine
+    cfg = load_config(args.config, overrides={"waf": waf})
+    _check_engine(cfg)
+    return cfg
+
+
+def _cmd_waf_info(args: argparse.Namespace) -> int:
+    from .waf import inline_waf, waf_info
+
+    cfg = _waf_config(args)
+    waf = inline_waf(cfg.waf, workers=1)
+    try:
+        sys.stdout.write(waf_info(waf, cfg.waf).text())
+    finally:
+        waf.engine.close()
+    return 0
+
+
 def _cmd_waf(args: argparse.Namespace) -> int:
     from .waf import run_waf_service
 
+    if args.waf_command == "info":
+        return _cmd_waf_info(args)
     try:
         port = int(args.port)
     except ValueError:
         raise ConfigError("--port", f"{args.port!r} is not a port", "use a number") from None
     if not 0 <= port <= 65535:
         raise ConfigError("--port", f"port {port} out of range", "use a port from 1 to 65535")
-    overrides = {"waf": {"mode": "inline"}}
-    cfg = load_config(args.config, overrides=overrides)
+    cfg = _waf_config(args)
     _logging(cfg.log_level)
     return run_waf_service(cfg.waf, args.host, port)
 

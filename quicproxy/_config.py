@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -171,7 +172,9 @@ class WafExclusion:
 @dataclass
 class WafConfig:
     mode: str = "off"
-    "off, inline (in-process ModSecurity) or service (remote WAF service)."
+    "off, inline (engine in this process) or service (remote WAF service)."
+    engine: str = "coraza"
+    "coraza (Coraza + OWASP CRS 4, quicproxy/waf/coraza) or modsecurity (libmodsecurity3)."
     url: str | None = None
     "WAF service base URL for mode 'service', e.g. http://waf:9000."
     timeout_ms: int = 1000
@@ -179,15 +182,27 @@ class WafConfig:
     fail: str = "closed"
     "When the WAF service is unreachable or slow: 'closed' (503) or 'open' (forward)."
     rules_dir: str = "/usr/share/modsecurity-crs"
-    "OWASP CRS directory (holds crs-setup.conf(.example) and rules/)."
-    library: str = "libmodsecurity.so.3"
-    "ModSecurity v3 shared library to load."
-    engine: str = "On"
+    "OWASP CRS directory for ModSecurity (coraza uses the CRS 4 built into its library)."
+    library: str | None = None
+    "Engine library; default libmodsecurity.so.3, or $QUICPROXY_CORAZA_LIB / the built one."
+    rule_engine: str = "On"
     "SecRuleEngine: On or DetectionOnly."
     paranoia_level: int = 1
-    "CRS paranoia level 1-4."
+    "CRS blocking paranoia level 1-4."
+    detection_paranoia_level: int | None = None
+    "CRS 4 detection paranoia level (rules run and logged, not scored); default paranoia_level."
     anomaly_threshold: int = 5
     "CRS inbound anomaly score threshold."
+    outbound_anomaly_threshold: int = 4
+    "CRS outbound anomaly score threshold (responses are not inspected by the proxy)."
+    early_blocking: bool = False
+    "CRS 4: block at the end of the headers phase once the score is reached."
+    allowed_methods: list[str] = field(
+        default_factory=lambda: ["GET", "HEAD", "POST", "OPTIONS", "PUT", "PATCH", "DELETE"]
+    )
+    "Request methods the CRS allows (rule 911100)."
+    allowed_content_types: list[str] = field(default_factory=list)
+    "Request content types the CRS allows (rule 920420); empty: the CRS default list."
     body_access: bool = True
     "Inspect request bodies."
     body_limit: int = 131072
@@ -261,6 +276,8 @@ class Config:
         _validate(self)
         return self
 
+
+_CONTENT_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
 
 # --------------------------------------------------------------------------- building
 
@@ -453,10 +470,29 @@ def _validate(cfg: Config) -> None:
     waf = cfg.waf
     _check_choice("waf.mode", waf.mode, ("off", "inline", "service"))
     _check_choice("waf.fail", waf.fail, ("closed", "open"))
-    _check_choice("waf.engine", waf.engine, ("On", "DetectionOnly"))
+    _check_choice("waf.engine", waf.engine, ("coraza", "modsecurity"))
+    _check_choice("waf.rule_engine", waf.rule_engine, ("On", "DetectionOnly"))
     _check_choice("waf.over_limit", waf.over_limit, ("reject", "inspect-prefix"))
     if not 1 <= waf.paranoia_level <= 4:
         raise ConfigError("waf.paranoia_level", "out of range", "use 1 to 4")
+    detection = waf.detection_paranoia_level
+    if detection is not None and not waf.paranoia_level <= detection <= 4:
+        raise ConfigError("waf.detection_paranoia_level", "out of range", "use paranoia_level to 4")
+    for key in ("anomaly_threshold", "outbound_anomaly_threshold"):
+        if getattr(waf, key) < 1:
+            raise ConfigError(f"waf.{key}", "must be positive", "give a score, e.g. 5")
+    for i, method in enumerate(waf.allowed_methods):
+        if not method.isalpha() or not method.isupper():
+            raise ConfigError(
+                f"waf.allowed_methods[{i}]", f"{method!r} is not a method", "e.g. GET"
+            )
+    for i, ctype in enumerate(waf.allowed_content_types):
+        if not _CONTENT_TYPE.match(ctype):
+            raise ConfigError(
+                f"waf.allowed_content_types[{i}]",
+                f"{ctype!r} is not a media type",
+                "give type/subtype, e.g. application/octet-stream",
+            )
     if waf.timeout_ms <= 0:
         raise ConfigError("waf.timeout_ms", "must be positive", "give milliseconds, e.g. 1000")
     if waf.mode == "service":
@@ -532,11 +568,16 @@ def _env_dict(env: Mapping[str, str]) -> dict[str, Any]:
         ("WAF_PARANOIA_LEVEL", "paranoia_level"),
         ("WAF_ANOMALY_THRESHOLD", "anomaly_threshold"),
         ("WAF_ENGINE", "engine"),
+        ("WAF_RULE_ENGINE", "rule_engine"),
+        ("WAF_LIBRARY", "library"),
         ("WAF_BODY_LIMIT", "body_limit"),
         ("WAF_OVER_LIMIT", "over_limit"),
     ):
         if env.get(var):
             waf[key] = env[var]
+    if waf.get("engine") in ("On", "DetectionOnly"):
+        # WAF_ENGINE used to hold the SecRuleEngine value.
+        waf.setdefault("rule_engine", waf.pop("engine"))
     if waf:
         out["waf"] = waf
     return out

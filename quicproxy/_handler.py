@@ -80,8 +80,8 @@ class Handler:
         self.access = AccessLog(cfg.log.access)
         "Access log; its ``sink`` (a callable taking one line) can be replaced."
         self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit.enabled else None
-        self.waf_engine = cfg.waf.mode
-        "Engine label of the WAF metrics."
+        self.waf_engine = cfg.waf.engine if cfg.waf.mode == "inline" else cfg.waf.mode
+        "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -315,6 +315,7 @@ class Handler:
             remote_port=req.client[1],
             server_addr=req.server[0],
             server_port=req.server[1],
+            has_body=not req.body.ended,
         )
         rec.waf = "error"
         tx = self.waf.transaction(wreq)

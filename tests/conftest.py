@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,8 +11,27 @@ import pytest
 from quicproxy import Proxy
 from quicproxy._metrics import metrics
 from quicproxy._tls import self_signed
+from quicproxy.waf._coraza_lib import BUILD_HINT, library_path
 from tests.backend import Backend
 from tests.helpers import proxy_config
+
+WAF_ENGINES = ["coraza", "modsecurity"]
+
+
+def require_engine(engine: str) -> None:
+    """Skip (fail under CI=true) when the Coraza library is not built."""
+    if engine == "coraza" and not os.path.isfile(library_path()):
+        reason = f"coraza engine not built ({library_path()}): {BUILD_HINT}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", params=WAF_ENGINES)
+def waf_engine(request: pytest.FixtureRequest) -> str:
+    """Each inline WAF engine: coraza (CRS 4, built library) and modsecurity (Debian CRS 3)."""
+    require_engine(request.param)
+    return str(request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -230,3 +230,50 @@ async def test_two_workers_share_the_ports_and_stop_cleanly(tmp_path: Path):
         proc.send_signal(signal.SIGTERM)
         assert await _exit_code(proc) == 0
     assert proc.output.count("is listening") == 1
+
+
+def test_inline_coraza_not_built_fails_in_one_line_before_forking():
+    proc = run_cli(
+        "serve", "--waf", "inline", "--workers", "2", "--http-port", str(free_port()),
+        "--https-port", str(free_port()),
+        env={"QUICPROXY_CORAZA_LIB": "/nonexistent/libquicproxy-coraza.so"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "waf.engine", "coraza", "not built", "coraza/build.sh")
+    assert "--waf-engine modsecurity" in proc.stderr
+
+
+def test_waf_engine_flag_rejects_unknown_engines():
+    proc = run_cli("serve", "--waf", "inline", "--waf-engine", "naxsi")
+    assert proc.returncode == 2 and "--waf-engine" in proc.stderr
+
+
+def test_waf_info_prints_engine_crs_paranoia_and_rules(waf_engine: str, tmp_path: Path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("waf:\n  paranoia_level: 2\n")
+    proc = run_cli("waf", "info", "--config", str(cfg), "--waf-engine", waf_engine)
+    assert proc.returncode == 0, proc.stderr
+    facts = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    crs = "4.25.0" if waf_engine == "coraza" else "3.3.4"
+    assert (facts["engine"], facts["CRS version"], facts["paranoia level"]) == (
+        waf_engine,
+        crs,
+        "2",
+    )
+    assert facts["engine version"][0].isdigit() and int(facts["rules loaded"]) > 400
+
+
+async def test_workers_each_load_the_inline_engine_after_the_fork(
+    tmp_path: Path, waf_engine: str
+):
+    extra = ("--workers", "2", "--waf", "inline", "--waf-engine", waf_engine)
+    async with cli_proxy(tmp_path, *extra) as (proc, _, https, backend):
+        statuses = []
+        for _ in range(6):  # new connections: both workers answer some
+            async with h3_client(f"https://localhost:{https}/", insecure=True) as client:
+                attack = await client.request("GET", "/?id=1%27%20OR%20%271%27=%271")
+                statuses.append(attack.status)
+                statuses.append((await client.request("GET", "/hello")).status)
+        assert statuses == [403, 200] * 6
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc) == 0

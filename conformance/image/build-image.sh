@@ -23,6 +23,11 @@ for f in ${QUICPROXY_EXTRA_CA_FILES:-/usr/local/share/ca-certificates/*.crt}; do
 done
 # the Dockerfile works with BuildKit and the classic builder; without buildx use the latter
 docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
+# The Coraza WAF engine (Go) is built on the host: the base images carry no Go.
+if command -v go >/dev/null 2>&1; then
+  log "building the Coraza WAF engine"
+  bash "$SRC/quicproxy/waf/coraza/build.sh" >&2
+fi
 log "docker build (base $BASE) from $SRC"
 t0=$SECONDS
 docker build --build-arg "BASE_IMAGE=$BASE" --build-arg "EXTRA_CA_PEM=$extra_ca" \

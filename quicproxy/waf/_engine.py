@@ -28,6 +28,9 @@ __all__ = ["Engine", "InlineWaf", "InlineTransaction", "engine_version"]
 
 T = TypeVar("T")
 
+MODSECURITY_LIBRARY = "libmodsecurity.so.3"
+"Soname loaded when waf.library is unset."
+
 _HTTP_VERSIONS = {"HTTP/1.0": "1.0", "HTTP/1.1": "1.1", "HTTP/2": "2.0", "HTTP/3": "3.0"}
 
 
@@ -96,7 +99,7 @@ class _Runtime:
                 self.lib.msc_cleanup(self.handle)
 
 
-def engine_version(library: str = "libmodsecurity.so.3") -> str:
+def engine_version(library: str = MODSECURITY_LIBRARY) -> str:
     """'ModSecurity v3.0.9 (Linux)'; ConfigError if the library is missing."""
     runtime = _Runtime.acquire(library)
     try:
@@ -116,10 +119,12 @@ class _Phase:
 class Engine:
     """A loaded rule set plus the worker threads that evaluate against it."""
 
+    name = "modsecurity"
+
     def __init__(self, config: WafConfig, workers: int | None = None) -> None:
         self.config = config
         self.crs: CrsLayout = find_crs(config.rules_dir)
-        self._runtime = _Runtime.acquire(config.library)
+        self._runtime = _Runtime.acquire(config.library or MODSECURITY_LIBRARY)
         self.lib = self._runtime.lib
         self.rules: int | None = self.lib.msc_create_rules_set()
         try:
@@ -137,6 +142,20 @@ class Engine:
     @property
     def version(self) -> str:
         return self._runtime.version
+
+    @property
+    def release(self) -> str:
+        """'3.0.9' out of 'ModSecurity v3.0.9 (Linux)'."""
+        words = self.version.split()
+        return words[1].lstrip("v") if len(words) > 1 else self.version
+
+    @property
+    def crs_version(self) -> tuple[int, int, int]:
+        return self.crs.version
+
+    @property
+    def crs_release(self) -> str:
+        return ".".join(map(str, self.crs.version))
 
     def _load(self, source: RuleSource) -> int:
         error = ctypes.c_void_p()
@@ -198,6 +217,7 @@ class InlineTransaction:
         self._lines: list[str] = []
         self._blocked: int | None = None
         self._started = False
+        self._finished = False
         self._closed = False
         self._pending: concurrent.futures.Future[Any] | None = None
         self._body_access = engine.config.body_access
@@ -233,6 +253,12 @@ class InlineTransaction:
             lib.msc_process_request_headers(handle)
             self._blocked = engine.intervention(handle, self._lines)
 
+    def _start_and_finish(self) -> None:
+        self._start()
+        if self._blocked is None:
+            self._finish_body()
+        self._finished = True
+
     def _finish_body(self) -> None:
         assert self._handle is not None
         self._engine.lib.msc_process_request_body(self._handle)
@@ -265,7 +291,10 @@ class InlineTransaction:
 
     async def headers(self) -> WafDecision | None:
         self._started = True
-        await self._run(self._start)
+        if self._request.has_body:
+            await self._run(self._start)
+        else:  # nothing to wait for: every phase in one pool call
+            await self._run(self._start_and_finish)
         return None if self._blocked is None else self._decision()
 
     async def body_chunk(self, data: bytes) -> None:
@@ -278,7 +307,7 @@ class InlineTransaction:
     async def finish(self) -> WafDecision:
         if not self._started:
             await self.headers()
-        if self._blocked is None and self._handle is not None:
+        if self._blocked is None and self._handle is not None and not self._finished:
             await self._run(self._finish_body)
         return self._decision()
 

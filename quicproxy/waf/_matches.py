@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ._types import WafDecision
 
-__all__ = ["Match", "SEVERITIES", "parse_line", "make_decision"]
+__all__ = ["Match", "SEVERITIES", "parse_line", "make_decision", "decide"]
 
 SEVERITIES = ("EMERGENCY", "ALERT", "CRITICAL", "ERROR", "WARNING", "NOTICE", "INFO", "DEBUG")
 "ModSecurity severity names by number (0 is the most severe)."
@@ -49,23 +49,27 @@ def parse_line(line: str) -> Match | None:
 
 
 def make_decision(lines: list[str], status: int | None) -> WafDecision:
-    """Decision from the log lines of one transaction; ``status`` set when blocked.
+    """Decision from the ModSecurity log lines of one transaction; ``status`` set when blocked."""
+    return decide([m for m in map(parse_line, lines) if m is not None], status)
+
+
+def decide(matches: list[Match], status: int | None) -> WafDecision:
+    """Decision from the rules that matched, in match order; ``status`` set when blocked.
 
     Rules are listed most severe first, in match order among equals, so the
     first one is the attack that mattered (the CRS verdict rule 949110 comes last
     among the critical ones because it runs last).
     """
     found: dict[str, Match] = {}
-    for line in lines:
-        match = parse_line(line)
-        if match and match.rule_id not in found:
+    for match in matches:
+        if match.rule_id not in found:
             found[match.rule_id] = match
-    matches = sorted(found.values(), key=lambda m: 8 if m.severity is None else m.severity)
-    levels = [m.severity for m in matches if m.severity is not None]
+    ordered = sorted(found.values(), key=lambda m: 8 if m.severity is None else m.severity)
+    levels = [m.severity for m in ordered if m.severity is not None]
     return WafDecision(
         allowed=status is None,
         status=200 if status is None else status,
-        rule_ids=[m.rule_id for m in matches],
-        messages=[m.message for m in matches],
+        rule_ids=[m.rule_id for m in ordered],
+        messages=[m.message for m in ordered],
         severity=SEVERITIES[min(levels)] if levels else None,
     )

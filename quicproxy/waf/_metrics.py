@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ._info import WafInfo
+
 __all__ = ["ServiceMetrics", "LATENCY_BUCKETS"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -13,7 +15,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class ServiceMetrics:
     """What the WAF service counts; ``render()`` is the /metrics body."""
 
-    def __init__(self) -> None:
+    def __init__(self, info: WafInfo | None = None) -> None:
         self.registry = reg = CollectorRegistry()
         self._evaluated = Counter("waf_requests_evaluated", "Requests evaluated.", registry=reg)
         self._blocked = Counter("waf_requests_blocked", "Requests blocked.", registry=reg)
@@ -30,6 +32,12 @@ class ServiceMetrics:
         )
         for kind in ("bad_request", "engine"):
             self._errors.labels(kind)
+        if info is not None:
+            labels = info.labels()
+            Gauge("waf_info", "Engine and rule set.", list(labels), registry=reg).labels(
+                **labels
+            ).set(1)
+            Gauge("waf_rules_loaded", "Rules loaded.", registry=reg).set(info.rules)
 
     def observe(self, seconds: float, allowed: bool, matched: bool) -> None:
         self._evaluated.inc()

@@ -15,15 +15,21 @@ from dataclasses import dataclass
 from .._config import WafConfig
 from .._errors import ConfigError
 
-__all__ = ["CrsLayout", "RuleSource", "find_crs", "rule_sources", "INSTALL_HINT"]
+__all__ = [
+    "CrsLayout",
+    "RuleSource",
+    "find_crs",
+    "rule_sources",
+    "base_directives",
+    "settings_directives",
+    "removal_directives",
+    "INSTALL_HINT",
+]
 
 INSTALL_HINT = (
     "apt-get install libmodsecurity3 modsecurity-crs, or disable the WAF with --waf off "
     "(WAF_ENABLED=false)"
 )
-
-ALLOWED_METHODS = "GET HEAD POST OPTIONS PUT PATCH DELETE"
-"Methods allowed when crs-setup.conf does not set tx.allowed_methods."
 
 DEBIAN_SETUP_DIR = "/etc/modsecurity/crs"
 "Where Debian's modsecurity-crs package keeps crs-setup.conf and the exclusion files."
@@ -156,7 +162,7 @@ def base_directives(config: WafConfig) -> str:
     """Engine switches and request body handling (what modsecurity.conf would hold)."""
     limit = max(1, config.body_limit)
     lines = [
-        f"SecRuleEngine {config.engine}",
+        f"SecRuleEngine {config.rule_engine}",
         # Off would also skip phase 2, where the CRS decides; with body_access
         # false the engine simply feeds no body.
         "SecRequestBodyAccess On",
@@ -208,19 +214,26 @@ def minimal_setup(version: tuple[int, int, int]) -> str:
 
 
 def settings_directives(config: WafConfig, version: tuple[int, int, int]) -> str:
-    """Paranoia level, anomaly threshold and per-path exclusions (before the CRS rules)."""
-    level_var = "tx.paranoia_level" if version[0] < 4 else "tx.blocking_paranoia_level"
-    lines = [
-        f'SecAction "id:{_ID_SETTINGS},phase:1,pass,nolog,t:none,'
-        f"setvar:'{level_var}={config.paranoia_level}',"
-        f"setvar:'tx.inbound_anomaly_score_threshold={config.anomaly_threshold}'\""
+    """CRS settings (crs-setup ``tx.*`` variables) and per-path exclusions, set after the
+    setup file and before the CRS rules, whose defaults only fill in what is unset."""
+    v4 = version[0] >= 4
+    level_var = "tx.blocking_paranoia_level" if v4 else "tx.paranoia_level"
+    detection_var = "tx.detection_paranoia_level" if v4 else "tx.executing_paranoia_level"
+    detection = config.detection_paranoia_level or config.paranoia_level
+    values = [
+        f"{level_var}={config.paranoia_level}",
+        f"{detection_var}={max(detection, config.paranoia_level)}",
+        f"tx.inbound_anomaly_score_threshold={config.anomaly_threshold}",
+        f"tx.outbound_anomaly_score_threshold={config.outbound_anomaly_threshold}",
+        f"tx.allowed_methods={' '.join(config.allowed_methods)}",
     ]
-    # CRS allows only GET HEAD POST OPTIONS unless crs-setup says otherwise; a
-    # reverse proxy in front of REST APIs needs PUT, PATCH and DELETE as well.
-    lines.append(
-        f'SecRule &TX:allowed_methods "@eq 0" "id:{_ID_SETTINGS + 1},phase:1,pass,nolog,'
-        f"t:none,setvar:'tx.allowed_methods={ALLOWED_METHODS}'\""
-    )
+    if v4:
+        values.append(f"tx.early_blocking={int(config.early_blocking)}")
+    if config.allowed_content_types:
+        types = " ".join(f"|{t.lower()}|" for t in config.allowed_content_types)
+        values.append(f"tx.allowed_request_content_type={types}")
+    setvars = ",".join(f"setvar:'{v}'" for v in values)
+    lines = [f'SecAction "id:{_ID_SETTINGS},phase:1,pass,nolog,t:none,{setvars}"']
     for i, exclusion in enumerate(config.exclusions):
         key = f"waf.exclusions[{i}]"
         if exclusion.rule_id <= 0:

@@ -1,4 +1,4 @@
-"""Standalone WAF service (``quicproxy waf serve``): the inline engine behind HTTP/1.1.
+"""Standalone WAF service (``quicproxy waf serve``): an inline engine behind HTTP/1.1.
 
 ``POST /evaluate`` (JSON, see :mod:`._wire`), ``GET /health``, ``GET /metrics``.
 Plain asyncio streams and h11, keep-alive, one shared rule set.
@@ -18,7 +18,9 @@ import h11
 
 from .._config import WafConfig
 from .._errors import ConfigError
+from ._coraza import CorazaWaf
 from ._engine import InlineWaf
+from ._info import waf_info
 from ._metrics import ServiceMetrics
 from ._wire import BadInput, decision_to_json, request_from_json
 
@@ -45,9 +47,9 @@ class _Reply(Exception):
 class WafService:
     """A running service; ``port`` is the port actually bound."""
 
-    def __init__(self, waf: InlineWaf, max_request: int) -> None:
+    def __init__(self, waf: CorazaWaf | InlineWaf, max_request: int) -> None:
         self.waf = waf
-        self.metrics = ServiceMetrics()
+        self.metrics = ServiceMetrics(info=waf_info(waf, waf.engine.config))
         self.max_request = max_request
         "Largest /evaluate request body accepted (larger gets 413)."
         self.port = 0
@@ -202,8 +204,10 @@ def _error(message: str) -> bytes:
 
 async def start_waf_service(config: WafConfig, host: str, port: int) -> WafService:
     """Load the engine and listen on ``host:port`` (0 picks a free port)."""
+    from . import inline_waf
+
     loop = asyncio.get_running_loop()
-    waf = await loop.run_in_executor(None, InlineWaf, config)
+    waf = await loop.run_in_executor(None, inline_waf, config)
     service = WafService(waf, max_request=8 * max(config.body_limit, 0) + 65536)
     try:
         await service._listen(host, port)

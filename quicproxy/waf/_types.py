@@ -30,6 +30,8 @@ class WafRequest:
     "Local address."
     server_port: int
     "Local port."
+    has_body: bool = True
+    "False when the request has no body: the engine may run every phase in ``headers()``."
 
 
 @dataclass

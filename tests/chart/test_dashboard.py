@@ -83,7 +83,7 @@ def test_exported_names_match_the_running_proxy():
     for counter in ("bytes_received", "bytes_sent", "stream_resets", "active_connections"):
         getattr(m, counter).labels("h1").inc()
     m.connections_refused.labels("per_ip").inc()
-    m.waf_decisions.labels("inline", "allow").inc()
+    m.waf_decisions.labels("coraza", "allow").inc()
     m.upstream_errors.labels("connect").inc()
     m.rate_limited.labels("default").inc()
     m.cert_reloads.labels("ok").inc()

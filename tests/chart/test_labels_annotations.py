@@ -75,7 +75,8 @@ def test_pod_annotations_and_labels_reach_their_pods_only(render):
     waf = m.get("Deployment", "-waf")["spec"]["template"]["metadata"]
     assert proxy["annotations"]["p"] == "1" and "w" not in proxy["annotations"]
     assert proxy["labels"]["pl"] == "1" and "wl" not in proxy["labels"]
-    assert waf["annotations"] == {"w": "1"} and waf["labels"]["wl"] == "1"
+    assert waf["annotations"]["w"] == "1" and "p" not in waf["annotations"]
+    assert set(waf["annotations"]) == {"w", "checksum/config"} and waf["labels"]["wl"] == "1"
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))

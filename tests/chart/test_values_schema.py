@@ -28,6 +28,10 @@ BAD_VALUES = [
     ({"proxy": {"config": {"listn": {}}}}, "listn", "not allowed"),
     ({"proxy": {"waf": {"url": "https://waf:9000"}}}, "proxy.waf.url", "pattern"),
     ({"proxyy": {}}, "proxyy", "not allowed"),
+    ({"waf": {"engine": "libinjection"}}, "waf.engine", "must be one of"),
+    ({"waf": {"crs": {"paranoiaLevel": 5}}}, "waf.crs.paranoiaLevel", "less than or equal to 4"),
+    ({"waf": {"crs": {"exclusions": [{"pathPrefix": "/x"}]}}}, "ruleId", "required"),
+    ({"waf": {"crs": {"allowedMethods": ["get"]}}}, "waf.crs.allowedMethods", "pattern"),
 ]
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import yaml
+
+from quicproxy import load_config
+
 from ._chart import NAMESPACE, RELEASE, container
 
 WAF_URL = f"http://{RELEASE}-quic-proxy-waf-waf.{NAMESPACE}.svc:9000"
@@ -12,7 +16,15 @@ def test_waf_service_runs_quicproxy_waf_serve(profile):
     dep = m.get("Deployment", "-waf")
     assert dep["spec"]["replicas"] == 2
     waf = container(dep["spec"]["template"], "waf")
-    assert waf["command"] + waf["args"] == ["quicproxy", "waf", "serve", "--port", "9000"]
+    assert waf["command"] + waf["args"] == [
+        "quicproxy",
+        "waf",
+        "serve",
+        "--port",
+        "9000",
+        "--config",
+        "/etc/quicproxy/config.yaml",
+    ]
     assert waf["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
     for probe in ("livenessProbe", "readinessProbe"):
         assert waf[probe]["httpGet"] == {"path": "/health", "port": "http"}
@@ -90,3 +102,74 @@ def test_proxy_restarts_when_waf_settings_change(render):
 
     assert checksum({}) != checksum({"proxy": {"waf": {"timeout": 250}}})
     assert checksum({}) == checksum({"proxy": {"replicaCount": 4}})
+
+
+CRS_VALUES = {
+    "engine": "coraza",
+    "crs": {
+        "paranoiaLevel": 2,
+        "detectionParanoiaLevel": 3,
+        "inboundAnomalyThreshold": 7,
+        "earlyBlocking": True,
+        "allowedMethods": ["GET", "POST"],
+        "allowedContentTypes": ["application/json", "application/octet-stream"],
+        "exclusions": [{"ruleId": 920420, "pathPrefix": "/upload"}, {"ruleId": 913100}],
+        "extraRules": {"local.conf": 'SecRule ARGS "@streq x" "id:12345,phase:2,deny"'},
+    },
+}
+
+
+def _loads_in_quicproxy(text, tmp_path):
+    """The rendered config.yaml as quicproxy reads it (unknown keys or bad values fail)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return load_config(str(path), env={}).waf
+
+
+def test_waf_service_gets_engine_and_crs_settings(render, tmp_path):
+    m = render(values={"waf": CRS_VALUES})
+    data = m.get("ConfigMap", "-waf-config")["data"]
+    assert data["local.conf"].strip() == CRS_VALUES["crs"]["extraRules"]["local.conf"]
+    waf = _loads_in_quicproxy(data["config.yaml"], tmp_path)
+    assert (waf.engine, waf.paranoia_level, waf.detection_paranoia_level) == ("coraza", 2, 3)
+    assert (waf.anomaly_threshold, waf.early_blocking) == (7, True)
+    assert waf.allowed_methods == ["GET", "POST"]
+    assert waf.allowed_content_types == ["application/json", "application/octet-stream"]
+    assert [(e.rule_id, e.path_prefix) for e in waf.exclusions] == [
+        (920420, "/upload"),
+        (913100, None),
+    ]
+    assert waf.extra_rules == ["/etc/quicproxy/local.conf"]
+    pod = m.get("Deployment", "-waf")["spec"]["template"]
+    mounts = container(pod, "waf")["volumeMounts"]
+    assert {"name": "config", "mountPath": "/etc/quicproxy", "readOnly": True} in mounts
+    # the service restarts when its settings change
+    other = render(values={"waf": {"crs": {"paranoiaLevel": 3}}})
+    annotations = other.get("Deployment", "-waf")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["checksum/config"] != pod["metadata"]["annotations"]["checksum/config"]
+
+
+def test_default_engine_is_coraza_with_crs_defaults(profile, tmp_path):
+    data = profile("default").get("ConfigMap", "-waf-config")["data"]
+    waf = _loads_in_quicproxy(data["config.yaml"], tmp_path)
+    assert (waf.engine, waf.paranoia_level, waf.anomaly_threshold) == ("coraza", 1, 5)
+    assert waf.detection_paranoia_level is None and waf.allowed_content_types == []
+
+
+def test_inline_proxy_gets_engine_settings_and_rule_files(render, tmp_path):
+    values = {"waf": {**CRS_VALUES, "enabled": False, "engine": "modsecurity"}}
+    m = render(values=values)
+    cm = m.get("ConfigMap", "-proxy-config")
+    waf = _loads_in_quicproxy(cm["data"]["config.yaml"], tmp_path)
+    assert (waf.mode, waf.engine, waf.paranoia_level) == ("inline", "modsecurity", 2)
+    assert waf.extra_rules == ["/etc/quicproxy/local.conf"]
+    assert "local.conf" in cm["data"]
+    mounts = container(m.proxy_pod(), "proxy")["volumeMounts"]
+    rules = {"mountPath": "/etc/quicproxy/local.conf", "subPath": "local.conf", "readOnly": True}
+    assert {"name": "config", **rules} in mounts
+
+
+def test_service_mode_proxy_config_carries_no_engine_settings(render):
+    waf = render(values={"waf": CRS_VALUES}).proxy_config()["waf"]
+    assert "engine" not in waf and "paranoia_level" not in waf
+    assert yaml.safe_dump(waf)

@@ -1,4 +1,4 @@
-"""WAF fixtures: a real ModSecurity engine loaded with the installed OWASP CRS."""
+"""WAF fixtures: each real engine (Coraza + CRS 4, ModSecurity + Debian CRS) with its CRS."""
 
 from __future__ import annotations
 
@@ -7,26 +7,26 @@ from typing import Any
 
 import pytest
 
-from quicproxy.waf import InlineWaf
+from quicproxy.waf import CorazaWaf, InlineWaf, inline_waf
 
 from .helpers import inline_config
 
 
 @pytest.fixture(scope="session")
-def waf() -> Iterator[InlineWaf]:
-    """Default settings: engine On, paranoia level 1, threshold 5."""
-    engine = InlineWaf(inline_config())
+def waf(waf_engine: str) -> Iterator[CorazaWaf | InlineWaf]:
+    """Default settings: rule engine On, paranoia level 1, threshold 5."""
+    engine = inline_waf(inline_config(engine=waf_engine))
     yield engine
     engine.engine.close()
 
 
 @pytest.fixture
-def make_waf() -> Iterator[Any]:
+def make_waf(waf_engine: str) -> Iterator[Any]:
     """Build engines with other settings; closed after the test."""
-    made: list[InlineWaf] = []
+    made: list[CorazaWaf | InlineWaf] = []
 
-    def make(**extra: Any) -> InlineWaf:
-        engine = InlineWaf(inline_config(**extra))
+    def make(**extra: Any) -> CorazaWaf | InlineWaf:
+        engine = inline_waf(inline_config(**{"engine": waf_engine, **extra}))
         made.append(engine)
         return engine
 

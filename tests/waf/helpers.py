@@ -12,8 +12,8 @@ __all__ = ["BROWSER", "inline_config", "make_request", "evaluate"]
 
 
 def inline_config(**extra: Any) -> WafConfig:
-    """WafConfig for the installed libmodsecurity and CRS, with ``extra`` settings."""
-    return WafConfig(mode="inline", **extra)
+    """WafConfig for an inline engine (ModSecurity unless ``engine`` says otherwise)."""
+    return WafConfig(mode="inline", **{"engine": "modsecurity", **extra})
 
 
 BROWSER = [

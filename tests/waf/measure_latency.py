@@ -1,12 +1,14 @@
-"""Per-evaluation latency, inline vs through the service (a measurement, not a test).
+"""Per-evaluation latency of each engine, inline vs through the service (a measurement,
+not a test): the engine's own CPU per evaluation, beside what the bench adds on top.
 
-Run: ``python -m tests.waf.measure_latency [rounds]`` from the repository root.
-The service runs in its own process; the corpus is replayed sequentially.
+Run: ``python -m tests.waf.measure_latency [rounds] [coraza|modsecurity]`` from the
+repository root. The service runs in its own process; the corpus is replayed sequentially.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -16,9 +18,10 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from quicproxy._config import WafConfig
-from quicproxy.waf import InlineWaf, Waf, WafClient, engine_version
+from quicproxy.waf import CorazaWaf, InlineWaf, Waf, WafClient, inline_waf, waf_info
+from quicproxy.waf._coraza import CorazaTransaction
+from quicproxy.waf._coraza_lib import library_path
 from quicproxy.waf._engine import InlineTransaction
-from quicproxy.waf._rules import find_crs
 from tests.helpers import free_port
 
 from .corpus import ATTACKS, BENIGN
@@ -43,12 +46,17 @@ async def _measure(waf: Waf, rounds: int) -> list[float]:
     return samples
 
 
-def _engine_cpu(waf: InlineWaf, rounds: int) -> tuple[list[float], list[float]]:
+def _engine_cpu(waf: CorazaWaf | InlineWaf, rounds: int) -> tuple[list[float], list[float]]:
     """Wall and CPU time of whole evaluations run in this thread (no event loop)."""
     wall, cpu = [], []
     for _ in range(rounds):
         for _name, method, uri, headers, body in ATTACKS + BENIGN:
-            tx = InlineTransaction(waf.engine, make_request(method, uri, headers, body))
+            request = make_request(method, uri, headers, body)
+            tx: CorazaTransaction | InlineTransaction
+            if isinstance(waf, CorazaWaf):
+                tx = CorazaTransaction(waf.engine, request)
+            else:
+                tx = InlineTransaction(waf.engine, request)
             started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 tx.evaluate(body)
@@ -84,21 +92,23 @@ async def _wait_healthy(port: int) -> None:
     raise RuntimeError("service did not start")
 
 
-async def main(rounds: int) -> None:
-    print(engine_version(), "CRS", ".".join(map(str, find_crs(inline_config().rules_dir).version)))
-    direct = InlineWaf(inline_config())
+async def main(rounds: int, engine: str) -> None:
+    config = inline_config(engine=engine)
+    direct = inline_waf(config)
+    info = waf_info(direct, config)
+    print(f"{info.engine} {info.engine_version}, CRS {info.crs_version}, {info.rules} rules")
     _engine_cpu(direct, 1)
     wall, cpu = _engine_cpu(direct, rounds)
     print(f"engine, same thread: wall {_percentiles(wall)}; cpu {_percentiles(cpu)}")
     direct.engine.close()
 
     async def inline() -> Waf:
-        return InlineWaf(inline_config())
+        return inline_waf(config)
 
     port = free_port()
     code = (
         "from quicproxy._config import WafConfig; from quicproxy.waf import run_waf_service; "
-        f"run_waf_service(WafConfig(mode='inline'), '127.0.0.1', {port})"
+        f"run_waf_service(WafConfig(mode='inline', engine='{engine}'), '127.0.0.1', {port})"
     )
     proc = subprocess.Popen([sys.executable, "-c", code])
 
@@ -125,4 +135,7 @@ async def main(rounds: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 20))
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+    built = os.path.isfile(library_path())
+    for name in sys.argv[2:] or (["coraza"] if built else []) + ["modsecurity"]:
+        asyncio.run(main(count, name))

@@ -1,4 +1,4 @@
-"""Inline engine: real libmodsecurity with the installed OWASP CRS."""
+"""Inline engines: Coraza with CRS 4 and libmodsecurity with the Debian CRS, for real."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def assert_blocked(decision: WafDecision, *rule_ids: str) -> None:
         assert rule_id in decision.rule_ids, decision
     assert decision.severity == "CRITICAL"
     assert len(decision.messages) == len(decision.rule_ids)
+
+
+def by_crs(waf: Any, crs3: str, crs4: str) -> str:
+    """The rule id that reports an attack under the engine's CRS major version."""
+    return crs4 if waf.engine.crs_version[0] >= 4 else crs3
 
 
 def assert_clean(decision: WafDecision) -> None:
@@ -69,7 +74,8 @@ async def test_path_traversal(waf: InlineWaf) -> None:
 
 
 async def test_command_injection(waf: InlineWaf) -> None:
-    assert_blocked(await evaluate(waf, "GET", "/ping?host=127.0.0.1;cat%20/etc/passwd"), "932100")
+    decision = await evaluate(waf, "GET", "/ping?host=127.0.0.1;cat%20/etc/passwd")
+    assert_blocked(decision, by_crs(waf, "932100", "932160"))
 
 
 @pytest.mark.parametrize(
@@ -159,7 +165,7 @@ async def test_body_cut_at_limit_is_not_a_parse_error(make_waf: Any) -> None:
 
 
 async def test_detection_only_reports_without_blocking(make_waf: Any) -> None:
-    waf = make_waf(engine="DetectionOnly")
+    waf = make_waf(rule_engine="DetectionOnly")
     decision = await evaluate(waf, "GET", "/?id=1%27%20OR%20%271%27=%271")
     assert decision.allowed
     assert decision.status == 200
@@ -274,3 +280,79 @@ async def test_body_access_off_skips_bodies(make_waf: Any) -> None:
     assert_clean(await evaluate(waf, "POST", "/upload", [("content-type", ctype)], upload))
     # Phase 2, where the CRS adds up the score, still runs.
     assert_blocked(await evaluate(waf, "GET", "/login?username=admin%27%20OR%201%3D1--"), "942100")
+
+
+# -- CRS settings (crs-setup tx.* variables) ----------------------------------------------
+
+
+async def test_allowed_methods(make_waf: Any) -> None:
+    waf = make_waf(allowed_methods=["GET", "HEAD"])
+    assert_clean(await evaluate(waf, "GET", "/"))
+    decision = await evaluate(waf, "DELETE", "/api/v1/sessions/1")
+    assert not decision.allowed and "911100" in decision.rule_ids
+
+
+async def test_binary_upload_allowed_on_one_path_only(make_waf: Any) -> None:
+    waf = make_waf(exclusions=[WafExclusion(rule_id=920420, path_prefix="/upload/raw")])
+    binary = [("content-type", "application/octet-stream")]
+    data = bytes(range(256)) * 16
+    assert_clean(await evaluate(waf, "POST", "/upload/raw/disk.img", binary, data))
+    refused = await evaluate(waf, "POST", "/api/import", binary, data)
+    assert not refused.allowed and "920420" in refused.rule_ids
+
+
+async def test_allowed_content_types(make_waf: Any) -> None:
+    waf = make_waf(allowed_content_types=["application/json", "application/octet-stream"])
+    binary = [("content-type", "application/octet-stream")]
+    assert_clean(await evaluate(waf, "POST", "/api/import", binary, b"\x00\x01\x02"))
+    decision = await evaluate(waf, "POST", "/login", FORM, b"user=jane")
+    assert not decision.allowed and "920420" in decision.rule_ids
+
+
+async def test_detection_paranoia_level_logs_without_blocking(make_waf: Any) -> None:
+    uri = "/?q=select%20name%20from%20list"
+    waf = make_waf(paranoia_level=1, detection_paranoia_level=2)
+    decision = await evaluate(waf, "GET", uri)
+    assert decision.allowed and decision.status == 200
+    assert "942260" in decision.rule_ids
+
+
+async def test_early_blocking_decides_on_headers(make_waf: Any) -> None:
+    waf = make_waf(early_blocking=True)
+    if waf.engine.crs_version[0] < 4:
+        pytest.skip("early blocking is a CRS 4 setting")
+    tx = waf.transaction(make_request("POST", "/login", [("user-agent", "sqlmap/1.7")] + FORM))
+    try:
+        decision = await tx.headers()
+    finally:
+        await tx.close()
+    assert decision is not None and not decision.allowed
+    assert "913100" in decision.rule_ids
+    late = make_waf()
+    tx = late.transaction(make_request("POST", "/login", [("user-agent", "sqlmap/1.7")] + FORM))
+    try:
+        assert await tx.headers() is None  # without it the score is read in phase 2
+    finally:
+        await tx.close()
+
+
+async def test_bodiless_request_is_decided_in_one_call(waf: Any) -> None:
+    # The CRS scores query arguments in phase 2: with a body to come, headers() cannot
+    # know yet; with none, headers() runs every phase and finish() only reads the verdict.
+    uri = "/products?id=1%27%20OR%20%271%27=%271"
+    later = waf.transaction(make_request("GET", uri))
+    try:
+        assert await later.headers() is None
+        assert_blocked(await later.finish(), "942100")
+    finally:
+        await later.close()
+    request = make_request("GET", uri)
+    request.has_body = False
+    now = waf.transaction(request)
+    try:
+        decision = await now.headers()
+        assert decision is not None
+        assert_blocked(decision, "942100")
+        assert await now.finish() == decision
+    finally:
+        await now.close()

@@ -26,8 +26,8 @@ SQLI = "/products?id=1%27%20OR%20%271%27=%271"
 
 
 @pytest.fixture
-async def service() -> AsyncIterator[WafService]:
-    svc = await start_waf_service(inline_config(), "127.0.0.1", 0)
+async def service(waf_engine: str) -> AsyncIterator[WafService]:
+    svc = await start_waf_service(inline_config(engine=waf_engine), "127.0.0.1", 0)
     yield svc
     await svc.aclose()
 
@@ -96,7 +96,7 @@ async def test_evaluate_body_and_header_pairs(http: httpx.AsyncClient) -> None:
     binary = evaluate_json(
         "/api",
         method="POST",
-        headers=dict(JSON),
+        headers={"host": "x", **dict(JSON)},
         body_b64=base64.b64encode(b'{"q": "<script>alert(1)</script>"}').decode(),
     )
     assert (await http.post("/evaluate", json=binary)).json()["rule_id"] == "941100"
@@ -148,6 +148,12 @@ async def test_metrics(http: httpx.AsyncClient) -> None:
     assert 'waf_evaluation_seconds_bucket{le="+Inf"} 2.0\n' in text
     assert "waf_evaluation_seconds_count 2.0\n" in text
     assert "# TYPE waf_evaluation_seconds histogram" in text
+    info = next(line for line in text.splitlines() if line.startswith("waf_info{"))
+    assert info.endswith("} 1")
+    crs = "4.25.0" if 'engine="coraza"' in info else "3.3.4"
+    assert f'crs_version="{crs}"' in info and 'paranoia_level="1"' in info
+    rules = next(line for line in text.splitlines() if line.startswith("waf_rules_loaded{"))
+    assert int(rules.split()[-1]) > 400
 
 
 # -- the client ---------------------------------------------------------------------------
@@ -276,12 +282,13 @@ async def test_client_unavailable_on_bad_answer(answer: bytes) -> None:
 # -- the CLI entry point ------------------------------------------------------------------
 
 
-async def test_run_waf_service_stops_on_sigterm() -> None:
+async def test_run_waf_service_stops_on_sigterm(waf_engine: str) -> None:
     port = free_port()
     code = (
         "import sys; from quicproxy._config import WafConfig; "
         "from quicproxy.waf import run_waf_service; "
-        f"sys.exit(run_waf_service(WafConfig(mode='inline'), '127.0.0.1', {port}))"
+        f"config = WafConfig(mode='inline', engine='{waf_engine}'); "
+        f"sys.exit(run_waf_service(config, '127.0.0.1', {port}))"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stderr=subprocess.PIPE)

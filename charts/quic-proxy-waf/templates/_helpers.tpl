@@ -213,3 +213,33 @@ securityContext:
   capabilities:
     drop: ["ALL"]
 {{- end }}
+
+{{/* WAF engine settings as quicproxy's `waf:` config keys (YAML), from waf.engine and waf.crs.
+     Extra rule files are mounted next to config.yaml in /etc/quicproxy. */}}
+{{- define "quic-proxy-waf.wafEngineConfig" -}}
+{{- $c := .Values.waf.crs }}
+{{- $cfg := dict "engine" .Values.waf.engine "paranoia_level" (int $c.paranoiaLevel) "anomaly_threshold" (int $c.inboundAnomalyThreshold) "outbound_anomaly_threshold" (int $c.outboundAnomalyThreshold) "early_blocking" $c.earlyBlocking "allowed_methods" $c.allowedMethods }}
+{{- if $c.detectionParanoiaLevel }}
+{{- $_ := set $cfg "detection_paranoia_level" (int $c.detectionParanoiaLevel) }}
+{{- end }}
+{{- if $c.allowedContentTypes }}
+{{- $_ := set $cfg "allowed_content_types" $c.allowedContentTypes }}
+{{- end }}
+{{- $exclusions := list }}
+{{- range $c.exclusions }}
+{{- $e := dict "rule_id" (int .ruleId) }}
+{{- if .pathPrefix }}{{- $_ := set $e "path_prefix" .pathPrefix }}{{- end }}
+{{- $exclusions = append $exclusions $e }}
+{{- end }}
+{{- if $exclusions }}
+{{- $_ := set $cfg "exclusions" $exclusions }}
+{{- end }}
+{{- $files := list }}
+{{- range $name, $_ := $c.extraRules }}
+{{- $files = append $files (printf "/etc/quicproxy/%s" $name) }}
+{{- end }}
+{{- if $files }}
+{{- $_ := set $cfg "extra_rules" $files }}
+{{- end }}
+{{- toYaml $cfg }}
+{{- end }}

@@ -108,6 +108,14 @@ spec:
           mountPath: /etc/quicproxy/config.yaml
           subPath: config.yaml
           readOnly: true
+        {{- if eq (include "quic-proxy-waf.proxy.wafMode" .) "inline" }}
+        {{- range $name, $_ := .Values.waf.crs.extraRules }}
+        - name: config
+          mountPath: /etc/quicproxy/{{ $name }}
+          subPath: {{ $name }}
+          readOnly: true
+        {{- end }}
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- if $tls.secretName }}

@@ -1,0 +1,260 @@
+"""Inline WAF on Coraza v3 with the OWASP CRS 4 compiled into its library.
+
+Same shape as the ModSecurity engine (:mod:`._engine`): one rule set shared by
+all transactions, every engine call in a thread pool (foreign calls release the
+GIL), so the event loop never evaluates rules and every core is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .._config import WafConfig
+from .._errors import ConfigError
+from ._coraza_lib import CorazaLib, load, pack_headers
+from ._matches import Match, decide
+from ._rules import base_directives, removal_directives, settings_directives
+from ._types import WafDecision, WafRequest, WafUnavailable
+
+__all__ = ["CorazaEngine", "CorazaTransaction", "CorazaWaf", "coraza_directives"]
+
+T = TypeVar("T")
+
+RAW_BODY_RULE = 99007
+"Our rule that hands unclaimed bodies to the raw processor (ModSecurity's local id range)."
+
+_PROTOCOLS = {"HTTP/2": "HTTP/2.0", "HTTP/3": "HTTP/3.0"}
+"What the engine is told; CRS 4 allows HTTP/2.0 and HTTP/3.0 (tx.allowed_http_versions)."
+
+
+def _bytes(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> str:
+    """The whole rule set: base, CRS 4 setup, our settings, CRS rules, extras, removals."""
+    limit = max(1, config.body_limit)
+    parts = [
+        base_directives(config),
+        f"SecRequestBodyInMemoryLimit {limit}\n",
+        # CRS rule 901340 forces REQUEST_BODY for bodies no processor claims; Coraza
+        # then parses them as urlencoded (binary uploads turn into garbage ARGS).
+        # The raw processor fills REQUEST_BODY alone, as ModSecurity does.
+        'SecRule REQBODY_PROCESSOR "!@rx (?:URLENCODED|MULTIPART|XML|JSON)" '
+        f'"id:{RAW_BODY_RULE},phase:1,pass,nolog,ctl:requestBodyProcessor=RAW"\n',
+        "Include @crs-setup.conf.example\n",
+        settings_directives(config, crs_version),
+        "Include @owasp_crs/REQUEST-*.conf\n",
+    ]
+    for i, path in enumerate(config.extra_rules):
+        if not os.path.isfile(path):
+            raise ConfigError(
+                f"waf.extra_rules[{i}]", f"rule file {path} not found", "fix the path"
+            )
+        parts.append(f"Include {os.path.abspath(path)}\n")
+    parts.append(removal_directives(config))
+    return "".join(parts)
+
+
+def _version_tuple(text: str) -> tuple[int, int, int]:
+    numbers = [int(p) if p.isdigit() else 0 for p in text.split(".")[:3]]
+    major, minor, patch = (numbers + [0, 0, 0])[:3]
+    return major, minor, patch
+
+
+class CorazaEngine:
+    """A compiled rule set plus the worker threads that evaluate against it."""
+
+    name = "coraza"
+
+    def __init__(self, config: WafConfig, workers: int | None = None) -> None:
+        self.config = config
+        self.lib: CorazaLib = load(config.library)
+        self.release = self.lib.coraza_version
+        "Coraza version, e.g. 3.8.1."
+        self.crs_release = self.lib.crs_version
+        "CRS version compiled in, e.g. 4.25.0."
+        self.version = f"Coraza v{self.release}"
+        self.crs_version = _version_tuple(self.crs_release)
+        error = ctypes.c_void_p()
+        directives = coraza_directives(config, self.crs_version)
+        self.handle: int | None = self.lib.qpc_waf_new(directives.encode(), ctypes.byref(error))
+        if not self.handle:
+            detail = self.lib.take_text(error.value) or "unknown error"
+            raise ConfigError(
+                "waf.extra_rules" if config.extra_rules else "waf",
+                f"coraza refused the rules: {detail}",
+                "fix or remove the rule",
+            )
+        self.rule_count = int(self.lib.qpc_waf_rules(self.handle))
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers or os.cpu_count() or 2, thread_name_prefix="waf"
+        )
+
+    def close(self) -> None:
+        if getattr(self, "executor", None) is not None:
+            self.executor.shutdown(wait=True)
+        if self.handle:
+            self.lib.qpc_waf_free(self.handle)
+            self.handle = None
+
+
+class CorazaTransaction:
+    """One request through Coraza (implements ``WafTransaction``).
+
+    Body chunks are kept here and handed over with the body phase in one pool call.
+    """
+
+    def __init__(self, engine: CorazaEngine, request: WafRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._handle = 0
+        self._blocked: int | None = None
+        self._matches: list[Match] = []
+        self._body = bytearray()
+        self._started = False
+        self._finished = False
+        self._closed = False
+        self._pending: concurrent.futures.Future[Any] | None = None
+
+    async def _run(self, func: Callable[[], T]) -> T:
+        self._pending = self._engine.executor.submit(func)
+        return await asyncio.wrap_future(self._pending)
+
+    # -- work done in the pool ---------------------------------------------------------
+
+    def _settle(self, status: int) -> None:
+        if status < 0:
+            raise WafUnavailable("the coraza engine failed on this request")
+        self._blocked = status or None
+        if self._blocked is not None:
+            self._read_matches()
+
+    def _read_matches(self) -> None:
+        text = self._engine.lib.take_text(self._engine.lib.qpc_tx_matches(self._handle))
+        self._matches = []
+        for line in text.splitlines():
+            rule_id, severity, message = (line.split("\t", 2) + ["", ""])[:3]
+            level = int(severity) if severity.lstrip("-").isdigit() else -1
+            self._matches.append(Match(rule_id, message, level if 0 <= level <= 7 else None))
+
+    def _start(self) -> None:
+        req, lib = self._request, self._engine.lib
+        blocked = ctypes.c_int(0)
+        headers = pack_headers([(_bytes(n), _bytes(v)) for n, v in req.headers])
+        self._handle = lib.qpc_tx_new(
+            self._engine.handle,
+            _bytes(req.remote_addr),
+            req.remote_port,
+            _bytes(req.server_addr),
+            req.server_port,
+            _bytes(req.uri),
+            _bytes(req.method),
+            _PROTOCOLS.get(req.protocol, req.protocol).encode(),
+            headers,
+            len(headers),
+            ctypes.byref(blocked),
+        )
+        self._settle(blocked.value)
+
+    def _start_and_finish(self) -> None:
+        self._start()
+        if self._blocked is None:
+            self._finish_body()
+        self._finished = True
+
+    def _finish_body(self) -> None:
+        lib = self._engine.lib
+        fed = len(self._body) if self._engine.config.body_access else 0
+        if fed:
+            self._settle(lib.qpc_tx_body(self._handle, bytes(self._body), fed))
+        self._body.clear()
+        if self._blocked is None:
+            self._settle(lib.qpc_tx_finish(self._handle))
+            if self._blocked is None:
+                self._read_matches()
+
+    def _end(self, previous: concurrent.futures.Future[Any] | None) -> None:
+        if previous is not None:
+            concurrent.futures.wait([previous])
+        if self._handle:
+            self._engine.lib.qpc_tx_close(self._handle)
+            self._handle = 0
+
+    def evaluate(self, body: bytes) -> WafDecision:
+        """All request phases in the calling thread (the service uses this)."""
+        self._start()
+        if self._blocked is None:
+            self._body += body
+            self._finish_body()
+        return self._decision()
+
+    # -- WafTransaction ----------------------------------------------------------------
+
+    def _decision(self) -> WafDecision:
+        return decide(self._matches, self._blocked)
+
+    async def headers(self) -> WafDecision | None:
+        self._started = True
+        if self._request.has_body:
+            await self._run(self._start)
+        else:  # nothing to wait for: every phase in one pool call
+            await self._run(self._start_and_finish)
+        return None if self._blocked is None else self._decision()
+
+    async def body_chunk(self, data: bytes) -> None:
+        if not self._started:
+            await self.headers()
+        if self._blocked is None:
+            self._body += data
+
+    async def finish(self) -> WafDecision:
+        if not self._started:
+            await self.headers()
+        if self._blocked is None and self._handle and not self._finished:
+            await self._run(self._finish_body)
+        return self._decision()
+
+    async def close(self) -> None:
+        """Queue the logging phase and release in the pool, after any call still running."""
+        if self._closed:
+            return
+        self._closed = True
+        self._body.clear()
+        try:
+            self._engine.executor.submit(self._end, self._pending)
+        except RuntimeError:  # engine already closed
+            pass
+
+
+class CorazaWaf:
+    """The ``Waf`` for mode 'inline' with engine 'coraza'."""
+
+    def __init__(self, config: WafConfig, workers: int | None = None) -> None:
+        self.engine = CorazaEngine(config, workers)
+
+    def transaction(self, request: WafRequest) -> CorazaTransaction:
+        return CorazaTransaction(self.engine, request)
+
+    async def evaluate(self, request: WafRequest, body: bytes = b"") -> WafDecision:
+        """Whole-request verdict in one pool call."""
+        tx = CorazaTransaction(self.engine, request)
+
+        def run() -> WafDecision:
+            try:
+                return tx.evaluate(body)
+            finally:
+                tx._end(None)
+
+        return await asyncio.wrap_future(self.engine.executor.submit(run))
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

@@ -11,6 +11,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any, NoReturn
 
@@ -18,6 +19,7 @@ from . import __version__
 from ._config import Config, load_config
 from ._errors import ConfigError
 from ._metrics import mark_worker_dead, metrics, multiprocess_dir
+from ._quiclisten import Workers
 from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
 
@@ -160,8 +162,10 @@ def _banner(proxy: Proxy) -> str:
     return "\n".join(lines)
 
 
-async def _serve(cfg: Config, reuse_port: bool, banner: bool) -> int:
-    proxy = Proxy(cfg, reuse_port=reuse_port)
+async def _serve(
+    cfg: Config, reuse_port: bool, banner: bool, workers: Workers | None = None
+) -> int:
+    proxy = Proxy(cfg, reuse_port=reuse_port, workers=workers)
     await proxy.start()
     if banner:
         print(_banner(proxy), flush=True)
@@ -173,12 +177,12 @@ def _exit_now(_signum: int, _frame: object) -> None:
     sys.exit(0)
 
 
-def _worker(cfg: Config, banner: bool, metrics_dir: str) -> None:
+def _worker(cfg: Config, banner: bool, metrics_dir: str, workers: Workers) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_now)  # until serve_forever drains on SIGTERM
     metrics.use_multiprocess(metrics_dir)
     try:
-        code = asyncio.run(_serve(cfg, True, banner))
+        code = asyncio.run(_serve(cfg, True, banner, workers))
     except ConfigError as exc:
         print(f"quicproxy: {exc}", file=sys.stderr)
         code = 2
@@ -207,9 +211,11 @@ class _Supervisor:
     BACKOFF_MAX = 30.0
     STABLE = 60.0
 
-    def __init__(self, cfg: Config, metrics_dir: str) -> None:
+    def __init__(self, cfg: Config, metrics_dir: str, workers_dir: str) -> None:
         self.cfg = cfg
         self.metrics_dir = metrics_dir
+        self.workers_dir = workers_dir
+        "Where workers hand QUIC datagrams to each other (one Unix socket each)."
         self.ctx = multiprocessing.get_context("fork")
         self.procs: dict[int, Any] = {}
         self.started: dict[int, float] = {}
@@ -221,7 +227,8 @@ class _Supervisor:
         self.code = 0
 
     def start(self, slot: int, banner: bool) -> None:
-        args = (self.cfg, banner, self.metrics_dir)
+        workers = Workers(slot, self.cfg.workers, self.workers_dir)
+        args = (self.cfg, banner, self.metrics_dir, workers)
         proc = self.ctx.Process(target=_worker, args=args, daemon=False)
         proc.start()
         self.procs[slot] = proc
@@ -292,8 +299,11 @@ def _run_workers(cfg: Config) -> int:
         )
     cfg.listen.http_port, cfg.listen.https_port = http, https
     cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
-    with multiprocess_dir() as folder:  # every worker's metric files; removed at exit
-        return _Supervisor(cfg, folder).run()
+    with (
+        multiprocess_dir() as folder,  # every worker's metric files; removed at exit
+        tempfile.TemporaryDirectory(prefix="quicproxy-workers-") as sockets,
+    ):
+        return _Supervisor(cfg, folder, sockets).run()
 
 
 def _check_engine(cfg: Config) -> None:

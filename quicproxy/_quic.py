@@ -16,6 +16,8 @@ loudly when an aioquic upgrade removes one):
 - ``QuicConnection._handshake_complete``: 0-RTT requests are marked replayable.
 - ``QuicConnection._network_paths``: the client address of a request.
 - ``QuicConnection._close_event``: whether the connection is closing.
+- ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
+  ``_replenish_connection_ids``: connection IDs carry the owning worker's index.
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
 - ``aioquic._crypto.AEAD`` and ``HeaderProtection``: the C primitives that check
   an Initial cheaply before any connection exists.
@@ -54,7 +56,9 @@ __all__ = [
     "client_configuration",
     "events",
     "initial_decrypts",
+    "owner",
     "parse_header",
+    "stamp",
     "server_configuration",
     "unacked_bytes",
     "version_negotiation",
@@ -68,6 +72,9 @@ MIN_INITIAL_SIZE = SMALLEST_MAX_DATAGRAM_SIZE
 
 PRIVATE = [
     (QuicConnection, "_write_stream_limits"),
+    (QuicConnection, "_replenish_connection_ids"),
+    ("connection", "_host_cids"),
+    ("connection", "_local_initial_source_connection_id"),
     (QuicConnection, "_on_max_stream_data_delivery"),
     ("connection", "_streams"),
     ("connection", "_handshake_complete"),
@@ -202,12 +209,13 @@ def version_negotiation(header: Header, versions: list[int]) -> bytes:
 class RetryTokens:
     """Stateless Retry: tokens bind the client address and the original DCID."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         self._handler = QuicRetryTokenHandler()
+        self.worker = worker
 
     def retry_packet(self, header: Header, addr: Any, now: float) -> bytes:
         assert header.version is not None
-        source_cid = os.urandom(8)
+        source_cid = stamp(os.urandom(8), self.worker)  # the token is ours to check
         token = self._handler.create_token(
             address=addr,
             original_destination_connection_id=header.dcid,
@@ -232,17 +240,45 @@ class RetryTokens:
             return None
 
 
+def stamp(cid: bytes, worker: int | None) -> bytes:
+    """A connection ID whose first byte names the worker that owns the connection."""
+    if worker is None or not cid:
+        return cid
+    return bytes([worker]) + cid[1:]
+
+
+def owner(cid: bytes) -> int:
+    """The worker a connection ID was stamped for (see :func:`stamp`)."""
+    return cid[0] if cid else -1
+
+
 class CreditedConnection(QuicConnection):
     """QuicConnection whose request-stream receive windows follow what the proxy consumed.
 
     aioquic raises a stream's window as data arrives, whether or not anyone read
     it; here a stream listed in ``credit`` only gets the window it was granted,
     so a slow upstream slows the client instead of filling memory.
+
+    With several workers, every connection ID it issues carries the worker's
+    index in its first byte, so a datagram that reaches another worker (the
+    client's address changed) can be handed to the owner.
     """
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
+    def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = {}
+        self.worker = worker
+        if worker is not None:
+            first = self._host_cids[0]
+            first.cid = stamp(first.cid, worker)
+            self.host_cid = first.cid
+            self._local_initial_source_connection_id = first.cid
+
+    def _replenish_connection_ids(self) -> None:
+        known = len(self._host_cids)
+        super()._replenish_connection_ids()
+        for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+            fresh.cid = stamp(fresh.cid, self.worker)
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         limit = self.credit.get(stream.stream_id)

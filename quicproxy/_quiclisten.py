@@ -13,14 +13,21 @@
   spoofed sources never come back with the token.
 - Output is flushed once per event-loop turn for every connection that has
   something to send, through :class:`DatagramSocket` (GSO batching).
+- With several workers on one port (SO_REUSEPORT hashes the 4-tuple), every
+  connection ID carries its worker's index; a datagram for another worker's
+  connection (the client's address changed) is handed to that worker over a
+  Unix datagram socket, with the client's address in front.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aioquic.tls import SessionTicket
@@ -37,6 +44,7 @@ from ._quic import (
     Header,
     RetryTokens,
     initial_decrypts,
+    owner,
     parse_header,
     server_configuration,
     version_negotiation,
@@ -65,10 +73,35 @@ class _Tickets:
         self.tickets[ticket.ticket] = ticket
 
 
+@dataclass
+class Workers:
+    """This worker's place among the workers sharing the port."""
+
+    index: int
+    count: int
+    folder: str
+    "Where each worker's Unix socket for handed-over datagrams lives."
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.folder, f"w{index}.sock")
+
+
+def _pack(addr: Any, data: bytes) -> bytes:
+    return "|".join(map(str, addr)).encode() + b"\n" + data
+
+
+def _unpack(message: bytes) -> tuple[Any, bytes]:
+    head, _, data = message.partition(b"\n")
+    host, *rest = head.decode().split("|")
+    return (host, *map(int, rest)), data
+
+
 class QuicListener:
     """The UDP side of the https port."""
 
-    def __init__(self, cfg: Config, handler: Handler, cert: str, key: str) -> None:
+    def __init__(
+        self, cfg: Config, handler: Handler, cert: str, key: str, workers: Workers | None = None
+    ) -> None:
         q = cfg.quic
         self.cfg = q
         self.handler = handler
@@ -84,7 +117,10 @@ class QuicListener:
         self._cid_length = self.configuration.connection_id_length
         self._versions = list(self.configuration.supported_versions)
         self.tickets = _Tickets() if q.early_data else None
-        self.retry = RetryTokens()
+        self.workers = workers
+        self.worker = workers.index if workers is not None else None
+        self.retry = RetryTokens(self.worker)
+        self._handover: socket.socket | None = None
         self.by_cid: dict[bytes, H3Conn] = {}
         self.connections: set[H3Conn] = set()
         self.handshakes = 0
@@ -99,7 +135,7 @@ class QuicListener:
         self._dirty: set[H3Conn] = set()
         self._flush_scheduled = False
         self.stats = dict.fromkeys(
-            ("refused", "retry", "invalid", "handshakes", "expired", "shed"), 0
+            ("refused", "retry", "invalid", "handshakes", "expired", "shed", "handed_over"), 0
         )
         self._budget = float(q.max_new_per_second)
         self._budget_at = self.loop.time()
@@ -107,16 +143,58 @@ class QuicListener:
     def bind(self, sock: Any) -> None:
         self.socket = DatagramSocket(sock, self.datagram_received, self.flush, gso=self.cfg.gso)
         self.address = plain_addr(self.socket.address)
+        if self.workers is not None:
+            path = self.workers.path(self.workers.index)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._handover = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._handover.bind(path)
+            self._handover.setblocking(False)
+            self.loop.add_reader(self._handover.fileno(), self._handed_over)
+
+    def _handed_over(self) -> None:
+        """Datagrams another worker received for one of our connections."""
+        assert self._handover is not None
+        for _ in range(64):
+            try:
+                message = self._handover.recv(70000)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            try:
+                addr, data = _unpack(message)
+            except ValueError:
+                continue
+            self.datagram_received(data, addr, handed=True)
+        self.flush()
+
+    def _hand_over(self, header: Header, data: bytes, addr: Any) -> bool:
+        """Send a datagram to the worker whose connection ID it carries; False if ours."""
+        workers = self.workers
+        if workers is None or self._handover is None or len(header.dcid) != self._cid_length:
+            return False
+        target = owner(header.dcid)
+        if target == workers.index or not 0 <= target < workers.count:
+            return False
+        if header.long and header.initial and not header.token:
+            return False  # a new client's first Initial: any worker may take it
+        with contextlib.suppress(OSError):
+            self._handover.sendto(_pack(addr, data), workers.path(target))
+            self.stats["handed_over"] += 1
+        return True
 
     # ------------------------------------------------------------------ input
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
+    def datagram_received(self, data: bytes, addr: Any, handed: bool = False) -> None:
         header = parse_header(data, self._cid_length)
         if header is None:
             return
         conn = self.by_cid.get(header.dcid)
         if conn is not None:
             self._receive(conn, data, addr)
+            return
+        if not handed and self._hand_over(header, data, addr):
             return
         if not header.long or header.negotiation:
             return  # unknown short-header packet, or a Version Negotiation: no answer
@@ -188,6 +266,7 @@ class QuicListener:
         if self.tls_store is not None:  # the certificate pair in use now (rotation)
             configuration = self.tls_store.quic_configuration(configuration)
         quic = CreditedConnection(
+            worker=self.worker,
             configuration=configuration,
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
@@ -320,6 +399,10 @@ class QuicListener:
             conn.terminated()
         if self.socket is not None:
             self.socket.close()
+        if self._handover is not None:
+            self.loop.remove_reader(self._handover.fileno())
+            self._handover.close()
+            self._handover = None
 
 
 def _safe(record: Callable[[], object]) -> None:
@@ -331,8 +414,15 @@ def _safe(record: Callable[[], object]) -> None:
 
 
 async def start_quic_listener(
-    cfg: Config, handler: Handler, cert: str, key: str, host: str, port: int, reuse_port: bool
+    cfg: Config,
+    handler: Handler,
+    cert: str,
+    key: str,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    workers: Workers | None = None,
 ) -> QuicListener:
-    listener = QuicListener(cfg, handler, cert, key)
+    listener = QuicListener(cfg, handler, cert, key, workers)
     listener.bind(bind_socket(host, port, socket.SOCK_DGRAM, reuse_port))
     return listener

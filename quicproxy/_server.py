@@ -20,7 +20,7 @@ from ._h2 import H2Connection
 from ._handler import Handler
 from ._metrics import metrics
 from ._metrics_http import start_metrics_listener
-from ._quiclisten import QuicListener, start_quic_listener
+from ._quiclisten import QuicListener, Workers, start_quic_listener
 from ._router import Pool, Router
 from ._sockets import bind_socket, plain_addr
 from ._tls import ensure_certificate
@@ -60,9 +60,13 @@ class Proxy:
     >>> await proxy.stop()           # graceful: drains in-flight requests
     """
 
-    def __init__(self, config: Config, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, workers: Workers | None = None
+    ) -> None:
         self.config = config.validate()
         self.reuse_port = reuse_port
+        self.workers = workers
+        "This worker's index among several sharing the ports (QUIC hands datagrams over)."
         self.router = Router()
         if config.backend:
             self.router.default = Pool("default", [parse_backend("backend", config.backend)])
@@ -161,7 +165,14 @@ class Proxy:
             bound = secure.sockets[0].getsockname()[1]
             try:
                 quic = await start_quic_listener(
-                    self.config, self.handler, self.cert, self.key, host, bound, self.reuse_port
+                    self.config,
+                    self.handler,
+                    self.cert,
+                    self.key,
+                    host,
+                    bound,
+                    self.reuse_port,
+                    self.workers,
                 )
                 return secure, quic
             except OSError:

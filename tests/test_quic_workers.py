@@ -1,0 +1,66 @@
+"""Several workers on one QUIC port: a client whose address changes mid-transfer reaches
+a worker that does not know its connection; that worker hands the datagrams to the owner
+(connection IDs carry the owner's index) and the transfer completes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+
+from quicproxy import Proxy
+from quicproxy._quiclisten import Workers
+from tests.backend import pattern_bytes
+from tests.helpers import free_port, h3, proxy_config
+
+
+async def rebind(proto) -> None:
+    """Move the client to a new local UDP port, as a NAT rebinding would."""
+    old = proto._transport
+    family = old.get_extra_info("socket").family
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+    await asyncio.get_running_loop().create_datagram_endpoint(lambda: proto, sock=sock)
+    old.close()
+
+
+async def test_rebinding_client_is_handed_to_the_worker_that_owns_its_connection(
+    certs, backend, tmp_path
+):
+    http, https = free_port(), free_port()
+    ports = {"listen": {"host": "127.0.0.1", "http_port": http, "https_port": https}}
+    proxies = []
+    for index in range(2):
+        cfg = proxy_config(certs, backend, **ports)
+        proxy = Proxy(cfg, reuse_port=True, workers=Workers(index, 2, str(tmp_path)))
+        await proxy.start()
+        proxies.append(proxy)
+    try:
+        size = 6_000_000
+        async with h3(proxies[0], certs) as client:
+            assert (await client.request("GET", "/warm-up")).status == 200
+            digest = hashlib.sha256()
+            download = asyncio.ensure_future(
+                client.request("GET", f"/bytes/{size}", keep_body=False, hasher=digest)
+            )
+            moves = 0
+            while moves < 12:  # each new port has an even chance to hash to the other worker
+                await asyncio.sleep(0.2)
+                await rebind(client.proto)
+                moves += 1
+                ping = await client.request("GET", f"/ping-{moves}", timeout=20)
+                assert ping.status == 200
+                if sum(p._quic.stats["handed_over"] for p in proxies) > 0 and moves >= 3:
+                    break
+            resp = await asyncio.wait_for(download, 60)
+            after = await client.request("GET", "/after-moves")
+        handed = [p._quic.stats["handed_over"] for p in proxies]
+        owners = [len(p._quic.connections) for p in proxies]
+    finally:
+        for proxy in proxies:
+            await proxy.stop(grace=1)
+    assert resp.status == 200 and resp.size == size
+    assert digest.hexdigest() == hashlib.sha256(pattern_bytes(size)).hexdigest()
+    assert after.status == 200
+    assert sum(handed) > 0, f"no datagram crossed workers in {moves} moves: {handed}"
+    assert sorted(owners) == [0, 1]  # one worker owned the connection throughout

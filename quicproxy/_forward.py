@@ -45,7 +45,8 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
 
 
 class TrustedProxies:
-    """Peers whose X-Forwarded-* headers are believed."""
+    """A set of networks, ``addr in nets``: the peers whose X-Forwarded-* headers are
+    believed, and the rate limiter's allow-list."""
 
     def __init__(self, nets: list[str]) -> None:
         self._nets = [ipaddress.ip_network(n, strict=False) for n in nets]

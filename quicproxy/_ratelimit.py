@@ -10,13 +10,13 @@ comes back with a full bucket, which errs on the side of serving it.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
 from ._config import RateLimitConfig
+from ._forward import TrustedProxies
 
 __all__ = ["RateLimiter"]
 
@@ -27,7 +27,8 @@ class RateLimiter:
         self.burst = float(cfg.burst)
         self.per_route = cfg.per_route
         self.max_entries = cfg.max_entries
-        self._allow = [ipaddress.ip_network(n, strict=False) for n in cfg.allow]
+        self._allow = TrustedProxies(cfg.allow)
+        "Networks never limited."
         self._clock = clock
         self._buckets: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
         "key -> [tokens, time of last refill]; oldest first."
@@ -36,15 +37,7 @@ class RateLimiter:
         return len(self._buckets)
 
     def allowed_network(self, addr: str) -> bool:
-        if not self._allow:
-            return False
-        try:
-            ip = ipaddress.ip_address(addr.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self._allow)
+        return addr in self._allow
 
     def check(self, addr: str, route: str = "") -> float | None:
         """Take a token for ``addr`` (on ``route``): None if allowed, else seconds to wait."""

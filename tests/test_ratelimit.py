@@ -100,7 +100,7 @@ def test_retry_after_is_whole_seconds_at_least_one():
 
 # ------------------------------------------------------------------ over the wire
 
-LIMITED = {"rate_limit": {"enabled": True, "rate": 0.5, "burst": 3}}
+LIMITED = {"rate_limit": {"enabled": True, "rate": 0.05, "burst": 3}}  # a token per 20 s
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
@@ -112,7 +112,7 @@ async def test_client_over_its_rate_gets_429_while_another_is_served(
     assert statuses == [200, 200, 200]
     status, headers, body = await fetch_from("127.0.0.1", proxy, certs, proto, "/a")
     assert status == 429, body
-    assert 1 <= int(headers["retry-after"]) <= 2
+    assert 1 <= int(headers["retry-after"]) <= 20
     assert headers["x-request-id"]
     other = await fetch_from("127.0.0.2", proxy, certs, proto, "/b")
     assert other[0] == 200 and other[2] == b"hello from backend /b"

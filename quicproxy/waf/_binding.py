@@ -60,17 +60,23 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
 }
 
 
+def bind_prototypes(owner: object, path: str, prototypes: dict[str, Any]) -> ctypes.CDLL:
+    """Load ``path`` and set each C function, typed, as an attribute of ``owner``."""
+    dll = ctypes.CDLL(path)
+    for name, (restype, argtypes) in prototypes.items():
+        func = getattr(dll, name)
+        func.restype = restype
+        func.argtypes = argtypes
+        setattr(owner, name, func)
+    return dll
+
+
 class ModSecLib:
     """The loaded library with typed entry points (attribute per C function)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._dll = ctypes.CDLL(path)
-        for name, (restype, argtypes) in _PROTOTYPES.items():
-            func = getattr(self._dll, name)
-            func.restype = restype
-            func.argtypes = argtypes
-            setattr(self, name, func)
+        self._dll = bind_prototypes(self, path, _PROTOTYPES)
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         self._free = libc.free
         self._free.argtypes = [c_void_p]

@@ -18,6 +18,7 @@ from .._config import WafConfig
 from .._errors import ConfigError
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
+from ._pooled import PooledWaf
 from ._rules import base_directives, removal_directives, settings_directives
 from ._types import WafDecision, WafRequest, WafUnavailable
 
@@ -235,26 +236,13 @@ class CorazaTransaction:
             pass
 
 
-class CorazaWaf:
+class CorazaWaf(PooledWaf):
     """The ``Waf`` for mode 'inline' with engine 'coraza'."""
 
+    transaction_class = CorazaTransaction
+
     def __init__(self, config: WafConfig, workers: int | None = None) -> None:
-        self.engine = CorazaEngine(config, workers)
+        super().__init__(CorazaEngine(config, workers))
 
     def transaction(self, request: WafRequest) -> CorazaTransaction:
         return CorazaTransaction(self.engine, request)
-
-    async def evaluate(self, request: WafRequest, body: bytes = b"") -> WafDecision:
-        """Whole-request verdict in one pool call."""
-        tx = CorazaTransaction(self.engine, request)
-
-        def run() -> WafDecision:
-            try:
-                return tx.evaluate(body)
-            finally:
-                tx._end(None)
-
-        return await asyncio.wrap_future(self.engine.executor.submit(run))
-
-    async def aclose(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

@@ -15,6 +15,7 @@ from ctypes import POINTER, c_char_p, c_int, c_size_t, c_void_p
 from typing import Any
 
 from .._errors import ConfigError
+from ._binding import bind_prototypes
 
 __all__ = ["CorazaLib", "library_path", "load", "pack_headers", "BUILD_HINT"]
 
@@ -61,12 +62,7 @@ class CorazaLib:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._dll = ctypes.CDLL(path)
-        for name, (restype, argtypes) in _PROTOTYPES.items():
-            func = getattr(self._dll, name)
-            func.restype = restype
-            func.argtypes = argtypes
-            setattr(self, name, func)
+        self._dll = bind_prototypes(self, path, _PROTOTYPES)
         coraza, crs = self.take_text(self.qpc_versions()).split()
         self.coraza_version = coraza
         "Coraza module version, e.g. '3.8.1'."

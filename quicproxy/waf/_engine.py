@@ -21,6 +21,7 @@ from .._config import WafConfig
 from .._errors import ConfigError
 from ._binding import Intervention, LogCallback, ModSecLib, load_library, text_at
 from ._matches import make_decision
+from ._pooled import PooledWaf
 from ._rules import INSTALL_HINT, CrsLayout, RuleSource, find_crs, rule_sources
 from ._types import WafDecision, WafRequest
 
@@ -326,26 +327,13 @@ class InlineTransaction:
             pass
 
 
-class InlineWaf:
+class InlineWaf(PooledWaf):
     """The ``Waf`` for mode 'inline'."""
 
+    transaction_class = InlineTransaction
+
     def __init__(self, config: WafConfig, workers: int | None = None) -> None:
-        self.engine = Engine(config, workers)
+        super().__init__(Engine(config, workers))
 
     def transaction(self, request: WafRequest) -> InlineTransaction:
         return InlineTransaction(self.engine, request)
-
-    async def evaluate(self, request: WafRequest, body: bytes = b"") -> WafDecision:
-        """Whole-request verdict in one pool call."""
-        tx = InlineTransaction(self.engine, request)
-
-        def run() -> WafDecision:
-            try:
-                return tx.evaluate(body)
-            finally:
-                tx._end(None)
-
-        return await asyncio.wrap_future(self.engine.executor.submit(run))
-
-    async def aclose(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

@@ -103,7 +103,7 @@ class QuicConfig:
     "Seconds a handshake may take before its state is dropped."
     max_handshake_bytes: int = 65536
     "Bytes a client may send before its handshake completes."
-    max_new_per_second: int = 2000
+    max_new_per_second: int = 1000
     "Initials of new connections examined per second; a flood beyond is dropped unread."
     gso: bool = True
     "Send datagram runs with UDP generic segmentation offload where the kernel allows."

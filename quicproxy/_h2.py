@@ -31,6 +31,8 @@ __all__ = ["H2Connection"]
 
 log = logging.getLogger("quicproxy")
 _READ = 65536
+_SLICE = 4096
+"Bytes handed to h2 at once: a flood is judged every few hundred frames."
 _STREAM_WINDOW = 1 << 20
 _CONN_WINDOW = 16 << 20
 _MAX_STREAMS = 128
@@ -187,19 +189,7 @@ class H2Connection:
                 data = await asyncio.wait_for(self.reader.read(_READ), self._read_timeout())
                 if not data:
                     break
-                try:
-                    events = self.h2.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    log.info("HTTP/2 protocol error from %s: %s", self.client[0], exc)
-                    self._flush_nowait()
-                    break
-                for event in events:
-                    if self._goaway_sent:
-                        break  # closed for abuse: the rest of the batch is not worth reading
-                    self._dispatch(event)
-                if self.control.hit(sum(isinstance(e, _CONTROL_EVENTS) for e in events)):
-                    log.warning("HTTP/2 control-frame flood from %s: closing", self.client[0])
-                    self.excessive_load("control frames")
+                if not self._feed(data):
                     break
                 await self.flush()
                 if self.streams.closing and not self.streams.busy:
@@ -213,6 +203,27 @@ class H2Connection:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+
+    def _feed(self, data: bytes) -> bool:
+        """Hand received bytes to h2 a slice at a time, so a flood of small frames is
+        noticed (and stopped) after one slice, not after a whole read; False: close."""
+        view = memoryview(data)
+        for start in range(0, len(view), _SLICE):
+            try:
+                events = self.h2.receive_data(view[start : start + _SLICE].tobytes())
+            except h2.exceptions.ProtocolError as exc:
+                log.info("HTTP/2 protocol error from %s: %s", self.client[0], exc)
+                self._flush_nowait()
+                return False
+            for event in events:
+                if self._goaway_sent:
+                    return False  # closed for abuse: the rest is not worth reading
+                self._dispatch(event)
+            if self.control.hit(sum(isinstance(e, _CONTROL_EVENTS) for e in events)):
+                log.warning("HTTP/2 control-frame flood from %s: closing", self.client[0])
+                self.excessive_load("control frames")
+                return False
+        return not self._goaway_sent
 
     async def _linger(self, seconds: float = 1.0, limit: int = 1 << 20) -> None:
         """Drop what the client still sends for a moment: closing with unread input

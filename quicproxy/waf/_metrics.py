@@ -37,7 +37,8 @@ class ServiceMetrics:
             Gauge("waf_info", "Engine and rule set.", list(labels), registry=reg).labels(
                 **labels
             ).set(1)
-            Gauge("waf_rules_loaded", "Rules loaded.", registry=reg).set(info.rules)
+            rules = Gauge("waf_rules_loaded", "Rules loaded.", ["engine"], registry=reg)
+            rules.labels(info.engine).set(info.rules)
 
     def observe(self, seconds: float, allowed: bool, matched: bool) -> None:
         self._evaluated.inc()

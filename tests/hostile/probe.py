@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import multiprocessing
 import socket
 import ssl
 import time
@@ -74,21 +76,33 @@ def udp_socket(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-def send_paced(sock: socket.socket, packets: list[bytes], port: int, seconds: float) -> int:
-    """Send ``packets`` to the proxy evenly over ``seconds`` (runs in a thread)."""
+async def in_thread(fn: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def flood(sources: list[str], packets: list[bytes], port: int, seconds: float) -> int:
+    """Send ``packets`` round-robin from UDP sockets bound to ``sources``, evenly over
+    ``seconds``; returns how many were sent. Meant for :func:`in_process`."""
+    socks = [udp_socket(host) for host in sources]
     start = time.monotonic()
     sent = 0
     for i, data in enumerate(packets):
         try:
-            sock.sendto(data, ("127.0.0.1", port))
+            socks[i % len(socks)].sendto(data, ("127.0.0.1", port))
             sent += 1
         except OSError:
             pass
         ahead = start + seconds * (i + 1) / len(packets) - time.monotonic()
         if ahead > 0.002:
             time.sleep(ahead)
+    for sock in socks:
+        sock.close()
     return sent
 
 
-async def in_thread(fn: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+async def in_process(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` in a forked process: an attacker is another program, and must not
+    share this interpreter's lock with the proxy under test."""
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

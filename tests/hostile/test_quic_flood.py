@@ -11,9 +11,10 @@ from tests.helpers import fetch, h3
 from tests.hostile.probe import (
     HealthProbe,
     client_initial,
+    flood,
+    in_process,
     in_thread,
     rss_kib,
-    send_paced,
     udp_socket,
 )
 
@@ -37,12 +38,10 @@ async def test_forged_initials_create_no_state_and_health_stays_fast(make_proxy,
     assert real[5] == 8 and len(real) >= 1200
     packets = forged(real, 8000, seed=1)
     rss_before = rss_kib()
-    sock = udp_socket()
     async with HealthProbe(proxy.http_port) as probe:
-        sent = await in_thread(send_paced, sock, packets, port, 4.0)
+        sent = await in_process(flood, ["127.0.0.1"], packets, port, 4.0)
         await asyncio.sleep(0.5)
         status, _, _ = await fetch(proxy, certs, "h3", "GET", "/during")
-    sock.close()
     listener = proxy._quic
     assert sent == 8000
     assert listener.stats["handshakes"] <= 1  # only our own request's connection
@@ -68,15 +67,9 @@ async def test_handshake_flood_from_many_addresses_gets_retry_and_expires(
     )
     port = proxy.https_port
     packets = await in_thread(valid_initials, port, 1200)
-    socks = [udp_socket(f"127.0.0.{2 + i}") for i in range(100)]  # "spoofed" sources
+    sources = [f"127.0.0.{2 + i}" for i in range(100)]  # "spoofed" sources
     listener = proxy._quic
     peak = 0
-
-    def flood() -> None:
-        for i in range(0, len(packets), 100):
-            for j, data in enumerate(packets[i : i + 100]):
-                socks[j].sendto(data, ("127.0.0.1", port))
-            time.sleep(0.1)
 
     async def watch() -> None:
         nonlocal peak
@@ -87,7 +80,7 @@ async def test_handshake_flood_from_many_addresses_gets_retry_and_expires(
     watcher = asyncio.ensure_future(watch())
     async with HealthProbe(proxy.http_port) as probe, h3(proxy, certs) as open_conn:
         assert (await open_conn.request("GET", "/before")).status == 200
-        flooding = asyncio.ensure_future(in_thread(flood))
+        flooding = asyncio.ensure_future(in_process(flood, sources, packets, port, 1.2))
         await asyncio.sleep(0.5)
         started = time.monotonic()
         during = await open_conn.request("GET", "/during")  # an established connection
@@ -95,8 +88,6 @@ async def test_handshake_flood_from_many_addresses_gets_retry_and_expires(
         status, _, _ = await fetch(proxy, certs, "h3", "GET", "/new")  # answers the Retry
         await flooding
     watcher.cancel()
-    for s in socks:
-        s.close()
     assert during.status == 200 and took < 1.0, f"established h3 took {took:.2f}s"
     assert status == 200
     assert probe.failures == [] and probe.slowest < 1.0
@@ -114,10 +105,8 @@ async def test_one_address_is_capped_in_handshakes(make_proxy, backend, certs):
     )
     port = proxy.https_port
     packets = await in_thread(valid_initials, port, 200)
-    sock = udp_socket("127.0.0.9")
-    await in_thread(send_paced, sock, packets, port, 1.0)
+    await in_process(flood, ["127.0.0.9"], packets, port, 1.0)
     await asyncio.sleep(0.3)
-    sock.close()
     listener = proxy._quic
     assert listener.per_address.count("127.0.0.9") == 20
     assert listener.stats["refused"] >= 150
@@ -129,12 +118,10 @@ async def test_too_much_data_before_the_handshake_drops_the_connection(make_prox
     proxy = await make_proxy(backend, quic={"max_handshake_bytes": 20000})
     port = proxy.https_port
     first = client_initial(port)
-    sock = udp_socket()
     # The first Initial opens a connection; the same DCID again and again is more
     # handshake data than allowed.
-    await in_thread(send_paced, sock, [first] * 40, port, 0.4)
+    await in_process(flood, ["127.0.0.1"], [first] * 40, port, 0.4)
     await asyncio.sleep(0.3)
-    sock.close()
     listener = proxy._quic
     # 40 x 1200 bytes: each connection the copies open is dropped past 20,000 bytes
     assert listener.stats["refused"] >= 2

@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from ._errors import RequestTimeout
+
 __all__ = ["Body", "Request", "Response", "Headers", "header_value"]
 
 DISCARD_SECONDS = 5.0
@@ -51,6 +53,8 @@ class Body:
         self.received = 0
         """Bytes received in total."""
         self._source: AsyncIterator[bytes] | None = None
+        self.idle_timeout: float | None = None
+        """Longest wait for the producer's next chunk; then RequestTimeout (408)."""
 
     @classmethod
     def from_iter(cls, source: AsyncIterator[bytes]) -> Body:
@@ -120,7 +124,14 @@ class Body:
             if self._ended:
                 return b""
             self._waiter.clear()
-            await self._waiter.wait()
+            if self.idle_timeout is None:
+                await self._waiter.wait()
+                continue
+            try:
+                await asyncio.wait_for(self._waiter.wait(), self.idle_timeout)
+            except TimeoutError:
+                self._error = RequestTimeout("request body stalled")
+                raise self._error from None
 
     def unread(self, data: bytes) -> None:
         """Put a chunk back at the front (it was already counted as consumed)."""

@@ -130,6 +130,7 @@ class Streams:
             return False
         self.last_stream = max(self.last_stream, sid)
         body = Body(on_consumed=grant)
+        body.idle_timeout = self.handler.cfg.timeouts.body
         if ended:
             body.end()
         try:

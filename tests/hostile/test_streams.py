@@ -87,3 +87,24 @@ async def test_upstream_connections_are_capped_and_the_overflow_gets_503(
     busy = next(r for r in answers if r.status_code == 503)
     assert busy.text == "503 Service Unavailable\n"  # no upstream address, no detail
     assert (await fetch(proxy, certs, "h2", "GET", "/after"))[0] == 200
+
+
+@pytest.mark.parametrize("proto", ["h2", "h3"])
+async def test_a_stalled_request_body_times_out(make_proxy, backend, certs, proto):
+    proxy = await make_proxy(backend, timeouts={"body": 1.0})
+
+    async def stalling():
+        yield b"x" * 1000
+        await asyncio.sleep(4)  # the clients send all before they read: they stall too
+        yield b"y"
+
+    if proto == "h3":
+        async with h3(proxy, certs) as client:
+            status = (await client.request("POST", "/sha256", body=stalling())).status
+    else:
+        async with tcp_client(certs, http2=True) as client:
+            r = await client.post(https_url(proxy, "/sha256"), content=stalling())
+            status = r.status_code
+    # Without the body deadline the upload would finish after 4 s and answer 200.
+    assert status == 408
+    assert (await fetch(proxy, certs, proto, "GET", "/after"))[0] == 200

@@ -63,6 +63,8 @@ class ListenConfig:
     "TLS TCP (h2, http/1.1) and QUIC UDP (h3) port; default 443 as root, 8443 otherwise."
     alt_svc_port: int | None = None
     "Port advertised in Alt-Svc (public port behind a hostPort/Service); default https_port."
+    bind_wait: float = 0.0
+    "Seconds to keep retrying a port in use at start (a previous instance still draining)."
     plain_http: str = "redirect"
     "What the plain HTTP port does: 'redirect' to https (308) or 'proxy'."
     backlog: int = 1024
@@ -437,6 +439,8 @@ def _validate(cfg: Config) -> None:
     _check_positive(cfg, "limits", "abuse_window")
     _check_positive(cfg, "upstream", "max_connections", "max_connections_per_member")
     _check_positive(cfg, "upstream", "queue_timeout")
+    if cfg.listen.bind_wait < 0:
+        raise ConfigError("listen.bind_wait", "negative", "give seconds, e.g. 40, or 0")
     if cfg.quic.retry_above < 0:
         raise ConfigError("quic.retry_above", "negative", "use 0 (always Retry) or a count")
     if cfg.limits.max_header_bytes < 1024:

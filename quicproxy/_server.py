@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -113,29 +114,30 @@ class Proxy:
         self.handler = handler = Handler(cfg, self.router, waf)
         http, https, self.port_note = default_ports(cfg)
         host = cfg.listen.host
-        try:
-            plain = await asyncio.start_server(
-                lambda r, w: self._serve_tcp(r, w, None),
-                sock=self._tcp_socket(host, http),
-                backlog=cfg.listen.backlog,
-            )
-            self._tcp.append(plain)
-            self.http_port = plain.sockets[0].getsockname()[1]
-            secure, self._quic = await self._bind_https(tls, host, https)
-            self._tcp.append(secure)
-            if cfg.metrics.port is not None:
-                where = host if cfg.metrics.host is None else cfg.metrics.host
-                server = await start_metrics_listener(where, cfg.metrics.port, self.reuse_port)
-                self._metrics_server = server  # kept open while draining, closed last
-                self.metrics_port = server.sockets[0].getsockname()[1]
-        except OSError as exc:
-            await self._close_listeners()
-            if self._metrics_server is not None:
-                self._metrics_server.close()
-            self.tls_store.close()
-            hint = "use a free port, or ports >= 1024 when not root"
-            where = host or "every address"
-            raise ConfigError("listen", f"cannot bind {where} ({exc.strerror})", hint) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + cfg.listen.bind_wait
+        while True:
+            try:
+                secure = await self._bind_all(tls, host, http, https)
+                break
+            except OSError as exc:
+                for server in self._tcp:
+                    server.close()
+                self._tcp.clear()
+                if self._quic is not None:
+                    self._quic.close()
+                    self._quic = None
+                if self._metrics_server is not None:
+                    self._metrics_server.close()
+                    self._metrics_server = None
+                if exc.errno == errno.EADDRINUSE and loop.time() < deadline:
+                    log.warning("port in use (a previous instance draining?): retrying")
+                    await asyncio.sleep(1.0)
+                    continue
+                self.tls_store.close()
+                hint = "use a free port, or ports >= 1024 when not root"
+                where = host or "every address"
+                raise ConfigError("listen", f"cannot bind {where} ({exc.strerror})", hint) from None
         if self._quic is not None:
             self._quic.tls_store = self.tls_store
         self.tls_store.start()
@@ -144,6 +146,27 @@ class Proxy:
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
         if cfg.listen.alt_svc_port is None:
             cfg.listen.alt_svc_port = self.https_port
+
+    async def _bind_all(
+        self, tls: ssl.SSLContext, host: str, http: int, https: int
+    ) -> asyncio.Server:
+        """Every listener (plain, TLS + QUIC, metrics); the TLS server is returned."""
+        cfg = self.config
+        plain = await asyncio.start_server(
+            lambda r, w: self._serve_tcp(r, w, None),
+            sock=self._tcp_socket(host, http),
+            backlog=cfg.listen.backlog,
+        )
+        self._tcp.append(plain)
+        self.http_port = plain.sockets[0].getsockname()[1]
+        secure, self._quic = await self._bind_https(tls, host, https)
+        self._tcp.append(secure)
+        if cfg.metrics.port is not None:
+            where = host if cfg.metrics.host is None else cfg.metrics.host
+            server = await start_metrics_listener(where, cfg.metrics.port, self.reuse_port)
+            self._metrics_server = server  # kept open while draining, closed last
+            self.metrics_port = server.sockets[0].getsockname()[1]
+        return secure
 
     def _tcp_socket(self, host: str, port: int) -> socket.socket:
         backlog = self.config.listen.backlog

@@ -148,3 +148,12 @@ def test_configmap_is_valid_yaml_with_no_unknown_top_level_keys(profile):
         profile("daemonset").get("ConfigMap", "-proxy-config")["data"]["config.yaml"]
     )
     assert set(data) <= known
+
+
+def test_host_network_pods_wait_for_the_pod_they_replace_to_free_the_ports(profile, render):
+    """On the host network the old pod drains on 80/443 while the new one starts."""
+    daemonset = profile("daemonset").proxy_config()
+    assert daemonset["listen"]["bind_wait"] == daemonset["shutdown_grace"] + 15
+    assert "bind_wait" not in profile("default").proxy_config()["listen"]
+    hostports = render(PROFILES["daemonset"][0], values={"daemonset": {"hostNetwork": False}})
+    assert "bind_wait" not in hostports.proxy_config()["listen"]

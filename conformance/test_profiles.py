@@ -34,6 +34,25 @@ if conftest._config is not None and conftest._config.getoption("--cluster") == "
     if _auto is None:  # one line saying what to install, instead of one per test
         pytest.skip(_why, allow_module_level=True)
 PROBE_SRC = (Path(__file__).parent / "_probe.py").read_text()
+SERVICEMONITOR_CRD = """
+# The Prometheus Operator's ServiceMonitor kind, without its schema: enough for the
+# chart's ServiceMonitor to be stored and read back (no operator runs here).
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: servicemonitors.monitoring.coreos.com
+spec:
+  group: monitoring.coreos.com
+  scope: Namespaced
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors,
+          singular: servicemonitor}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"""
 
 
 @dataclass
@@ -47,10 +66,11 @@ class Profile:
     host_ports: tuple[int, int] | None = None  # (http, https) on the node
     service_ports: tuple[int, int] = (80, 443)
     set_values: dict[str, Any] = field(default_factory=dict)
+    metrics: bool = False  # ServiceMonitor + metrics Service on (a minimal CRD is applied)
 
 
 PROFILES = [
-    Profile("default", [], "Deployment", service=True, pdb=True, waf=True),
+    Profile("default", [], "Deployment", service=True, pdb=True, waf=True, metrics=True),
     Profile(
         "daemonset",
         ["charts/quic-proxy-waf/values-daemonset.yaml"],
@@ -59,6 +79,7 @@ PROFILES = [
         pdb=False,
         waf=True,
         host_ports=(80, 443),
+        metrics=True,
     ),
     Profile(
         "daemonset-no-hostports",
@@ -213,7 +234,7 @@ class Release:
         return f"app.kubernetes.io/instance={self.name}"
 
     def overrides(self) -> dict[str, Any]:
-        return {
+        values: dict[str, Any] = {
             "global": {"registry": self.registry, "tag": self.tag, "imagePullPolicy": self.pull},
             "proxy": {
                 "image": {"repository": self.repository},
@@ -221,6 +242,9 @@ class Release:
             },
             "waf": {"image": {"repository": self.repository}},
         }
+        if self.profile.metrics:
+            values["metrics"] = {"serviceMonitor": {"enabled": True}}
+        return values
 
     def merged_values(self) -> dict[str, Any]:
         """The profile's values as helm computes them (for expectations)."""
@@ -279,6 +303,8 @@ class Release:
         k = self.kube
         k.kubectl("delete", "namespace", self.ns, "--ignore-not-found", "--wait=true", timeout=300)
         k.kubectl("create", "namespace", self.ns)
+        if self.profile.metrics:
+            k.apply(SERVICEMONITOR_CRD)
         k.apply(
             BACKEND.replace("IMAGE", self.image)
             .replace("PULL", self.pull)
@@ -802,3 +828,37 @@ def test_uninstall_leaves_nothing(release: Release) -> None:
                     return True
 
             k.wait_until(f"host port {port} freed", refused, timeout=60)
+
+
+def test_metrics_through_the_service_monitor(release: Release) -> None:
+    """Prometheus' path: the ServiceMonitor selects the metrics Service, whose named port
+    serves /metrics from every proxy pod (and the public ports do not)."""
+    release.need_rollout()
+    prof = release.profile
+    if not prof.metrics:
+        pytest.skip("profile has no ServiceMonitor")
+    monitors = release.kube.items("servicemonitors", release.ns, release.label())
+    services = release.kube.items("services", release.ns, "quic-proxy-waf/metrics=true")
+    assert monitors and len(services) == 1, (monitors, services)
+    svc = services[0]
+    labels = svc["metadata"]["labels"]
+    port = next(p for p in svc["spec"]["ports"] if p["name"] == "metrics")
+    proxy_monitor = next(
+        m
+        for m in monitors
+        if all(labels.get(k) == v for k, v in m["spec"]["selector"]["matchLabels"].items())
+    )
+    assert any(e.get("port") == "metrics" for e in proxy_monitor["spec"]["endpoints"])
+    name = f"{svc['metadata']['name']}.{release.ns}.svc.cluster.local"
+    progress(f"[{prof.name}] scraping {name}:{port['port']}/metrics from a pod")
+    pods = [p for p in release.proxy_pods() if not p["metadata"].get("deletionTimestamp")]
+    targets = [p["status"]["podIP"] for p in pods] + [name]
+    res = release.probe_in_cluster(
+        [
+            {"proto": "http", "host": host, "port": port["port"], "path": "/metrics", "retry": 30}
+            for host in targets
+        ]
+    )
+    for r in res:
+        assert r["ok"] and r["status"] == 200, r
+        assert "quicproxy_requests_total" in r["body"] and "quicproxy_quic_handshakes" in r["body"]

@@ -304,9 +304,10 @@ def upload(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
 
 
 def upload_aioquic(t: Target, s: Settings) -> dict[str, float]:
-    """h3 upload with aioquic's client (bench/h3_upload.py, separate process): oha 1.16's h3
-    uploads of 1 MB and more get reset by Caddy 2.6 (H3_NO_ERROR), aioquic's are not. The
-    Python client tops out near 7 MiB/s here, so this row is client-bound for fast targets."""
+    """h3 upload with aioquic's client (bench/h3_upload.py, separate process), a second client
+    beside oha (whose h3 uploads of 1 MB and more Caddy 2.6 reset; Caddy 2.11.9 takes them).
+    The Python client tops out near 7 MiB/s here, so this row is client-bound for fast
+    targets."""
     port = t.urls["h3"].rsplit(":", 1)[1]
     r = subprocess.run(
         [sys.executable, "-m", "bench.h3_upload", HOST, port, NAME, str(s.duration)],

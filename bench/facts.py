@@ -9,6 +9,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from bench.targets import CADDY_VERSION, caddy_version, find_caddy
+
 
 def _cmd(*args: str) -> str:
     try:
@@ -47,7 +49,7 @@ def machine(oha: str, qp: list[str] | None) -> dict[str, str]:
         "os": _os(),
         "python": platform.python_version(),
         "oha": _cmd(oha, "--version"),
-        "caddy": _cmd("caddy", "version"),
+        "caddy": _caddy(),
         "go (backend)": _cmd("go" if _has("go") else "/usr/local/go/bin/go", "version"),
         "aioquic": _pkg("aioquic"),
         "quicproxy": (
@@ -56,6 +58,17 @@ def machine(oha: str, qp: list[str] | None) -> dict[str, str]:
             else "not available (no `quicproxy serve`): quicproxy targets skipped"
         ),
     }
+
+
+def _caddy() -> str:
+    try:
+        exe = find_caddy()
+    except RuntimeError as e:
+        return str(e)
+    got = caddy_version(exe)  # "v2.11.9 (/path/to/caddy)"
+    if got.startswith(CADDY_VERSION + " "):
+        return got + f", the pinned release (bench/install.sh: go install ...@{CADDY_VERSION})"
+    return got + f", NOT the pinned {CADDY_VERSION} (bash bench/install.sh builds it)"
 
 
 def _has(exe: str) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,29 +10,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from bench.targets import Lab, Target
+from bench.targets import Lab, Target, proc_tree_cpu_s
 from bench.workloads import Oha, Settings
 
 
 def find_py_spy() -> str | None:
     local = Path(sys.executable).parent / "py-spy"
     return str(local) if local.exists() else shutil.which("py-spy")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of pid and its children (threads included), in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 def _frame(f: str) -> str:
@@ -86,7 +69,7 @@ def run(lab: Lab, oha: Oha, out: Path, s: Settings, log=print, seconds: float = 
         )
         load.start()
         time.sleep(1.0)
-        cpu0, t0 = cpu_seconds(t.pid), time.monotonic()
+        cpu0, t0 = proc_tree_cpu_s(t.cpu_pids), time.monotonic()
         subprocess.run(
             [
                 spy,
@@ -108,7 +91,7 @@ def run(lab: Lab, oha: Oha, out: Path, s: Settings, log=print, seconds: float = 
             capture_output=True,
             timeout=seconds + 60,
         )
-        cpu, wall = cpu_seconds(t.pid) - cpu0, time.monotonic() - t0
+        cpu, wall = proc_tree_cpu_s(t.cpu_pids) - cpu0, time.monotonic() - t0
         load.join(timeout=seconds + 60)
     finally:
         lab.stop(t)

@@ -120,7 +120,9 @@ def markdown(
         f"Settings: {sets}\n\n"
         f"## Medians over {n} runs (±spread = (max−min)/median)\n\n"
         + table(med)
-        + "\nhigher is better for req/s, MiB/s, conn/s; lower for ms, MiB, KiB.\n"
+        + "\nhigher is better for req/s, MiB/s, conn/s; lower for ms, MiB, KiB, µs/req, µs/MiB.\n"
+        "Server CPU: user + sys of the target's whole process tree (workers, threads; the "
+        "backend's for direct) over the oha run, per completed request or MiB.\n"
         "`–`: not measured for that target (direct is plain HTTP/1.1 only; WAF targets run "
         "request rate and latency only).\n" + fails + "\n"
         "## Ratio to Caddy (target median / Caddy median)\n\n"

@@ -19,6 +19,11 @@ HOST = "127.0.0.1"
 # production; a numeric Host header trips CRS rule 920350 and would log on every WAF request.
 NAME = "localhost"
 HERE = Path(__file__).resolve().parent
+PROC = Path("/proc")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# The peer: pinned Caddy release, built by bench/install.sh with `go install` into CADDY_BIN.
+CADDY_VERSION = "v2.11.9"
+CADDY_BIN = HERE / ".tools" / "bin" / "caddy"
 
 
 @dataclass
@@ -33,10 +38,18 @@ class Target:
     urls: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     note: str = ""
+    server_pids: list[int] = field(default_factory=list)  # set when a server is not in procs
 
     @property
     def pid(self) -> int:
         return self.procs[0].pid
+
+    @property
+    def cpu_pids(self) -> list[int]:
+        """Roots of the process trees whose CPU counts as the server's: every process the
+        target started (the proxy and its workers; the WAF service for qp-waf-service), or
+        the backend itself for `direct`."""
+        return [p.pid for p in self.procs] + self.server_pids
 
     @property
     def protocols(self) -> tuple[str, ...]:
@@ -138,30 +151,103 @@ def wait_tcp(port: int, procs: list[subprocess.Popen], timeout: float = 30.0) ->
     raise RuntimeError(f"nothing listening on {HOST}:{port} after {timeout:.0f}s")
 
 
-def proc_tree_rss_kib(pid: int) -> int:
-    """VmRSS of pid plus all its descendants (worker processes), in KiB."""
+def _stat_fields(text: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat line after `comm` (which may hold spaces and ')'):
+    index 0 is field 3 (state), 1 is ppid, 11..14 are utime, stime, cutime, cstime."""
+    return text.rsplit(")", 1)[1].split()
+
+
+def _children(proc: Path) -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir(proc):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat_fields((proc / entry / "stat").read_text())[1])
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    return children
+
+
+def proc_tree(pids: list[int] | int, proc: Path = PROC) -> list[int]:
+    """pids and all their descendants (worker processes), each once."""
+    children = _children(proc)
+    seen: list[int] = []
+    todo = [pids] if isinstance(pids, int) else list(pids)
     while todo:
         p = todo.pop()
+        if p in seen:
+            continue
+        seen.append(p)
         todo.extend(children.get(p, []))
+    return seen
+
+
+def proc_tree_rss_kib(pid: int, proc: Path = PROC) -> int:
+    """VmRSS of pid plus all its descendants (worker processes), in KiB."""
+    total = 0
+    for p in proc_tree(pid, proc):
         try:
-            with open(f"/proc/{p}/status") as f:
+            with open(proc / str(p) / "status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def proc_tree_cpu_s(pids: list[int] | int, proc: Path = PROC, tick: int = CLK_TCK) -> float:
+    """CPU seconds (user + sys, every thread) used so far by pids and all their descendants,
+    plus what their exited-and-reaped children used (cutime + cstime), so a worker that exits
+    between two readings moves from one term to the other instead of vanishing."""
+    ticks = 0
+    for p in proc_tree(pids, proc):
+        try:
+            f = _stat_fields((proc / str(p) / "stat").read_text())
+            ticks += sum(int(x) for x in f[11:15])
+        except (OSError, IndexError, ValueError):
+            pass  # exited between the listing and the read
+    return ticks / tick
+
+
+def cpu_per_unit(before_s: float, after_s: float, units: float, scale: float = 1e6) -> float:
+    """CPU used between two readings per unit of work (per request, per MiB), in µs by
+    default. Fails on no work done or a clock going backwards (a wrong process tree)."""
+    if units <= 0:
+        raise ValueError("no completed work to divide the CPU time by")
+    if after_s < before_s:
+        raise ValueError(f"CPU time went backwards ({before_s} -> {after_s}): wrong process?")
+    return (after_s - before_s) * scale / units
+
+
+def find_caddy() -> str:
+    """$CADDY, else the pinned build bench/install.sh makes (bench/.tools/bin/caddy), else
+    whatever `caddy` is on PATH (say which in the results: see caddy_version)."""
+    for c in (os.environ.get("CADDY"), str(CADDY_BIN), shutil.which("caddy")):
+        if c and Path(c).exists():
+            return c
+    raise RuntimeError(f"caddy not found: bash bench/install.sh builds Caddy {CADDY_VERSION}")
+
+
+def caddy_version(exe: str) -> str:
+    """The Caddy module version inside the binary. A `go install ...@vX` build prints
+    "unknown" for `caddy version`, but its Go build info names the module version."""
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    try:
+        r = subprocess.run([go, "version", "-m", exe], capture_output=True, text=True, timeout=30)
+        for line in r.stdout.splitlines():
+            f = line.split()
+            if len(f) >= 3 and f[0] in ("mod", "dep") and f[1] == "github.com/caddyserver/caddy/v2":
+                return f"{f[2]} ({exe})"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        r = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=30)
+        return f"{(r.stdout.split() or ['?'])[0]} ({exe})"
+    except (OSError, subprocess.TimeoutExpired):
+        return f"unknown ({exe})"
 
 
 def quicproxy_cmd() -> list[str] | None:
@@ -213,6 +299,7 @@ class Lab:
     def start(self, t: Target) -> None:
         if t.kind == "direct":
             t.urls = {"h1": f"http://{NAME}:{self.backend_port}"}
+            t.server_pids = [self.backend.pid]
             return
         port, http_port, waf_port = free_ports(3)
         base = f"https://{NAME}:{port}"
@@ -229,9 +316,15 @@ class Lab:
         t.procs = []
 
     def _caddy(self, port: int, http_port: int) -> subprocess.Popen:
+        # Caddy's defaults reach out unless told not to; everything here stays on loopback:
+        # admin off (no :2019 listener), auto_https off (the certificate is loaded by hand: no
+        # ACME, no internal CA, no HTTP->HTTPS redirect server), skip_install_trust (never
+        # touch the system trust store), ocsp_stapling off (no OCSP responder lookups),
+        # persist_config off, and the site binds 127.0.0.1 only.
         conf = self.workdir / "Caddyfile"
         conf.write_text(
-            "{\n\tadmin off\n\tauto_https disable_redirects\n"
+            "{\n\tadmin off\n\tpersist_config off\n\tauto_https off\n"
+            "\tskip_install_trust\n\tocsp_stapling off\n\tgrace_period 1s\n"
             f"\thttp_port {http_port}\n\thttps_port {port}\n\tdefault_sni localhost\n"
             "\tservers {\n\t\tprotocols h1 h2 h3\n\t}\n}\n"
             f"https://{HOST}:{port}, https://localhost:{port} {{\n\tbind {HOST}\n"
@@ -241,7 +334,7 @@ class Lab:
             "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
             "XDG_DATA_HOME": str(self.workdir / "xdg"),
         }
-        cmd = ["caddy", "run", "--config", str(conf), "--adapter", "caddyfile"]
+        cmd = [find_caddy(), "run", "--config", str(conf), "--adapter", "caddyfile"]
         return _spawn(cmd, self.logs / "caddy.log", env)
 
     def _quicproxy(

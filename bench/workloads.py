@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from bench.targets import HOST, NAME, Target, proc_tree_rss_kib
+from bench.targets import HOST, NAME, Target, cpu_per_unit, proc_tree_cpu_s, proc_tree_rss_kib
 
 OHA_VERSION = "1.16.0"
 MIB = 1024 * 1024
@@ -79,6 +79,15 @@ FIGURES = {
         ),
         *(
             Figure(f"{w}_10m/{p}", f"10 MiB {name}, 1 stream, {p}", "MiB/s", "higher")
+            for w, name in (("dl", "download"), ("ul", "upload"))
+            for p in ("h1", "h2", "h3")
+        ),
+        *(
+            Figure(f"cpu_1k/{p}", f"server CPU per 1 KiB request, c=64, {p}", "µs/req", "lower")
+            for p in ("h1", "h2", "h3")
+        ),
+        *(
+            Figure(f"cpu_{w}_10m/{p}", f"server CPU per MiB, 10 MiB {name}, {p}", "µs/MiB", "lower")
             for w, name in (("dl", "download"), ("ul", "upload"))
             for p in ("h1", "h2", "h3")
         ),
@@ -204,12 +213,47 @@ def warmup(oha: Oha, t: Target, s: Settings) -> list[str]:
     return good
 
 
+class Metered(NamedTuple):
+    rows: list[Row]
+    cpu_before: float  # CPU seconds of the server's process trees before oha started
+    cpu_after: float  # ... and after oha exited
+
+
+def metered(t: Target, fn, *args, **kw) -> Metered:
+    """Run one oha measurement between two readings of the server's CPU time (user + sys of
+    its whole process tree: workers and threads included). The readings bracket the oha
+    process, so every request it completed was served inside them."""
+    pids = t.cpu_pids
+    before = proc_tree_cpu_s(pids) if pids else float("nan")
+    rows = fn(*args, **kw)
+    after = proc_tree_cpu_s(pids) if pids else float("nan")
+    return Metered(rows, before, after)
+
+
+def _cpu(m: Metered, units: float, key: str) -> dict[str, float]:
+    if m.cpu_before != m.cpu_before:  # nan: no server process to meter
+        return {}
+    return {key: cpu_per_unit(m.cpu_before, m.cpu_after, units)}
+
+
 def rps_1k(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
-    rows = oha.run(t.urls[proto] + "/1k", proto, conc=s.conc, rate=s.max_rate, seconds=s.duration)
-    got = len(_ok(rows, "rps_1k", s.duration)) / s.duration
+    """Request rate (2xx completed inside the window / window) and server CPU µs per request
+    (CPU over the whole oha run / every 2xx it completed, window or not: the CPU readings
+    bracket the whole run, so numerator and denominator cover the same requests)."""
+    m = metered(
+        t,
+        oha.run,
+        t.urls[proto] + "/1k",
+        proto,
+        conc=s.conc,
+        rate=s.max_rate,
+        seconds=s.duration,
+    )
+    got = len(_ok(m.rows, "rps_1k", s.duration)) / s.duration
     if got > 0.8 * s.max_rate:
         print(f"    ! rps_1k/{proto} is near the oha rate cap {s.max_rate:.0f}", flush=True)
-    return {f"rps_1k/{proto}": got}
+    done = sum(1 for r in m.rows if 200 <= r.status < 300)
+    return {f"rps_1k/{proto}": got, **_cpu(m, done, f"cpu_1k/{proto}")}
 
 
 def latency(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
@@ -225,11 +269,14 @@ def latency(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
     return {f"lat_p50/{proto}": _pct(lat, 50), f"lat_p99/{proto}": _pct(lat, 99)}
 
 
-def _transfer(oha: Oha, t: Target, proto: str, s: Settings, up: bool) -> float:
+def _transfer(oha: Oha, t: Target, proto: str, s: Settings, up: bool) -> dict[str, float]:
     """One stream (c=1), back-to-back 10 MiB transfers for the window; every transfer that
-    completes (the last may end up to 5 s late) counts with its own time: MiB / seconds."""
-    path = "/up" if up else "/10m"
-    rows = oha.run(
+    completes (the last may end up to 5 s late) counts with its own time: MiB / seconds.
+    Server CPU per MiB: CPU over the whole oha run / MiB of the completed transfers."""
+    path, w = ("/up", "ul") if up else ("/10m", "dl")
+    m = metered(
+        t,
+        oha.run,
         t.urls[proto] + path,
         proto,
         conc=1,
@@ -238,24 +285,29 @@ def _transfer(oha: Oha, t: Target, proto: str, s: Settings, up: bool) -> float:
         upload=up,
         grace=5.0,
     )
-    got = _ok(rows, "upload" if up else "download")
+    got = _ok(m.rows, "upload" if up else "download")
     if not up and any(r.nbytes != BIG for r in got):
         raise RuntimeError("download: short body")
-    return len(got) * BIG / sum(r.duration for r in got) / MIB
+    mib = len(got) * BIG / MIB
+    return {
+        f"{w}_10m/{proto}": mib / sum(r.duration for r in got),
+        **_cpu(m, mib, f"cpu_{w}_10m/{proto}"),
+    }
 
 
 def download(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
-    return {f"dl_10m/{proto}": _transfer(oha, t, proto, s, up=False)}
+    return _transfer(oha, t, proto, s, up=False)
 
 
 def upload(oha: Oha, t: Target, proto: str, s: Settings) -> dict[str, float]:
-    return {f"ul_10m/{proto}": _transfer(oha, t, proto, s, up=True)}
+    return _transfer(oha, t, proto, s, up=True)
 
 
 def upload_aioquic(t: Target, s: Settings) -> dict[str, float]:
-    """h3 upload with aioquic's client (bench/h3_upload.py, separate process): oha 1.16's h3
-    uploads of 1 MB and more get reset by Caddy 2.6 (H3_NO_ERROR), aioquic's are not. The
-    Python client tops out near 7 MiB/s here, so this row is client-bound for fast targets."""
+    """h3 upload with aioquic's client (bench/h3_upload.py, separate process), a second client
+    beside oha (whose h3 uploads of 1 MB and more Caddy 2.6 reset; Caddy 2.11.9 takes them).
+    The Python client tops out near 7 MiB/s here, so this row is client-bound for fast
+    targets."""
     port = t.urls["h3"].rsplit(":", 1)[1]
     r = subprocess.run(
         [sys.executable, "-m", "bench.h3_upload", HOST, port, NAME, str(s.duration)],
@@ -350,15 +402,15 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
         if p not in protos:
             res["_failed"][f"rps_1k/{p}"] = "warmup failed"
     for p in protos:
-        step(f"rps 1k {p}", [f"rps_1k/{p}"], rps_1k, oha, t, p, s)
+        step(f"rps 1k {p}", [f"rps_1k/{p}", f"cpu_1k/{p}"], rps_1k, oha, t, p, s)
     for p in protos:
         if p in s.lat_protos or t.kind == "direct":
             step(f"latency {p}", [f"lat_p50/{p}", f"lat_p99/{p}"], latency, oha, t, p, s)
     if full:
         for p in protos:
             if p in s.big_protos or t.kind == "direct":
-                step(f"download {p}", [f"dl_10m/{p}"], download, oha, t, p, s)
-                step(f"upload {p}", [f"ul_10m/{p}"], upload, oha, t, p, s)
+                step(f"download {p}", [f"dl_10m/{p}", f"cpu_dl_10m/{p}"], download, oha, t, p, s)
+                step(f"upload {p}", [f"ul_10m/{p}", f"cpu_ul_10m/{p}"], upload, oha, t, p, s)
         if "h3" in protos:
             if s.aioquic_upload:
                 step("upload h3 aq", ["ul_10m_aq/h3"], upload_aioquic, t, s)

@@ -54,8 +54,8 @@ async def test_rebinding_client_is_handed_to_the_worker_that_owns_its_connection
                     break
             resp = await asyncio.wait_for(download, 60)
             after = await client.request("GET", "/after-moves")
+            owners = [len(p._quic.connections) for p in proxies]  # while it is open
         handed = [p._quic.stats["handed_over"] for p in proxies]
-        owners = [len(p._quic.connections) for p in proxies]
     finally:
         for proxy in proxies:
             await proxy.stop(grace=1)

@@ -53,6 +53,8 @@ class H3Conn:
         self.cids: set[bytes] = set()
         "Connection IDs that route datagrams to this connection."
         self.address = addr
+        self.source: tuple[int, int, bytes] | None = None
+        "Where the client's latest datagram was addressed: answers leave from there."
         self.client = plain_addr(addr)
         self.handshaking = True
         self.received_bytes = 0

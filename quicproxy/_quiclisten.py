@@ -50,7 +50,7 @@ from ._quic import (
     version_negotiation,
 )
 from ._sockets import bind_socket, plain_addr
-from ._udp import DatagramSocket
+from ._udp import DatagramSocket, Source
 
 __all__ = ["QuicListener", "start_quic_listener"]
 
@@ -86,14 +86,20 @@ class Workers:
         return os.path.join(self.folder, f"w{index}.sock")
 
 
-def _pack(addr: Any, data: bytes) -> bytes:
-    return "|".join(map(str, addr)).encode() + b"\n" + data
+def _pack(addr: Any, source: Source, data: bytes) -> bytes:
+    """A handed-over datagram: the client's address and where it wrote to, then the bytes."""
+    where = f"{source[0]}|{source[1]}|{source[2].hex()}" if source else ""
+    return f"{'|'.join(map(str, addr))}\n{where}\n".encode() + data
 
 
-def _unpack(message: bytes) -> tuple[Any, bytes]:
-    head, _, data = message.partition(b"\n")
+def _unpack(message: bytes) -> tuple[Any, Source, bytes]:
+    head, where, data = message.split(b"\n", 2)
     host, *rest = head.decode().split("|")
-    return (host, *map(int, rest)), data
+    source: Source = None
+    if where:
+        level, kind, raw = where.decode().split("|")
+        source = (int(level), int(kind), bytes.fromhex(raw))
+    return (host, *map(int, rest)), source, data
 
 
 class QuicListener:
@@ -163,13 +169,13 @@ class QuicListener:
             except OSError:
                 break
             try:
-                addr, data = _unpack(message)
+                addr, source, data = _unpack(message)
             except ValueError:
                 continue
-            self.datagram_received(data, addr, handed=True)
+            self.datagram_received(data, addr, source, handed=True)
         self.flush()
 
-    def _hand_over(self, header: Header, data: bytes, addr: Any) -> bool:
+    def _hand_over(self, header: Header, data: bytes, addr: Any, source: Source) -> bool:
         """Send a datagram to the worker whose connection ID it carries; False if ours."""
         workers = self.workers
         if workers is None or self._handover is None or len(header.dcid) != self._cid_length:
@@ -180,30 +186,33 @@ class QuicListener:
         if header.long and header.initial and not header.token:
             return False  # a new client's first Initial: any worker may take it
         with contextlib.suppress(OSError):
-            self._handover.sendto(_pack(addr, data), workers.path(target))
+            self._handover.sendto(_pack(addr, source, data), workers.path(target))
             self.stats["handed_over"] += 1
         return True
 
     # ------------------------------------------------------------------ input
 
-    def datagram_received(self, data: bytes, addr: Any, handed: bool = False) -> None:
+    def datagram_received(
+        self, data: bytes, addr: Any, source: Source = None, handed: bool = False
+    ) -> None:
         header = parse_header(data, self._cid_length)
         if header is None:
             return
         conn = self.by_cid.get(header.dcid)
         if conn is not None:
+            conn.source = source
             self._receive(conn, data, addr)
             return
-        if not handed and self._hand_over(header, data, addr):
+        if not handed and self._hand_over(header, data, addr, source):
             return
         if not header.long or header.negotiation:
             return  # unknown short-header packet, or a Version Negotiation: no answer
         if header.version not in self._versions:
             if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
-                self._send([(version_negotiation(header, self._versions), addr)])
+                self._send([(version_negotiation(header, self._versions), addr)], source)
             return
         if header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining:
-            self._new_connection(header, data, addr)
+            self._new_connection(header, data, addr, source)
 
     def _receive(self, conn: H3Conn, data: bytes, addr: Any) -> None:
         try:
@@ -233,7 +242,7 @@ class QuicListener:
         self._budget -= 1
         return True
 
-    def _new_connection(self, header: Header, data: bytes, addr: Any) -> None:
+    def _new_connection(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
         q = self.cfg
         if not self._examine_budget():
             self.stats["shed"] += 1
@@ -250,7 +259,7 @@ class QuicListener:
             if q.retry or self.handshakes >= q.retry_above:
                 self.stats["retry"] += 1
                 _safe(metrics.retry_sent.inc)
-                self._send([(self.retry.retry_packet(header, addr, now), addr)])
+                self._send([(self.retry.retry_packet(header, addr, now), addr)], source)
                 return
         if len(self.connections) >= q.max_connections:
             return self._refuse("connections")
@@ -274,6 +283,7 @@ class QuicListener:
             session_ticket_handler=tickets.store if tickets else None,
         )
         conn = H3Conn(quic, self, self.handler, addr)
+        conn.source = source
         self.connections.add(conn)
         _safe(lambda: metrics.active_connections.labels("h3").inc())
         self.handshakes += 1
@@ -338,20 +348,19 @@ class QuicListener:
             return
         dirty, self._dirty = self._dirty, set()
         now = self.loop.time()
-        out: list[tuple[bytes, Any]] = []
         for conn in dirty:
             if conn.closed:
                 continue
-            out.extend(conn.quic.datagrams_to_send(now=now))
+            out = conn.quic.datagrams_to_send(now=now)
+            if out:
+                self._send(out, conn.source)
             self._arm(conn)
-        if out:
-            self._send(out)
 
     def flush_one(self, conn: H3Conn) -> None:
         """Send one connection's queued datagrams now (before it closes)."""
         self._dirty.discard(conn)
         if not conn.closed:
-            self._send(conn.quic.datagrams_to_send(now=self.loop.time()))
+            self._send(conn.quic.datagrams_to_send(now=self.loop.time()), conn.source)
 
     def _arm(self, conn: H3Conn) -> None:
         at = conn.quic.get_timer()
@@ -373,9 +382,9 @@ class QuicListener:
             return
         self.dirty(conn)
 
-    def _send(self, datagrams: list[tuple[bytes, Any]]) -> None:
+    def _send(self, datagrams: list[tuple[bytes, Any]], source: Source = None) -> None:
         if self.socket is not None:
-            self.socket.send(datagrams)
+            self.socket.send(datagrams, source)
 
     # ------------------------------------------------------------------ life cycle
 

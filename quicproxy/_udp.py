@@ -9,6 +9,12 @@ Writing: consecutive datagrams to the same address are sent as one
 kernel cuts the buffer into datagrams of the segment size. Where the kernel
 or the path refuses GSO, datagrams go one ``sendto`` each. A full send buffer
 drops the datagram: QUIC recovers it like any other loss.
+
+Source address: a socket bound to every address (``::`` / ``0.0.0.0``) asks the
+kernel for each datagram's destination address (``IPV6_PKTINFO`` / ``IP_PKTINFO``)
+and sends the answers from that same address. Without it, a multi-homed host
+(a DaemonSet pod on the node's network) answers from whichever address the
+route picks, and the client drops those packets.
 """
 
 from __future__ import annotations
@@ -32,6 +38,23 @@ _MAX_SEGMENTS = 64
 _MAX_GSO_BYTES = 65000
 _READ_BATCH = 64
 _MAX_DATAGRAM = 65535
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+_IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+_ANCILLARY = 256
+
+Source = tuple[int, int, bytes] | None
+"The ancillary item that makes a datagram leave from the address it came to."
+
+
+def _source_of(ancillary: list[tuple[int, int, bytes]]) -> Source:
+    """The destination address a datagram came to, as the item to send answers with."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(data) >= 16:
+            return (level, kind, data[:16] + b"\0\0\0\0")  # in6_pktinfo, any interface
+        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= 12:
+            return (level, kind, b"\0\0\0\0" + data[8:12] + b"\0\0\0\0")  # spec_dst
+    return None
 
 
 class DatagramSocket:
@@ -40,7 +63,7 @@ class DatagramSocket:
     def __init__(
         self,
         sock: socket.socket,
-        on_datagram: Callable[[bytes, Any], None],
+        on_datagram: Callable[[bytes, Any, Source], None],
         on_batch_end: Callable[[], None],
         gso: bool = True,
     ) -> None:
@@ -55,7 +78,21 @@ class DatagramSocket:
         self.sent_datagrams = 0
         self.dropped = 0
         "Datagrams dropped because the send buffer was full."
+        self.pktinfo = self._ask_destination()
+        "True when answers are sent from the address each datagram came to."
         self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _ask_destination(self) -> bool:
+        if self.sock.getsockname()[0] not in ("::", "0.0.0.0"):
+            return False  # bound to one address: answers leave from it anyway
+        try:
+            if self.sock.family == socket.AF_INET6:  # IPv4 too, as mapped addresses
+                self.sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+            else:
+                self.sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        except OSError:
+            return False
+        return True
 
     @property
     def address(self) -> Any:
@@ -72,10 +109,15 @@ class DatagramSocket:
     # ------------------------------------------------------------------ input
 
     def _readable(self) -> None:
-        recv = self.sock.recvfrom
+        pktinfo = self.pktinfo
         for _ in range(_READ_BATCH):
             try:
-                data, addr = recv(_MAX_DATAGRAM)
+                if pktinfo:
+                    data, ancillary, _flags, addr = self.sock.recvmsg(_MAX_DATAGRAM, _ANCILLARY)
+                    source = _source_of(ancillary)
+                else:
+                    data, addr = self.sock.recvfrom(_MAX_DATAGRAM)
+                    source = None
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:  # e.g. ICMP errors reported on the socket
@@ -83,13 +125,14 @@ class DatagramSocket:
                     continue
                 log.warning("UDP receive failed: %s", exc.strerror)
                 break
-            self._on_datagram(data, addr)
+            self._on_datagram(data, addr, source)
         self._on_batch_end()
 
     # ------------------------------------------------------------------ output
 
-    def send(self, datagrams: Iterable[tuple[bytes, Any]]) -> None:
-        """Send datagrams in order, batching runs to one address through GSO."""
+    def send(self, datagrams: Iterable[tuple[bytes, Any]], source: Source = None) -> None:
+        """Send datagrams in order, batching runs to one address through GSO, from the
+        address ``source`` names (the one the peer wrote to) when given."""
         if self._closed:
             return
         run: list[bytes] = []
@@ -102,19 +145,21 @@ class DatagramSocket:
                 or len(run) >= _MAX_SEGMENTS
                 or (len(run) + 1) * len(run[0]) > _MAX_GSO_BYTES
             ):
-                self._send_run(run, run_addr)
+                self._send_run(run, run_addr, source)
                 run = []
             run.append(data)
             run_addr = addr
         if run:
-            self._send_run(run, run_addr)
+            self._send_run(run, run_addr, source)
 
-    def _send_run(self, run: list[bytes], addr: Any) -> None:
+    def _send_run(self, run: list[bytes], addr: Any, source: Source) -> None:
         self.sent_datagrams += len(run)
+        extra = [source] if source is not None else []
         if len(run) > 1 and self.gso:
             segment = struct.pack("=H", len(run[0]))
+            ancillary = [(_SOL_UDP, _UDP_SEGMENT, segment), *extra]
             try:
-                self.sock.sendmsg([b"".join(run)], [(_SOL_UDP, _UDP_SEGMENT, segment)], 0, addr)
+                self.sock.sendmsg([b"".join(run)], ancillary, 0, addr)
                 self.sent_calls += 1
                 return
             except (BlockingIOError, InterruptedError):
@@ -125,7 +170,10 @@ class DatagramSocket:
                 self.gso = False
         for data in run:
             try:
-                self.sock.sendto(data, addr)
+                if extra:
+                    self.sock.sendmsg([data], extra, 0, addr)
+                else:
+                    self.sock.sendto(data, addr)
                 self.sent_calls += 1
             except (BlockingIOError, InterruptedError):
                 self.dropped += 1

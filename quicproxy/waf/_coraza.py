@@ -7,24 +7,20 @@ GIL), so the event loop never evaluates rules and every core is used.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import ctypes
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 from .._config import WafConfig
 from .._errors import ConfigError
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
-from ._pooled import PooledWaf
+from ._pooled import PooledTransaction, PooledWaf
 from ._rules import base_directives, removal_directives, settings_directives
 from ._types import WafDecision, WafRequest, WafUnavailable
 
 __all__ = ["CorazaEngine", "CorazaTransaction", "CorazaWaf", "coraza_directives"]
 
-T = TypeVar("T")
 
 RAW_BODY_RULE = 99007
 "Our rule that hands unclaimed bodies to the raw processor (ModSecurity's local id range)."
@@ -108,27 +104,26 @@ class CorazaEngine:
             self.handle = None
 
 
-class CorazaTransaction:
+class CorazaTransaction(PooledTransaction):
     """One request through Coraza (implements ``WafTransaction``).
 
     Body chunks are kept here and handed over with the body phase in one pool call.
     """
 
+    _engine: CorazaEngine
+
     def __init__(self, engine: CorazaEngine, request: WafRequest) -> None:
-        self._engine = engine
-        self._request = request
+        super().__init__(engine, request)
         self._handle = 0
-        self._blocked: int | None = None
         self._matches: list[Match] = []
         self._body = bytearray()
-        self._started = False
-        self._finished = False
-        self._closed = False
-        self._pending: concurrent.futures.Future[Any] | None = None
 
-    async def _run(self, func: Callable[[], T]) -> T:
-        self._pending = self._engine.executor.submit(func)
-        return await asyncio.wrap_future(self._pending)
+    @property
+    def _open(self) -> bool:
+        return bool(self._handle)
+
+    def _take(self, data: bytes) -> None:
+        self._body += data
 
     # -- work done in the pool ---------------------------------------------------------
 
@@ -166,12 +161,6 @@ class CorazaTransaction:
         )
         self._settle(blocked.value)
 
-    def _start_and_finish(self) -> None:
-        self._start()
-        if self._blocked is None:
-            self._finish_body()
-        self._finished = True
-
     def _finish_body(self) -> None:
         lib = self._engine.lib
         fed = len(self._body) if self._engine.config.body_access else 0
@@ -183,12 +172,9 @@ class CorazaTransaction:
             if self._blocked is None:
                 self._read_matches()
 
-    def _end(self, previous: concurrent.futures.Future[Any] | None) -> None:
-        if previous is not None:
-            concurrent.futures.wait([previous])
-        if self._handle:
-            self._engine.lib.qpc_tx_close(self._handle)
-            self._handle = 0
+    def _release(self) -> None:
+        self._engine.lib.qpc_tx_close(self._handle)
+        self._handle = 0
 
     def evaluate(self, body: bytes) -> WafDecision:
         """All request phases in the calling thread (the service uses this)."""
@@ -202,38 +188,6 @@ class CorazaTransaction:
 
     def _decision(self) -> WafDecision:
         return decide(self._matches, self._blocked)
-
-    async def headers(self) -> WafDecision | None:
-        self._started = True
-        if self._request.has_body:
-            await self._run(self._start)
-        else:  # nothing to wait for: every phase in one pool call
-            await self._run(self._start_and_finish)
-        return None if self._blocked is None else self._decision()
-
-    async def body_chunk(self, data: bytes) -> None:
-        if not self._started:
-            await self.headers()
-        if self._blocked is None:
-            self._body += data
-
-    async def finish(self) -> WafDecision:
-        if not self._started:
-            await self.headers()
-        if self._blocked is None and self._handle and not self._finished:
-            await self._run(self._finish_body)
-        return self._decision()
-
-    async def close(self) -> None:
-        """Queue the logging phase and release in the pool, after any call still running."""
-        if self._closed:
-            return
-        self._closed = True
-        self._body.clear()
-        try:
-            self._engine.executor.submit(self._end, self._pending)
-        except RuntimeError:  # engine already closed
-            pass
 
 
 class CorazaWaf(PooledWaf):

@@ -7,27 +7,23 @@ evaluation and transactions are evaluated in parallel across cores.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import ctypes
 import itertools
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from .._config import WafConfig
 from .._errors import ConfigError
 from ._binding import Intervention, LogCallback, ModSecLib, load_library, text_at
 from ._matches import make_decision
-from ._pooled import PooledWaf
+from ._pooled import PooledTransaction, PooledWaf
 from ._rules import INSTALL_HINT, CrsLayout, RuleSource, find_crs, rule_sources
 from ._types import WafDecision, WafRequest
 
 __all__ = ["Engine", "InlineWaf", "InlineTransaction", "engine_version"]
 
-T = TypeVar("T")
 
 MODSECURITY_LIBRARY = "libmodsecurity.so.3"
 "Soname loaded when waf.library is unset."
@@ -207,25 +203,26 @@ class Engine:
             self._runtime.release()
 
 
-class InlineTransaction:
+class InlineTransaction(PooledTransaction):
     """One request through the inline engine (implements ``WafTransaction``)."""
 
+    _engine: Engine
+
     def __init__(self, engine: Engine, request: WafRequest) -> None:
-        self._engine = engine
-        self._request = request
+        super().__init__(engine, request)
         self._handle: int | None = None
         self._key = 0
         self._lines: list[str] = []
-        self._blocked: int | None = None
-        self._started = False
-        self._finished = False
-        self._closed = False
-        self._pending: concurrent.futures.Future[Any] | None = None
         self._body_access = engine.config.body_access
 
-    async def _run(self, func: Callable[[], T]) -> T:
-        self._pending = self._engine.executor.submit(func)
-        return await asyncio.wrap_future(self._pending)
+    @property
+    def _open(self) -> bool:
+        return self._handle is not None
+
+    def _take(self, data: bytes) -> None:
+        if self._handle is not None and data and self._body_access:
+            # Appending copies into ModSecurity's buffer: cheap, done on the loop.
+            self._append(data)
 
     # -- work done in the pool ---------------------------------------------------------
 
@@ -254,12 +251,6 @@ class InlineTransaction:
             lib.msc_process_request_headers(handle)
             self._blocked = engine.intervention(handle, self._lines)
 
-    def _start_and_finish(self) -> None:
-        self._start()
-        if self._blocked is None:
-            self._finish_body()
-        self._finished = True
-
     def _finish_body(self) -> None:
         assert self._handle is not None
         self._engine.lib.msc_process_request_body(self._handle)
@@ -269,12 +260,10 @@ class InlineTransaction:
         assert self._handle is not None
         self._engine.lib.msc_append_request_body(self._handle, data, len(data))
 
-    def _end(self, previous: concurrent.futures.Future[Any] | None) -> None:
-        if previous is not None:
-            concurrent.futures.wait([previous])
-        if self._handle is not None:
-            self._engine.end_transaction(self._handle, self._key)
-            self._handle = None
+    def _release(self) -> None:
+        assert self._handle is not None
+        self._engine.end_transaction(self._handle, self._key)
+        self._handle = None
 
     def evaluate(self, body: bytes) -> WafDecision:
         """All request phases in the calling thread (the service uses this)."""
@@ -289,42 +278,6 @@ class InlineTransaction:
 
     def _decision(self) -> WafDecision:
         return make_decision(self._lines, self._blocked)
-
-    async def headers(self) -> WafDecision | None:
-        self._started = True
-        if self._request.has_body:
-            await self._run(self._start)
-        else:  # nothing to wait for: every phase in one pool call
-            await self._run(self._start_and_finish)
-        return None if self._blocked is None else self._decision()
-
-    async def body_chunk(self, data: bytes) -> None:
-        if not self._started:
-            await self.headers()
-        if self._blocked is None and self._handle is not None and data and self._body_access:
-            # Appending copies into ModSecurity's buffer: cheap, done on the loop.
-            self._append(data)
-
-    async def finish(self) -> WafDecision:
-        if not self._started:
-            await self.headers()
-        if self._blocked is None and self._handle is not None and not self._finished:
-            await self._run(self._finish_body)
-        return self._decision()
-
-    async def close(self) -> None:
-        """Queue the logging phase and cleanup in the pool; the caller does not wait.
-
-        The queued job first waits for any call still running (e.g. after a
-        cancelled ``finish()``), so the C transaction is never freed under it.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._engine.executor.submit(self._end, self._pending)
-        except RuntimeError:  # engine already closed: nothing left to release into
-            pass
 
 
 class InlineWaf(PooledWaf):

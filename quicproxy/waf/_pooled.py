@@ -3,11 +3,105 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import concurrent.futures
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ._types import WafDecision, WafRequest
 
-__all__ = ["PooledWaf"]
+__all__ = ["PooledWaf", "PooledTransaction"]
+
+T = TypeVar("T")
+
+
+class PooledTransaction:
+    """The life of one transaction whose engine calls run in the engine's pool
+    (implements ``WafTransaction``). Subclasses supply the engine calls:
+    ``_start`` (connection, URI, headers), ``_take`` (a body chunk, on the loop),
+    ``_finish_body``, ``_decision``, ``_release`` and ``_open``."""
+
+    def __init__(self, engine: Any, request: WafRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._blocked: int | None = None
+        self._started = False
+        self._finished = False
+        self._closed = False
+        self._pending: concurrent.futures.Future[Any] | None = None
+
+    # -- engine calls, by the subclass -------------------------------------------------
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _take(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _finish_body(self) -> None:
+        raise NotImplementedError
+
+    def _decision(self) -> WafDecision:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def _open(self) -> bool:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------
+
+    async def _run(self, func: Callable[[], T]) -> T:
+        self._pending = self._engine.executor.submit(func)
+        return await asyncio.wrap_future(self._pending)
+
+    def _start_and_finish(self) -> None:
+        self._start()
+        if self._blocked is None:
+            self._finish_body()
+        self._finished = True
+
+    def _end(self, previous: concurrent.futures.Future[Any] | None) -> None:
+        if previous is not None:
+            concurrent.futures.wait([previous])
+        if self._open:
+            self._release()
+
+    async def headers(self) -> WafDecision | None:
+        self._started = True
+        if self._request.has_body:
+            await self._run(self._start)
+        else:  # nothing to wait for: every phase in one pool call
+            await self._run(self._start_and_finish)
+        return None if self._blocked is None else self._decision()
+
+    async def body_chunk(self, data: bytes) -> None:
+        if not self._started:
+            await self.headers()
+        if self._blocked is None:
+            self._take(data)
+
+    async def finish(self) -> WafDecision:
+        if not self._started:
+            await self.headers()
+        if self._blocked is None and self._open and not self._finished:
+            await self._run(self._finish_body)
+        return self._decision()
+
+    async def close(self) -> None:
+        """Queue the logging phase and the release in the pool; the caller does not wait.
+
+        The queued job first waits for any call still running (e.g. after a
+        cancelled ``finish()``), so the engine's transaction is never freed under it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._engine.executor.submit(self._end, self._pending)
+        except RuntimeError:  # engine already closed: nothing left to release into
+            pass
 
 
 class PooledWaf:

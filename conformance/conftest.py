@@ -154,5 +154,33 @@ def image(provider: Provider, request: pytest.FixtureRequest) -> str:
     return ref
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run each profile's checks together, in definition order (install first, uninstall
+    last).  Checks are generated only for the profiles they apply to, so their module-scoped
+    parameter indices differ, and pytest groups by index.  A check whose every selected
+    profile was filtered out (--profile subset) is dropped, not skipped as an empty set."""
+    mine = [
+        i
+        for i in items
+        if getattr(i, "module", None)
+        and i.module.__name__.endswith("test_profiles")
+        and isinstance(i, pytest.Function)
+    ]
+    if not mine:
+        return
+    order = {p.name: n for n, p in enumerate(mine[0].module.PROFILES)}
+    empty = [i for i in mine if getattr(i.callspec.params.get("profile"), "files", None) is None]
+    if empty:
+        config.hook.pytest_deselected(items=empty)
+    keep = [i for i in mine if i not in empty]
+    keep.sort(
+        key=lambda i: (order[i.callspec.params["profile"].name], i.function.__code__.co_firstlineno)
+    )
+    first = items.index(mine[0])
+    rest = [i for i in items if i not in mine]
+    items[:] = rest[:first] + keep + rest[first:]
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"conformance: cluster provider {config.getoption('--cluster')!r}"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,9 +184,20 @@ def selected_profiles(config: pytest.Config) -> list[Profile]:
     return [p for p in PROFILES if not wanted or p.name in wanted]
 
 
+def applies(cond: Callable[[Profile], bool]) -> Callable[[Any], Any]:
+    """Generate the check only for the profiles cond() accepts (no test that only skips)."""
+
+    def mark(fn: Any) -> Any:
+        fn.applies = cond
+        return fn
+
+    return mark
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "profile" in metafunc.fixturenames:
-        profs = selected_profiles(metafunc.config)
+        cond = getattr(metafunc.function, "applies", lambda p: True)
+        profs = [p for p in selected_profiles(metafunc.config) if cond(p)]
         metafunc.parametrize("profile", profs, ids=[p.name for p in profs], scope="module")
 
 
@@ -442,13 +453,13 @@ def test_objects_match_mode(release: Release) -> None:
             )
 
 
+@applies(lambda p: p.host_ports is not None)
 def test_host_ports(release: Release) -> None:
     """From outside the pod, each node answers on its host ports: HTTP, HTTPS, and QUIC
     (ALPN h3, HTTP/3 GET); Alt-Svc advertises the reachable port; /_gwhealthz is 200 OK."""
     release.need_rollout()
     prof = release.profile
-    if not prof.host_ports:
-        pytest.skip("profile has no host ports")
+    assert prof.host_ports
     http, https = prof.host_ports
     nodes = [
         n
@@ -486,12 +497,11 @@ def test_host_ports(release: Release) -> None:
         assert r4.status == 200 and BACKEND_MARK.encode() in r4.body, (r4.status, r4.body[:300])
 
 
+@applies(lambda p: p.service)
 def test_service_http3(release: Release) -> None:
     """With a Service, HTTP/3 (and HTTP/1.1, HTTPS) reach the pods through it."""
     release.need_rollout()
     prof = release.profile
-    if not prof.service:
-        pytest.skip("profile has no proxy Service")
     svc = next(
         s
         for s in release.kube.items("services", release.ns, release.label())
@@ -646,13 +656,12 @@ def _ds_pods_by_node(release: Release) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+@applies(lambda p: p.kind == "DaemonSet")
 def test_daemonset_placement(release: Release) -> None:
     """Exactly one proxy pod per selected node; nodes without the selector label or with an
     untolerated taint get none (real node plus kwok fake nodes)."""
     release.need_rollout()
     prof, k = release.profile, release.kube
-    if prof.kind != "DaemonSet":
-        pytest.skip("Deployment mode")
     if release.provider.supports_fake_nodes:
         for name, labels, taints in FAKE_NODES:
             node = {
@@ -713,13 +722,12 @@ def test_daemonset_placement(release: Release) -> None:
         assert ("kwok-plain" in got) == (not (release.merged_values().get("nodeSelector") or {}))
 
 
+@applies(lambda p: p.kind == "DaemonSet")
 def test_daemonset_rolling_update(release: Release) -> None:
     """A rolling update of the DaemonSet never has more than maxUnavailable nodes without a
     Ready proxy pod, and ends with every selected node on the new revision."""
     release.need_rollout()
     prof, k = release.profile, release.kube
-    if prof.kind != "DaemonSet":
-        pytest.skip("Deployment mode")
     try:
         ds = release.workload()
         max_unavail = ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"]

@@ -172,9 +172,10 @@ def privileged_fails() -> bool:
     return bnd & want != want
 
 
-def kind_config() -> str:
+def kind_config(etcd_tag: str = "") -> str:
     """kind cluster config: one node, every host port the profiles use mapped on 127.0.0.1
-    (TCP and UDP, so host-port HTTP/3 is checked through kind's port mapping)."""
+    (TCP and UDP, so host-port HTTP/3 is checked through kind's port mapping); etcd_tag: the
+    etcd image tag a locally built node image carries (kubeadm would ask for its own)."""
     lines = [
         "kind: Cluster",
         "apiVersion: kind.x-k8s.io/v1alpha4",
@@ -187,6 +188,15 @@ def kind_config() -> str:
             f"  - {{containerPort: {port}, hostPort: {port}, protocol: {proto}, "
             'listenAddress: "127.0.0.1"}'
         )
+    if etcd_tag:
+        lines += [
+            "kubeadmConfigPatches:",
+            "- |",
+            "  kind: ClusterConfiguration",
+            "  etcd:",
+            "    local:",
+            f'      imageTag: "{etcd_tag}"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -228,7 +238,7 @@ class KindProvider(Provider):
 
     def up(self, progress: Progress) -> None:
         env = self.tools_env()
-        image = ""
+        image, etcd_tag = "", ""
         if self.registry_less:
             for script in ("install-deps.sh", "build-bins.sh", "install-kind.sh"):
                 run_streamed(["bash", str(CLUSTER_DIR / script)], progress, env)
@@ -236,12 +246,25 @@ class KindProvider(Provider):
             image = run_streamed(
                 ["bash", str(CLUSTER_DIR / "kind-node-image.sh")], progress, env
             ).split()[-1]
+            etcd_tag = subprocess.run(
+                [
+                    "docker",
+                    "image",
+                    "inspect",
+                    "-f",
+                    '{{index .Config.Labels "quicproxy.etcd-tag"}}',
+                    image,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
         listing = subprocess.run(
             [self.kind, "get", "clusters"], capture_output=True, text=True, env=env
         ).stdout
         if self.cluster not in listing.split():
             cfg = Path(tempfile.mkdtemp()) / "kind.yaml"
-            cfg.write_text(kind_config())
+            cfg.write_text(kind_config(etcd_tag))
             self.started_here = True
             run_streamed(self.create_cmd(str(cfg), image), progress, env)
         Path(self.kubeconfig).write_text(

@@ -96,3 +96,13 @@ def test_auto_ignores_a_kind_that_is_not_on_path(monkeypatch, tmp_path) -> None:
     assert chosen is None or chosen.name != "kind"
     explicit, why = _cluster.select("kind")
     assert explicit is not None and explicit.name == "kind" and not why
+
+
+def test_kind_config_pins_the_etcd_tag_of_a_locally_built_node_image() -> None:
+    assert "kubeadmConfigPatches" not in _cluster.kind_config()
+    cfg = yaml.safe_load(_cluster.kind_config("3.6.4-0"))
+    (patch,) = cfg["kubeadmConfigPatches"]
+    assert yaml.safe_load(patch) == {
+        "kind": "ClusterConfiguration",
+        "etcd": {"local": {"imageTag": "3.6.4-0"}},
+    }

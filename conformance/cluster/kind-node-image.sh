@@ -19,6 +19,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.4}"     # as build-bins.sh
+ETCD_TAG="${ETCD_VERSION#v}-0"
 CACHE="${QUICPROXY_CACHE:-/var/cache/quicproxy-conformance}"
 BIN="$CACHE/bin"
 WORK="$CACHE/kind"
@@ -52,7 +54,10 @@ EOF
 
 component_images() { # docker-archive tars of the control-plane images, named as kubeadm expects
   local list; list="$("$BIN/kubeadm" config images list --kubernetes-version "$K8S_VERSION")"
-  log "kubeadm expects: $(echo $list)"
+  # etcd is the version build-bins.sh builds, not kubeadm's default tag: the kind config
+  # sets etcd.local.imageTag to the image's quicproxy.etcd-tag label (KindProvider does)
+  list="$(echo "$list" | sed "s#/etcd:.*#/etcd:$ETCD_TAG#")"
+  log "control-plane images: $(echo $list)"
   local img name tar
   for img in $list; do
     name="${img##*/}"; name="${name%%:*}"
@@ -134,7 +139,7 @@ if [ "${1:-}" = rootfs ]; then rootfs; exit 0; fi   # the rootfs alone (needs no
 for b in kubeadm kubelet kubectl kube-apiserver kube-controller-manager kube-scheduler kube-proxy etcd coredns; do
   [ -x "$BIN/$b" ] || { log "$BIN/$b missing: run $HERE/build-bins.sh first"; exit 1; }
 done
-stamp="$K8S_VERSION $(cat "$HERE"/kind-node/* "$0" | sha256sum | cut -c1-12) $(sha256sum "$BIN/kubeadm" | cut -c1-12)"
+stamp="$K8S_VERSION $(cat "$HERE"/kind-node/* "$0" "$HERE/../image/ocitar.py" | sha256sum | cut -c1-12) $(sha256sum "$BIN/kubeadm" | cut -c1-12)"
 if docker image inspect "$REF" >/dev/null 2>&1 \
    && [ "$(docker image inspect -f '{{ index .Config.Labels "quicproxy.stamp" }}' "$REF")" = "$stamp" ]; then
   log "$REF up to date"; echo "$REF"; exit 0
@@ -144,7 +149,8 @@ images="$(component_images)"
 ctx="$(mktemp -d "$WORK/ctx.XXXX")"
 write_context "$ctx" $images
 log "docker build $REF"
-DOCKER_BUILDKIT=0 docker build -q --label "quicproxy.stamp=$stamp" -t "$REF" "$ctx" >/dev/null
+DOCKER_BUILDKIT=0 docker build -q --label "quicproxy.stamp=$stamp" --label "quicproxy.etcd-tag=$ETCD_TAG" \
+  -t "$REF" "$ctx" >/dev/null
 rm -rf "$ctx"
 log "node image $REF ready in $((SECONDS - t0))s ($(docker image inspect -f '{{.Size}}' "$REF" | awk '{printf "%d MB", $1/1e6}'))"
 echo "$REF"

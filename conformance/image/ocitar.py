@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 
@@ -25,6 +26,7 @@ def build(
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as t:
         for src, dest in files:
+            src = os.path.realpath(src)  # a symlinked binary goes in as the file itself
             info = t.gettarinfo(src, arcname=dest.lstrip("/"))
             info.uid = info.gid = 0
             info.uname = info.gname = ""

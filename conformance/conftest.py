@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ._cluster import IMAGE_DIR, Provider, run_streamed, select
-from ._kube import Kube
+from ._kube import Kube, KubeCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 _config: pytest.Config | None = None
@@ -53,6 +53,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cluster provider: local, kind, k3d, existing, auto (env QUICPROXY_CLUSTER)",
     )
     g.addoption(
+        "--kube-config",
+        "--kubeconfig",
+        dest="kube_config",
+        default=None,
+        help="kubeconfig of an existing cluster (pytest-helm-charts' option; implies "
+        "--cluster=existing unless another provider is named)",
+    )
+    g.addoption(
         "--profile",
         default=os.environ.get("QUICPROXY_PROFILES", ""),
         help="comma-separated values profiles to run (default all)",
@@ -67,7 +75,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def provider(request: pytest.FixtureRequest) -> Iterator[Provider]:
     name = request.config.getoption("--cluster")
-    prov, why = select(name)
+    kube_config = request.config.getoption("kube_config")
+    if kube_config and name == "auto":
+        name = "existing"
+    prov, why = select(name, kube_config)
     if prov is None and name == "auto":
         if os.environ.get("CI"):  # CI installs what the local provider needs: never skip there
             pytest.fail(f"no usable cluster provider in CI: {why}", pytrace=False)
@@ -100,13 +111,7 @@ def kube(provider: Provider) -> Kube:
     for node in k.items("nodes"):
         if node["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") == "fake":
             continue
-        k.kubectl(
-            "label",
-            "node",
-            node["metadata"]["name"],
-            "node-role.kubernetes.io/edge=true",
-            "--overwrite",
-        )
+        k.label("nodes", node["metadata"]["name"], {"node-role.kubernetes.io/edge": "true"})
     return k
 
 
@@ -180,6 +185,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     first = items.index(mine[0])
     rest = [i for i in items if i not in mine]
     items[:] = rest[:first] + keep + rest[first:]
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(provider: Provider, kube: Kube) -> KubeCluster:
+    """The cluster under test, under the name and shape pytest-helm-charts users know:
+    .kube_config_path, .kube_client (a kubernetes ApiClient), .kubectl(subcmd, ...)."""
+    return KubeCluster(provider.kubeconfig, kube.api)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import yaml
 
 from . import _probe, conftest
 from ._cluster import CACHE, Provider, select
-from ._kube import Kube, node_selected, pod_ready
+from ._kube import BrokenObject, Kube, node_selected, pod_ready, poll_until, rolled_out
 from .conftest import ROOT, progress
 
 CHART = ROOT / "charts" / "quic-proxy-waf"
@@ -211,8 +211,10 @@ class Release:
         registry, _, rest = image.rpartition("/")
         self.repository, _, self.tag = rest.partition(":")
         self.registry = registry
-        self.pull = "IfNotPresent" if provider.name == "existing" else "Never"
+        # existing: whatever the cluster can get; kind: the README steps (kind load, IfNotPresent)
+        self.pull = "IfNotPresent" if provider.name in ("existing", "kind") else "Never"
         self.values: dict[str, Any] = {}
+        self._selector: dict[str, str] = {}
         self.broken = ""  # set when the install did not roll out: later checks fail fast
 
     def need_rollout(self) -> None:
@@ -252,24 +254,17 @@ class Release:
         )
         return items[0]
 
+    def selector(self) -> dict[str, str]:
+        if not self._selector:
+            self._selector = dict(self.workload()["spec"]["selector"]["matchLabels"])
+        return self._selector
+
     def proxy_pods(self) -> list[dict[str, Any]]:
         sel = self.workload()["spec"]["selector"]["matchLabels"]
         return self.kube.items("pods", self.ns, ",".join(f"{k}={v}" for k, v in sel.items()))
 
     def probe_in_cluster(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = self.kube.kubectl(
-            "exec",
-            "-i",
-            "-n",
-            self.ns,
-            "client",
-            "--",
-            "python3",
-            "-",
-            json.dumps(specs),
-            input=PROBE_SRC,
-            timeout=180,
-        )
+        out = self.kube.exec(self.ns, "client", ["python3", "-c", PROBE_SRC, json.dumps(specs)])
         return list(json.loads(out.strip().splitlines()[-1]))
 
     def real_nodes(self) -> list[dict[str, Any]]:
@@ -288,8 +283,7 @@ class Release:
     # ---------------------------------------------------------------- lifecycle
     def prepare(self) -> None:
         k = self.kube
-        k.kubectl("delete", "namespace", self.ns, "--ignore-not-found", "--wait=true", timeout=300)
-        k.kubectl("create", "namespace", self.ns)
+        k.recreate_namespace(self.ns)
         k.apply(
             BACKEND.replace("IMAGE", self.image)
             .replace("PULL", self.pull)
@@ -322,22 +316,11 @@ class Release:
         """Delete the kwok nodes and their pods (no kubelet will ever confirm those pods gone,
         and the pod garbage collector only reaps them after its quarantine)."""
         for n in self.fake_nodes:
-            self.kube.kubectl(
-                "delete", "node", n, "--ignore-not-found", "--wait=false", check=False
-            )
+            self.kube.delete("nodes", n)
         for n in self.fake_nodes:
-            for p in self.kube.get("pods", "-A", "--field-selector", f"spec.nodeName={n}")["items"]:
-                self.kube.kubectl(
-                    "delete",
-                    "pod",
-                    "-n",
-                    p["metadata"]["namespace"],
-                    p["metadata"]["name"],
-                    "--force",
-                    "--grace-period=0",
-                    "--wait=false",
-                    check=False,
-                )
+            for p in self.kube.items("pods", field_selector=f"spec.nodeName={n}"):
+                m = p["metadata"]
+                self.kube.delete("pods", m["name"], m["namespace"], grace=0)
         self.fake_nodes = []
 
 
@@ -354,7 +337,7 @@ def release(profile: Profile, kube: Kube, provider: Provider, image: str) -> Ite
     yield rel
     rel.delete_fake_nodes()
     rel.uninstall()
-    kube.kubectl("delete", "namespace", rel.ns, "--ignore-not-found", "--wait=false", check=False)
+    kube.delete("namespaces", rel.ns)
     progress(f"[{profile.name}] done ({time.monotonic() - t:.0f}s)")
 
 
@@ -367,15 +350,13 @@ def test_install_and_rollout(release: Release) -> None:
         pytest.fail("helm install failed", pytrace=False)
     try:
         release.kube.wait_rollout(release.ns, timeout=300)
-        release.kube.wait_until(
+        release.kube.watch_until(
             "client pod Ready",
-            lambda: all(
-                pod_ready(p)
-                for p in release.kube.items("pods", release.ns, "app=conformance-client")
-            ),
+            lambda c: pod_ready(c["pods"].get(f"{release.ns}/client", {"metadata": {}})),
+            [("pods", release.ns, "metadata.name=client")],
             timeout=120,
         )
-    except TimeoutError as exc:
+    except (TimeoutError, BrokenObject) as exc:
         pytest.fail(f"{exc}\n{release.kube.describe_failure(release.ns)}")
     pods = release.proxy_pods()
     assert pods and all(pod_ready(p) for p in pods)
@@ -444,11 +425,16 @@ def test_objects_match_mode(release: Release) -> None:
     for pdb in proxy_pdbs + waf_pdbs:  # never blocks every eviction
         st = pdb.get("status", {})
         if st.get("expectedPods", 0) > 0:
-            k.wait_until(
-                f"PDB {pdb['metadata']['name']} allows a disruption",
-                lambda n=pdb["metadata"]["name"]: (
-                    k.get("pdb", n, "-n", release.ns)["status"].get("disruptionsAllowed", 0) >= 1
+            name = pdb["metadata"]["name"]
+            k.watch_until(
+                f"PDB {name} allows a disruption",
+                lambda c, key=f"{release.ns}/{name}": (
+                    (c["poddisruptionbudgets"].get(key, {}).get("status") or {}).get(
+                        "disruptionsAllowed", 0
+                    )
+                    >= 1
                 ),
+                [("poddisruptionbudgets", release.ns, f"metadata.name={name}")],
                 timeout=60,
             )
 
@@ -607,17 +593,10 @@ def _waf_counters(release: Release) -> dict[str, float]:
     assert pods, "no WAF service pods"
     port = str(release.merged_values().get("waf", {}).get("containerPort", 9000))
     for p in pods:
-        out = release.kube.kubectl(
-            "exec",
-            "-n",
+        out = release.kube.exec(
             release.ns,
             p["metadata"]["name"],
-            "--",
-            "env",
-            f"WAF_PORT={port}",
-            "python3",
-            "-c",
-            WAF_METRICS,
+            ["env", f"WAF_PORT={port}", "python3", "-c", WAF_METRICS],
         )
         for line in out.splitlines():
             name, _, value = line.partition(" ")
@@ -649,10 +628,18 @@ def _expected_nodes(release: Release) -> set[str]:
     }
 
 
-def _ds_pods_by_node(release: Release) -> dict[str, list[dict[str, Any]]]:
+def _ds_pods_by_node(
+    release: Release, pods: Iterable[dict[str, Any]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
+    """Proxy pods per node name; from the given pods (a watch cache) or the API."""
+    sel = release.selector() if pods is not None else {}
+    if pods is None:
+        pods = release.proxy_pods()
     out: dict[str, list[dict[str, Any]]] = {}
-    for p in release.proxy_pods():
-        out.setdefault(p["spec"].get("nodeName") or "<unscheduled>", []).append(p)
+    for p in pods:
+        labels = p["metadata"].get("labels") or {}
+        if all(labels.get(k) == v for k, v in sel.items()):
+            out.setdefault(p["spec"].get("nodeName") or "<unscheduled>", []).append(p)
     return out
 
 
@@ -689,28 +676,29 @@ def test_daemonset_placement(release: Release) -> None:
             }
             k.apply(json.dumps(node))
             release.fake_nodes.append(name)
-        k.wait_until(
+        k.watch_until(
             "kwok nodes Ready",
-            lambda: all(
+            lambda c: all(
                 any(
-                    c["type"] == "Ready" and c["status"] == "True"
-                    for c in k.get("node", n)["status"].get("conditions", [])
+                    x["type"] == "Ready" and x["status"] == "True"
+                    for x in (c["nodes"].get(f"/{n}", {}).get("status") or {}).get("conditions", [])
                 )
                 for n in release.fake_nodes
             ),
+            [("nodes", None, None)],
             timeout=60,
         )
     expected = _expected_nodes(release)
     progress(f"[{prof.name}] placement: expecting proxy pods on {sorted(expected)}")
 
-    def placed() -> bool:
-        by_node = _ds_pods_by_node(release)
+    def placed(c: dict[str, dict[str, dict[str, Any]]]) -> bool:
+        by_node = _ds_pods_by_node(release, c["pods"].values())
         return set(by_node) == expected and all(
             len(v) == 1 and pod_ready(v[0]) for v in by_node.values()
         )
 
     try:
-        k.wait_until("DaemonSet placement", placed, timeout=120)
+        k.watch_until("DaemonSet placement", placed, [("pods", release.ns, None)], timeout=120)
     except TimeoutError:
         by_node = {
             n: [p["metadata"]["name"] for p in v] for n, v in _ds_pods_by_node(release).items()
@@ -741,36 +729,66 @@ def test_daemonset_rolling_update(release: Release) -> None:
             f"[{prof.name}] rolling update over {len(expected)} node(s), "
             f"maxUnavailable={max_unavail}"
         )
-        k.kubectl("rollout", "restart", f"daemonset/{ds['metadata']['name']}", "-n", release.ns)
-        worst, deadline = 0, time.monotonic() + 300
-        while True:
-            d = k.get("daemonset", ds["metadata"]["name"], "-n", release.ns)
-            st = d.get("status", {})
-            by_node = _ds_pods_by_node(release)
+        name = ds["metadata"]["name"]
+        worst = 0
+
+        def step(c: dict[str, dict[str, dict[str, Any]]]) -> bool:
+            """Evaluated on every pod and DaemonSet event of the namespace."""
+            nonlocal worst
+            d = c["daemonsets"].get(f"{release.ns}/{name}")
+            if d is None:
+                return False
+            st = d.get("status") or {}
+            by_node = _ds_pods_by_node(release, c["pods"].values())
             ready_nodes = {n for n, ps in by_node.items() if any(pod_ready(p) for p in ps)}
             unavailable = len(expected - ready_nodes)
             worst = max(worst, unavailable, st.get("numberUnavailable", 0))
             assert worst <= max_unavail, (
                 f"{worst} nodes without a Ready proxy (maxUnavailable {max_unavail})"
             )
-            if (
+            return (
                 d["metadata"]["generation"] > old_gen
-                and st.get("observedGeneration", 0) >= d["metadata"]["generation"]
-                and st.get("updatedNumberScheduled", 0) == len(expected)
-                and st.get("numberReady", 0) == len(expected)
+                and rolled_out(d, "DaemonSet")
+                and st.get("desiredNumberScheduled", 0) == len(expected)
                 and unavailable == 0
-            ):
-                break
-            assert time.monotonic() < deadline, f"rolling update did not finish: {st}"
-            time.sleep(0.3)
+            )
+
+        k.watch_until(
+            f"rolling update of {name}",
+            step,
+            [("pods", release.ns, None), ("daemonsets", release.ns, f"metadata.name={name}")],
+            timeout=300,
+            then=lambda: k.restart("daemonsets", name, release.ns),
+        )
         progress(f"[{prof.name}] rolling update done; worst unavailable {worst}")
     finally:
         release.delete_fake_nodes()
 
 
-def test_helm_test(release: Release) -> None:
+# Known product bug, found by running on kind: with hostNetwork the proxy's QUIC socket is
+# bound to 0.0.0.0 and answers from the address the kernel picks for the route back, not the
+# address the datagram came to.  On a node whose pods sit behind a bridge (kind: node IP on
+# eth0, pods on kindbr0) helm test's HTTP/3 GET from a pod to the node IP gets its answer from
+# the bridge address and the client drops it (TCP and HTTP/3 from outside the node work: see
+# test_host_ports).  The local provider's node IP is the bridge address, which hides it.
+# Fix: reply from the datagram's destination address (IP_PKTINFO).  strict: flags the fix.
+HOST_NETWORK_H3_FROM_POD = pytest.mark.xfail(
+    strict=True,
+    reason="QUIC over hostNetwork answers from the route's source address, not the node IP "
+    "the pod sent to (multi-homed node); needs IP_PKTINFO in the QUIC listener",
+)
+
+
+def test_helm_test(release: Release, request: pytest.FixtureRequest) -> None:
     """`helm test` passes."""
     release.need_rollout()
+    values = release.merged_values()
+    if (
+        release.provider.name == "kind"
+        and release.profile.host_ports
+        and (values.get("daemonset") or {}).get("hostNetwork")
+    ):
+        request.applymarker(HOST_NETWORK_H3_FROM_POD)
     progress(f"[{release.profile.name}] helm test")
     r = release.kube.helm("test", release.name, "-n", release.ns, "--timeout", "3m", check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -788,16 +806,22 @@ def test_uninstall_leaves_nothing(release: Release) -> None:
     assert r.returncode == 0, r.stderr
     release.installed = False
     assert release.name not in k.helm("list", "-n", release.ns, "-q").stdout.split()
-    kinds = [
-        x
-        for x in k.kubectl("api-resources", "--verbs=list", "-o", "name").split()
-        if x.split(".")[0] not in ("events", "componentstatuses", "bindings")
-    ]
-    k.wait_until(
-        "release pods gone", lambda: not k.items("pods", release.ns, release.label()), timeout=120
+    k.watch_until(
+        "release pods gone",
+        lambda c: (
+            not [
+                p
+                for p in c["pods"].values()
+                if (p["metadata"].get("labels") or {}).get("app.kubernetes.io/instance")
+                == release.name
+            ]
+        ),
+        [("pods", release.ns, None)],
+        timeout=120,
+        check_pods=False,
     )
-    left = k.kubectl("get", ",".join(kinds), "-A", "-l", release.label(), "-o", "name", check=False)
-    assert not left.strip(), f"left behind after helm uninstall:\n{left}"
+    left = k.labelled_objects(release.label())
+    assert not left, f"left behind after helm uninstall: {left}"
     if release.profile.host_ports:
         addr = release.provider.host_port_address(release.node_ip(release.real_nodes()[0]))
         for port in release.profile.host_ports:
@@ -809,4 +833,4 @@ def test_uninstall_leaves_nothing(release: Release) -> None:
                 except OSError:
                     return True
 
-            k.wait_until(f"host port {port} freed", refused, timeout=60)
+            poll_until(f"host port {port} freed", refused, timeout=60)

@@ -790,8 +790,17 @@ def test_helm_test(release: Release, request: pytest.FixtureRequest) -> None:
     ):
         request.applymarker(HOST_NETWORK_H3_FROM_POD)
     progress(f"[{release.profile.name}] helm test")
-    r = release.kube.helm("test", release.name, "-n", release.ns, "--timeout", "3m", check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    k = release.kube
+    r = k.helm("test", release.name, "-n", release.ns, "--timeout", "3m", check=False)
+    if r.returncode == 0:
+        return
+    # a failed test pod stays (hook-delete-policy hook-succeeded): keep its logs, remove it so
+    # the uninstall check judges the release alone
+    logs = []
+    for p in k.items("pods", release.ns, "app.kubernetes.io/component=test"):
+        logs.append(f"--- {p['metadata']['name']}\n{k.logs(release.ns, p)}")
+        k.delete("pods", p["metadata"]["name"], release.ns, grace=0)
+    pytest.fail(f"helm test failed:\n{r.stderr[-2000:]}\n" + "\n".join(logs), pytrace=False)
 
 
 def test_uninstall_leaves_nothing(release: Release) -> None:

@@ -7,6 +7,8 @@
 Options / environment:
   --cluster / QUICPROXY_CLUSTER       local | kind | k3d | existing | auto (default)
   --profile / QUICPROXY_PROFILES      comma-separated subset of profiles
+  --kube-config / --kubeconfig        an existing cluster (pytest-helm-charts' option; fixture
+                                      kube_cluster has its Cluster shape)
   QUICPROXY_IMAGE                     use this image instead of building one from the tree
   QUICPROXY_BASE_IMAGE                Dockerfile BASE_IMAGE; "debootstrap" builds one locally
                                       (the default for the local provider, which has no registry)

@@ -142,90 +142,155 @@ class LocalProvider(Provider):
         )
 
 
-KIND_CONFIG = """\
-kind: Cluster
-apiVersion: kind.x-k8s.io/v1alpha4
-nodes:
-- role: control-plane
-  extraPortMappings:
-{mappings}
-"""
-
-# Host ports the profiles use: 80/443 (seed, edge example) and 8080/8443 (custom-ports).
-# The edge label (node-role.kubernetes.io/edge) is set by the suite with admin rights: a
-# kubelet may not label itself with node-role.kubernetes.io/*.
+# Host ports the profiles use: 80/443 (seed, edge example) and 8080/8443 (custom-ports),
+# published on 127.0.0.1 only.  The edge label (node-role.kubernetes.io/edge) is set by the
+# suite with admin rights: a kubelet may not label itself with node-role.kubernetes.io/*.
 HOST_PORTS = [(80, "TCP"), (443, "TCP"), (443, "UDP"), (8080, "TCP"), (8443, "TCP"), (8443, "UDP")]
+KIND_VERSION = "v0.33.0"
 
 
-def _docker_tool_missing(tool: str) -> str | None:
+def _docker_tool_missing(tool: str, path: str | None = None) -> str | None:
     """Why a Docker-based cluster tool (kind, k3d) cannot run here, or None."""
-    if not shutil.which(tool):
+    if not (path or shutil.which(tool)):
         return f"{tool} not installed"
     if not _ok(["docker", "info"]):
         return f"{tool} needs a running Docker engine"
     return None
 
 
+def privileged_fails() -> bool:
+    """True when this root lacks a capability Docker's --privileged grants (sandboxes that
+    drop CAP_SYS_RESOURCE): `docker run --privileged` then fails ("unable to apply caps")
+    and kind needs cluster/kind-docker-shim."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        last = min(int(Path("/proc/sys/kernel/cap_last_cap").read_text()), 40)
+    except OSError:
+        return False
+    bnd = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("CapBnd")), 16)
+    want = (1 << (last + 1)) - 1
+    return bnd & want != want
+
+
+def kind_config(etcd_tag: str = "") -> str:
+    """kind cluster config: one node, every host port the profiles use mapped on 127.0.0.1
+    (TCP and UDP, so host-port HTTP/3 is checked through kind's port mapping); etcd_tag: the
+    etcd image tag a locally built node image carries (kubeadm would ask for its own)."""
+    lines = [
+        "kind: Cluster",
+        "apiVersion: kind.x-k8s.io/v1alpha4",
+        "nodes:",
+        "- role: control-plane",
+        "  extraPortMappings:",
+    ]
+    for port, proto in HOST_PORTS:
+        lines.append(
+            f"  - {{containerPort: {port}, hostPort: {port}, protocol: {proto}, "
+            'listenAddress: "127.0.0.1"}'
+        )
+    if etcd_tag:
+        lines += [
+            "kubeadmConfigPatches:",
+            "- |",
+            "  kind: ClusterConfiguration",
+            "  etcd:",
+            "    local:",
+            f'      imageTag: "{etcd_tag}"',
+        ]
+    return "\n".join(lines) + "\n"
+
+
 class KindProvider(Provider):
-    """kind cluster; host ports reach the node through extraPortMappings on 127.0.0.1."""
+    """kind cluster; host ports reach the node through extraPortMappings on 127.0.0.1.
+
+    Node image: QUICPROXY_KIND_NODE_IMAGE, else kind's default (kindest/node, from Docker
+    Hub), or "build" (the default under CI=true, where no registry answers): build one
+    locally with cluster/kind-node-image.sh from the binaries build-bins.sh compiles.  kind
+    itself: PATH, else $QUICPROXY_CACHE/bin/kind (cluster/install-kind.sh puts it there)."""
 
     cluster = os.environ.get("QUICPROXY_KIND_CLUSTER", "quicproxy-conformance")
 
     def __init__(self) -> None:
         super().__init__(name="kind")
         self.kubeconfig = str(Path(tempfile.gettempdir()) / f"{self.cluster}.kubeconfig")
+        default = "build" if os.environ.get("CI") else ""
+        self.node_image = os.environ.get("QUICPROXY_KIND_NODE_IMAGE", default)
+        self.registry_less = self.node_image == "build"
+        self.kind = shutil.which("kind") or str(CACHE / "bin" / "kind")
+        shim = f"{CLUSTER_DIR / 'kind-docker-shim'}:" if privileged_fails() else ""
+        self.env = {"PATH": f"{shim}{CACHE / 'bin'}:{os.environ.get('PATH', '')}"}
 
     def usable(self) -> str | None:
-        return _docker_tool_missing("kind")
+        if self.registry_less:  # up() installs kind (go install), Docker and the node image
+            return None if shutil.which("go") else "building a kind node image needs Go"
+        return _docker_tool_missing("kind", self.kind if Path(self.kind).exists() else None)
+
+    def create_cmd(self, config_path: str, image: str = "") -> list[str]:
+        cmd = [self.kind, "create", "cluster", "--name", self.cluster, "--config", config_path]
+        return cmd + (["--image", image] if image else []) + ["--wait", "180s"]
+
+    def delete_cmd(self) -> list[str]:
+        return [self.kind, "delete", "cluster", "--name", self.cluster]
+
+    def load_cmd(self, ref: str) -> list[str]:
+        """The chart README's step: kind load docker-image REF."""
+        return [self.kind, "load", "docker-image", ref, "--name", self.cluster]
 
     def up(self, progress: Progress) -> None:
-        existing = subprocess.run(
-            ["kind", "get", "clusters"], capture_output=True, text=True
-        ).stdout
-        if self.cluster not in existing.split():
-            cfg = Path(tempfile.mkdtemp()) / "kind.yaml"
-            mappings = "\n".join(
-                f"  - {{containerPort: {p}, hostPort: {p}, protocol: {proto}}}"
-                for p, proto in HOST_PORTS
-            )
-            cfg.write_text(KIND_CONFIG.format(mappings=mappings))
-            run_streamed(
+        env = self.tools_env()
+        image, etcd_tag = "", ""
+        if self.registry_less:
+            for script in ("install-deps.sh", "build-bins.sh", "install-kind.sh"):
+                run_streamed(["bash", str(CLUSTER_DIR / script)], progress, env)
+            run_streamed(["bash", str(CLUSTER_DIR / "ensure-docker.sh")], progress, env)
+            image = run_streamed(
+                ["bash", str(CLUSTER_DIR / "kind-node-image.sh")], progress, env
+            ).split()[-1]
+            etcd_tag = subprocess.run(
                 [
-                    "kind",
-                    "create",
-                    "cluster",
-                    "--name",
-                    self.cluster,
-                    "--config",
-                    str(cfg),
-                    "--wait",
-                    "180s",
+                    "docker",
+                    "image",
+                    "inspect",
+                    "-f",
+                    '{{index .Config.Labels "quicproxy.etcd-tag"}}',
+                    image,
                 ],
-                progress,
-            )
-            self.started_here = True
-        Path(self.kubeconfig).write_text(
-            subprocess.run(
-                ["kind", "get", "kubeconfig", "--name", self.cluster],
                 capture_output=True,
                 text=True,
                 check=True,
+            ).stdout.strip()
+        listing = subprocess.run(
+            [self.kind, "get", "clusters"], capture_output=True, text=True, env=env
+        ).stdout
+        if self.cluster not in listing.split():
+            cfg = Path(tempfile.mkdtemp()) / "kind.yaml"
+            cfg.write_text(kind_config(etcd_tag))
+            self.started_here = True
+            run_streamed(self.create_cmd(str(cfg), image), progress, env)
+        Path(self.kubeconfig).write_text(
+            subprocess.run(
+                [self.kind, "get", "kubeconfig", "--name", self.cluster],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=env,
             ).stdout
         )
 
     def down(self, progress: Progress) -> None:
         if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
-            run_streamed(["kind", "delete", "cluster", "--name", self.cluster], progress)
+            run_streamed(self.delete_cmd(), progress, self.tools_env())
 
     def load_image(self, ref: str, tar: str, progress: Progress) -> None:
-        run_streamed(["kind", "load", "image-archive", tar, "--name", self.cluster], progress)
+        run_streamed(self.load_cmd(ref), progress, self.tools_env())
 
     def host_port_address(self, node_ip: str) -> str:
         return "127.0.0.1"
 
 
 class K3dProvider(Provider):
-    """k3d cluster (servicelb/traefik disabled); host ports mapped like kind."""
+    """k3d cluster (servicelb/traefik disabled); host ports mapped like kind.  Not verified
+    in CI (no k3s image without a registry): its commands are unit-tested."""
 
     cluster = os.environ.get("QUICPROXY_K3D_CLUSTER", "quicproxy-conformance")
 
@@ -236,34 +301,41 @@ class K3dProvider(Provider):
     def usable(self) -> str | None:
         return _docker_tool_missing("k3d")
 
+    def create_cmd(self) -> list[str]:
+        ports = [
+            a
+            for p, proto in HOST_PORTS
+            for a in ("-p", f"127.0.0.1:{p}:{p}/{proto.lower()}@server:0")
+        ]
+        return [
+            "k3d",
+            "cluster",
+            "create",
+            self.cluster,
+            "--wait",
+            "--timeout",
+            "180s",
+            "--k3s-arg",
+            "--disable=traefik@server:0",
+            "--k3s-arg",
+            "--disable=servicelb@server:0",
+            *ports,
+        ]
+
+    def delete_cmd(self) -> list[str]:
+        return ["k3d", "cluster", "delete", self.cluster]
+
+    def load_cmd(self, tar: str) -> list[str]:
+        return ["k3d", "image", "import", tar, "-c", self.cluster]
+
     def up(self, progress: Progress) -> None:
         listing = subprocess.run(
             ["k3d", "cluster", "list", "-o", "json"], capture_output=True, text=True
         )
         names = [c.get("name") for c in json.loads(listing.stdout or "[]")]
         if self.cluster not in names:
-            run_streamed(
-                [
-                    "k3d",
-                    "cluster",
-                    "create",
-                    self.cluster,
-                    "--wait",
-                    "--timeout",
-                    "180s",
-                    "--k3s-arg",
-                    "--disable=traefik@server:0",
-                    "--k3s-arg",
-                    "--disable=servicelb@server:0",
-                    *[
-                        a
-                        for p, proto in HOST_PORTS
-                        for a in ("-p", f"{p}:{p}/{proto.lower()}@server:0")
-                    ],
-                ],
-                progress,
-            )
             self.started_here = True
+            run_streamed(self.create_cmd(), progress)
         Path(self.kubeconfig).write_text(
             subprocess.run(
                 ["k3d", "kubeconfig", "get", self.cluster],
@@ -275,10 +347,10 @@ class K3dProvider(Provider):
 
     def down(self, progress: Progress) -> None:
         if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
-            run_streamed(["k3d", "cluster", "delete", self.cluster], progress)
+            run_streamed(self.delete_cmd(), progress)
 
     def load_image(self, ref: str, tar: str, progress: Progress) -> None:
-        run_streamed(["k3d", "image", "import", tar, "-c", self.cluster], progress)
+        run_streamed(self.load_cmd(tar), progress)
 
     def host_port_address(self, node_ip: str) -> str:
         return "127.0.0.1"
@@ -289,17 +361,16 @@ class ExistingProvider(Provider):
     QUICPROXY_IMAGE_LOAD to a command that loads "{tar}" onto its nodes; QUICPROXY_NODE_ADDRESS
     overrides the address used to reach host ports."""
 
-    def __init__(self) -> None:
+    def __init__(self, kubeconfig: str | None = None) -> None:
         super().__init__(name="existing")
-        self.kubeconfig = os.environ.get("KUBECONFIG", str(Path.home() / ".kube" / "config"))
+        self.kubeconfig = kubeconfig or os.environ.get(
+            "KUBECONFIG", str(Path.home() / ".kube" / "config")
+        )
 
     def usable(self) -> str | None:
-        kubectl = shutil.which("kubectl") or str(CACHE / "bin" / "kubectl")
         if not Path(self.kubeconfig).exists():
-            return "no KUBECONFIG"
-        if not _ok([kubectl, "--kubeconfig", self.kubeconfig, "get", "--raw", "/readyz"]):
-            return f"cluster from {self.kubeconfig} does not answer"
-        return None
+            return f"no kubeconfig at {self.kubeconfig} (--kube-config or KUBECONFIG)"
+        return readyz(self.kubeconfig)
 
     def up(self, progress: Progress) -> None:
         progress(f"using the cluster from {self.kubeconfig}")
@@ -323,13 +394,25 @@ PROVIDERS: dict[str, type[Provider]] = {
 }
 
 
-def select(name: str) -> tuple[Provider | None, str]:
+def readyz(kubeconfig: str) -> str | None:
+    """None when the API server of kubeconfig answers /readyz, else why not."""
+    from kubernetes import config
+
+    try:
+        api = config.new_client_from_config(config_file=kubeconfig)
+        api.call_api("/readyz", "GET", auth_settings=["BearerToken"], _request_timeout=10)
+        return None
+    except Exception as exc:  # noqa: BLE001 - the reason is the answer
+        return f"cluster from {kubeconfig} does not answer /readyz: {str(exc)[:200]}"
+
+
+def select(name: str, kubeconfig: str | None = None) -> tuple[Provider | None, str]:
     """(provider, reason).  For an explicit name the provider is returned even when unusable,
     with the reason; "auto" returns the first usable one or None with the install hint."""
     if name != "auto":
         if name not in PROVIDERS:
             return None, f"unknown cluster provider {name!r}; one of {', '.join(PROVIDERS)}, auto"
-        p = PROVIDERS[name]()
+        p = ExistingProvider(kubeconfig) if name == "existing" else PROVIDERS[name]()
         return p, p.usable() or ""
     reasons = []
     order = (
@@ -338,6 +421,9 @@ def select(name: str) -> tuple[Provider | None, str]:
         else ["kind", "k3d", "local"]
     )
     for n in order:
+        if n == "kind" and not shutil.which("kind"):  # auto: only a kind the user installed
+            reasons.append("kind not installed")
+            continue
         p = PROVIDERS[n]()
         why = p.usable()
         if why is None:

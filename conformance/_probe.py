@@ -1,7 +1,7 @@
 """Probes for the conformance checks: HTTP/1.1 (plain and TLS) and HTTP/3 (aioquic).
 
 Self-contained (stdlib + aioquic) so the same file runs in the test process and, piped
-through `kubectl exec -i POD -- python3 - JSON`, inside a pod of the image under test:
+as `python3 -c SOURCE JSON` exec'd inside a pod of the image under test:
 
     python3 _probe.py '[{"proto": "h3", "host": "10.0.0.1", "port": 443, "path": "/"}]'
 

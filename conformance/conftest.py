@@ -7,6 +7,8 @@
 Options / environment:
   --cluster / QUICPROXY_CLUSTER       local | kind | k3d | existing | auto (default)
   --profile / QUICPROXY_PROFILES      comma-separated subset of profiles
+  --kube-config / --kubeconfig        an existing cluster (pytest-helm-charts' option; fixture
+                                      kube_cluster has its Cluster shape)
   QUICPROXY_IMAGE                     use this image instead of building one from the tree
   QUICPROXY_BASE_IMAGE                Dockerfile BASE_IMAGE; "debootstrap" builds one locally
                                       (the default for the local provider, which has no registry)
@@ -25,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from ._cluster import IMAGE_DIR, Provider, run_streamed, select
-from ._kube import Kube
+from ._kube import Kube, KubeCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 _config: pytest.Config | None = None
@@ -53,6 +55,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cluster provider: local, kind, k3d, existing, auto (env QUICPROXY_CLUSTER)",
     )
     g.addoption(
+        "--kube-config",
+        "--kubeconfig",
+        dest="kube_config",
+        default=None,
+        help="kubeconfig of an existing cluster (pytest-helm-charts' option; implies "
+        "--cluster=existing unless another provider is named)",
+    )
+    g.addoption(
         "--profile",
         default=os.environ.get("QUICPROXY_PROFILES", ""),
         help="comma-separated values profiles to run (default all)",
@@ -67,7 +77,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def provider(request: pytest.FixtureRequest) -> Iterator[Provider]:
     name = request.config.getoption("--cluster")
-    prov, why = select(name)
+    kube_config = request.config.getoption("kube_config")
+    if kube_config and name == "auto":
+        name = "existing"
+    prov, why = select(name, kube_config)
     if prov is None and name == "auto":
         if os.environ.get("CI"):  # CI installs what the local provider needs: never skip there
             pytest.fail(f"no usable cluster provider in CI: {why}", pytrace=False)
@@ -100,13 +113,7 @@ def kube(provider: Provider) -> Kube:
     for node in k.items("nodes"):
         if node["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") == "fake":
             continue
-        k.kubectl(
-            "label",
-            "node",
-            node["metadata"]["name"],
-            "node-role.kubernetes.io/edge=true",
-            "--overwrite",
-        )
+        k.label("nodes", node["metadata"]["name"], {"node-role.kubernetes.io/edge": "true"})
     return k
 
 
@@ -152,6 +159,41 @@ def image(provider: Provider, request: pytest.FixtureRequest) -> str:
     provider.load_image(ref, tar, lambda line: progress("  " + line))
     progress(f"image loaded ({time.monotonic() - t:.0f}s)")
     return ref
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run each profile's checks together, in definition order (install first, uninstall
+    last).  Checks are generated only for the profiles they apply to, so their module-scoped
+    parameter indices differ, and pytest groups by index.  A check whose every selected
+    profile was filtered out (--profile subset) is dropped, not skipped as an empty set."""
+    mine = [
+        i
+        for i in items
+        if getattr(i, "module", None)
+        and i.module.__name__.endswith("test_profiles")
+        and isinstance(i, pytest.Function)
+    ]
+    if not mine:
+        return
+    order = {p.name: n for n, p in enumerate(mine[0].module.PROFILES)}
+    empty = [i for i in mine if getattr(i.callspec.params.get("profile"), "files", None) is None]
+    if empty:
+        config.hook.pytest_deselected(items=empty)
+    keep = [i for i in mine if i not in empty]
+    keep.sort(
+        key=lambda i: (order[i.callspec.params["profile"].name], i.function.__code__.co_firstlineno)
+    )
+    first = items.index(mine[0])
+    rest = [i for i in items if i not in mine]
+    items[:] = rest[:first] + keep + rest[first:]
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(provider: Provider, kube: Kube) -> KubeCluster:
+    """The cluster under test, under the name and shape pytest-helm-charts users know:
+    .kube_config_path, .kube_client (a kubernetes ApiClient), .kubectl(subcmd, ...)."""
+    return KubeCluster(provider.kubeconfig, kube.api)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (or reuse from cache) the binaries the "local" provider needs:
-#   kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl (k8s.io/kubernetes @ K8S_VERSION)
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy, kubectl, kubeadm
+#   (k8s.io/kubernetes @ K8S_VERSION; kubeadm is for the kind node image)
 #   coredns (github.com/coredns/coredns)
 #   etcd (go.etcd.io/etcd/server/v3), kwok (sigs.k8s.io/kwok), helm (helm.sh/helm/v3)
 # Output: $QUICPROXY_CACHE/bin/<name>-<version> plus a symlink <name>.
@@ -29,7 +30,7 @@ have() { [ -x "$BIN/$1-$2" ] && ln -sfn "$1-$2" "$BIN/$1"; }
 
 build_k8s() {
   local missing=()
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl; do
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl kubeadm; do
     have "$b" "$K8S_VERSION" || missing+=("$b")
   done
   [ ${#missing[@]} -eq 0 ] && { log "kubernetes $K8S_VERSION binaries cached"; return; }
@@ -51,7 +52,7 @@ build_k8s() {
       grep -E '^\s*k8s.io/[a-z0-9-]+ => ./staging/' "$upstream" \
         | awk -v v="$minor" '{print "replace " $1 " => " $1 " " v}'
     } > "$mod/go.mod"
-    printf 'package tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager"\n\t_ "k8s.io/kubernetes/cmd/kube-scheduler"\n\t_ "k8s.io/kubernetes/cmd/kubelet"\n\t_ "k8s.io/kubernetes/cmd/kube-proxy"\n\t_ "k8s.io/kubernetes/cmd/kubectl"\n)\n' > "$mod/tools.go"
+    printf 'package tools\n\nimport (\n\t_ "k8s.io/kubernetes/cmd/kube-apiserver"\n\t_ "k8s.io/kubernetes/cmd/kube-controller-manager"\n\t_ "k8s.io/kubernetes/cmd/kube-scheduler"\n\t_ "k8s.io/kubernetes/cmd/kubelet"\n\t_ "k8s.io/kubernetes/cmd/kube-proxy"\n\t_ "k8s.io/kubernetes/cmd/kubectl"\n\t_ "k8s.io/kubernetes/cmd/kubeadm"\n)\n' > "$mod/tools.go"
     sed -i '1i //go:build tools\n' "$mod/tools.go"
     (cd "$mod" && GOFLAGS=-mod=mod go mod tidy -e >/dev/null 2>&1 || true; GOFLAGS=-mod=mod go mod download)
   fi

@@ -12,13 +12,21 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 
-def build(ref: str, out: str, files: list[tuple[str, str]], entrypoint: list[str]) -> None:
+def build(
+    ref: str,
+    out: str,
+    files: list[tuple[str, str]],
+    entrypoint: list[str],
+    user: str = "65535:65535",
+) -> None:
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as t:
         for src, dest in files:
+            src = os.path.realpath(src)  # a symlinked binary goes in as the file itself
             info = t.gettarinfo(src, arcname=dest.lstrip("/"))
             info.uid = info.gid = 0
             info.uname = info.gname = ""
@@ -30,7 +38,11 @@ def build(ref: str, out: str, files: list[tuple[str, str]], entrypoint: list[str
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Entrypoint": entrypoint, "User": "65535:65535"},
+        "config": {
+            "Entrypoint": entrypoint,
+            "User": user,
+            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+        },
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created_by": "quicproxy conformance ocitar.py"}],
     }
@@ -54,9 +66,10 @@ def main() -> None:
     ap.add_argument("--ref", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--entrypoint", action="append", default=[])
+    ap.add_argument("--user", default="65535:65535", help="uid:gid the image runs as")
     ap.add_argument("files", nargs="+", help="SRC:DEST")
     a = ap.parse_args()
-    build(a.ref, a.out, [tuple(f.split(":", 1)) for f in a.files], a.entrypoint)  # type: ignore[misc]
+    build(a.ref, a.out, [tuple(f.split(":", 1)) for f in a.files], a.entrypoint, a.user)  # type: ignore[misc]
 
 
 if __name__ == "__main__":

@@ -41,3 +41,12 @@ def test_notes_warn_about_demo_backend_and_self_signed_certificate(helm):
     assert "set proxy.backend.host" in notes
     assert "self-signed" in notes
     assert "helm test edge -n edge-ns" in notes
+
+
+def test_notes_name_the_images_and_what_to_check_when_they_cannot_be_pulled(helm):
+    notes = helm_notes(helm, values={"global": {"registry": "reg.example/team", "tag": "t1"}})
+    assert "Image:   reg.example/team/quic-proxy-waf:t1 (pull policy IfNotPresent)" in notes
+    assert "WAF image: reg.example/team/quic-proxy-waf:t1" in notes
+    assert "ImagePullBackOff" in notes and "kubectl describe pod -n edge-ns" in notes
+    assert "kind load docker-image reg.example/team/quic-proxy-waf:t1" in notes
+    assert "global.registry" in notes

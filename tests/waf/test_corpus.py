@@ -39,12 +39,11 @@ async def test_corpus_rates(make_waf: Any, waf_engine: str) -> None:
     assert false_positives == []
 
 
+@pytest.mark.parametrize("waf_engine", ["coraza"], indirect=True)  # recorded for CRS 4
 async def test_coraza_misses_are_caught_at_a_higher_paranoia_level(
     make_waf: Any, waf_engine: str
 ) -> None:
     # Each attack Coraza + CRS 4 lets through at PL1 has only a higher-level rule.
-    if waf_engine != "coraza":
-        pytest.skip("the paranoia levels of the misses are recorded for CRS 4")
     for name, level in EXPECTED_MISSES["coraza"].items():
         paranoia, rule_id = int(level[2]), level.split("(")[1].rstrip(")")
         waf = corpus_waf(make_waf, paranoia_level=paranoia)

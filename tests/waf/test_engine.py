@@ -317,10 +317,10 @@ async def test_detection_paranoia_level_logs_without_blocking(make_waf: Any) -> 
     assert "942260" in decision.rule_ids
 
 
+@pytest.mark.parametrize("waf_engine", ["coraza"], indirect=True)  # a CRS 4 setting
 async def test_early_blocking_decides_on_headers(make_waf: Any) -> None:
     waf = make_waf(early_blocking=True)
-    if waf.engine.crs_version[0] < 4:
-        pytest.skip("early blocking is a CRS 4 setting")
+    assert waf.engine.crs_version[0] >= 4
     tx = waf.transaction(make_request("POST", "/login", [("user-agent", "sqlmap/1.7")] + FORM))
     try:
         decision = await tx.headers()

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,7 @@ class KindProvider(Provider):
                 env=env,
             ).stdout
         )
+        settle(self.kubeconfig, progress)
 
     def down(self, progress: Progress) -> None:
         if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
@@ -404,6 +406,22 @@ def readyz(kubeconfig: str) -> str | None:
         return None
     except Exception as exc:  # noqa: BLE001 - the reason is the answer
         return f"cluster from {kubeconfig} does not answer /readyz: {str(exc)[:200]}"
+
+
+def settle(kubeconfig: str, progress: Progress, in_a_row: int = 10, timeout: float = 180) -> None:
+    """Wait until /readyz has answered ``in_a_row`` times a second apart: right after
+    `kind create` the control plane may still restart a component (seen: the first
+    request after the image load reset by the API server)."""
+    deadline = time.monotonic() + timeout
+    good = 0
+    why: str | None = None
+    while good < in_a_row:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"API server not steady after {timeout:.0f}s: {why}")
+        why = readyz(kubeconfig)
+        good = good + 1 if why is None else 0
+        time.sleep(1.0)
+    progress(f"API server steady ({in_a_row} answers in a row)")
 
 
 def select(name: str, kubeconfig: str | None = None) -> tuple[Provider | None, str]:

@@ -159,6 +159,20 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.waf_info = Gauge(
+            p + "waf_info",
+            "The inline WAF engine and rule set (1 per engine loaded).",
+            ["engine", "engine_version", "crs_version", "paranoia_level"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
+        self.waf_rules_loaded = Gauge(
+            p + "waf_rules_loaded",
+            "Rules the inline WAF engine loaded.",
+            ["engine"],
+            registry=reg,
+            multiprocess_mode="max",
+        )
         self.response_aborted = Counter(
             p + "responses_aborted",
             "Responses cut off (client gone, upstream failed mid-body).",

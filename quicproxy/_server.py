@@ -52,6 +52,18 @@ def default_ports(cfg: Config) -> tuple[int, int, str | None]:
     return http, https, note
 
 
+def _record_waf_info(waf: object, cfg: Config) -> None:
+    """The inline engine's facts as labels of quicproxy_waf_info (as `waf info` prints)."""
+    from .waf._info import waf_info
+
+    try:
+        info = waf_info(waf, cfg.waf)  # type: ignore[arg-type]
+        metrics.waf_info.labels(**info.labels()).set(1)
+        metrics.waf_rules_loaded.labels(info.engine).set(info.rules)
+    except Exception:  # metrics never stop the proxy
+        log.exception("recording the WAF engine's facts failed")
+
+
 class Proxy:
     """A running proxy inside the current asyncio loop.
 
@@ -111,6 +123,8 @@ class Proxy:
             from .waf import create_waf
 
             waf = create_waf(cfg.waf)
+            if cfg.waf.mode == "inline":
+                _record_waf_info(waf, cfg)
         self.handler = handler = Handler(cfg, self.router, waf)
         http, https, self.port_note = default_ports(cfg)
         host = cfg.listen.host

@@ -145,3 +145,25 @@ async def test_failing_metrics_and_limiter_never_break_a_request(
     monkeypatch.setattr(proxy.handler.limiter, "check", broken_check)
     status, _, body = await fetch(proxy, certs, proto, "GET", "/still-served")
     assert (status, body) == (200, b"hello from backend /still-served")
+
+
+async def test_inline_waf_engine_facts_are_labels_on_the_proxy_metrics(
+    make_proxy, backend, waf_engine
+):
+    proxy = await make_proxy(backend, waf={"mode": "inline", "engine": waf_engine})
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(http_url(proxy, "/metrics"))).text
+    info = [
+        labels
+        for (name, labels), value in samples(text).items()
+        if name == "quicproxy_waf_info" and value == 1
+    ]
+    assert len(info) == 1
+    facts = dict(info[0])
+    crs = "4.25.0" if waf_engine == "coraza" else "3.3.4"
+    assert (facts["engine"], facts["crs_version"], facts["paranoia_level"]) == (
+        waf_engine,
+        crs,
+        "1",
+    )
+    assert sample(text, "quicproxy_waf_rules_loaded", engine=waf_engine) > 400

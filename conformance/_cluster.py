@@ -397,19 +397,19 @@ PROVIDERS: dict[str, type[Provider]] = {
 
 
 def readyz(kubeconfig: str) -> str | None:
-    """None when the API server of kubeconfig answers /readyz, else why not."""
-    from kubernetes import config
+    """None when the API server of kubeconfig answers (its /version), else why not."""
+    from kubernetes import client, config
 
     try:
         api = config.new_client_from_config(config_file=kubeconfig)
-        api.call_api("/readyz", "GET", auth_settings=["BearerToken"], _request_timeout=10)
+        client.VersionApi(api).get_code(_request_timeout=10)  # served once ready
         return None
     except Exception as exc:  # noqa: BLE001 - the reason is the answer
-        return f"cluster from {kubeconfig} does not answer /readyz: {str(exc)[:200]}"
+        return f"cluster from {kubeconfig} does not answer: {str(exc)[:200]}"
 
 
 def settle(kubeconfig: str, progress: Progress, in_a_row: int = 10, timeout: float = 180) -> None:
-    """Wait until /readyz has answered ``in_a_row`` times a second apart: right after
+    """Wait until the API server has answered ``in_a_row`` times a second apart: right after
     `kind create` the control plane may still restart a component (seen: the first
     request after the image load reset by the API server)."""
     deadline = time.monotonic() + timeout

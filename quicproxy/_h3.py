@@ -52,7 +52,6 @@ class H3Conn:
         self.h3 = H3Connection(quic)
         self.cids: set[bytes] = set()
         "Connection IDs that route datagrams to this connection."
-        self.address = addr
         self.source: tuple[int, int, bytes] | None = None
         "Where the client's latest datagram was addressed: answers leave from there."
         self.client = plain_addr(addr)

@@ -14,7 +14,6 @@ loudly when an aioquic upgrade removes one):
 - ``QuicConnection._streams`` and ``QuicStreamSender._buffer_start/_buffer_stop``:
   bytes written to a stream and not yet acknowledged (send back-pressure).
 - ``QuicConnection._handshake_complete``: 0-RTT requests are marked replayable.
-- ``QuicConnection._network_paths``: the client address of a request.
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
   ``_replenish_connection_ids``: connection IDs carry the owning worker's index.
@@ -78,7 +77,6 @@ PRIVATE = [
     (QuicConnection, "_on_max_stream_data_delivery"),
     ("connection", "_streams"),
     ("connection", "_handshake_complete"),
-    ("connection", "_network_paths"),
     ("connection", "_close_event"),
     ("sender", "_buffer_start"),
     ("sender", "_buffer_stop"),
@@ -307,14 +305,6 @@ class CreditedConnection(QuicConnection):
     @property
     def closing(self) -> bool:
         return self._close_event is not None
-
-    @property
-    def peer(self) -> Any:
-        paths = self._network_paths
-        return paths[0].addr if paths else None
-
-    def has_stream(self, stream_id: int) -> bool:
-        return stream_id in self._streams
 
     def unacked_total(self) -> int:
         """Stream bytes sent and not yet acknowledged, all streams together."""

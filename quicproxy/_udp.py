@@ -73,11 +73,6 @@ class DatagramSocket:
         self.gso = gso and hasattr(socket.socket, "sendmsg")
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        self.sent_calls = 0
-        "System calls used to send (for tests and benchmarks)."
-        self.sent_datagrams = 0
-        self.dropped = 0
-        "Datagrams dropped because the send buffer was full."
         self.pktinfo = self._ask_destination()
         "True when answers are sent from the address each datagram came to."
         self._loop.add_reader(sock.fileno(), self._readable)
@@ -153,18 +148,15 @@ class DatagramSocket:
             self._send_run(run, run_addr, source)
 
     def _send_run(self, run: list[bytes], addr: Any, source: Source) -> None:
-        self.sent_datagrams += len(run)
         extra = [source] if source is not None else []
         if len(run) > 1 and self.gso:
             segment = struct.pack("=H", len(run[0]))
             ancillary = [(_SOL_UDP, _UDP_SEGMENT, segment), *extra]
             try:
                 self.sock.sendmsg([b"".join(run)], ancillary, 0, addr)
-                self.sent_calls += 1
                 return
             except (BlockingIOError, InterruptedError):
-                self.dropped += len(run)
-                return
+                return  # send buffer full: dropped, QUIC resends it
             except OSError as exc:
                 log.info("UDP GSO unavailable (%s): sending datagrams one by one", exc.strerror)
                 self.gso = False
@@ -174,8 +166,7 @@ class DatagramSocket:
                     self.sock.sendmsg([data], extra, 0, addr)
                 else:
                     self.sock.sendto(data, addr)
-                self.sent_calls += 1
             except (BlockingIOError, InterruptedError):
-                self.dropped += 1
+                pass  # send buffer full: dropped, QUIC resends it
             except OSError:
                 pass  # unreachable peer, address family mismatch: nothing to do

@@ -130,6 +130,7 @@ class LocalProvider(Provider):
         run_streamed(["bash", str(CLUSTER_DIR / "build-bins.sh")], progress, env)
         self.started_here = True  # from here on, down() cleans up even a half-started cluster
         run_streamed(["bash", str(CLUSTER_DIR / "local.sh"), "up"], progress, env)
+        settle(self.kubeconfig, progress)
 
     def down(self, progress: Progress) -> None:
         if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):

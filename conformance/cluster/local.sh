@@ -140,6 +140,20 @@ net_up() {
       || iptables -I FORWARD 1 "$dir" "$BRIDGE" -m comment --comment quicproxy-conformance -j ACCEPT
   done
 }
+reap_orphans() { # what a killed (not torn down) cluster leaves running: containers, then their shims
+  local id
+  if [ -d "$RUN/runc/k8s.io" ] && command -v runc >/dev/null; then
+    for id in $(runc --root "$RUN/runc/k8s.io" list -q 2>/dev/null); do
+      runc --root "$RUN/runc/k8s.io" kill -a "$id" KILL >/dev/null 2>&1 || true
+      runc --root "$RUN/runc/k8s.io" delete -f "$id" >/dev/null 2>&1 || true
+    done
+  fi
+  pkill -KILL -f -- "-address $CTRD_SOCK" 2>/dev/null || true
+}
+unmount_under() { # lazily unmount every mount point at or below $1, deepest first
+  awk -v r="$1" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+}
+
 net_down() {
   ip route del blackhole "$FAKE_CIDR" 2>/dev/null || true
   local dir
@@ -212,6 +226,7 @@ state = "$RUN/containerd"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "$RUN/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "${CNI_BIN_DIR:-/usr/lib/cni}"
     conf_dir = "$STATE/cni/net.d"
@@ -303,6 +318,8 @@ up() {
   done
   [ -x "${CNI_BIN_DIR:-/usr/lib/cni}/bridge" ] || die "CNI plugins missing: apt-get install -y containernetworking-plugins"
   if alive kube-apiserver || alive containerd || alive etcd; then log "previous cluster still running; tearing it down"; down; fi
+  # a cluster whose processes were killed (not torn down) leaves containers and kubelet's mounts behind
+  reap_orphans; unmount_under "$RUN"; unmount_under "$STATE"
   rm -rf "$STATE"; mkdir -p "$STATE/logs" "$RUN" "$CACHE/images"
   make_pki
   # kubelet serving cert (signed by our CA, SAN = node IP)
@@ -395,12 +412,11 @@ down() {
     done
   fi
   stop containerd
+  reap_orphans
   [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
   # network namespaces our containerd created and could not remove
   if [ -d "$STATE/cni/ipam" ]; then :; fi
-  grep -l "$RUN" /proc/mounts >/dev/null 2>&1 || true
-  awk -v r="$RUN" '$2 ~ "^"r {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  awk -v r="$STATE" '$2 ~ "^"r {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+  unmount_under "$RUN"; unmount_under "$STATE"
   net_down
   rm -rf "$RUN"
   log "down"

@@ -12,6 +12,7 @@ far above what any target reaches here, so oha runs closed-loop at the given con
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -100,6 +101,12 @@ FIGURES = {
         *(
             Figure(f"waf_{q}/h3", f"latency the WAF adds, {q}, h3", "ms", "lower")
             for q in ("p50", "p99")
+        ),
+        Figure(
+            "waf_engine_p50/h3", "WAF engine alone per evaluation, p50, same request", "ms", "lower"
+        ),
+        Figure(
+            "waf_beyond_p50/h3", "latency the WAF adds beyond the engine, p50, h3", "ms", "lower"
         ),
     ]
 }
@@ -376,6 +383,21 @@ def idle_memory(t: Target, s: Settings) -> dict[str, float]:
     }
 
 
+def waf_engine(t: Target) -> dict[str, float]:
+    """The target's WAF engine alone on the latency test's request, in a child process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.waf_engine", t.engine, "500"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"waf_engine_p50/h3": got["wall_p50_ms"]}
+
+
 def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
     """Every workload that applies to this target; memory first, on a fresh process.
     Returns {figure_key: value, "_failed": {figure_key: reason}}."""
@@ -403,6 +425,8 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
             res["_failed"][f"rps_1k/{p}"] = "warmup failed"
     for p in protos:
         step(f"rps 1k {p}", [f"rps_1k/{p}", f"cpu_1k/{p}"], rps_1k, oha, t, p, s)
+    if t.waf != "off":
+        step("waf engine", ["waf_engine_p50/h3"], waf_engine, t)
     for p in protos:
         if p in s.lat_protos or t.kind == "direct":
             step(f"latency {p}", [f"lat_p50/{p}", f"lat_p99/{p}"], latency, oha, t, p, s)

@@ -14,7 +14,7 @@ def _runs() -> list[dict]:
             "direct": {"rps_1k/h1": 1000.0},
             "caddy": {"rps_1k/h1": 500.0, "rps_1k/h3": 400.0},
             "qp-1w": {"rps_1k/h1": 250.0, "rps_1k/h3": 100.0, "lat_p50/h3": 2.0},
-            "qp-waf-inline": {"lat_p50/h3": 3.5},
+            "qp-waf-inline": {"lat_p50/h3": 3.5, "waf_engine_p50/h3": 1.25},
         },
         {
             "direct": {"rps_1k/h1": 1200.0},
@@ -57,6 +57,9 @@ def test_waf_added_latency_is_paired_per_run() -> None:
     waf = rows[("waf_p50/h3", "qp-waf-inline")]
     assert waf["values"] == [1.5, 0.5, 1.0]
     assert waf["median"] == 1.0
+    # beyond the engine: only where the run measured the engine too (the first run here)
+    beyond = rows[("waf_beyond_p50/h3", "qp-waf-inline")]
+    assert beyond["values"] == [0.25]
 
 
 def test_markdown_and_json(tmp_path) -> None:

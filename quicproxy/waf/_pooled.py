@@ -116,17 +116,18 @@ class PooledWaf:
     def transaction(self, request: WafRequest) -> Any:
         return self.transaction_class(self.engine, request)
 
+    def evaluate_here(self, request: WafRequest, body: bytes = b"") -> WafDecision:
+        """Whole-request verdict in the calling thread: the engine's own cost, no pool."""
+        tx = self.transaction_class(self.engine, request)
+        try:
+            return tx.evaluate(body)
+        finally:
+            tx._end(None)
+
     async def evaluate(self, request: WafRequest, body: bytes = b"") -> WafDecision:
         """Whole-request verdict in one pool call."""
-        tx = self.transaction_class(self.engine, request)
-
-        def run() -> WafDecision:
-            try:
-                return tx.evaluate(body)
-            finally:
-                tx._end(None)
-
-        return await asyncio.wrap_future(self.engine.executor.submit(run))
+        run = self.evaluate_here
+        return await asyncio.wrap_future(self.engine.executor.submit(run, request, body))
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.engine.close)

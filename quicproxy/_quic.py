@@ -17,6 +17,8 @@ loudly when an aioquic upgrade removes one):
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
   ``_replenish_connection_ids``: connection IDs carry the owning worker's index.
+- ``QuicConnection._spaces`` (``ack_at`` of the 1-RTT space): acknowledgements
+  are delayed so they ride on the response (see ``CreditedConnection``).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
 - ``aioquic._crypto.AEAD`` and ``HeaderProtection``: the C primitives that check
   an Initial cheaply before any connection exists.
@@ -29,6 +31,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from aioquic import tls
 from aioquic._crypto import AEAD, HeaderProtection
 from aioquic.buffer import Buffer, BufferReadError
 from aioquic.h3.connection import H3_ALPN, H3Connection
@@ -78,6 +81,8 @@ PRIVATE = [
     ("connection", "_streams"),
     ("connection", "_handshake_complete"),
     ("connection", "_close_event"),
+    ("connection", "_spaces"),
+    ("space", "ack_at"),
     ("sender", "_buffer_start"),
     ("sender", "_buffer_stop"),
     ("h3", "_local_control_stream_id"),
@@ -85,6 +90,10 @@ PRIVATE = [
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+
+ACK_DELAY = 0.020
+"""Longest wait before acknowledging a lone 1-RTT packet: under the 25 ms max_ack_delay
+aioquic advertises, long enough that the ACK usually rides on the response."""
 
 
 def server_configuration(
@@ -265,12 +274,38 @@ class CreditedConnection(QuicConnection):
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = {}
+        self._unacked = 0
         self.worker = worker
         if worker is not None:
             first = self._host_cids[0]
             first.cid = stamp(first.cid, worker)
             self.host_cid = first.cid
             self._local_initial_source_connection_id = first.cid
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        """As aioquic, but 1-RTT acknowledgements follow RFC 9000 §13.2.2: at once from
+        the second ack-eliciting datagram on, else after ``ACK_DELAY`` (aioquic waits
+        1 ms, so nearly every request got an ACK-only packet of its own)."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        pending = space is not None and space.ack_at is not None
+        super().receive_datagram(data, addr, now=now)
+        if space is None or space.ack_at is None:
+            self._unacked = 0
+        elif not pending:
+            self._unacked = 1
+            space.ack_at = now + ACK_DELAY
+        else:
+            self._unacked += 1
+            if self._unacked >= 2:
+                space.ack_at = now
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """As aioquic; a delayed ACK becomes due, so it rides in the packet this data
+        goes out in (aioquic only writes ACKs that are due)."""
+        super().send_stream_data(stream_id, data, end_stream)
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = 0.0
 
     def _replenish_connection_ids(self) -> None:
         known = len(self._host_cids)

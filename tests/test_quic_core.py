@@ -6,8 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from aioquic import tls
 from aioquic.h3.connection import H3Connection
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
 
 from quicproxy import _quic
 from tests.hostile.probe import client_initial
@@ -28,6 +30,9 @@ def test_every_private_aioquic_attribute_the_core_uses_still_exists(certs):
     sid = conn.get_next_available_stream_id()
     conn.send_stream_data(sid, b"abc")  # a stream, for its sender's attributes
     owners["sender"] = conn._streams[sid].sender
+    dialing = _quic.CreditedConnection(configuration=client)
+    dialing.connect(("127.0.0.1", 4433), now=0.0)  # creates the packet number spaces
+    owners["space"] = dialing._spaces[tls.Epoch.ONE_RTT]
     missing = []
     for owner, name in _quic.PRIVATE:
         target = owners[owner] if isinstance(owner, str) else owner
@@ -57,3 +62,59 @@ def test_a_real_initial_decrypts_and_a_rewritten_one_does_not():
 @pytest.mark.parametrize("data", [b"", b"\x00", b"\x40", b"\xc0\x00\x00\x00\x01\xff"])
 def test_headers_that_are_not_quic_parse_to_none(data):
     assert _quic.parse_header(data, 8) is None
+
+
+def _pair(certs) -> tuple[QuicConnection, _quic.CreditedConnection, float]:
+    """A real aioquic client and our server connection, handshake done in memory."""
+    server_cfg = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
+    server_cfg.load_cert_chain(*certs)
+    client = QuicConnection(configuration=_quic.client_configuration(verify_mode=0))
+    now = 1.0
+    client.connect(("127.0.0.1", 4433), now=now)
+    first = client.datagrams_to_send(now=now)
+    header = _quic.parse_header(first[0][0], 8)
+    assert header is not None
+    server = _quic.CreditedConnection(
+        configuration=server_cfg, original_destination_connection_id=header.dcid
+    )
+    flights = [(client, server, first)]
+    while flights:
+        sender, receiver, datagrams = flights.pop()
+        for data, _ in datagrams:
+            receiver.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+        out = receiver.datagrams_to_send(now=now)
+        if out:
+            flights.append((receiver, sender, out))
+        now += 0.001
+    assert server.handshake_complete
+    return client, server, now
+
+
+def test_a_lone_request_is_acknowledged_late_and_a_second_packet_at_once(certs):
+    """ACKs ride on the response: one ack-eliciting datagram waits up to ACK_DELAY (no
+    ACK-only packet for it), a second one is acknowledged in the next flush (RFC 9000
+    §13.2.2), so bulk uploads keep their ACK clock."""
+    client, server, now = _pair(certs)
+    server.datagrams_to_send(now=now + 1.0)  # anything the handshake left to acknowledge
+    now += 1.0
+    sid = client.get_next_available_stream_id()
+    client.send_stream_data(sid, b"x" * 100, end_stream=False)
+    (data, _), *_ = client.datagrams_to_send(now=now)
+    server.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+    assert server.datagrams_to_send(now=now) == []  # nothing but an ACK to say: wait
+    timer = server.get_timer()
+    assert timer is not None and timer >= now + _quic.ACK_DELAY - 1e-9
+    client.send_stream_data(sid, b"y" * 100, end_stream=False)
+    (data, _), *_ = client.datagrams_to_send(now=now)
+    server.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+    assert len(server.datagrams_to_send(now=now)) == 1  # the second one: ACK now
+    # a response written meanwhile carries the ACK: no separate ACK-only packet
+    now += 0.005  # past the pacer
+    client.send_stream_data(sid, b"z" * 100, end_stream=True)
+    (data, _), *_ = client.datagrams_to_send(now=now)
+    server.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+    assert server.datagrams_to_send(now=now) == []
+    now += 0.005
+    server.send_stream_data(sid, b"answer", end_stream=True)
+    assert len(server.datagrams_to_send(now=now)) == 1
+    assert server._spaces[tls.Epoch.ONE_RTT].ack_at is None

@@ -2,8 +2,12 @@
 in this process's thread (no event loop, no pool, no proxy): the figure the bench sets
 beside the latency the WAF adds through the proxy, so the proxy's overhead shows.
 
-Run: ``python -m bench.waf_engine ENGINE ROUNDS``; prints one JSON line
-{"wall_p50_ms", "cpu_p50_ms", "wall_p99_ms", "n", "engine", "crs"}.
+Evaluations are paced at the latency test's request rate: an engine called every 10 ms
+runs about twice as long as one called back to back (caches go cold between calls), and
+the latency test meets the former.
+
+Run: ``python -m bench.waf_engine ENGINE ROUNDS RATE``; prints one JSON line
+{"wall_p50_ms", "cpu_p50_ms", "wall_p99_ms", "n", "rate", "engine", "crs"}.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from bench.targets import NAME
 from bench.workloads import OHA_VERSION
 
 
-def measure(engine: str, rounds: int) -> dict[str, object]:
+def measure(engine: str, rounds: int, rate: float) -> dict[str, object]:
     from quicproxy._config import WafConfig
     from quicproxy.waf import WafRequest, inline_waf, waf_info
 
@@ -39,7 +43,9 @@ def measure(engine: str, rounds: int) -> dict[str, object]:
     wall: list[float] = []
     cpu: list[float] = []
     try:
+        due = time.perf_counter()
         for i in range(rounds + rounds // 10):
+            due += 1 / rate
             w, c = time.perf_counter(), time.thread_time()
             decision = waf.evaluate_here(request)
             if i >= rounds // 10:  # the first tenth warms caches up
@@ -47,6 +53,7 @@ def measure(engine: str, rounds: int) -> dict[str, object]:
                 cpu.append(time.thread_time() - c)
             if not decision.allowed:
                 raise RuntimeError(f"{engine} refused the bench request: {decision}")
+            time.sleep(max(0.0, due - time.perf_counter()))
     finally:
         waf.engine.close()
     wall.sort()
@@ -54,6 +61,7 @@ def measure(engine: str, rounds: int) -> dict[str, object]:
         "engine": f"{info.engine} {info.engine_version}",
         "crs": info.crs_version,
         "n": len(wall),
+        "rate": rate,
         "wall_p50_ms": statistics.median(wall) * 1000,
         "wall_p99_ms": wall[min(len(wall) - 1, int(len(wall) * 0.99))] * 1000,
         "cpu_p50_ms": statistics.median(cpu) * 1000,
@@ -61,4 +69,6 @@ def measure(engine: str, rounds: int) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 500)))
+    rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+    rate = float(sys.argv[3]) if len(sys.argv) > 3 else 100.0
+    print(json.dumps(measure(sys.argv[1], rounds, rate)))

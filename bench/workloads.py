@@ -103,7 +103,10 @@ FIGURES = {
             for q in ("p50", "p99")
         ),
         Figure(
-            "waf_engine_p50/h3", "WAF engine alone per evaluation, p50, same request", "ms", "lower"
+            "waf_engine_p50/h3",
+            "WAF engine alone per evaluation, p50, same request and rate",
+            "ms",
+            "lower",
         ),
         Figure(
             "waf_beyond_p50/h3", "latency the WAF adds beyond the engine, p50, h3", "ms", "lower"
@@ -383,10 +386,12 @@ def idle_memory(t: Target, s: Settings) -> dict[str, float]:
     }
 
 
-def waf_engine(t: Target) -> dict[str, float]:
-    """The target's WAF engine alone on the latency test's request, in a child process."""
+def waf_engine(t: Target, s: Settings) -> dict[str, float]:
+    """The target's WAF engine alone on the latency test's request at its rate, in a child
+    process."""
+    rounds = max(100, int(s.rate * s.duration))
     out = subprocess.run(
-        [sys.executable, "-m", "bench.waf_engine", t.engine, "500"],
+        [sys.executable, "-m", "bench.waf_engine", t.engine, str(rounds), str(s.rate)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -426,7 +431,7 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
     for p in protos:
         step(f"rps 1k {p}", [f"rps_1k/{p}", f"cpu_1k/{p}"], rps_1k, oha, t, p, s)
     if t.waf != "off":
-        step("waf engine", ["waf_engine_p50/h3"], waf_engine, t)
+        step("waf engine", ["waf_engine_p50/h3"], waf_engine, t, s)
     for p in protos:
         if p in s.lat_protos or t.kind == "direct":
             step(f"latency {p}", [f"lat_p50/{p}", f"lat_p99/{p}"], latency, oha, t, p, s)

@@ -1,7 +1,8 @@
 """ctypes declarations for the ModSecurity v3 C API (libmodsecurity.so.3).
 
-Only the calls the inline WAF needs. Every foreign call releases the GIL, so
-transactions evaluated from worker threads run in parallel.
+Only the calls the inline WAF needs. Every rule-evaluating call releases the GIL,
+so transactions evaluated from worker threads run in parallel; the cheap calls
+around them keep it (see ``bind_prototypes``).
 """
 
 from __future__ import annotations
@@ -59,12 +60,34 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "msc_transaction_cleanup": (None, [c_void_p]),
 }
 
+_HELD = {
+    "msc_new_transaction",
+    "msc_process_connection",
+    "msc_process_uri",
+    "msc_add_n_request_header",
+    "msc_append_request_body",
+    "msc_intervention",
+}
+"Calls that evaluate no rules (connection phase: CRS has no phase-0 rules) and keep the GIL."
 
-def bind_prototypes(owner: object, path: str, prototypes: dict[str, Any]) -> ctypes.CDLL:
-    """Load ``path`` and set each C function, typed, as an attribute of ``owner``."""
+
+def bind_prototypes(
+    owner: object,
+    path: str,
+    prototypes: dict[str, Any],
+    held: set[str] | frozenset[str] = frozenset(),
+) -> ctypes.CDLL:
+    """Load ``path`` and set each C function, typed, as an attribute of ``owner``.
+
+    Calls release the GIL, except those named in ``held``: calls of a few microseconds
+    that evaluate no rules. A pool thread that releases the GIL must win it back from
+    the busy event loop afterwards (up to the interpreter's switch interval), so a
+    transaction is cheapest with the fewest releases, one per rule phase.
+    """
     dll = ctypes.CDLL(path)
+    keep = ctypes.PyDLL(path) if held else None
     for name, (restype, argtypes) in prototypes.items():
-        func = getattr(dll, name)
+        func = getattr(keep if keep is not None and name in held else dll, name)
         func.restype = restype
         func.argtypes = argtypes
         setattr(owner, name, func)
@@ -76,7 +99,7 @@ class ModSecLib:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._dll = bind_prototypes(self, path, _PROTOTYPES)
+        self._dll = bind_prototypes(self, path, _PROTOTYPES, _HELD)
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         self._free = libc.free
         self._free.argtypes = [c_void_p]

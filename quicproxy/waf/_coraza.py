@@ -135,18 +135,21 @@ class CorazaTransaction(PooledTransaction):
             self._read_matches()
 
     def _read_matches(self) -> None:
-        text = self._engine.lib.take_text(self._engine.lib.qpc_tx_matches(self._handle))
+        self._parse_matches(
+            self._engine.lib.take_text(self._engine.lib.qpc_tx_matches(self._handle))
+        )
+
+    def _parse_matches(self, text: str) -> None:
         self._matches = []
         for line in text.splitlines():
             rule_id, severity, message = (line.split("\t", 2) + ["", ""])[:3]
             level = int(severity) if severity.lstrip("-").isdigit() else -1
             self._matches.append(Match(rule_id, message, level if 0 <= level <= 7 else None))
 
-    def _start(self) -> None:
-        req, lib = self._request, self._engine.lib
-        blocked = ctypes.c_int(0)
+    def _request_args(self) -> tuple[object, ...]:
+        req = self._request
         headers = pack_headers([(_bytes(n), _bytes(v)) for n, v in req.headers])
-        self._handle = lib.qpc_tx_new(
+        return (
             self._engine.handle,
             _bytes(req.remote_addr),
             req.remote_port,
@@ -157,9 +160,30 @@ class CorazaTransaction(PooledTransaction):
             _PROTOCOLS.get(req.protocol, req.protocol).encode(),
             headers,
             len(headers),
-            ctypes.byref(blocked),
         )
+
+    def _start(self) -> None:
+        blocked = ctypes.c_int(0)
+        self._handle = self._engine.lib.qpc_tx_new(*self._request_args(), ctypes.byref(blocked))
         self._settle(blocked.value)
+
+    def _evaluate_whole(self, body: bytes) -> None:
+        """Every request phase in one foreign call: one GIL hand-over, not four."""
+        lib = self._engine.lib
+        fed = body if self._engine.config.body_access else b""
+        blocked, matches = ctypes.c_int(0), ctypes.c_void_p()
+        self._handle = lib.qpc_tx_eval(
+            *self._request_args(), fed, len(fed), ctypes.byref(blocked), ctypes.byref(matches)
+        )
+        text = lib.take_text(matches.value)
+        if blocked.value < 0:
+            raise WafUnavailable("the coraza engine failed on this request")
+        self._blocked = blocked.value or None
+        self._parse_matches(text)
+
+    def _start_and_finish(self) -> None:
+        self._evaluate_whole(b"")
+        self._finished = True
 
     def _finish_body(self) -> None:
         lib = self._engine.lib
@@ -178,10 +202,7 @@ class CorazaTransaction(PooledTransaction):
 
     def evaluate(self, body: bytes) -> WafDecision:
         """All request phases in the calling thread (the service uses this)."""
-        self._start()
-        if self._blocked is None:
-            self._body += body
-            self._finish_body()
+        self._evaluate_whole(body)
         return self._decision()
 
     # -- WafTransaction ----------------------------------------------------------------

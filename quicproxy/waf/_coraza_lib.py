@@ -2,7 +2,7 @@
 
 The library embeds a Go runtime. It is loaded on first use, in the process that
 evaluates (a forked proxy worker, the WAF service), never before a fork. Every
-foreign call releases the GIL, so transactions run in parallel across threads.
+rule-evaluating call releases the GIL, so transactions run in parallel across threads.
 """
 
 from __future__ import annotations
@@ -50,11 +50,33 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
             POINTER(c_int),
         ],
     ),
+    "qpc_tx_eval": (
+        c_size_t,
+        [
+            c_size_t,
+            c_char_p,
+            c_int,
+            c_char_p,
+            c_int,
+            c_char_p,
+            c_char_p,
+            c_char_p,
+            c_char_p,
+            c_int,
+            c_char_p,
+            c_int,
+            POINTER(c_int),
+            POINTER(c_void_p),
+        ],
+    ),
     "qpc_tx_body": (c_int, [c_size_t, c_char_p, c_int]),
     "qpc_tx_finish": (c_int, [c_size_t]),
     "qpc_tx_matches": (c_void_p, [c_size_t]),
     "qpc_tx_close": (None, [c_size_t]),
 }
+
+_HELD = {"qpc_free", "qpc_tx_matches"}
+"Calls of a few microseconds that keep the GIL (see ``bind_prototypes``)."
 
 
 class CorazaLib:
@@ -62,7 +84,7 @@ class CorazaLib:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._dll = bind_prototypes(self, path, _PROTOTYPES)
+        self._dll = bind_prototypes(self, path, _PROTOTYPES, _HELD)
         coraza, crs = self.take_text(self.qpc_versions()).split()
         self.coraza_version = coraza
         "Coraza module version, e.g. '3.8.1'."

@@ -123,6 +123,47 @@ func qpc_tx_new(
 	headers *C.char, headersLen C.int, blocked *C.int,
 ) (handle C.uintptr_t) {
 	defer guard(blocked)
+	t := startTx(h, client, clientPort, server, serverPort, uri, method, protocol, headers, headersLen)
+	handle = C.uintptr_t(cgo.NewHandle(t))
+	*blocked = status(t.ProcessRequestHeaders())
+	return handle
+}
+
+// qpc_tx_eval is qpc_tx_new, qpc_tx_body (when bodyLen > 0) and qpc_tx_finish
+// in one call (one GIL hand-over for the caller instead of four), for a
+// request whose whole inspected body is at hand. *matches receives what
+// qpc_tx_matches would return (free it with qpc_free).
+//
+//export qpc_tx_eval
+func qpc_tx_eval(
+	h C.uintptr_t,
+	client *C.char, clientPort C.int, server *C.char, serverPort C.int,
+	uri *C.char, method *C.char, protocol *C.char,
+	headers *C.char, headersLen C.int, body *C.char, bodyLen C.int,
+	blocked *C.int, matches **C.char,
+) (handle C.uintptr_t) {
+	defer guard(blocked)
+	t := startTx(h, client, clientPort, server, serverPort, uri, method, protocol, headers, headersLen)
+	handle = C.uintptr_t(cgo.NewHandle(t))
+	*blocked = status(t.ProcessRequestHeaders())
+	if *blocked == 0 && bodyLen > 0 {
+		*blocked = qpc_tx_body(handle, body, bodyLen)
+	}
+	if *blocked == 0 {
+		*blocked = qpc_tx_finish(handle)
+	}
+	*matches = qpc_tx_matches(handle)
+	return handle
+}
+
+// startTx opens a transaction and feeds it the connection, URI and headers.
+// headers holds (u32 name length, name, u32 value length, value)... little endian.
+func startTx(
+	h C.uintptr_t,
+	client *C.char, clientPort C.int, server *C.char, serverPort C.int,
+	uri *C.char, method *C.char, protocol *C.char,
+	headers *C.char, headersLen C.int,
+) types.Transaction {
 	waf := cgo.Handle(h).Value().(coraza.WAF)
 	t := waf.NewTransaction()
 	t.ProcessConnection(C.GoString(client), int(clientPort), C.GoString(server), int(serverPort))
@@ -148,9 +189,7 @@ func qpc_tx_new(
 		}
 		t.AddRequestHeader(parts[0], parts[1])
 	}
-	handle = C.uintptr_t(cgo.NewHandle(t))
-	*blocked = status(t.ProcessRequestHeaders())
-	return handle
+	return t
 }
 
 func hostOnly(authority string) string {

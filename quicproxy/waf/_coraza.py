@@ -1,18 +1,24 @@
 """Inline WAF on Coraza v3 with the OWASP CRS 4 compiled into its library.
 
 Same shape as the ModSecurity engine (:mod:`._engine`): one rule set shared by
-all transactions, every engine call in a thread pool (foreign calls release the
-GIL), so the event loop never evaluates rules and every core is used.
+all transactions, and the event loop never evaluates rules. A bodiless request
+(most of them) is evaluated on the library's own goroutines and its verdict
+arrives through a pipe the loop watches (:mod:`._completions`); requests with a
+body run their phases in a thread pool (foreign calls release the GIL) as the
+body streams in. Either way every core is used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import ctypes
 import os
+import time
 
 from .._config import WafConfig
 from .._errors import ConfigError
+from ._completions import Completions
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
 from ._pooled import PooledTransaction, PooledWaf
@@ -95,11 +101,38 @@ class CorazaEngine:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="waf"
         )
+        self._completions: Completions | None = None
+
+    def completions(self) -> Completions:
+        """The pipe the running loop's goroutine verdicts arrive on."""
+        loop = asyncio.get_running_loop()
+        if self._completions is None or self._completions.loop is not loop:
+            if self._completions is not None:
+                self._completions.close(self.lib.qpc_async_pending())
+            self._completions = Completions(loop)
+        return self._completions
+
+    async def settle(self, seconds: float = 5.0) -> None:
+        """On the loop: wait (bounded) for goroutines still evaluating or logging, then
+        stop watching for verdicts."""
+        deadline = time.monotonic() + seconds
+        while self.lib.qpc_async_pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._completions is not None:
+            self._completions.close(self.lib.qpc_async_pending())
+            self._completions = None
 
     def close(self) -> None:
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown(wait=True)
-        if self.handle:
+        deadline = time.monotonic() + 5.0
+        while self.lib.qpc_async_pending() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = self.lib.qpc_async_pending()
+        if self._completions is not None and not self._completions.loop.is_running():
+            self._completions.close(left)
+            self._completions = None
+        if self.handle and not left:  # a goroutine still on the rule set keeps it alive
             self.lib.qpc_waf_free(self.handle)
             self.handle = None
 
@@ -117,6 +150,9 @@ class CorazaTransaction(PooledTransaction):
         self._handle = 0
         self._matches: list[Match] = []
         self._body = bytearray()
+        self._goroutine = False
+        "Evaluated on the library's goroutines (a bodiless request), not in the pool."
+        self._evaluating = False
 
     @property
     def _open(self) -> bool:
@@ -205,6 +241,53 @@ class CorazaTransaction(PooledTransaction):
         self._evaluate_whole(body)
         return self._decision()
 
+    # -- evaluated on a goroutine (bodiless requests) -----------------------------------
+
+    async def _evaluate_on_goroutine(self) -> None:
+        engine, lib = self._engine, self._engine.lib
+        done = engine.completions()
+        verdict = done.loop.create_future()
+        self._goroutine = self._evaluating = True
+        self._handle = lib.qpc_async_eval(*self._request_args(), b"", 0, done.write_fd)
+
+        def completed() -> None:
+            self._evaluating = False
+            if self._closed:
+                self._release_on_goroutine()
+            elif not verdict.done():
+                verdict.set_result(None)
+
+        done.expect(self._handle, completed)
+        await verdict
+        matches = ctypes.c_void_p()
+        blocked = lib.qpc_async_result(self._handle, ctypes.byref(matches))
+        text = lib.take_text(matches.value)
+        if blocked < 0:
+            raise WafUnavailable("the coraza engine failed on this request")
+        self._blocked = blocked or None
+        self._parse_matches(text)
+
+    def _release_on_goroutine(self) -> None:
+        if self._handle:
+            self._engine.lib.qpc_async_close(self._handle)
+            self._handle = 0
+
+    async def headers(self) -> WafDecision | None:
+        if self._request.has_body:
+            return await super().headers()
+        self._started = True
+        await self._evaluate_on_goroutine()
+        self._finished = True
+        return None if self._blocked is None else self._decision()
+
+    async def close(self) -> None:
+        if not self._goroutine:
+            return await super().close()
+        if not self._closed:
+            self._closed = True
+            if not self._evaluating:  # else the completion releases it
+                self._release_on_goroutine()
+
     # -- WafTransaction ----------------------------------------------------------------
 
     def _decision(self) -> WafDecision:
@@ -221,3 +304,7 @@ class CorazaWaf(PooledWaf):
 
     def transaction(self, request: WafRequest) -> CorazaTransaction:
         return CorazaTransaction(self.engine, request)
+
+    async def aclose(self) -> None:
+        await self.engine.settle()
+        await super().aclose()

@@ -69,14 +69,43 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
             POINTER(c_void_p),
         ],
     ),
+    "qpc_async_eval": (
+        c_size_t,
+        [
+            c_size_t,
+            c_char_p,
+            c_int,
+            c_char_p,
+            c_int,
+            c_char_p,
+            c_char_p,
+            c_char_p,
+            c_char_p,
+            c_int,
+            c_char_p,
+            c_int,
+            c_int,
+        ],
+    ),
+    "qpc_async_result": (c_int, [c_size_t, POINTER(c_void_p)]),
+    "qpc_async_close": (None, [c_size_t]),
+    "qpc_async_pending": (c_int, []),
     "qpc_tx_body": (c_int, [c_size_t, c_char_p, c_int]),
     "qpc_tx_finish": (c_int, [c_size_t]),
     "qpc_tx_matches": (c_void_p, [c_size_t]),
     "qpc_tx_close": (None, [c_size_t]),
 }
 
-_HELD = {"qpc_free", "qpc_tx_matches"}
-"Calls of a few microseconds that keep the GIL (see ``bind_prototypes``)."
+_HELD = {
+    "qpc_free",
+    "qpc_tx_matches",
+    "qpc_async_eval",
+    "qpc_async_result",
+    "qpc_async_close",
+    "qpc_async_pending",
+}
+"""Calls of a few microseconds that keep the GIL (see ``bind_prototypes``); the async calls
+only copy the request and start a goroutine."""
 
 
 class CorazaLib:

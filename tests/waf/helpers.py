@@ -35,8 +35,10 @@ def make_request(
     headers: Sequence[tuple[str, str]] = (),
     body: bytes = b"",
     protocol: str = "HTTP/1.1",
+    has_body: bool = True,
 ) -> WafRequest:
-    """A request with browser headers; ``headers`` replace same-named ones."""
+    """A request with browser headers; ``headers`` replace same-named ones. ``has_body``
+    False is what the proxy says of a request without one (its verdict in one step)."""
     names = {name for name, _ in headers}
     all_headers = [(n, v) for n, v in BROWSER if n not in names] + list(headers)
     if body and protocol == "HTTP/1.1" and "content-length" not in names:
@@ -50,6 +52,7 @@ def make_request(
         remote_port=51234,
         server_addr="10.0.0.2",
         server_port=443,
+        has_body=has_body,
     )
 
 

@@ -271,6 +271,53 @@ async def test_cancelled_call_then_close(waf: InlineWaf) -> None:
     assert_blocked(await evaluate(waf, "POST", "/search", FORM, body), "942100")
 
 
+async def _bodiless(waf: Any, uri: str) -> WafDecision:
+    tx = waf.transaction(make_request("GET", uri, has_body=False))
+    try:
+        decision = await tx.headers()
+        return decision if decision is not None else await tx.finish()
+    finally:
+        await tx.close()
+
+
+async def test_bodiless_requests_decided_in_one_step_keep_their_own_matches(
+    waf: InlineWaf,
+) -> None:
+    """The proxy's common case (Coraza: evaluated on the library's goroutines, verdicts
+    through a pipe; ModSecurity: one pool call), many at once."""
+    cases = [
+        ("/?id=1%27%20OR%20%271%27=%271", "942100"),
+        ("/download?file=../../../../etc/passwd", "930100"),
+        ("/products?page=2", None),
+    ] * 30
+    decisions = await asyncio.gather(*(_bodiless(waf, uri) for uri, _ in cases))
+    for (uri, rule_id), decision in zip(cases, decisions, strict=True):
+        if rule_id is None:
+            assert_clean(decision)
+        else:
+            assert_blocked(decision, rule_id)
+            assert not ({"942100", "930100"} - {rule_id}) & set(decision.rule_ids), uri
+
+
+async def test_bodiless_request_cancelled_then_closed_is_released(make_waf: Any) -> None:
+    """A client gone mid-evaluation: the transaction is freed once its evaluation ends,
+    nothing is left running, and the engine closes cleanly."""
+    waf = make_waf()
+    for _ in range(50):
+        tx = waf.transaction(make_request("GET", "/?id=1%27%20OR%20%271%27=%271", has_body=False))
+        task = asyncio.ensure_future(tx.headers())
+        await asyncio.sleep(0)
+        task.cancel()
+        await tx.close()
+        await tx.close()
+    assert_blocked(await _bodiless(waf, "/?id=1%27%20OR%20%271%27=%271"), "942100")
+    await waf.aclose()
+    lib = waf.engine.lib
+    if hasattr(lib, "qpc_async_pending"):  # Coraza: no goroutine left on the rule set
+        assert lib.qpc_async_pending() == 0
+        assert waf.engine.handle is None
+
+
 async def test_body_access_off_skips_bodies(make_waf: Any) -> None:
     waf = make_waf(body_access=False)
     body = b"username=admin%27%20OR%201%3D1--&password=x"

@@ -97,6 +97,9 @@ func guard(code *C.int) {
 }
 
 func tx(h C.uintptr_t) types.Transaction {
+	if a, ok := cgo.Handle(h).Value().(*async); ok {
+		return a.t
+	}
 	return cgo.Handle(h).Value().(types.Transaction)
 }
 
@@ -164,11 +167,37 @@ func startTx(
 	uri *C.char, method *C.char, protocol *C.char,
 	headers *C.char, headersLen C.int,
 ) types.Transaction {
-	waf := cgo.Handle(h).Value().(coraza.WAF)
+	return newTx(cgo.Handle(h).Value().(coraza.WAF), copyRequest(
+		client, clientPort, server, serverPort, uri, method, protocol, headers, headersLen,
+	))
+}
+
+// request is a copy of what qpc_tx_new is given, owned by Go.
+type request struct {
+	client, server         string
+	clientPort, serverPort int
+	uri, method, protocol  string
+	headers                []byte
+}
+
+func copyRequest(
+	client *C.char, clientPort C.int, server *C.char, serverPort C.int,
+	uri *C.char, method *C.char, protocol *C.char,
+	headers *C.char, headersLen C.int,
+) request {
+	return request{
+		client: C.GoString(client), clientPort: int(clientPort),
+		server: C.GoString(server), serverPort: int(serverPort),
+		uri: C.GoString(uri), method: C.GoString(method), protocol: C.GoString(protocol),
+		headers: C.GoBytes(unsafe.Pointer(headers), headersLen),
+	}
+}
+
+func newTx(waf coraza.WAF, r request) types.Transaction {
 	t := waf.NewTransaction()
-	t.ProcessConnection(C.GoString(client), int(clientPort), C.GoString(server), int(serverPort))
-	t.ProcessURI(C.GoString(uri), C.GoString(method), C.GoString(protocol))
-	data := C.GoBytes(unsafe.Pointer(headers), headersLen)
+	t.ProcessConnection(r.client, r.clientPort, r.server, r.serverPort)
+	t.ProcessURI(r.uri, r.method, r.protocol)
+	data := r.headers
 	for len(data) >= 4 {
 		var parts [2]string
 		for i := range parts {
@@ -222,9 +251,12 @@ func setBodyLength(t types.Transaction, n int) {
 //export qpc_tx_body
 func qpc_tx_body(h C.uintptr_t, data *C.char, size C.int) (code C.int) {
 	defer guard(&code)
-	t := tx(h)
-	setBodyLength(t, int(size))
-	it, _, err := t.WriteRequestBody(C.GoBytes(unsafe.Pointer(data), size))
+	return writeBody(tx(h), C.GoBytes(unsafe.Pointer(data), size))
+}
+
+func writeBody(t types.Transaction, body []byte) C.int {
+	setBodyLength(t, len(body))
+	it, _, err := t.WriteRequestBody(body)
 	if err != nil {
 		return -1
 	}
@@ -237,7 +269,11 @@ func qpc_tx_body(h C.uintptr_t, data *C.char, size C.int) (code C.int) {
 //export qpc_tx_finish
 func qpc_tx_finish(h C.uintptr_t) (code C.int) {
 	defer guard(&code)
-	it, err := tx(h).ProcessRequestBody()
+	return finish(tx(h))
+}
+
+func finish(t types.Transaction) C.int {
+	it, err := t.ProcessRequestBody()
 	if err != nil {
 		return -1
 	}
@@ -249,8 +285,12 @@ func qpc_tx_finish(h C.uintptr_t) (code C.int) {
 //
 //export qpc_tx_matches
 func qpc_tx_matches(h C.uintptr_t) *C.char {
+	return C.CString(matchLines(tx(h)))
+}
+
+func matchLines(t types.Transaction) string {
 	var out strings.Builder
-	for _, m := range tx(h).MatchedRules() {
+	for _, m := range t.MatchedRules() {
 		if logged, ok := m.(interface{ Log() bool }); ok && !logged.Log() {
 			continue
 		}
@@ -263,7 +303,7 @@ func qpc_tx_matches(h C.uintptr_t) *C.char {
 		}, m.Message())
 		fmt.Fprintf(&out, "%d\t%d\t%s\n", rule.ID(), int(rule.Severity()), msg)
 	}
-	return C.CString(out.String())
+	return out.String()
 }
 
 // qpc_tx_close runs the logging phase and frees the transaction.

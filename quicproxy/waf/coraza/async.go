@@ -1,0 +1,118 @@
+package main
+
+/*
+#include <stdint.h>
+*/
+import "C"
+
+import (
+	"encoding/binary"
+	"runtime/cgo"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"github.com/corazawaf/coraza/v3"
+	"github.com/corazawaf/coraza/v3/types"
+)
+
+// Asynchronous evaluation: the caller (the proxy's event loop) hands a request
+// over and returns at once; a goroutine evaluates it on Go's own threads (every
+// core, no Python thread, no GIL hand-over) and writes the transaction handle,
+// 8 bytes little endian, to a pipe the loop watches. The loop then reads the
+// verdict with qpc_async_result and ends the transaction with qpc_async_close,
+// which runs the logging phase on a goroutine too.
+
+// async is a transaction evaluated on a goroutine; its fields are written by the
+// goroutine before it writes the handle to the pipe, and read after the caller
+// has read it.
+type async struct {
+	t       types.Transaction
+	blocked C.int
+	matches string
+}
+
+var pending atomic.Int64
+
+// qpc_async_pending counts goroutines still using a rule set (evaluations and
+// closes): the rule set may be freed only at 0.
+//
+//export qpc_async_pending
+func qpc_async_pending() C.int {
+	return C.int(pending.Load())
+}
+
+// qpc_async_eval copies the request, starts its evaluation (every request phase,
+// the body if bodyLen > 0) and returns the handle that will be written to fd.
+//
+//export qpc_async_eval
+func qpc_async_eval(
+	h C.uintptr_t,
+	client *C.char, clientPort C.int, server *C.char, serverPort C.int,
+	uri *C.char, method *C.char, protocol *C.char,
+	headers *C.char, headersLen C.int, body *C.char, bodyLen C.int, fd C.int,
+) C.uintptr_t {
+	waf := cgo.Handle(h).Value().(coraza.WAF)
+	r := copyRequest(client, clientPort, server, serverPort, uri, method, protocol, headers, headersLen)
+	data := C.GoBytes(unsafe.Pointer(body), bodyLen)
+	a := &async{}
+	handle := cgo.NewHandle(a)
+	pending.Add(1)
+	go func() {
+		defer pending.Add(-1)
+		defer notify(int(fd), uint64(handle))
+		defer func() {
+			if recover() != nil {
+				a.blocked = -1
+			}
+		}()
+		a.t = newTx(waf, r)
+		a.blocked = status(a.t.ProcessRequestHeaders())
+		if a.blocked == 0 && len(data) > 0 {
+			a.blocked = writeBody(a.t, data)
+		}
+		if a.blocked == 0 {
+			a.blocked = finish(a.t)
+		}
+		a.matches = matchLines(a.t)
+	}()
+	return C.uintptr_t(handle)
+}
+
+func notify(fd int, handle uint64) {
+	var buf [8]byte
+	binary.LittleEndian.PutUint64(buf[:], handle)
+	for {
+		if _, err := syscall.Write(fd, buf[:]); err != syscall.EINTR {
+			return
+		}
+	}
+}
+
+// qpc_async_result is the verdict of a finished evaluation: the status to block
+// with, 0, or -1 when the engine failed; *matches receives the logged matches as
+// qpc_tx_matches returns them (free with qpc_free).
+//
+//export qpc_async_result
+func qpc_async_result(h C.uintptr_t, matches **C.char) C.int {
+	a := cgo.Handle(h).Value().(*async)
+	*matches = C.CString(a.matches)
+	return a.blocked
+}
+
+// qpc_async_close runs the logging phase and frees the transaction, on a goroutine.
+//
+//export qpc_async_close
+func qpc_async_close(h C.uintptr_t) {
+	a := cgo.Handle(h).Value().(*async)
+	pending.Add(1)
+	go func() {
+		defer pending.Add(-1)
+		defer cgo.Handle(h).Delete()
+		defer func() { _ = recover() }()
+		if a.t != nil {
+			a.t.ProcessLogging()
+			_ = a.t.Close()
+		}
+	}()
+}

@@ -316,6 +316,12 @@ class CreditedConnection(QuicConnection):
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         limit = self.credit.get(stream.stream_id)
         if limit is None:
+            local = stream.max_stream_data_local
+            if (
+                stream.max_stream_data_local_sent == local
+                and stream.receiver.highest_offset * 2 <= local
+            ):
+                return  # aioquic would neither raise nor send it (every stream, every packet)
             super()._write_stream_limits(builder, space, stream)
             return
         stream.max_stream_data_local = max(stream.max_stream_data_local, limit)

@@ -88,3 +88,38 @@ def test_example_script_runs_and_proxies_over_h3(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "HTTP/3 200: hello from the example backend" in proc.stdout
+
+
+def test_wheel_is_tagged_for_the_platform_only_when_it_carries_the_coraza_engine(tmp_path):
+    """The built Coraza engine is a Linux shared library: a wheel that packs it must not
+    claim to be pure Python (py3-none-any), one without it must."""
+    src = tmp_path / "src"  # a copy of what git tracks; the engine is added for the second
+    files = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True
+    ).stdout.split(b"\0")
+    for name in [f.decode() for f in files if f]:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((ROOT / name).read_bytes())
+    engine = Path("quicproxy/waf/coraza/libquicproxy-coraza.so")
+    for with_engine in (False, True):
+        if with_engine:
+            built = ROOT / engine
+            (src / engine).write_bytes(built.read_bytes() if built.exists() else b"\x7fELF")
+        out = tmp_path / f"wheel-{with_engine}"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+        (wheel,) = out.glob("*.whl")
+        if with_engine:
+            assert wheel.name.endswith(
+                ("-py3-none-linux_x86_64.whl", "-py3-none-linux_aarch64.whl")
+            )
+            listing = subprocess.run(
+                [sys.executable, "-m", "zipfile", "-l", str(wheel)], capture_output=True, text=True
+            ).stdout
+            assert str(engine) in listing and ".data/" not in listing
+        else:
+            assert wheel.name.endswith("-py3-none-any.whl"), wheel.name

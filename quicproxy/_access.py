@@ -2,24 +2,29 @@
 
 The handler fills one :class:`AccessRecord` per request as it goes (route,
 upstream, WAF verdict) and :class:`AccessLog` writes it once the response is
-sent. Lines go out with one ``write`` each, so several workers sharing stdout
-never interleave inside a line.
+sent. Lines are written by a background thread (:class:`LineWriter`), whole
+lines per ``write``, so several workers sharing stdout never interleave inside a
+line and a reader of stdout that stalls never stalls the event loop: the lines
+waiting are bounded and those beyond are dropped and counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._forward import TrustedProxies
+from ._metrics import metrics
 from ._model import Request, header_value
 
-__all__ = ["AccessRecord", "AccessLog", "request_id", "PROTOCOL_NAMES"]
+__all__ = ["AccessRecord", "AccessLog", "LineWriter", "request_id", "PROTOCOL_NAMES"]
 
 PROTOCOL_NAMES = {"HTTP/1.1": "h1", "HTTP/1.0": "h1", "HTTP/2": "h2", "HTTP/3": "h3"}
 _ID_OK = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
@@ -111,18 +116,91 @@ def _clean(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:2048]) or "-"
 
 
-def _stdout(line: str) -> None:
-    data = (line + "\n").encode("utf-8", "replace")
-    while data:
-        data = data[os.write(1, data) :]
+class LineWriter:
+    """Lines to a file descriptor, written by a background thread in batches.
+
+    Calling it never blocks on the descriptor: at most ``limit`` bytes wait, and a
+    line that would go beyond is dropped and counted (``dropped``, and the
+    ``on_drop`` callback) until the reader catches up.
+    """
+
+    def __init__(
+        self, fd: int = 1, limit: int = 4 << 20, on_drop: Callable[[], None] | None = None
+    ) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.on_drop = on_drop
+        self.dropped = 0
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def __call__(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "replace")
+        with self._cond:
+            if self._closing or self._size + len(data) > self.limit:
+                self.dropped += 1
+                dropped = True
+            else:
+                dropped = False
+                self._lines.append(data)
+                self._size += len(data)
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="access-log", daemon=True
+                    )
+                    self._thread.start()
+                self._cond.notify()
+        if dropped and self.on_drop is not None:
+            self.on_drop()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closing:
+                    self._cond.wait()
+                if not self._lines:
+                    return
+                batch, self._lines = b"".join(self._lines), []
+            try:
+                while batch:
+                    batch = batch[os.write(self.fd, batch) :]
+            except OSError:
+                pass  # stdout gone (closed pipe): the requests themselves are not affected
+            with self._cond:
+                self._size = sum(len(x) for x in self._lines)
+                self._cond.notify_all()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what waits (bounded by ``timeout``), then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+
+def _dropped() -> None:
+    with contextlib.suppress(Exception):
+        metrics.access_log_dropped.inc()
 
 
 class AccessLog:
     """Formats and writes access lines; ``sink`` can be replaced (tests, library use)."""
 
-    def __init__(self, fmt: str, sink: Callable[[str], None] = _stdout) -> None:
+    def __init__(self, fmt: str, sink: Callable[[str], None] | None = None) -> None:
         self.format = fmt
-        self.sink = sink
+        self.sink: Callable[[str], None] = (
+            sink if sink is not None else LineWriter(on_drop=_dropped)
+        )
+
+    def close(self) -> None:
+        """Write the lines still waiting (the default stdout writer)."""
+        if isinstance(self.sink, LineWriter):
+            self.sink.close()
 
     def start(self, req: Request, client: str, rid: str) -> AccessRecord:
         return AccessRecord(

@@ -141,6 +141,11 @@ class Metrics:
             ["kind"],
             registry=reg,
         )
+        self.access_log_dropped = Counter(
+            p + "access_log_dropped",
+            "Access log lines dropped because stdout was not read fast enough.",
+            registry=reg,
+        )
         self.rate_limited = Counter(
             p + "rate_limited",
             "Requests answered 429 by the rate limiter, by route.",

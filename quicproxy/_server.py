@@ -308,6 +308,7 @@ class Proxy:
             self._metrics_server.close()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
+        await asyncio.get_running_loop().run_in_executor(None, self.handler.access.close)
         self._stopped.set()
         return clean
 

@@ -121,3 +121,41 @@ def test_common_format_is_one_line_without_raw_control_characters():
     when = "[01/Jan/1970:00:00:00 +0000]"
     assert line.startswith(f'10.0.0.1 - - {when} "GET /a\\x22b\\x20c h2" 200 12')
     assert "host=evil\\x0a\\x20host" in line and "rid=rid1" in line and "\n" not in line
+
+
+def test_line_writer_never_blocks_and_bounds_what_waits():
+    """A pipe nobody reads: calls return at once, at most `limit` bytes wait, the rest is
+    dropped and counted; read the pipe and the kept lines arrive whole, in order."""
+    import os
+    import time
+
+    from quicproxy._access import LineWriter
+
+    r, w = os.pipe()
+    drops: list[int] = []
+    writer = LineWriter(w, limit=256 * 1024, on_drop=lambda: drops.append(1))
+    started = time.monotonic()
+    for i in range(20000):  # ~1.3 MB, the pipe holds 64 KiB
+        writer(f"line {i:06d} " + "x" * 50)
+    assert time.monotonic() - started < 2.0  # never waited on the pipe
+    assert writer.dropped > 0 and len(drops) == writer.dropped
+    got = b""
+    os.set_blocking(r, False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(r, 1 << 16)
+        except BlockingIOError:
+            if writer._size == 0 and not writer._lines:
+                break
+            time.sleep(0.01)
+            continue
+        got += chunk
+    writer.close()
+    os.close(w)
+    lines = got.decode().splitlines()
+    kept = 20000 - writer.dropped
+    assert len(lines) == kept
+    numbers = [int(line.split()[1]) for line in lines]
+    assert numbers == sorted(numbers) and all(len(line) == 62 for line in lines)
+    os.close(r)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -263,9 +264,7 @@ def test_waf_info_prints_engine_crs_paranoia_and_rules(waf_engine: str, tmp_path
     assert facts["engine version"][0].isdigit() and int(facts["rules loaded"]) > 400
 
 
-async def test_workers_each_load_the_inline_engine_after_the_fork(
-    tmp_path: Path, waf_engine: str
-):
+async def test_workers_each_load_the_inline_engine_after_the_fork(tmp_path: Path, waf_engine: str):
     extra = ("--workers", "2", "--waf", "inline", "--waf-engine", waf_engine)
     async with cli_proxy(tmp_path, *extra) as (proc, _, https, backend):
         statuses = []
@@ -277,3 +276,25 @@ async def test_workers_each_load_the_inline_engine_after_the_fork(
         assert statuses == [403, 200] * 6
         proc.send_signal(signal.SIGTERM)
         assert await _exit_code(proc) == 0
+
+
+async def test_a_stdout_nobody_reads_does_not_stall_requests(tmp_path: Path):
+    """The access log goes to stdout; a reader that stops reading (a stuck log shipper)
+    must not stall the event loop once the pipe's buffer is full. 600 lines are ~3x a
+    64 KiB pipe buffer: all requests are answered, and once stdout is read every line
+    is there, whole."""
+    async with cli_proxy(tmp_path) as (proc, http, https, _):
+        async with httpx.AsyncClient(verify=False) as client:
+            for i in range(600):
+                resp = await asyncio.wait_for(
+                    client.get(f"https://localhost:{https}/json?n={i}"), 5
+                )
+                assert resp.status_code == 200
+        # the reader comes back: everything that waited arrives, then the proxy stops
+        reading = asyncio.get_running_loop().run_in_executor(None, proc.stdout.read)
+        proc.send_signal(signal.SIGTERM)
+        assert await _exit_code(proc) == 0
+        output = await reading
+    entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    h1 = [e for e in entries if e.get("protocol") == "h1"]  # the readiness probe used h3
+    assert len(h1) == 600 and {(e["path"], e["status"]) for e in h1} == {("/json", 200)}

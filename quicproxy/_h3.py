@@ -89,6 +89,7 @@ class H3Conn:
             elif isinstance(event, events.ConnectionIdRetired):
                 self.listener.cid_retired(self, event.connection_id)
             elif isinstance(event, events.HandshakeCompleted):
+                quic.shed_handshake_buffers()
                 self.listener.handshake_done(self)
             elif isinstance(event, events.StreamReset):
                 self._consumed.pop(event.stream_id, None)

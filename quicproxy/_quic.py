@@ -17,6 +17,11 @@ loudly when an aioquic upgrade removes one):
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
   ``_replenish_connection_ids``: connection IDs carry the owning worker's index.
+- ``QuicConnection._crypto_buffers``: three 16 KiB TLS output buffers, replaced by
+  small ones once the handshake is done (half of an idle connection's memory).
+- ``QuicConnection.__frame_handlers`` (name-mangled): aioquic builds a dict of
+  ~30 bound methods and frozensets per connection (~10 KiB); ours shares one table
+  and binds on look-up.
 - ``QuicConnection._spaces`` (``ack_at`` of the 1-RTT space): acknowledgements
   are delayed so they ride on the response (see ``CreditedConnection``).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
@@ -82,6 +87,8 @@ PRIVATE = [
     ("connection", "_handshake_complete"),
     ("connection", "_close_event"),
     ("connection", "_spaces"),
+    ("connection", "_crypto_buffers"),
+    ("connection", "_QuicConnection__frame_handlers"),
     ("space", "ack_at"),
     ("sender", "_buffer_start"),
     ("sender", "_buffer_stop"),
@@ -90,6 +97,10 @@ PRIVATE = [
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+
+SPENT_CRYPTO_BUFFER = 1024
+"""Capacity of each TLS output buffer after the handshake: nothing more is written for the
+Initial and Handshake epochs, and a server's 1-RTT messages (its session ticket) are out."""
 
 ACK_DELAY = 0.020
 """Longest wait before acknowledging a lone 1-RTT packet: under the 25 ms max_ack_delay
@@ -259,6 +270,30 @@ def owner(cid: bytes) -> int:
     return cid[0] if cid else -1
 
 
+class _FrameHandlers:
+    """Stands in for aioquic's per-connection frame handler dict: one table of (function,
+    epochs) per connection class, bound to the connection when a frame is handled."""
+
+    __slots__ = ("_conn", "_table")
+    _tables: dict[type, dict[int, tuple[Any, frozenset[Any]]]] = {}
+
+    def __init__(self, conn: QuicConnection, built: dict[int, tuple[Any, frozenset[Any]]]):
+        self._conn = conn
+        cls = type(conn)
+        table = self._tables.get(cls)
+        if table is None:
+            table = {
+                frame: (getattr(cls, method.__name__), epochs)
+                for frame, (method, epochs) in built.items()
+            }
+            self._tables[cls] = table
+        self._table = table
+
+    def __getitem__(self, frame_type: int) -> tuple[Any, frozenset[Any]]:
+        func, epochs = self._table[frame_type]  # KeyError: unknown frame, as with the dict
+        return func.__get__(self._conn), epochs
+
+
 class CreditedConnection(QuicConnection):
     """QuicConnection whose request-stream receive windows follow what the proxy consumed.
 
@@ -271,8 +306,13 @@ class CreditedConnection(QuicConnection):
     client's address changed) can be handed to the owner.
     """
 
+    __slots__ = ("credit", "worker", "host_cid", "_unacked")
+    # outside the instance dict: one more key would double aioquic's ~3 KiB attribute table
+
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        name = "_QuicConnection__frame_handlers"
+        setattr(self, name, _FrameHandlers(self, getattr(self, name)))
         self.credit: dict[int, int] = {}
         self._unacked = 0
         self.worker = worker
@@ -306,6 +346,14 @@ class CreditedConnection(QuicConnection):
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         if space is not None and space.ack_at is not None:
             space.ack_at = 0.0
+
+    def shed_handshake_buffers(self) -> None:
+        """Once the handshake is complete: aioquic keeps a 16 KiB TLS output buffer per
+        epoch for the connection's life (48 KiB of an idle connection's ~100 KiB); empty
+        ones are swapped for small ones."""
+        for epoch, buf in list(self._crypto_buffers.items()):
+            if buf.tell() == 0:
+                self._crypto_buffers[epoch] = Buffer(capacity=SPENT_CRYPTO_BUFFER)
 
     def _replenish_connection_ids(self) -> None:
         known = len(self._host_cids)

@@ -118,3 +118,27 @@ def test_a_lone_request_is_acknowledged_late_and_a_second_packet_at_once(certs):
     server.send_stream_data(sid, b"answer", end_stream=True)
     assert len(server.datagrams_to_send(now=now)) == 1
     assert server._spaces[tls.Epoch.ONE_RTT].ack_at is None
+
+
+def test_an_idle_connection_sheds_its_handshake_buffers_and_shares_frame_handlers(certs):
+    """What an idle connection keeps: the TLS output buffers (16 KiB each in aioquic) are
+    small once the handshake is done, the frame handler table is shared, and the
+    connection still handles frames (a request stream after the handshake)."""
+    client, server, now = _pair(certs)
+    server.shed_handshake_buffers()
+    assert all(buf.capacity <= _quic.SPENT_CRYPTO_BUFFER for buf in server._crypto_buffers.values())
+    other = _pair(certs)[1]
+    assert (
+        server._QuicConnection__frame_handlers._table
+        is other._QuicConnection__frame_handlers._table
+    )
+    with pytest.raises(KeyError):
+        server._QuicConnection__frame_handlers[0x7F]  # unknown frame type, as aioquic expects
+    sid = client.get_next_available_stream_id()
+    client.send_stream_data(sid, b"GET", end_stream=True)
+    (data, _), *_ = client.datagrams_to_send(now=now + 0.01)
+    server.receive_datagram(data, ("127.0.0.1", 4433), now=now + 0.01)
+    received = [
+        e for e in iter(server.next_event, None) if isinstance(e, _quic.events.StreamDataReceived)
+    ]
+    assert received and received[-1].data == b"GET" and received[-1].end_stream

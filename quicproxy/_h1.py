@@ -10,7 +10,7 @@ from http import HTTPStatus
 import h11
 
 from ._errors import BadRequest, RequestError, RequestTimeout, VersionNotSupported
-from ._h11io import READ_SIZE, next_event
+from ._h11io import READ_SIZE, next_event, read_within
 from ._handler import Handler, error_response
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
 from ._sockets import plain_addr
@@ -93,7 +93,7 @@ class H1Connection:
             deadline = self.accepted + self.timeouts.header
         else:
             if not self.h11.trailing_data[0]:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeouts.idle)
+                data = await read_within(self.reader, READ_SIZE, self.timeouts.idle)
                 self.h11.receive_data(data)
             deadline = loop.time() + self.timeouts.header
         try:
@@ -157,7 +157,7 @@ class H1Connection:
         left = DISCARD_BYTES
         with contextlib.suppress(asyncio.TimeoutError, ConnectionError, OSError):
             while left > 0:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), deadline - loop.time())
+                data = await read_within(self.reader, READ_SIZE, deadline - loop.time())
                 if not data:
                     break
                 left -= len(data)

@@ -21,6 +21,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 from hyperframe.frame import GoAwayFrame
 
+from ._h11io import read_within
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
@@ -186,7 +187,7 @@ class H2Connection:
         try:
             await self.flush()
             while not self._goaway_sent:
-                data = await asyncio.wait_for(self.reader.read(_READ), self._read_timeout())
+                data = await read_within(self.reader, _READ, self._read_timeout())
                 if not data:
                     break
                 if not self._feed(data):

@@ -128,7 +128,8 @@ class Body:
                 await self._waiter.wait()
                 continue
             try:
-                await asyncio.wait_for(self._waiter.wait(), self.idle_timeout)
+                async with asyncio.timeout(self.idle_timeout):  # no task per wait
+                    await self._waiter.wait()
             except TimeoutError:
                 self._error = RequestTimeout("request body stalled")
                 raise self._error from None

@@ -22,6 +22,10 @@ loudly when an aioquic upgrade removes one):
 - ``QuicConnection.__frame_handlers`` (name-mangled): aioquic builds a dict of
   ~30 bound methods and frozensets per connection (~10 KiB); ours shares one table
   and binds on look-up.
+- ``aioquic.quic.connection.EPOCHS``: builds a new frozenset on every call, ~30 per
+  connection in ``__init__`` (a tenth of a handshake's CPU); replaced by a cached one.
+- ``QuicConnection._handle_padding_frame``: overridden; aioquic walks the padding of
+  every Initial byte by byte in Python.
 - ``QuicConnection._spaces`` (``ack_at`` of the 1-RTT space): acknowledgements
   are delayed so they ride on the response (see ``CreditedConnection``).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
@@ -31,6 +35,7 @@ loudly when an aioquic upgrade removes one):
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 from dataclasses import dataclass
@@ -40,6 +45,7 @@ from aioquic import tls
 from aioquic._crypto import AEAD, HeaderProtection
 from aioquic.buffer import Buffer, BufferReadError
 from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.quic import connection as quic_connection_module
 from aioquic.quic import events as quic_events
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -88,6 +94,8 @@ PRIVATE = [
     ("connection", "_close_event"),
     ("connection", "_spaces"),
     ("connection", "_crypto_buffers"),
+    (quic_connection_module, "EPOCHS"),
+    (QuicConnection, "_handle_padding_frame"),
     ("connection", "_QuicConnection__frame_handlers"),
     ("space", "ack_at"),
     ("sender", "_buffer_start"),
@@ -97,6 +105,9 @@ PRIVATE = [
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+
+# Same frozensets, built once: QuicConnection.__init__ asks for ~30 of them per connection.
+quic_connection_module.EPOCHS = functools.lru_cache(maxsize=None)(quic_connection_module.EPOCHS)
 
 SPENT_CRYPTO_BUFFER = 1024
 """Capacity of each TLS output buffer after the handshake: nothing more is written for the
@@ -346,6 +357,15 @@ class CreditedConnection(QuicConnection):
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         if space is not None and space.ack_at is not None:
             space.ack_at = 0.0
+
+    def _handle_padding_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
+        """As aioquic (skip the zero bytes that follow), without a Python loop per byte:
+        every client Initial carries hundreds of them."""
+        pos = buf.tell()
+        rest = buf.data_slice(pos, buf.capacity)
+        buf.seek(pos + len(rest) - len(rest.lstrip(b"\x00")))
+        if self._quic_logger is not None:
+            context.quic_logger_frames.append(self._quic_logger.encode_padding_frame())
 
     def shed_handshake_buffers(self) -> None:
         """Once the handshake is complete: aioquic keeps a 16 KiB TLS output buffer per

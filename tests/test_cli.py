@@ -298,3 +298,12 @@ async def test_a_stdout_nobody_reads_does_not_stall_requests(tmp_path: Path):
     entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     h1 = [e for e in entries if e.get("protocol") == "h1"]  # the readiness probe used h3
     assert len(h1) == 600 and {(e["path"], e["status"]) for e in h1} == {("/json", 200)}
+
+
+def test_a_started_proxy_takes_its_startup_objects_out_of_gc_scans():
+    code = (
+        "import gc; from quicproxy._cli import tune_gc, GC_THRESHOLDS; tune_gc(); "
+        "print(gc.get_freeze_count() > 1000, gc.get_threshold() == GC_THRESHOLDS)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]

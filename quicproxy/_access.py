@@ -3,9 +3,10 @@
 The handler fills one :class:`AccessRecord` per request as it goes (route,
 upstream, WAF verdict) and :class:`AccessLog` writes it once the response is
 sent. Lines are written by a background thread (:class:`LineWriter`), whole
-lines per ``write``, so several workers sharing stdout never interleave inside a
-line and a reader of stdout that stalls never stalls the event loop: the lines
-waiting are bounded and those beyond are dropped and counted.
+lines in writes of at most PIPE_BUF bytes, so several workers (and stderr) sharing
+stdout never interleave inside a line, and a reader of stdout that stalls never
+stalls the event loop: the lines waiting are bounded, those beyond are dropped and
+counted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ._forward import TrustedProxies
@@ -116,6 +117,25 @@ def _clean(text: str) -> str:
     return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:2048]) or "-"
 
 
+PIPE_BUF = 4096
+"A write of at most this many bytes to a pipe is never interleaved with another's."
+
+
+def _atomic_chunks(lines: list[bytes]) -> Iterator[bytes]:
+    """Whole lines joined into writes of at most PIPE_BUF bytes (a longer line alone), so
+    writers sharing the pipe (other workers, stderr) never cut into a line."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        if chunk and size + len(line) > PIPE_BUF:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
 class LineWriter:
     """Lines to a file descriptor, written by a background thread in batches.
 
@@ -163,10 +183,11 @@ class LineWriter:
                     self._cond.wait()
                 if not self._lines:
                     return
-                batch, self._lines = b"".join(self._lines), []
+                lines, self._lines = self._lines, []
             try:
-                while batch:
-                    batch = batch[os.write(self.fd, batch) :]
+                for chunk in _atomic_chunks(lines):
+                    while chunk:
+                        chunk = chunk[os.write(self.fd, chunk) :]
             except OSError:
                 pass  # stdout gone (closed pipe): the requests themselves are not affected
             with self._cond:

@@ -159,3 +159,17 @@ def test_line_writer_never_blocks_and_bounds_what_waits():
     numbers = [int(line.split()[1]) for line in lines]
     assert numbers == sorted(numbers) and all(len(line) == 62 for line in lines)
     os.close(r)
+
+
+def test_batches_are_cut_at_line_boundaries_within_pipe_buf():
+    """Writes of at most PIPE_BUF bytes (atomic on a pipe shared with other workers and
+    stderr), each made of whole lines; a longer line goes alone."""
+    from quicproxy._access import PIPE_BUF, _atomic_chunks
+
+    lines = [(f"{i:05d}" + "y" * (i % 700)).encode() + b"\n" for i in range(300)]
+    lines.insert(150, b"z" * (PIPE_BUF + 10) + b"\n")
+    chunks = list(_atomic_chunks(lines))
+    assert b"".join(chunks) == b"".join(lines)
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")
+        assert len(chunk) <= PIPE_BUF or chunk.count(b"\n") == 1

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client, config, watch
 from kubernetes.dynamic import DynamicClient
@@ -74,7 +75,17 @@ class Kube:
     def __init__(self, provider: Provider, progress: Progress) -> None:
         self.provider = provider
         self.progress = progress
-        self.api = config.new_client_from_config(config_file=provider.kubeconfig)
+        settings = client.Configuration()
+        # The API server drops idle keep-alive connections (long image builds and waits
+        # between calls); a request sent on one is reset before the server reads it, so
+        # it is safe to send again on a fresh connection, whatever the method (seen on
+        # `local` and `kind`, on the first and on later calls of a profile).
+        settings.retries = urllib3.Retry(
+            total=4, connect=4, read=2, status=0, allowed_methods=None, backoff_factor=0.5
+        )
+        self.api = config.new_client_from_config(
+            config_file=provider.kubeconfig, client_configuration=settings
+        )
         self.dyn = DynamicClient(self.api)
         self.core = client.CoreV1Api(self.api)
         self.env = provider.tools_env()

@@ -11,7 +11,6 @@ nothing behind.
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib3
 import yaml
 
 from . import _probe, conftest
@@ -324,13 +322,7 @@ class Release:
     # ---------------------------------------------------------------- lifecycle
     def prepare(self) -> None:
         k = self.kube
-        try:
-            k.recreate_namespace(self.ns)
-        except (urllib3.exceptions.HTTPError, http.client.HTTPException):
-            # the client's pooled connection went stale while the image was built and
-            # loaded (seen: reset / ResponseNotReady on this first call); a new one works
-            time.sleep(1)
-            k.recreate_namespace(self.ns)
+        k.recreate_namespace(self.ns)  # stale pooled connections: the client retries (_kube)
         if self.profile.metrics:
             k.apply(SERVICEMONITOR_CRD)
         k.apply(

@@ -43,10 +43,6 @@ class Completions:
             if done is not None:
                 done()
 
-    @property
-    def idle(self) -> bool:
-        return not self._waiting
-
     def close(self, writers_left: int) -> None:
         """Stop watching; the pipe is closed only when no goroutine can still write to it
         (a closed descriptor number may be reused by another file)."""

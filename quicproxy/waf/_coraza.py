@@ -107,10 +107,15 @@ class CorazaEngine:
         """The pipe the running loop's goroutine verdicts arrive on."""
         loop = asyncio.get_running_loop()
         if self._completions is None or self._completions.loop is not loop:
-            if self._completions is not None:
-                self._completions.close(self.lib.qpc_async_pending())
+            self._forget_completions()
             self._completions = Completions(loop)
         return self._completions
+
+    def _forget_completions(self) -> None:
+        """Stop watching the pipe (closed once no goroutine can still write to it)."""
+        if self._completions is not None:
+            self._completions.close(self.lib.qpc_async_pending())
+            self._completions = None
 
     async def settle(self, seconds: float = 5.0) -> None:
         """On the loop: wait (bounded) for goroutines still evaluating or logging, then
@@ -118,9 +123,7 @@ class CorazaEngine:
         deadline = time.monotonic() + seconds
         while self.lib.qpc_async_pending() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        if self._completions is not None:
-            self._completions.close(self.lib.qpc_async_pending())
-            self._completions = None
+        self._forget_completions()
 
     def close(self) -> None:
         if getattr(self, "executor", None) is not None:
@@ -128,11 +131,9 @@ class CorazaEngine:
         deadline = time.monotonic() + 5.0
         while self.lib.qpc_async_pending() and time.monotonic() < deadline:
             time.sleep(0.01)
-        left = self.lib.qpc_async_pending()
         if self._completions is not None and not self._completions.loop.is_running():
-            self._completions.close(left)
-            self._completions = None
-        if self.handle and not left:  # a goroutine still on the rule set keeps it alive
+            self._forget_completions()
+        if self.handle and not self.lib.qpc_async_pending():  # else a goroutine uses the rules
             self.lib.qpc_waf_free(self.handle)
             self.handle = None
 
@@ -216,10 +217,6 @@ class CorazaTransaction(PooledTransaction):
             raise WafUnavailable("the coraza engine failed on this request")
         self._blocked = blocked.value or None
         self._parse_matches(text)
-
-    def _start_and_finish(self) -> None:
-        self._evaluate_whole(b"")
-        self._finished = True
 
     def _finish_body(self) -> None:
         lib = self._engine.lib

@@ -28,65 +28,29 @@ BUILD_HINT = (
     "needs Go), point QUICPROXY_CORAZA_LIB at a built one, or use --waf-engine modsecurity"
 )
 
+_REQUEST: list[object] = [
+    c_size_t,  # rule set
+    c_char_p,  # client address
+    c_int,  # client port
+    c_char_p,  # server address
+    c_int,  # server port
+    c_char_p,  # URI
+    c_char_p,  # method
+    c_char_p,  # protocol
+    c_char_p,  # packed headers
+    c_int,  # their length
+]
+"What opens a transaction, as ``CorazaTransaction._request_args`` passes it."
+
 _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "qpc_versions": (c_void_p, []),
     "qpc_free": (None, [c_void_p]),
     "qpc_waf_new": (c_size_t, [c_char_p, POINTER(c_void_p)]),
     "qpc_waf_rules": (c_int, [c_size_t]),
     "qpc_waf_free": (None, [c_size_t]),
-    "qpc_tx_new": (
-        c_size_t,
-        [
-            c_size_t,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_char_p,
-            c_char_p,
-            c_char_p,
-            c_int,
-            POINTER(c_int),
-        ],
-    ),
-    "qpc_tx_eval": (
-        c_size_t,
-        [
-            c_size_t,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_char_p,
-            c_char_p,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_int,
-            POINTER(c_int),
-            POINTER(c_void_p),
-        ],
-    ),
-    "qpc_async_eval": (
-        c_size_t,
-        [
-            c_size_t,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_char_p,
-            c_char_p,
-            c_char_p,
-            c_int,
-            c_char_p,
-            c_int,
-            c_int,
-        ],
-    ),
+    "qpc_tx_new": (c_size_t, [*_REQUEST, POINTER(c_int)]),
+    "qpc_tx_eval": (c_size_t, [*_REQUEST, c_char_p, c_int, POINTER(c_int), POINTER(c_void_p)]),
+    "qpc_async_eval": (c_size_t, [*_REQUEST, c_char_p, c_int, c_int]),
     "qpc_async_result": (c_int, [c_size_t, POINTER(c_void_p)]),
     "qpc_async_close": (None, [c_size_t]),
     "qpc_async_pending": (c_int, []),

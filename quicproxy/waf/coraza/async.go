@@ -67,14 +67,7 @@ func qpc_async_eval(
 			}
 		}()
 		a.t = newTx(waf, r)
-		a.blocked = status(a.t.ProcessRequestHeaders())
-		if a.blocked == 0 && len(data) > 0 {
-			a.blocked = writeBody(a.t, data)
-		}
-		if a.blocked == 0 {
-			a.blocked = finish(a.t)
-		}
-		a.matches = matchLines(a.t)
+		a.blocked, a.matches = evaluate(a.t, data)
 	}()
 	return C.uintptr_t(handle)
 }

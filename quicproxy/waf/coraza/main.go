@@ -148,15 +148,24 @@ func qpc_tx_eval(
 	defer guard(blocked)
 	t := startTx(h, client, clientPort, server, serverPort, uri, method, protocol, headers, headersLen)
 	handle = C.uintptr_t(cgo.NewHandle(t))
-	*blocked = status(t.ProcessRequestHeaders())
-	if *blocked == 0 && bodyLen > 0 {
-		*blocked = qpc_tx_body(handle, body, bodyLen)
-	}
-	if *blocked == 0 {
-		*blocked = qpc_tx_finish(handle)
-	}
-	*matches = qpc_tx_matches(handle)
+	code, lines := evaluate(t, C.GoBytes(unsafe.Pointer(body), bodyLen))
+	*blocked = code
+	*matches = C.CString(lines)
 	return handle
+}
+
+// evaluate runs every request phase of a transaction whose connection, URI and
+// headers are in (the body phase too when body is not empty): the status to
+// block with, 0 or -1, and the logged matches as qpc_tx_matches lists them.
+func evaluate(t types.Transaction, body []byte) (C.int, string) {
+	blocked := status(t.ProcessRequestHeaders())
+	if blocked == 0 && len(body) > 0 {
+		blocked = writeBody(t, body)
+	}
+	if blocked == 0 {
+		blocked = finish(t)
+	}
+	return blocked, matchLines(t)
 }
 
 // startTx opens a transaction and feeds it the connection, URI and headers.

@@ -39,6 +39,7 @@ class Target:
     procs: list[subprocess.Popen] = field(default_factory=list)
     note: str = ""
     server_pids: list[int] = field(default_factory=list)  # set when a server is not in procs
+    metrics_url: str = ""  # quicproxy's /metrics (plain HTTP port)
 
     @property
     def pid(self) -> int:
@@ -309,6 +310,7 @@ class Lab:
         else:
             t.procs = self._quicproxy(t, port, http_port, waf_port)
             wait_http(base + "/_gwhealthz", t.procs)
+            t.metrics_url = f"http://{HOST}:{http_port}/metrics"
         t.urls = {"h1": base, "h2": base, "h3": base}
 
     def stop(self, t: Target) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from bench import scrape
 from bench.targets import HOST, NAME, Target, cpu_per_unit, proc_tree_cpu_s, proc_tree_rss_kib
 
 OHA_VERSION = "1.16.0"
@@ -110,6 +111,24 @@ FIGURES = {
         ),
         Figure(
             "waf_beyond_p50/h3", "latency the WAF adds beyond the engine, p50, h3", "ms", "lower"
+        ),
+        Figure(
+            "waf_in_engine_p50/h3",
+            "WAF engine per evaluation inside the proxy, p50, latency test, h3",
+            "ms",
+            "lower",
+        ),
+        Figure(
+            "waf_wait_p50/h3",
+            "WAF wait beyond the engine inside the proxy, p50, latency test, h3",
+            "ms",
+            "lower",
+        ),
+        Figure(
+            "waf_wait_load_p50/h3",
+            "WAF wait beyond the engine inside the proxy, p50, c=64 load, h3",
+            "ms",
+            "lower",
         ),
     ]
 }
@@ -386,6 +405,23 @@ def idle_memory(t: Target, s: Settings) -> dict[str, float]:
     }
 
 
+def waf_inside(t: Target, keys: dict[str, str], fn, *args) -> dict[str, float]:
+    """``fn(*args)``'s figures plus, for an inline WAF target, the p50 (ms) of the proxy's
+    own WAF histograms over the same window: ``keys`` maps histogram name to figure key."""
+    if t.waf != "inline" or not t.metrics_url:
+        return fn(*args)
+    before = {h: scrape.buckets(t.metrics_url, h, engine=t.engine) for h in keys}
+    got = fn(*args)
+    for h, key in keys.items():
+        after = scrape.buckets(t.metrics_url, h, engine=t.engine)
+        got[key] = scrape.quantile(before[h], after, 0.5) * 1000
+    return got
+
+
+WAIT = "quicproxy_waf_wait_seconds"
+ENGINE = "quicproxy_waf_engine_seconds"
+
+
 def waf_engine(t: Target, s: Settings) -> dict[str, float]:
     """The target's WAF engine alone on the latency test's request at its rate, in a child
     process."""
@@ -429,12 +465,44 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
         if p not in protos:
             res["_failed"][f"rps_1k/{p}"] = "warmup failed"
     for p in protos:
-        step(f"rps 1k {p}", [f"rps_1k/{p}", f"cpu_1k/{p}"], rps_1k, oha, t, p, s)
+        keys = [f"rps_1k/{p}", f"cpu_1k/{p}"]
+        if p == "h3" and t.waf == "inline":
+            inside = {WAIT: "waf_wait_load_p50/h3"}
+            step(
+                f"rps 1k {p}",
+                [*keys, *inside.values()],
+                waf_inside,
+                t,
+                inside,
+                rps_1k,
+                oha,
+                t,
+                p,
+                s,
+            )
+        else:
+            step(f"rps 1k {p}", keys, rps_1k, oha, t, p, s)
     if t.waf != "off":
         step("waf engine", ["waf_engine_p50/h3"], waf_engine, t, s)
     for p in protos:
         if p in s.lat_protos or t.kind == "direct":
-            step(f"latency {p}", [f"lat_p50/{p}", f"lat_p99/{p}"], latency, oha, t, p, s)
+            keys = [f"lat_p50/{p}", f"lat_p99/{p}"]
+            if p == "h3" and t.waf == "inline":
+                inside = {WAIT: "waf_wait_p50/h3", ENGINE: "waf_in_engine_p50/h3"}
+                step(
+                    f"latency {p}",
+                    [*keys, *inside.values()],
+                    waf_inside,
+                    t,
+                    inside,
+                    latency,
+                    oha,
+                    t,
+                    p,
+                    s,
+                )
+            else:
+                step(f"latency {p}", keys, latency, oha, t, p, s)
     if full:
         for p in protos:
             if p in s.big_protos or t.kind == "direct":

@@ -234,3 +234,25 @@ async def test_same_verdict_on_h1_h2_h3_for_the_corpus(
             differ.append((name, sorted(seen, key=str)))
         assert (421, "12360") not in seen, name
     assert differ == []
+
+
+async def test_the_engines_time_and_the_wait_beyond_it_are_measured(
+    make_proxy, backend, certs, waf_engine
+):
+    """The WAF's time splits into the engine's own evaluation and the wait beyond it
+    (hand-overs, queueing); the wait is counted for bodiless requests only, whose WAF
+    time is not also the client's upload time."""
+    proxy = await make_proxy(backend, waf={"mode": "inline", "engine": waf_engine})
+    for proto in PROTOCOLS:
+        status, _, _ = await fetch(proxy, certs, proto, "GET", "/products?page=2", None, [])
+        assert status == 200
+    method, path, body, headers = BENIGN["form"]
+    assert (await fetch(proxy, certs, "h2", method, path, body, headers))[0] == 200
+
+    def value(name: str) -> float:
+        return metrics.value(f"quicproxy_waf_{name}", engine=waf_engine)
+
+    assert value("engine_seconds_count") == 4
+    assert value("wait_seconds_count") == 3
+    assert 0 < value("engine_seconds_sum") < value("evaluation_seconds_sum")
+    assert 0 < value("wait_seconds_sum") < value("evaluation_seconds_sum")

@@ -183,6 +183,9 @@ class WafClient:
 class ServiceTransaction:
     """One request: the body is buffered and sent with the request at ``finish()``."""
 
+    engine_seconds = 0.0
+    "Not known here: the service measures its own evaluations."
+
     def __init__(self, client: WafClient, request: WafRequest) -> None:
         self._client = client
         self._request = request

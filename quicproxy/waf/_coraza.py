@@ -256,8 +256,9 @@ class CorazaTransaction(PooledTransaction):
 
         done.expect(self._handle, completed)
         await verdict
-        matches = ctypes.c_void_p()
-        blocked = lib.qpc_async_result(self._handle, ctypes.byref(matches))
+        matches, nanos = ctypes.c_void_p(), ctypes.c_int64(0)
+        blocked = lib.qpc_async_result(self._handle, ctypes.byref(matches), ctypes.byref(nanos))
+        self.engine_seconds += nanos.value / 1e9
         text = lib.take_text(matches.value)
         if blocked < 0:
             raise WafUnavailable("the coraza engine failed on this request")

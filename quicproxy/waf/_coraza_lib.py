@@ -11,7 +11,7 @@ import ctypes
 import os
 import struct
 import threading
-from ctypes import POINTER, c_char_p, c_int, c_size_t, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_int64, c_size_t, c_void_p
 from typing import Any
 
 from .._errors import ConfigError
@@ -51,7 +51,7 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "qpc_tx_new": (c_size_t, [*_REQUEST, POINTER(c_int)]),
     "qpc_tx_eval": (c_size_t, [*_REQUEST, c_char_p, c_int, POINTER(c_int), POINTER(c_void_p)]),
     "qpc_async_eval": (c_size_t, [*_REQUEST, c_char_p, c_int, c_int]),
-    "qpc_async_result": (c_int, [c_size_t, POINTER(c_void_p)]),
+    "qpc_async_result": (c_int, [c_size_t, POINTER(c_void_p), POINTER(c_int64)]),
     "qpc_async_close": (None, [c_size_t]),
     "qpc_async_pending": (c_int, []),
     "qpc_tx_body": (c_int, [c_size_t, c_char_p, c_int]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ class PooledTransaction:
         self._finished = False
         self._closed = False
         self._pending: concurrent.futures.Future[Any] | None = None
+        self.engine_seconds = 0.0
 
     # -- engine calls, by the subclass -------------------------------------------------
 
@@ -53,8 +55,16 @@ class PooledTransaction:
     # -- shared ------------------------------------------------------------------------
 
     async def _run(self, func: Callable[[], T]) -> T:
-        self._pending = self._engine.executor.submit(func)
+        self._pending = self._engine.executor.submit(self._timed, func)
         return await asyncio.wrap_future(self._pending)
+
+    def _timed(self, func: Callable[[], T]) -> T:
+        """In the pool: run ``func`` and add its duration to ``engine_seconds``."""
+        start = time.perf_counter()
+        try:
+            return func()
+        finally:
+            self.engine_seconds += time.perf_counter() - start
 
     def _start_and_finish(self) -> None:
         self._start()

@@ -57,6 +57,10 @@ class WafUnavailable(Exception):
 class WafTransaction(Protocol):
     """One request's inspection: headers, then body chunks, then a final verdict."""
 
+    engine_seconds: float
+    """Time the engine itself spent on this request's phases so far (0.0 where the
+    proxy cannot know it: service mode). What the WAF adds beyond it is hand-over."""
+
     async def headers(self) -> WafDecision | None:
         """Run the connection/URI/headers phases; a blocking decision or None."""
 

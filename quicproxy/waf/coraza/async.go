@@ -10,6 +10,7 @@ import (
 	"runtime/cgo"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"github.com/corazawaf/coraza/v3"
@@ -30,6 +31,7 @@ type async struct {
 	t       types.Transaction
 	blocked C.int
 	matches string
+	nanos   int64 // time the evaluation took on its goroutine
 }
 
 var pending atomic.Int64
@@ -61,10 +63,12 @@ func qpc_async_eval(
 	go func() {
 		defer pending.Add(-1)
 		defer notify(int(fd), uint64(handle))
+		start := time.Now()
 		defer func() {
 			if recover() != nil {
 				a.blocked = -1
 			}
+			a.nanos = time.Since(start).Nanoseconds()
 		}()
 		a.t = newTx(waf, r)
 		a.blocked, a.matches = evaluate(a.t, data)
@@ -84,12 +88,14 @@ func notify(fd int, handle uint64) {
 
 // qpc_async_result is the verdict of a finished evaluation: the status to block
 // with, 0, or -1 when the engine failed; *matches receives the logged matches as
-// qpc_tx_matches returns them (free with qpc_free).
+// qpc_tx_matches returns them (free with qpc_free); *nanos the time the
+// evaluation took on its goroutine.
 //
 //export qpc_async_result
-func qpc_async_result(h C.uintptr_t, matches **C.char) C.int {
+func qpc_async_result(h C.uintptr_t, matches **C.char, nanos *C.int64_t) C.int {
 	a := cgo.Handle(h).Value().(*async)
 	*matches = C.CString(a.matches)
+	*nanos = C.int64_t(a.nanos)
 	return a.blocked
 }
 

@@ -21,14 +21,14 @@ import (
 // over and returns at once; a goroutine evaluates it on Go's own threads (every
 // core, no Python thread, no GIL hand-over) and writes the transaction handle,
 // 8 bytes little endian, to a pipe the loop watches. The loop then reads the
-// verdict with qpc_async_result and ends the transaction with qpc_async_close,
-// which runs the logging phase on a goroutine too.
+// verdict with qpc_async_result and forgets the handle with qpc_async_close; the
+// goroutine runs the logging phase and frees the transaction once the verdict is
+// out, so nobody waits for it.
 
 // async is a transaction evaluated on a goroutine; its fields are written by the
 // goroutine before it writes the handle to the pipe, and read after the caller
 // has read it.
 type async struct {
-	t       types.Transaction
 	blocked C.int
 	matches string
 	nanos   int64 // time the evaluation took on its goroutine
@@ -36,8 +36,8 @@ type async struct {
 
 var pending atomic.Int64
 
-// qpc_async_pending counts goroutines still using a rule set (evaluations and
-// closes): the rule set may be freed only at 0.
+// qpc_async_pending counts goroutines still using a rule set (evaluating or
+// logging): the rule set may be freed only at 0.
 //
 //export qpc_async_pending
 func qpc_async_pending() C.int {
@@ -62,18 +62,31 @@ func qpc_async_eval(
 	pending.Add(1)
 	go func() {
 		defer pending.Add(-1)
-		defer notify(int(fd), uint64(handle))
-		start := time.Now()
-		defer func() {
-			if recover() != nil {
-				a.blocked = -1
-			}
-			a.nanos = time.Since(start).Nanoseconds()
-		}()
-		a.t = newTx(waf, r)
-		a.blocked, a.matches = evaluate(a.t, data)
+		t := a.run(waf, r, data)
+		notify(int(fd), uint64(handle))
+		// The verdict is out: the logging phase and the release keep nobody waiting.
+		defer func() { _ = recover() }()
+		if t != nil {
+			t.ProcessLogging()
+			_ = t.Close()
+		}
 	}()
 	return C.uintptr_t(handle)
+}
+
+// run evaluates the request into a's fields and returns the transaction (nil if
+// opening it failed); a panic in any phase yields -1.
+func (a *async) run(waf coraza.WAF, r request, data []byte) (t types.Transaction) {
+	start := time.Now()
+	defer func() {
+		if recover() != nil {
+			a.blocked = -1
+		}
+		a.nanos = time.Since(start).Nanoseconds()
+	}()
+	t = newTx(waf, r)
+	a.blocked, a.matches = evaluate(t, data)
+	return t
 }
 
 func notify(fd int, handle uint64) {
@@ -99,19 +112,10 @@ func qpc_async_result(h C.uintptr_t, matches **C.char, nanos *C.int64_t) C.int {
 	return a.blocked
 }
 
-// qpc_async_close runs the logging phase and frees the transaction, on a goroutine.
+// qpc_async_close forgets a finished evaluation (its goroutine has already run
+// the logging phase and freed the transaction).
 //
 //export qpc_async_close
 func qpc_async_close(h C.uintptr_t) {
-	a := cgo.Handle(h).Value().(*async)
-	pending.Add(1)
-	go func() {
-		defer pending.Add(-1)
-		defer cgo.Handle(h).Delete()
-		defer func() { _ = recover() }()
-		if a.t != nil {
-			a.t.ProcessLogging()
-			_ = a.t.Close()
-		}
-	}()
+	cgo.Handle(h).Delete()
 }

@@ -97,9 +97,6 @@ func guard(code *C.int) {
 }
 
 func tx(h C.uintptr_t) types.Transaction {
-	if a, ok := cgo.Handle(h).Value().(*async); ok {
-		return a.t
-	}
 	return cgo.Handle(h).Value().(types.Transaction)
 }
 

@@ -124,12 +124,6 @@ FIGURES = {
             "ms",
             "lower",
         ),
-        Figure(
-            "waf_wait_load_p50/h3",
-            "WAF wait beyond the engine inside the proxy, p50, c=64 load, h3",
-            "ms",
-            "lower",
-        ),
     ]
 }
 
@@ -465,23 +459,7 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
         if p not in protos:
             res["_failed"][f"rps_1k/{p}"] = "warmup failed"
     for p in protos:
-        keys = [f"rps_1k/{p}", f"cpu_1k/{p}"]
-        if p == "h3" and t.waf == "inline":
-            inside = {WAIT: "waf_wait_load_p50/h3"}
-            step(
-                f"rps 1k {p}",
-                [*keys, *inside.values()],
-                waf_inside,
-                t,
-                inside,
-                rps_1k,
-                oha,
-                t,
-                p,
-                s,
-            )
-        else:
-            step(f"rps 1k {p}", keys, rps_1k, oha, t, p, s)
+        step(f"rps 1k {p}", [f"rps_1k/{p}", f"cpu_1k/{p}"], rps_1k, oha, t, p, s)
     if t.waf != "off":
         step("waf engine", ["waf_engine_p50/h3"], waf_engine, t, s)
     for p in protos:

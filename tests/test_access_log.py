@@ -173,3 +173,23 @@ def test_batches_are_cut_at_line_boundaries_within_pipe_buf():
     for chunk in chunks:
         assert chunk.endswith(b"\n")
         assert len(chunk) <= PIPE_BUF or chunk.count(b"\n") == 1
+
+
+def test_json_line_is_exactly_what_json_dumps_writes():
+    """The hand-built line is byte for byte json.dumps of as_dict(), for hostile text too."""
+    odd = ['ev"il\\', "tab\tnew\nline", "\x00\x1f\x7f", "h\u00f6st\u2028", "\ud800lone", ""]
+    for i, text in enumerate(odd):
+        rec = AccessRecord(text, "10.0.0.1", "h3", text, text, text, 1.7e9 + i / 7, 200 + i)
+        rec.bytes_in, rec.bytes_out, rec.duration = i, 10**12 + i, i / 3
+        rec.upstream, rec.route, rec.waf_rule = (text, None, text) if i % 2 else (None, text, None)
+        rec.upstream_time = None if i % 3 else i / 9
+        expected = json.dumps(rec.as_dict(), ensure_ascii=True, separators=(",", ":"))
+        assert rec.as_json() == expected
+
+
+def test_new_request_ids_are_32_hex_digits_and_distinct():
+    from quicproxy._access import new_id
+
+    ids = [new_id() for _ in range(1000)]  # crosses several refills of the random buffer
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)

@@ -237,10 +237,8 @@ class LineWriter:
                 self._waiting = False
                 if not self._lines:
                     return
-                closing = self._closing
-            if not closing:
-                time.sleep(self.linger)  # let the batch gather
-            with self._cond:
+                if not self._closing:
+                    self._cond.wait(self.linger)  # let the batch gather (close() ends it)
                 lines, self._lines = self._lines, []
             try:
                 for chunk in _atomic_chunks(lines):

@@ -24,9 +24,15 @@ _VERSIONS = (b"1.0", b"1.1")
 
 
 class _Writer:
+    """A response's bytes to the connection. The head is held until the first body bytes
+    (or the end) so a small response leaves in one write, one TLS record and one system
+    call; it is written at the end of the event-loop turn if nothing follows at once."""
+
     def __init__(self, conn: H1Connection, body: Body) -> None:
         self.conn = conn
         self.body = body
+        self._held = b""
+        self._flush: asyncio.Handle | None = None
 
     async def send_head(self, status: int, headers: Headers) -> None:
         if not self.body.ended:
@@ -38,15 +44,34 @@ class _Writer:
             reason = HTTPStatus(status).phrase.encode()
         except ValueError:
             reason = b""
-        await self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
+        event = h11.Response(status_code=status, headers=headers, reason=reason)
+        self._held = self.conn.h11.send(event) or b""
+        self._flush = asyncio.get_running_loop().call_soon(self._write_held)
+
+    def _write_held(self) -> None:
+        self._flush = None
+        held, self._held = self._held, b""
+        if held and not self.conn.writer.transport.is_closing():
+            self.conn.writer.write(held)
+
+    async def _send(self, data: bytes) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+            data, self._held = self._held + data, b""
+        if data:
+            await self.conn.write(data)
 
     async def send_data(self, data: bytes) -> None:
-        await self.conn.send(h11.Data(data=data))
+        await self._send(self.conn.h11.send(h11.Data(data=data)) or b"")
 
     async def send_end(self) -> None:
-        await self.conn.send(h11.EndOfMessage())
+        await self._send(self.conn.h11.send(h11.EndOfMessage()) or b"")
 
     def abort(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
         self.conn.writer.transport.abort()
 
 
@@ -81,8 +106,16 @@ class H1Connection:
     async def send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
         if data:
-            self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), self.timeouts.send)
+            await self.write(data)
+
+    async def write(self, data: bytes) -> None:
+        """Write; wait (bounded by the send timeout) only when bytes are left queued, so
+        the common small write costs neither a timer nor a task."""
+        self.writer.write(data)
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            async with asyncio.timeout(self.timeouts.send):
+                await self.writer.drain()
 
     async def _next_request(self, first: bool) -> h11.Event:
         """The next request head: the keep-alive wait for its first byte is bounded

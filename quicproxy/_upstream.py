@@ -7,17 +7,16 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-import h11
-
+from . import _h1wire as wire
 from ._config import UpstreamConfig
 from ._errors import (
+    BadRequest,
     ProxyError,
     UpstreamBusy,
     UpstreamConnectError,
     UpstreamTimeout,
     UpstreamTruncated,
 )
-from ._h11io import next_event
 from ._model import Body, Headers, Response
 
 __all__ = ["UpstreamPool"]
@@ -26,27 +25,21 @@ _READ = 65536
 
 
 class _Conn:
-    """One upstream connection and its h11 state."""
+    """One upstream connection."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
         self.reused = False
+        self.done = False
+        "The last response was read to its end and the connection may carry another."
         self.slot: Callable[[], None] | None = None
         "Releases this connection's place under the connection caps."
 
-    async def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            self.writer.write(data)
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        if self.writer.transport.get_write_buffer_size() or self.writer.is_closing():
             await self.writer.drain()
-
-    async def next_event(self, timeout: float) -> h11.Event:
-        try:
-            return await next_event(self.h11, self.reader, timeout=timeout)
-        except TimeoutError:
-            raise UpstreamTimeout("upstream did not answer in time") from None
 
     def release_slot(self) -> None:
         """Give the connection's place under the caps back (once)."""
@@ -172,8 +165,8 @@ class UpstreamPool:
         return await self._connect(member)
 
     def _release(self, member: tuple[str, int], conn: _Conn) -> None:
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-            conn.h11.start_next_cycle()
+        if conn.done:
+            conn.done = False
             idle = self._idle.setdefault(member, [])
             if len(idle) < self.cfg.pool_size and conn.usable:
                 idle.append(conn)
@@ -227,15 +220,17 @@ class UpstreamPool:
             framing = [("transfer-encoding", "chunked")]
         empty_body = content_length == 0 or (body.ended and not body.buffered)
         try:
-            await conn.send(h11.Request(method=method, target=target, headers=headers + framing))
+            await conn.write(wire.request_head(method, target, headers + framing))
         except (ConnectionError, OSError):
             if conn.reused and empty_body:
                 raise _Stale() from None
             raise UpstreamConnectError("upstream connection failed") from None
         if empty_body:
-            return await self._exchange_no_body(member, conn)
-        sender = asyncio.ensure_future(self._send_body(conn, body))
-        reading = asyncio.ensure_future(self._read_head(conn))
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return self._response(member, conn, await self._read_head(conn, method), done)
+        sender = asyncio.ensure_future(self._send_body(conn, body, content_length))
+        reading = asyncio.ensure_future(self._read_head(conn, method))
         try:
             await asyncio.wait([sender, reading], return_when=asyncio.FIRST_COMPLETED)
             failed = sender.exception() if sender.done() else None
@@ -252,80 +247,80 @@ class UpstreamPool:
             raise
         return self._response(member, conn, response, sender)
 
-    async def _exchange_no_body(self, member: tuple[str, int], conn: _Conn) -> Response:
-        """The common case, without the two tasks a streamed body needs."""
-        try:
-            await conn.send(h11.EndOfMessage())
-        except (ConnectionError, OSError):
-            raise _Stale() from None
-        response = await self._read_head(conn)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return self._response(member, conn, response, done)
-
     def _response(
         self,
         member: tuple[str, int],
         conn: _Conn,
-        response: h11.Response,
+        head: wire.ResponseHead,
         sender: asyncio.Future[None],
     ) -> Response:
-        out: Headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in response.headers]
-        length = None
-        for k, v in out:
-            if k == "content-length" and v.isdigit():
-                length = int(v)
-        stream = Body.from_iter(self._read_body(member, conn, sender))
-        if response.status_code in (204, 304):
-            length = None
-        return Response(response.status_code, out, stream, length)
+        stream = Body.from_iter(self._read_body(member, conn, head, sender))
+        return Response(head.status, head.headers, stream, head.length)
 
-    async def _send_body(self, conn: _Conn, body: Body) -> None:
+    async def _send_body(self, conn: _Conn, body: Body, content_length: int | None) -> None:
+        """The request body, chunked when its length is unknown; a body that does not
+        match its Content-Length is the client's error (400) and is cut there."""
+        sent = 0
         async for chunk in body:
-            await conn.send(h11.Data(data=chunk))
-        await conn.send(h11.EndOfMessage())
+            if not chunk:
+                continue
+            sent += len(chunk)
+            if content_length is None:
+                await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            elif sent > content_length:
+                raise BadRequest("request body longer than its Content-Length")
+            else:
+                await conn.write(chunk)
+        if content_length is None:
+            await conn.write(b"0\r\n\r\n")
+        elif sent != content_length:
+            raise BadRequest("request body shorter than its Content-Length")
 
-    async def _read_head(self, conn: _Conn) -> h11.Response:
-        while True:
-            try:
-                event = await conn.next_event(self.cfg.timeout)
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
-            except (ConnectionError, OSError):
-                raise _Stale() from None
-            if isinstance(event, h11.ConnectionClosed):
-                raise _Stale()
-            if isinstance(event, h11.Response):
-                return event
-            # h11.InformationalResponse (100 Continue and the like) is skipped
+    async def _read_head(self, conn: _Conn, method: str) -> wire.ResponseHead:
+        try:
+            async with asyncio.timeout(self.cfg.timeout):
+                return await wire.read_head(conn.reader, method)
+        except TimeoutError:
+            raise UpstreamTimeout("upstream did not answer in time") from None
+        except wire.Invalid as exc:
+            raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise _Stale() from None  # closed before answering: a stale keep-alive
+            raise UpstreamConnectError("invalid upstream response: closed mid-head") from None
+        except (ConnectionError, OSError):
+            raise _Stale() from None
 
     async def _read_body(
-        self, member: tuple[str, int], conn: _Conn, sender: asyncio.Future[None]
+        self,
+        member: tuple[str, int],
+        conn: _Conn,
+        head: wire.ResponseHead,
+        sender: asyncio.Future[None],
     ) -> AsyncIterator[bytes]:
         done = False
         try:
-            while True:
-                try:
-                    event = await conn.next_event(self.cfg.timeout)
-                except h11.RemoteProtocolError:
-                    raise UpstreamTruncated(
-                        "upstream response ended early or was malformed"
-                    ) from None
-                except (ConnectionError, OSError):
-                    raise UpstreamTruncated("upstream connection lost mid-body") from None
-                if isinstance(event, h11.Data):
-                    yield bytes(event.data)
-                elif isinstance(event, h11.EndOfMessage):
-                    done = True
-                    break
-                else:
-                    raise UpstreamTruncated("upstream closed mid-body")
+            try:
+                async for data in wire.read_body(conn.reader, head, self.cfg.timeout):
+                    yield data
+            except TimeoutError:
+                raise UpstreamTimeout("upstream did not answer in time") from None
+            except (wire.Invalid, asyncio.IncompleteReadError):
+                raise UpstreamTruncated("upstream response ended early or was malformed") from None
+            except (ConnectionError, OSError):
+                raise UpstreamTruncated("upstream connection lost mid-body") from None
+            done = True
         finally:
-            if done and sender.done() and not sender.cancelled() and sender.exception() is None:
+            if done and head.keep_alive and _sent(sender):
+                conn.done = True
                 self._release(member, conn)
             else:
                 sender.cancel()
                 conn.close()
+
+
+def _sent(sender: asyncio.Future[None]) -> bool:
+    return sender.done() and not sender.cancelled() and sender.exception() is None
 
 
 class _Stale(Exception):

@@ -1,6 +1,6 @@
 """The proxy's client for the WAF service (mode 'service').
 
-Keep-alive HTTP/1.1 (h11 over asyncio streams), at most ``pool_size``
+Keep-alive HTTP/1.1 (the upstream pool's codec, :mod:`.._h1wire`), at most ``pool_size``
 connections, one ``POST /evaluate`` per request at ``finish()``. Anything but a
 timely, well-formed answer raises :class:`WafUnavailable`; the proxy applies
 fail-open/closed.
@@ -13,10 +13,8 @@ import json
 import time
 from typing import Any
 
-import h11
-
+from .. import _h1wire as wire
 from .._config import WafConfig, parse_backend
-from .._h11io import next_event
 from ._types import WafDecision, WafRequest, WafUnavailable
 from ._wire import BadInput, decision_from_json, request_to_json
 
@@ -39,7 +37,7 @@ class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.reusable = False
         self.idle_since = time.monotonic()
 
     @property
@@ -56,31 +54,25 @@ class _Connection:
             ("content-type", "application/json"),
             ("content-length", str(len(body))),
         ]
-        data = self.h11.send(h11.Request(method="POST", target=target, headers=headers)) or b""
-        data += self.h11.send(h11.Data(data=body)) or b""
-        data += self.h11.send(h11.EndOfMessage()) or b""
-        self.writer.write(data)
+        self.reusable = False
+        self.writer.write(wire.request_head("POST", target, headers) + body)
         await self.writer.drain()
-        status = 0
-        answer = bytearray()
-        while True:
-            event = await next_event(self.h11, self.reader)  # evaluate() bounds the time
-            if isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                answer += event.data
+        try:  # evaluate() bounds the time
+            head = await wire.read_head(self.reader, "POST")
+            if head.length is not None and head.length > MAX_ANSWER:
+                raise _Closed("answer too large")
+            answer = bytearray()
+            async for chunk in wire.read_body(self.reader, head, MAX_IDLE):
+                answer += chunk
                 if len(answer) > MAX_ANSWER:
                     raise _Closed("answer too large")
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise _Closed("connection closed")
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            self.idle_since = time.monotonic()
-        else:
-            self.close()
-        return status, bytes(answer)
+        except asyncio.IncompleteReadError:
+            raise _Closed("connection closed") from None
+        except wire.Invalid as exc:
+            raise _Closed(f"invalid answer: {exc}") from None
+        self.reusable = head.keep_alive
+        self.idle_since = time.monotonic()
+        return head.status, bytes(answer)
 
     def close(self) -> None:
         self.writer.close()
@@ -142,7 +134,7 @@ class WafClient:
                 conn = await self._connect()
             try:
                 status, answer = await conn.post(self._authority, "/evaluate", payload)
-            except (OSError, _Closed, h11.ProtocolError) as exc:
+            except (OSError, _Closed) as exc:
                 conn.close()
                 if reused:
                     continue  # the service closed a kept-alive connection; use a fresh one
@@ -150,7 +142,7 @@ class WafClient:
             except BaseException:
                 conn.close()  # timeout or cancel mid-exchange: the connection is unusable
                 raise
-            if conn.h11.our_state is h11.IDLE and not self._closed:
+            if conn.reusable and not self._closed:
                 self._idle.append(conn)
             else:
                 conn.close()

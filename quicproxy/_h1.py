@@ -264,6 +264,7 @@ class H1Connection:
             if pump is not None and not pump.done():
                 pump.cancel()
                 self.closing = True  # body left unread: the connection cannot be reused
+                await asyncio.wait([pump])  # its read ends before anyone else reads
 
     def _consumed(self, size: int) -> None:
         self._room.set()

@@ -30,7 +30,7 @@ from ._errors import (
     UpstreamTimeout,
 )
 from ._forward import TrustedProxies, real_client, strip_hop_by_hop, upstream_headers
-from ._metrics import CONTENT_TYPE, metrics, status_class
+from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Router
@@ -148,13 +148,15 @@ class Handler:
 
     def _finish(self, rec: AccessRecord) -> None:
         try:
-            route = rec.route or "-"
-            metrics.requests.labels(rec.protocol, status_class(rec.status), route).inc()
-            metrics.request_duration.labels(rec.protocol).observe(rec.duration)
-            metrics.bytes_received.labels(rec.protocol).inc(rec.bytes_in)
-            metrics.bytes_sent.labels(rec.protocol).inc(rec.bytes_out)
-            if rec.upstream_time is not None:
-                metrics.upstream_duration.labels(rec.protocol).observe(rec.upstream_time)
+            metrics.request_done(
+                rec.protocol,
+                rec.status,
+                rec.route or "-",
+                rec.duration,
+                rec.bytes_in,
+                rec.bytes_out,
+                rec.upstream_time,
+            )
         except Exception:  # metrics must never break a request
             log.exception("recording metrics failed")
         self.access.write(rec)

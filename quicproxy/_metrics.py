@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,6 +60,7 @@ class Metrics:
 
     def reset(self) -> None:
         """New metric objects: in a private registry, or multiprocess files."""
+        self._series: dict[tuple[str, str, str], tuple[Any, ...]] = {}
         self.registry = CollectorRegistry()
         reg = None if self.multiprocess_dir else self.registry
         p = "quicproxy_"
@@ -201,6 +203,36 @@ class Metrics:
             ["protocol"],
             registry=reg,
         )
+
+    def request_done(
+        self,
+        protocol: str,
+        status: int,
+        route: str,
+        seconds: float,
+        bytes_in: int,
+        bytes_out: int,
+        upstream_seconds: float | None,
+    ) -> None:
+        """Count one answered request. The labelled series are looked up once per
+        (protocol, status class, route), all bounded sets, instead of five times a request."""
+        key = (protocol, status_class(status), route)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = (
+                self.requests.labels(*key),
+                self.request_duration.labels(protocol),
+                self.bytes_received.labels(protocol),
+                self.bytes_sent.labels(protocol),
+                self.upstream_duration.labels(protocol),
+            )
+        requests, duration, received, sent, upstream = series
+        requests.inc()
+        duration.observe(seconds)
+        received.inc(bytes_in)
+        sent.inc(bytes_out)
+        if upstream_seconds is not None:
+            upstream.observe(upstream_seconds)
 
     def use_multiprocess(self, directory: str) -> None:
         """Record into ``directory`` (shared by every worker) from now on."""

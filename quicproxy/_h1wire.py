@@ -11,7 +11,8 @@ chunk sizes, and its framing (RFC 9112 6.3) is judged once, from the head:
 - ``Content-Length`` (one value, repeated identically at most);
 - else up to the end of the connection, which is then not reused.
 
-Errors are :class:`Invalid` (the response cannot be trusted) or
+Lines end in CRLF or, as RFC 9112 2.2 lets a recipient accept, a bare LF. Errors
+are :class:`Invalid` (the response cannot be trusted) or
 :class:`asyncio.IncompleteReadError` (the connection ended early).
 """
 
@@ -62,9 +63,8 @@ def request_head(method: str, target: str, headers: Headers) -> bytes:
     return f"{method} {target} HTTP/1.1\r\n{fields}\r\n".encode("latin-1")
 
 
-def parse_head(raw: bytes, method: str) -> ResponseHead:
-    """A response head (ending in CRLF CRLF) to a request made with ``method``."""
-    lines = raw[:-4].split(b"\r\n")
+def parse_head(lines: list[bytes], method: str) -> ResponseHead:
+    """A response head (its lines, without line ends) to a request made with ``method``."""
     status_line = _STATUS.fullmatch(lines[0])
     if status_line is None:
         raise Invalid("bad status line")
@@ -105,20 +105,34 @@ def _framed(status: int, headers: Headers, method: str, http11: bool) -> Respons
     return ResponseHead(status, headers, "close", None, False)
 
 
-async def _until(reader: asyncio.StreamReader, separator: bytes, limit: int) -> bytes:
+async def _line(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """The next line without its line end (CRLF or LF)."""
     try:
-        data = await reader.readuntil(separator)
+        data = await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
         raise Invalid("line or head too long") from None
     if len(data) > limit:
         raise Invalid("line or head too long")
-    return data
+    return data[:-2] if data.endswith(b"\r\n") else data[:-1]
+
+
+async def _head_lines(reader: asyncio.StreamReader) -> list[bytes]:
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = await _line(reader, HEAD_LIMIT - size)
+        size += len(line) + 2
+        if not line:
+            return lines
+        if size > HEAD_LIMIT:
+            raise Invalid("line or head too long")
+        lines.append(line)
 
 
 async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:
     """The next response head, 1xx interim responses skipped."""
     while True:
-        head = parse_head(await _until(reader, b"\r\n\r\n", HEAD_LIMIT), method)
+        head = parse_head(await _head_lines(reader), method)
         if head.status >= 200:
             return head
         if head.status == 101:
@@ -137,8 +151,8 @@ async def read_body(
     elif head.framing == "chunked":
         while True:
             async with asyncio.timeout(timeout):
-                line = await _until(reader, b"\r\n", LINE_LIMIT)
-            size = line[:-2].split(b";", 1)[0].strip(b" \t")
+                line = await _line(reader, LINE_LIMIT)
+            size = line.split(b";", 1)[0].strip(b" \t")
             if not _HEX.fullmatch(size):
                 raise Invalid("bad chunk size")
             if size.strip(b"0") == b"":
@@ -146,11 +160,11 @@ async def read_body(
             async for data in _exactly(reader, int(size, 16), timeout):
                 yield data
             async with asyncio.timeout(timeout):
-                if await reader.readexactly(2) != b"\r\n":
-                    raise Invalid("chunk not followed by CRLF")
+                if await _line(reader, 2) != b"":
+                    raise Invalid("chunk not followed by a line end")
         for _ in range(TRAILER_LIMIT + 1):
             async with asyncio.timeout(timeout):
-                if await _until(reader, b"\r\n", LINE_LIMIT) == b"\r\n":
+                if await _line(reader, LINE_LIMIT) == b"":
                     return
         raise Invalid("too many trailer fields")
     elif head.framing == "close":

@@ -48,6 +48,16 @@ async def test_chunked_body_with_extensions_and_trailers():
     assert body == b"hello0123456789"
 
 
+async def test_bare_lf_line_ends_are_accepted():
+    raw = (
+        b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\nX-A: b\r\n\n"
+        b"5\nhello\n3\r\nabc\r\n0\nT: t\n\n"
+    )
+    head, body = await _response(raw)
+    assert (head.status, head.framing, body) == (200, "chunked", b"helloabc")
+    assert head.headers == [("transfer-encoding", "chunked"), ("x-a", "b")]
+
+
 async def test_close_delimited_body_is_read_to_the_end_and_not_reused():
     head, body = await _response(b"HTTP/1.1 200 OK\r\n\r\nall of it")
     assert (head.framing, head.keep_alive, body) == ("close", False, b"all of it")

@@ -12,6 +12,7 @@ counted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -111,7 +112,7 @@ class AccessRecord:
     def as_json(self) -> str:
         """``as_dict()`` as one JSON line (ASCII, no spaces), built directly: a request's
         line is written on the event loop, so it is cheap."""
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.started))
+        stamp = _second(int(self.started))
         millis = int((self.started % 1) * 1000)
         up_ms = "null" if self.upstream_time is None else repr(round(self.upstream_time * 1000, 3))
         return (
@@ -147,6 +148,12 @@ class AccessRecord:
 
 _str = json.encoder.encode_basestring_ascii
 "A JSON string literal, quoted and escaped (json's own C function)."
+
+
+@functools.lru_cache(maxsize=4)
+def _second(when: int) -> str:
+    """'2026-11-26T10:00:00' for a Unix second (the few seconds in use are kept)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
 
 
 def _opt(text: str | None) -> str:

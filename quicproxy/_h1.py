@@ -10,7 +10,7 @@ from http import HTTPStatus
 import h11
 
 from ._errors import BadRequest, RequestError, RequestTimeout, VersionNotSupported
-from ._h11io import READ_SIZE, next_event, read_within
+from ._h11io import READ_SIZE, next_event, read_within, write_within
 from ._handler import Handler, error_response
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
 from ._sockets import plain_addr
@@ -109,13 +109,7 @@ class H1Connection:
             await self.write(data)
 
     async def write(self, data: bytes) -> None:
-        """Write; wait (bounded by the send timeout) only when bytes are left queued, so
-        the common small write costs neither a timer nor a task."""
-        self.writer.write(data)
-        transport = self.writer.transport
-        if transport.get_write_buffer_size() or transport.is_closing():
-            async with asyncio.timeout(self.timeouts.send):
-                await self.writer.drain()
+        await write_within(self.writer, data, self.timeouts.send)
 
     async def _next_request(self, first: bool) -> h11.Event:
         """The next request head: the keep-alive wait for its first byte is bounded

@@ -1,4 +1,5 @@
-"""The one read loop over h11: downstream (h1 server), upstream and WAF-client sides."""
+"""Stream I/O of the HTTP/1.1 paths: the read loop over h11 (the h1 server) and the bounded
+reads and writes every HTTP/1.1 connection uses (server, upstream, WAF client)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 
 import h11
 
-__all__ = ["next_event", "read_within", "READ_SIZE"]
+__all__ = ["next_event", "read_within", "write_within", "READ_SIZE"]
 
 READ_SIZE = 65536
 
@@ -19,6 +20,20 @@ async def read_within(reader: asyncio.StreamReader, size: int, seconds: float | 
         return await reader.read(size)
     async with asyncio.timeout(seconds):
         return await reader.read(size)
+
+
+async def write_within(
+    writer: asyncio.StreamWriter, data: bytes, seconds: float | None = None
+) -> None:
+    """Write; wait for the transport (TimeoutError after ``seconds``; None: no limit) only
+    when bytes are left queued, so the common small write costs neither a timer nor a task."""
+    writer.write(data)
+    if writer.transport.get_write_buffer_size() or writer.is_closing():
+        if seconds is None:
+            await writer.drain()
+        else:
+            async with asyncio.timeout(seconds):
+                await writer.drain()
 
 
 async def next_event(

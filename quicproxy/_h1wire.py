@@ -23,6 +23,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ._h11io import READ_SIZE, read_within
 from ._model import Headers
 
 __all__ = ["Invalid", "ResponseHead", "request_head", "read_head", "read_body"]
@@ -33,7 +34,6 @@ LINE_LIMIT = 8192
 "Bytes of a chunk-size line or a trailer field."
 TRAILER_LIMIT = 100
 "Trailer fields read (and dropped) after a chunked body."
-READ_SIZE = 65536
 
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -168,19 +168,14 @@ async def read_body(
                     return
         raise Invalid("too many trailer fields")
     elif head.framing == "close":
-        while True:
-            async with asyncio.timeout(timeout):
-                data = await reader.read(READ_SIZE)
-            if not data:
-                return
+        while data := await read_within(reader, READ_SIZE, timeout):
             yield data
 
 
 async def _exactly(reader: asyncio.StreamReader, size: int, timeout: float) -> AsyncIterator[bytes]:
     left = size
     while left:
-        async with asyncio.timeout(timeout):
-            data = await reader.read(min(left, READ_SIZE))
+        data = await read_within(reader, min(left, READ_SIZE), timeout)
         if not data:
             raise asyncio.IncompleteReadError(b"", left)
         left -= len(data)

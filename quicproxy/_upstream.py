@@ -17,11 +17,10 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
+from ._h11io import READ_SIZE, write_within
 from ._model import Body, Headers, Response
 
 __all__ = ["UpstreamPool"]
-
-_READ = 65536
 
 
 class _Conn:
@@ -31,15 +30,11 @@ class _Conn:
         self.reader = reader
         self.writer = writer
         self.reused = False
-        self.done = False
-        "The last response was read to its end and the connection may carry another."
         self.slot: Callable[[], None] | None = None
         "Releases this connection's place under the connection caps."
 
     async def write(self, data: bytes) -> None:
-        self.writer.write(data)
-        if self.writer.transport.get_write_buffer_size() or self.writer.is_closing():
-            await self.writer.drain()
+        await write_within(self.writer, data)
 
     def release_slot(self) -> None:
         """Give the connection's place under the caps back (once)."""
@@ -145,7 +140,7 @@ class UpstreamPool:
         host, port = member
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=_READ * 4), self.cfg.connect_timeout
+                asyncio.open_connection(host, port, limit=READ_SIZE * 4), self.cfg.connect_timeout
             )
         except TimeoutError:
             raise UpstreamConnectError(f"connect to {host}:{port} timed out") from None
@@ -164,14 +159,13 @@ class UpstreamPool:
             conn.close()
         return await self._connect(member)
 
-    def _release(self, member: tuple[str, int], conn: _Conn) -> None:
-        if conn.done:
-            conn.done = False
-            idle = self._idle.setdefault(member, [])
-            if len(idle) < self.cfg.pool_size and conn.usable:
-                idle.append(conn)
-                return
-        conn.close()
+    def _keep(self, member: tuple[str, int], conn: _Conn) -> None:
+        """A connection whose exchange ended cleanly: idle in the pool, or closed if full."""
+        idle = self._idle.setdefault(member, [])
+        if len(idle) < self.cfg.pool_size and conn.usable:
+            idle.append(conn)
+        else:
+            conn.close()
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
@@ -312,8 +306,7 @@ class UpstreamPool:
             done = True
         finally:
             if done and head.keep_alive and _sent(sender):
-                conn.done = True
-                self._release(member, conn)
+                self._keep(member, conn)
             else:
                 sender.cancel()
                 conn.close()

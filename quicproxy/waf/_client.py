@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import _h1wire as wire
 from .._config import WafConfig, parse_backend
+from .._h11io import write_within
 from ._types import WafDecision, WafRequest, WafUnavailable
 from ._wire import BadInput, decision_from_json, request_to_json
 
@@ -55,8 +56,7 @@ class _Connection:
             ("content-length", str(len(body))),
         ]
         self.reusable = False
-        self.writer.write(wire.request_head("POST", target, headers) + body)
-        await self.writer.drain()
+        await write_within(self.writer, wire.request_head("POST", target, headers) + body)
         try:  # evaluate() bounds the time
             head = await wire.read_head(self.reader, "POST")
             if head.length is not None and head.length > MAX_ANSWER:

@@ -6,7 +6,7 @@ import html
 import json
 from collections.abc import AsyncIterator
 
-from ._model import Body, Request, Response
+from ._model import Body, Request, Response, decimal
 
 __all__ = ["demo_response"]
 
@@ -34,8 +34,8 @@ async def demo_response(req: Request) -> Response:
         return Response(200, [("content-type", "application/octet-stream")], req.body)
     async for _ in req.body:  # drain any body we do not use
         pass
-    if path.startswith("/bytes/") and path[7:].isdigit():
-        size = min(int(path[7:]), 1 << 30)
+    if path.startswith("/bytes/") and (size := decimal(path[7:])) is not None:
+        size = min(size, 1 << 30)
         headers = [("content-type", "application/octet-stream"), ("content-length", str(size))]
         return Response(200, headers, Body.from_iter(_zeros(size)), size)
     if path == "/json":

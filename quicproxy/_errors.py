@@ -1,4 +1,4 @@
-"""Typed errors that know the HTTP status to answer with (as h11 does).
+"""Typed errors that know the HTTP status to answer with.
 
 The tree::
 

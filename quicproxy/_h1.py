@@ -1,51 +1,73 @@
-"""HTTP/1.1 server adapter: h11 events to the request model, over asyncio streams."""
+"""HTTP/1.1 server: requests read with the shared codec (``_h1wire``) into the request
+model, responses framed and written here, over asyncio streams."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from http import HTTPStatus
 
-import h11
-
-from ._errors import BadRequest, RequestError, RequestTimeout, VersionNotSupported
-from ._h11io import READ_SIZE, next_event, read_within, write_within
+from . import _h1wire as wire
+from ._errors import BadRequest, ProxyError, RequestError, RequestTimeout
 from ._handler import Handler, error_response
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
 from ._sockets import plain_addr
+from ._streamio import READ_SIZE, read_within, write_within
 from ._target import origin_form
 
 __all__ = ["H1Connection"]
 
 log = logging.getLogger("quicproxy")
 _HIGH_WATER = 1 << 20
-_VERSIONS = (b"1.0", b"1.1")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
 
 
 class _Writer:
-    """A response's bytes to the connection. The head is held until the first body bytes
-    (or the end) so a small response leaves in one write, one TLS record and one system
-    call; it is written at the end of the event-loop turn if nothing follows at once."""
+    """A response's bytes to the connection, framed by Content-Length, chunked (an
+    HTTP/1.1 client) or by closing (HTTP/1.0). The head is held until the first body
+    bytes (or the end) so a small response leaves in one write, one TLS record and one
+    system call; it is written at the end of the event-loop turn if nothing follows."""
 
-    def __init__(self, conn: H1Connection, body: Body) -> None:
+    def __init__(self, conn: H1Connection, head: wire.RequestHead, body: Body) -> None:
         self.conn = conn
+        self.head = head
         self.body = body
+        self.framing = "none"
+        self.left = 0
+        "Body bytes still owed under Content-Length."
+        self.done = False
+        "The response was written to its end."
         self._held = b""
         self._flush: asyncio.Handle | None = None
 
     async def send_head(self, status: int, headers: Headers) -> None:
+        conn = self.conn
         if not self.body.ended:
             # Answering before the whole body came: no keep-alive, and a lingering close.
-            self.conn.closing = self.conn.linger = True
-        if self.conn.closing:
-            headers = [(k, v) for k, v in headers if k != "connection"] + [("connection", "close")]
+            conn.closing = conn.linger = True
+        if not self.head.keep_alive:
+            conn.closing = True
+        length = wire.length_of(header_value(headers, "content-length"))
+        fields = [(k, v) for k, v in headers if k not in _FRAMING]
+        if length is not None:
+            fields.append(("content-length", str(length)))
+        if self.head.method == "HEAD" or status in (204, 304):
+            pass  # no body, whatever the fields say
+        elif length is not None:
+            self.framing, self.left = "length", length
+        elif self.head.version == "1.1":
+            self.framing = "chunked"
+            fields.append(("transfer-encoding", "chunked"))
+        else:
+            self.framing = "close"
+            conn.closing = True
+        if conn.closing:
+            fields.append(("connection", "close"))
         try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b""
-        event = h11.Response(status_code=status, headers=headers, reason=reason)
-        self._held = self.conn.h11.send(event) or b""
+            self._held = wire.response_head(status, fields)
+        except ValueError as exc:
+            raise ProxyError(str(exc)) from None
         self._flush = asyncio.get_running_loop().call_soon(self._write_held)
 
     def _write_held(self) -> None:
@@ -63,10 +85,21 @@ class _Writer:
             await self.conn.write(data)
 
     async def send_data(self, data: bytes) -> None:
-        await self._send(self.conn.h11.send(h11.Data(data=data)) or b"")
+        if not data or self.framing == "none":
+            return
+        if self.framing == "chunked":
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        elif self.framing == "length":
+            if len(data) > self.left:
+                raise ProxyError("response body longer than its Content-Length")
+            self.left -= len(data)
+        await self._send(data)
 
     async def send_end(self) -> None:
-        await self._send(self.conn.h11.send(h11.EndOfMessage()) or b"")
+        if self.framing == "length" and self.left:
+            raise ProxyError("response body shorter than its Content-Length")
+        await self._send(b"0\r\n\r\n" if self.framing == "chunked" else b"")
+        self.done = True
 
     def abort(self) -> None:
         if self._flush is not None:
@@ -89,9 +122,7 @@ class H1Connection:
         self.reader = reader
         self.writer = writer
         self.scheme = scheme
-        self.h11 = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=handler.cfg.limits.max_header_bytes
-        )
+        self.head_limit = handler.cfg.limits.max_header_bytes
         self.timeouts = handler.cfg.timeouts
         self.accepted = asyncio.get_running_loop().time()
         self.client = plain_addr(writer.get_extra_info("peername"))
@@ -100,35 +131,38 @@ class H1Connection:
         self.linger = False
         "Discard unread request data before closing, so the client can read our answer."
         self.busy = False
+        self.answered = False
+        "A response to the current request has begun."
         self._room = asyncio.Event()
         self._room.set()
-
-    async def send(self, event: h11.Event) -> None:
-        data = self.h11.send(event)
-        if data:
-            await self.write(data)
 
     async def write(self, data: bytes) -> None:
         await write_within(self.writer, data, self.timeouts.send)
 
-    async def _next_request(self, first: bool) -> h11.Event:
-        """The next request head: the keep-alive wait for its first byte is bounded
-        by the idle timeout, the whole head by the header deadline (from the first
-        byte, or from the accept for the first request), however slowly it trickles."""
+    async def _next_request(self, first: bool) -> wire.RequestHead | None:
+        """The next request head (None: the client closed or sent nothing in time). The
+        keep-alive wait for its first byte is bounded by the idle timeout, the whole
+        head by the header deadline (from the first byte, or from the accept for the
+        first request), however slowly it trickles."""
         loop = asyncio.get_running_loop()
         if first:
             deadline = self.accepted + self.timeouts.header
+            try:
+                async with asyncio.timeout_at(deadline):
+                    byte = await self.reader.read(1)
+            except TimeoutError:
+                return None
         else:
-            if not self.h11.trailing_data[0]:
-                data = await read_within(self.reader, READ_SIZE, self.timeouts.idle)
-                self.h11.receive_data(data)
+            async with asyncio.timeout(self.timeouts.idle):
+                byte = await self.reader.read(1)
             deadline = loop.time() + self.timeouts.header
+        if not byte:
+            return None
         try:
-            return await next_event(self.h11, self.reader, deadline=deadline)
+            async with asyncio.timeout_at(deadline):
+                return await wire.read_request(self.reader, self.head_limit, byte)
         except TimeoutError:
-            if self.h11.trailing_data[0]:
-                raise RequestTimeout("request head not received in time") from None
-            raise
+            raise RequestTimeout("request head not received in time") from None
 
     def shutdown(self) -> None:
         """Graceful close: now if idle, else after the response in progress."""
@@ -140,27 +174,28 @@ class H1Connection:
         first = True
         try:
             while not self.closing:
+                self.answered = False
                 try:
-                    event = await self._next_request(first)
-                except h11.RemoteProtocolError as exc:
+                    head = await self._next_request(first)
+                except wire.Invalid as exc:
                     log.info("bad HTTP/1.1 request from %s: %s", self.client[0], exc)
-                    await self._refuse(exc.error_status_hint, "")
+                    await self._refuse(exc.status, "")
+                    break
+                except asyncio.IncompleteReadError:
+                    await self._refuse(400, "")  # the client stopped inside the head
                     break
                 except RequestTimeout as exc:
                     await self._refuse(exc.status, exc.reason)
                     break
                 first = False
-                if not isinstance(event, h11.Request):
-                    break  # ConnectionClosed, or nothing more to read
-                self.busy = True
-                await self._serve(event)
-                self.busy = False
-                if self.closing or self.h11.our_state is not h11.DONE:
+                if head is None:
                     break
-                if self.h11.their_state is not h11.DONE:
-                    break  # request body not read to its end: no keep-alive
-                self.h11.start_next_cycle()
-        except (TimeoutError, ConnectionError, OSError, h11.LocalProtocolError):
+                self.busy = True
+                reusable = await self._serve(head)
+                self.busy = False
+                if not reusable:
+                    break
+        except (TimeoutError, ConnectionError, OSError):
             pass
         finally:
             if self.linger:
@@ -192,98 +227,91 @@ class H1Connection:
     async def _refuse(self, status: int, reason: str) -> None:
         """Answer an unusable request and close (the connection cannot be trusted after)."""
         self.closing = True
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.answered:
             return
+        self.answered = True
         if not reason:
-            reason = {431: "Request Header Fields Too Large"}.get(status, "Bad Request")
+            reason = {431: "Request Header Fields Too Large", 501: "Not Implemented"}.get(
+                status, "Bad Request"
+            )
         resp = error_response(status, reason)
         with contextlib.suppress(Exception):
-            headers = resp.headers + [("connection", "close")]
-            await self.send(h11.Response(status_code=status, headers=headers))
-            await self.send(h11.Data(data=await resp.body.read()))
-            await self.send(h11.EndOfMessage())
+            body = await resp.body.read()
+            head = wire.response_head(status, resp.headers + [("connection", "close")])
+            await self.write(head + body)
 
-    def _request(self, event: h11.Request, headers: Headers) -> tuple[str, str]:
-        """(target, authority) of an h1 request: framing and version checked,
-        absolute-form made origin-form (RFC 9112 3.2, 6.1)."""
-        if event.http_version not in _VERSIONS:
-            raise VersionNotSupported(f"HTTP/{event.http_version.decode()}")
-        names = [k for k, _ in headers]
-        if "transfer-encoding" in names and "content-length" in names:
-            raise BadRequest("Content-Length and Transfer-Encoding together")
-        if names.count("host") > 1:
+    def _request(self, head: wire.RequestHead) -> tuple[str, str]:
+        """(target, authority) of an h1 request: Host checked, absolute-form made
+        origin-form (RFC 9112 3.2)."""
+        hosts = [v for k, v in head.headers if k == "host"]
+        if len(hosts) > 1:
             raise BadRequest("more than one Host header")
-        target, authority = origin_form(
-            event.method.decode("latin-1"),
-            event.target.decode("latin-1"),
-            header_value(headers, "host"),
-        )
+        if not hosts and head.version == "1.1":
+            raise BadRequest("no Host header")
+        target, authority = origin_form(head.method, head.target, hosts[0] if hosts else None)
         if authority is None:  # HTTP/1.0 without Host: the address it came to
             host = self.server[0]
             authority = f"[{host}]" if ":" in host else host
         return target, authority
 
-    async def _serve(self, event: h11.Request) -> None:
-        headers = [(k.decode().lower(), v.decode("latin-1")) for k, v in event.headers]
+    async def _serve(self, head: wire.RequestHead) -> bool:
+        """Answer one request; True when the connection may carry the next one."""
         try:
-            target, authority = self._request(event, headers)
+            target, authority = self._request(head)
         except RequestError as exc:
             log.info("refused HTTP/1.1 request from %s: %s", self.client[0], exc.detail)
             await self._refuse(exc.status, exc.reason)
-            return
-        length = header_value(headers, "content-length")
-        chunked = header_value(headers, "transfer-encoding") is not None
+            return False
         pump: asyncio.Task[None] | None = None
-        if length is None and not chunked:
+        if head.framing == "none":
             body = Body.empty()
-            self.h11.next_event()  # the EndOfMessage h11 has ready for a body-less request
         else:
             body = Body(on_consumed=self._consumed)
-            pump = asyncio.ensure_future(self._pump(body))
+            pump = asyncio.ensure_future(self._pump(head, body))
         req = Request(
-            method=event.method.decode(),
+            method=head.method,
             scheme=self.scheme,
             authority=authority,
             target=target,
-            headers=[(k, v) for k, v in headers if k != "host"],
+            headers=[(k, v) for k, v in head.headers if k != "host"],
             protocol="HTTP/1.1",
             client=self.client,
             server=self.server,
             body=body,
-            content_length=int(length) if length is not None and length.isdigit() else None,
+            content_length=head.length,
         )
+        writer = _Writer(self, head, body)
+        self.answered = True
         try:
-            await self.handler.exchange(req, _Writer(self, body))
+            await self.handler.exchange(req, writer)
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
                 self.closing = True  # body left unread: the connection cannot be reused
                 await asyncio.wait([pump])  # its read ends before anyone else reads
+        return writer.done and not self.closing
 
     def _consumed(self, size: int) -> None:
         self._room.set()
 
-    async def _pump(self, body: Body) -> None:
+    async def _pump(self, head: wire.RequestHead, body: Body) -> None:
         """Read the request body into ``body``, pausing while the consumer lags."""
         try:
-            if self.h11.they_are_waiting_for_100_continue:
-                await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-            while True:
+            if head.expect_continue:
+                await self.write(_CONTINUE)
+            async for data in wire.read_body(self.reader, head, self.timeouts.body):
+                body.feed(data)
                 while body.buffered > _HIGH_WATER:
                     self._room.clear()
                     await self._room.wait()
-                event = await next_event(self.h11, self.reader, timeout=self.timeouts.body)
-                if isinstance(event, h11.Data):
-                    body.feed(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    body.end()
-                    return
-                else:
-                    body.abort(BadRequest("client closed the request body"))
-                    return
-        except h11.ProtocolError as exc:
+            body.end()
+            return
+        except wire.Invalid as exc:
             body.abort(BadRequest(f"malformed request body: {exc}"))
+        except asyncio.IncompleteReadError:
+            body.abort(BadRequest("client closed the request body"))
         except TimeoutError:
             body.abort(RequestTimeout(f"request body stalled for {self.timeouts.body} s"))
         except (ConnectionError, OSError) as exc:
             body.abort(BadRequest(f"request body not received: {exc!r}"))
+        self.closing = True

@@ -1,9 +1,10 @@
-"""HTTP/1.1 on the client side of a connection: the request head out, the response in.
+"""HTTP/1.1 on the wire, for both ends of a connection: small and strict.
 
-Small and strict, for the upstream pool: the request's fields were checked by
-``_target.check_request`` before they get here (tokens, visible ASCII), so the
-head is written as it is; the response is read with bounded heads, lines and
-chunk sizes, and its framing (RFC 9112 6.3) is judged once, from the head:
+Client side (the upstream pool, the WAF service client): the request's fields
+were checked by ``_target.check_request`` before they get here (tokens, visible
+ASCII), so the head is written as it is; the response is read with bounded
+heads, lines and chunk sizes, and its framing (RFC 9112 6.3) is judged once,
+from the head:
 
 - no body: a response to HEAD, 204 and 304 (1xx are skipped by the caller);
 - ``Transfer-Encoding: chunked`` (the only coding accepted; with a
@@ -11,8 +12,15 @@ chunk sizes, and its framing (RFC 9112 6.3) is judged once, from the head:
 - ``Content-Length`` (one value, repeated identically at most);
 - else up to the end of the connection, which is then not reused.
 
-Lines end in CRLF or, as RFC 9112 2.2 lets a recipient accept, a bare LF. Errors
-are :class:`Invalid` (the response cannot be trusted) or
+Server side (the h1 listener): a request head is read line by line under the
+caller's deadline and a size limit (:class:`TooLong`, 431); its framing is
+chunked, a Content-Length or none (a request never runs to the end of the
+connection); both together, another coding, or a coding on HTTP/1.0 is refused.
+Bodies of both sides are read by the same :func:`read_body`.
+
+Lines end in CRLF or, as RFC 9112 2.2 lets a recipient accept, a bare LF; empty
+lines before the start line are skipped (2.2). Errors are :class:`Invalid` (the
+message cannot be trusted; ``status`` is the answer a server gives) or
 :class:`asyncio.IncompleteReadError` (the connection ended early).
 """
 
@@ -22,11 +30,23 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http import HTTPStatus
 
-from ._h11io import READ_SIZE, read_within
-from ._model import Headers
+from ._model import Headers, decimal
+from ._streamio import READ_SIZE, read_within
 
-__all__ = ["Invalid", "ResponseHead", "request_head", "read_head", "read_body"]
+__all__ = [
+    "Invalid",
+    "TooLong",
+    "RequestHead",
+    "ResponseHead",
+    "request_head",
+    "response_head",
+    "read_head",
+    "read_request",
+    "read_body",
+    "length_of",
+]
 
 HEAD_LIMIT = 65536
 "Bytes of a response head (status line and fields)."
@@ -35,6 +55,8 @@ LINE_LIMIT = 8192
 TRAILER_LIMIT = 100
 "Trailer fields read (and dropped) after a chunked body."
 
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REQUEST = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
 _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xff]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
@@ -42,7 +64,38 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 
 
 class Invalid(Exception):
-    """The upstream's response breaks HTTP/1.1 (or a limit)."""
+    """The message breaks HTTP/1.1 (or a limit); ``status`` is a server's answer to it."""
+
+    status = 400
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        if status is not None:
+            self.status = status
+
+
+class TooLong(Invalid):
+    """A head or a line over its limit."""
+
+    status = 431
+
+
+@dataclass
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    "'1.0' or '1.1'."
+    headers: Headers
+    "Lower-case names, latin-1 values, in order."
+    framing: str
+    "'none', 'length' or 'chunked'."
+    length: int | None
+    "Content-Length when framing is 'length'."
+    keep_alive: bool
+    "The client may send another request on this connection (HTTP/1.1 without close)."
+    expect_continue: bool
+    "The client waits for 100 Continue before it sends the body."
 
 
 @dataclass
@@ -58,6 +111,15 @@ class ResponseHead:
     "The connection may carry another request after this response."
 
 
+def response_head(status: int, headers: Headers) -> bytes:
+    """A response head as given; a header holding a line break or NUL (which would split
+    the response) is a ValueError."""
+    fields = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    if fields.count("\n") != len(headers) or fields.count("\r") != len(headers) or "\0" in fields:
+        raise ValueError("line break in a response header")
+    return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{fields}\r\n".encode("latin-1")
+
+
 def request_head(method: str, target: str, headers: Headers) -> bytes:
     fields = "".join(f"{name}: {value}\r\n" for name, value in headers)
     return f"{method} {target} HTTP/1.1\r\n{fields}\r\n".encode("latin-1")
@@ -69,6 +131,38 @@ def parse_head(lines: list[bytes], method: str) -> ResponseHead:
     if status_line is None:
         raise Invalid("bad status line")
     minor, status = status_line.group(1), int(status_line.group(2))
+    return _framed(status, _fields(lines), method, minor == b"1")
+
+
+def parse_request(lines: list[bytes]) -> RequestHead:
+    """A request head (its lines, without line ends)."""
+    request_line = _REQUEST.fullmatch(lines[0])
+    if request_line is None:
+        raise Invalid("bad request line")
+    method, target, version = (part.decode("ascii") for part in request_line.groups())
+    if version not in ("1.0", "1.1"):
+        raise Invalid(f"HTTP/{version}", 505)
+    headers = _fields(lines)
+    codings = [v for k, v in headers if k == "transfer-encoding"]
+    lengths = [v for k, v in headers if k == "content-length"]
+    framing, length = "none", None
+    if codings:
+        if lengths:
+            raise Invalid("Content-Length and Transfer-Encoding together")
+        if version == "1.0":
+            raise Invalid("Transfer-Encoding on HTTP/1.0")
+        _chunked(codings, 501)
+        framing = "chunked"
+    elif lengths:
+        framing, length = "length", _length(lengths)
+    http11 = version == "1.1"
+    keep_alive = http11 and "close" not in _tokens(headers, "connection")
+    expect = http11 and "100-continue" in _tokens(headers, "expect")
+    return RequestHead(method, target, version, headers, framing, length, keep_alive, expect)
+
+
+def _fields(lines: list[bytes]) -> Headers:
+    """The header fields of a head (its lines after the start line)."""
     headers: Headers = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -78,55 +172,81 @@ def parse_head(lines: list[bytes], method: str) -> ResponseHead:
         if not _VALUE.fullmatch(value):
             raise Invalid("control character in a header value")
         headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
-    return _framed(status, headers, method, minor == b"1")
+    return headers
+
+
+def _tokens(headers: Headers, name: str) -> set[str]:
+    return {t.strip().lower() for k, v in headers if k == name for t in v.split(",")}
+
+
+def _chunked(codings: list[str], status: int) -> None:
+    if ",".join(codings).strip().lower() != "chunked":
+        raise Invalid("unsupported transfer coding", status)
+
+
+def _length(lengths: list[str]) -> int:
+    values = {v.strip() for value in lengths for v in value.split(",")}
+    if len(values) != 1:
+        raise Invalid("conflicting Content-Length values")
+    (value,) = values
+    length = decimal(value)
+    if length is None:
+        raise Invalid("bad Content-Length")
+    return length
+
+
+def length_of(value: str | None) -> int | None:
+    """A Content-Length field value as a number (the first of a list); None if it is
+    missing or not one."""
+    return decimal((value or "").split(",")[0].strip())
 
 
 def _framed(status: int, headers: Headers, method: str, http11: bool) -> ResponseHead:
     codings = [v for k, v in headers if k == "transfer-encoding"]
     lengths = [v for k, v in headers if k == "content-length"]
-    tokens = {t.strip().lower() for k, v in headers if k == "connection" for t in v.split(",")}
-    keep_alive = http11 and "close" not in tokens
+    keep_alive = http11 and "close" not in _tokens(headers, "connection")
     if method == "HEAD" or status in (204, 304) or status < 200:
         return ResponseHead(status, headers, "none", None, keep_alive)
     if codings:
         if lengths:
             raise Invalid("both Transfer-Encoding and Content-Length")
-        if ",".join(codings).strip().lower() != "chunked":
-            raise Invalid("unsupported transfer coding")
+        _chunked(codings, 502)
         return ResponseHead(status, headers, "chunked", None, keep_alive)
     if lengths:
-        values = {v.strip() for value in lengths for v in value.split(",")}
-        if len(values) != 1:
-            raise Invalid("conflicting Content-Length values")
-        (value,) = values
-        if not value.isdigit() or len(value) > 18:
-            raise Invalid("bad Content-Length")
-        return ResponseHead(status, headers, "length", int(value), keep_alive)
+        return ResponseHead(status, headers, "length", _length(lengths), keep_alive)
     return ResponseHead(status, headers, "close", None, False)
 
 
-async def _line(reader: asyncio.StreamReader, limit: int) -> bytes:
-    """The next line without its line end (CRLF or LF)."""
+async def _line(reader: asyncio.StreamReader, limit: int, first: bytes = b"") -> bytes:
+    """The next line without its line end (CRLF or LF); ``first``: its first byte, read
+    already."""
+    if first == b"\n":
+        return b""
     try:
-        data = await reader.readuntil(b"\n")
+        data = first + await reader.readuntil(b"\n")
     except asyncio.LimitOverrunError:
-        raise Invalid("line or head too long") from None
+        raise TooLong("line or head too long") from None
     if len(data) > limit:
-        raise Invalid("line or head too long")
+        raise TooLong("line or head too long")
     return data[:-2] if data.endswith(b"\r\n") else data[:-1]
 
 
-async def _head_lines(reader: asyncio.StreamReader) -> list[bytes]:
+async def _head_lines(
+    reader: asyncio.StreamReader, limit: int = HEAD_LIMIT, first: bytes = b""
+) -> list[bytes]:
+    """A head's lines up to the empty line ending it, at most ``limit`` bytes in all."""
     lines: list[bytes] = []
     size = 0
     while True:
-        line = await _line(reader, HEAD_LIMIT - size)
+        line = await _line(reader, limit - size, first)
+        first = b""
         size += len(line) + 2
-        if not line:
+        if size > limit:
+            raise TooLong("line or head too long")
+        if line:
+            lines.append(line)
+        elif lines:
             return lines
-        if size > HEAD_LIMIT:
-            raise Invalid("line or head too long")
-        lines.append(line)
 
 
 async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:
@@ -139,8 +259,14 @@ async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:
             raise Invalid("101 Switching Protocols: no upgrade was asked for")
 
 
+async def read_request(reader: asyncio.StreamReader, limit: int, first: bytes) -> RequestHead:
+    """The next request head (``first``: its first byte, read already to see that one
+    comes), at most ``limit`` bytes; the caller bounds the time."""
+    return parse_request(await _head_lines(reader, limit, first))
+
+
 async def read_body(
-    reader: asyncio.StreamReader, head: ResponseHead, timeout: float
+    reader: asyncio.StreamReader, head: RequestHead | ResponseHead, timeout: float
 ) -> AsyncIterator[bytes]:
     """The body's bytes as they come; each wait for bytes is bounded by ``timeout``
     (TimeoutError)."""

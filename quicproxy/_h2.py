@@ -1,4 +1,4 @@
-"""HTTP/2 server adapter: h2 events to the request model, flow control honoured.
+"""HTTP/2 server adapter: jh2 events (the h2 state machine, HPACK in Rust) to the request model.
 
 The stream life cycle (admit, credit, cancel on reset, abuse, truncation)
 lives in ``_streams.py``, shared with HTTP/3; this module translates h2's
@@ -12,20 +12,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
+import jh2.config
+import jh2.connection
+import jh2.events
+import jh2.exceptions
+import jh2.settings
+import jh2.utilities
+from jh2.errors import ErrorCodes
+from jh2.hyperframe.frame import GoAwayFrame
 
-from ._h11io import read_within
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
 from ._sockets import plain_addr
+from ._streamio import read_within
 from ._streams import RateWindow, Streams
 
 __all__ = ["H2Connection"]
@@ -45,9 +47,27 @@ _RESET_CODES = {
     "cancelled": ErrorCodes.CANCEL,
 }
 _CONTROL_EVENTS = (
-    h2.events.RemoteSettingsChanged,
-    h2.events.PingReceived,
-    h2.events.PriorityUpdated,
+    jh2.events.RemoteSettingsChanged,
+    jh2.events.PingReceived,
+    jh2.events.PriorityUpdated,
+)
+
+
+def _connect_without_path(check: Any) -> Any:
+    """jh2 5.0 (forked from h2 4.1) still wants :path and :scheme on CONNECT, which
+    RFC 9113 8.5 says to omit (h2 4.2 fixed it): such a CONNECT would close the whole
+    connection. Let it through; the request model answers CONNECT with 501."""
+
+    def checked(pseudo: set[Any], method: Any, flags: Any) -> None:
+        if method in (b"CONNECT", "CONNECT") and not (flags.is_response_header or flags.is_trailer):
+            pseudo = pseudo | {b":path", b":scheme"}
+        check(pseudo, method, flags)
+
+    return checked
+
+
+jh2.utilities._check_pseudo_header_field_acceptability = _connect_without_path(
+    jh2.utilities._check_pseudo_header_field_acceptability
 )
 
 
@@ -60,8 +80,8 @@ class H2Connection:
         self.handler = handler
         self.reader = reader
         self.writer = writer
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
-        self.h2 = h2.connection.H2Connection(config)
+        config = jh2.config.H2Configuration(client_side=False, header_encoding=None)
+        self.h2 = jh2.connection.H2Connection(config)
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
         self.server = plain_addr(writer.get_extra_info("sockname"))
@@ -102,7 +122,7 @@ class H2Connection:
         await self.writer.drain()
 
     def reset(self, sid: int, why: str) -> None:
-        with contextlib.suppress(h2.exceptions.H2Error):
+        with contextlib.suppress(jh2.exceptions.H2Error):
             self.h2.reset_stream(sid, _RESET_CODES[why])
         self._flush_nowait()
 
@@ -111,7 +131,7 @@ class H2Connection:
 
     def grant(self, sid: int, size: int) -> None:
         if sid in self.streams.tasks:
-            with contextlib.suppress(h2.exceptions.H2Error):
+            with contextlib.suppress(jh2.exceptions.H2Error):
                 self.h2.acknowledge_received_data(size, sid)
                 self._flush_nowait()
 
@@ -174,12 +194,12 @@ class H2Connection:
 
     async def run(self) -> None:
         limits = self.handler.cfg.limits
-        self.h2.local_settings = h2.settings.Settings(
+        self.h2.local_settings = jh2.settings.Settings(
             client=False,
             initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 4,
+                jh2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
+                jh2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                jh2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 4,
             },
         )
         self.h2.initiate_connection()
@@ -212,7 +232,7 @@ class H2Connection:
         for start in range(0, len(view), _SLICE):
             try:
                 events = self.h2.receive_data(view[start : start + _SLICE].tobytes())
-            except h2.exceptions.ProtocolError as exc:
+            except jh2.exceptions.ProtocolError as exc:
                 log.info("HTTP/2 protocol error from %s: %s", self.client[0], exc)
                 self._flush_nowait()
                 return False
@@ -235,33 +255,33 @@ class H2Connection:
                 while limit > 0 and (data := await self.reader.read(_READ)):
                     limit -= len(data)
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
+    def _dispatch(self, event: jh2.events.Event) -> None:
+        if isinstance(event, jh2.events.RequestReceived):
             self._request(event)
-        elif isinstance(event, h2.events.DataReceived):
+        elif isinstance(event, jh2.events.DataReceived):
             sid = event.stream_id
             padding = event.flow_controlled_length - len(event.data)
             if not self.streams.data(sid, event.data, False):
                 padding = event.flow_controlled_length
             if padding:
-                with contextlib.suppress(h2.exceptions.H2Error):
+                with contextlib.suppress(jh2.exceptions.H2Error):
                     self.h2.acknowledge_received_data(padding, sid)
             if not event.data:
                 self.control.hit()
-        elif isinstance(event, h2.events.StreamEnded):
+        elif isinstance(event, jh2.events.StreamEnded):
             self.streams.end(event.stream_id)
-        elif isinstance(event, h2.events.StreamReset):
+        elif isinstance(event, jh2.events.StreamReset):
             self.streams.peer_reset(event.stream_id)
             self._window.set()
-        elif isinstance(event, h2.events.RemoteSettingsChanged):
+        elif isinstance(event, jh2.events.RemoteSettingsChanged):
             self._settings_seen = True
             self._window.set()
-        elif isinstance(event, h2.events.WindowUpdated):
+        elif isinstance(event, jh2.events.WindowUpdated):
             self._window.set()
-        elif isinstance(event, h2.events.ConnectionTerminated):
+        elif isinstance(event, jh2.events.ConnectionTerminated):
             self.streams.drain()
 
-    def _request(self, event: h2.events.RequestReceived) -> None:
+    def _request(self, event: jh2.events.RequestReceived) -> None:
         sid = event.stream_id
         raw = [(_text(k), _text(v)) for k, v in (event.headers or [])]
         self.streams.open(

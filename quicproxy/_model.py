@@ -1,6 +1,6 @@
 """The one internal request/response model that every protocol adapter feeds.
 
-HTTP/1.1 (h11), HTTP/2 (h2) and HTTP/3 (aioquic) adapters all turn their
+HTTP/1.1 (``_h1wire``), HTTP/2 (jh2) and HTTP/3 (aioquic) adapters all turn their
 protocol events into a :class:`Request` whose body is a :class:`Body` stream,
 hand it to the handler, and write back the :class:`Response` it returns.
 """
@@ -8,13 +8,14 @@ hand it to the handler, and write back the :class:`Response` it returns.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ._errors import RequestTimeout
 
-__all__ = ["Body", "Request", "Response", "Headers", "header_value"]
+__all__ = ["Body", "Request", "Response", "Headers", "header_value", "decimal"]
 
 DISCARD_SECONDS = 5.0
 "How long an unread request body is still taken in after an early answer."
@@ -31,6 +32,15 @@ def header_value(headers: Headers, name: str) -> str | None:
         if key == name:
             return value
     return None
+
+
+_DECIMAL = re.compile(r"[0-9]{1,18}")
+
+
+def decimal(value: str) -> int | None:
+    """A decimal of at most 18 ASCII digits (a Content-Length), else None. Not
+    ``str.isdigit()``: that also takes "²", which ``int()`` then refuses."""
+    return int(value) if _DECIMAL.fullmatch(value) else None
 
 
 class Body:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ._errors import BadRequest
 from ._forward import strip_hop_by_hop
-from ._model import Body, Headers, Request
+from ._model import Body, Headers, Request, decimal
 
 __all__ = ["request_from_pseudo", "response_headers"]
 
@@ -48,8 +48,9 @@ def request_from_pseudo(
     authority = pseudo.get(":authority") or host
     if not authority:
         raise BadRequest("missing :authority")
-    length = next((v for k, v in headers if k == "content-length"), None)
-    if length is not None and not length.isdigit():
+    declared = next((v for k, v in headers if k == "content-length"), None)
+    length = None if declared is None else decimal(declared)
+    if declared is not None and length is None:
         raise BadRequest("bad content-length")
     return Request(
         method=method,
@@ -61,7 +62,7 @@ def request_from_pseudo(
         client=client,
         server=server,
         body=body,
-        content_length=int(length) if length is not None else None,
+        content_length=length,
     )
 
 

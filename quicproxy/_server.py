@@ -170,6 +170,7 @@ class Proxy:
             lambda r, w: self._serve_tcp(r, w, None),
             sock=self._tcp_socket(host, http),
             backlog=cfg.listen.backlog,
+            limit=self._line_limit(),
         )
         self._tcp.append(plain)
         self.http_port = plain.sockets[0].getsockname()[1]
@@ -181,6 +182,11 @@ class Proxy:
             self._metrics_server = server  # kept open while draining, closed last
             self.metrics_port = server.sockets[0].getsockname()[1]
         return secure
+
+    def _line_limit(self) -> int:
+        """The longest line a stream reader finds (a request head's line can use the
+        whole header allowance)."""
+        return max(1 << 16, self.config.limits.max_header_bytes)
 
     def _tcp_socket(self, host: str, port: int) -> socket.socket:
         backlog = self.config.listen.backlog
@@ -196,6 +202,7 @@ class Proxy:
                 lambda r, w: self._serve_tcp(r, w, "tls"),
                 sock=self._tcp_socket(host, port),
                 backlog=self.config.listen.backlog,
+                limit=self._line_limit(),
                 ssl=tls,
                 ssl_handshake_timeout=10,
             )

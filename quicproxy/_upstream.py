@@ -17,8 +17,8 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
-from ._h11io import READ_SIZE, write_within
 from ._model import Body, Headers, Response
+from ._streamio import READ_SIZE, write_within
 
 __all__ = ["UpstreamPool"]
 

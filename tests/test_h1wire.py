@@ -159,3 +159,103 @@ async def test_a_stalled_body_times_out():
         async for chunk in wire.read_body(reader, head, 0.05):
             got.append(chunk)
     assert got == [b"abc"]
+
+
+# The server side: request heads and bodies.
+
+
+async def _request(data: bytes, limit: int = 65536) -> tuple[wire.RequestHead, bytes]:
+    reader = _reader(data[1:])
+    head = await wire.read_request(reader, limit, data[:1])
+    body = b"".join([chunk async for chunk in wire.read_body(reader, head, 5.0)])
+    return head, body
+
+
+async def test_request_with_a_length_body_leaves_the_next_request_unread():
+    reader = _reader(b"OST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET /next")
+    head = await wire.read_request(reader, 65536, b"P")
+    assert (head.method, head.target, head.version) == ("POST", "/a?b=1", "1.1")
+    assert head.headers == [("host", "x"), ("content-length", "3")]
+    assert (head.framing, head.length, head.keep_alive, head.expect_continue) == (
+        "length",
+        3,
+        True,
+        False,
+    )
+    assert b"".join([c async for c in wire.read_body(reader, head, 5.0)]) == b"abc"
+    assert await reader.read() == b"GET /next"
+
+
+async def test_chunked_request_body_and_expect_continue():
+    head, body = await _request(
+        b"PUT /u HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n3;name=v\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n"
+    )
+    assert (head.framing, head.length, head.expect_continue, body) == (
+        "chunked",
+        None,
+        True,
+        b"abcde",
+    )
+
+
+async def test_empty_lines_before_a_request_and_bare_lf_are_accepted():
+    head, body = await _request(b"\r\n\nGET / HTTP/1.1\nHost: x\n\n")
+    assert (head.method, head.headers, head.framing, body) == ("GET", [("host", "x")], "none", b"")
+
+
+@pytest.mark.parametrize(
+    ("raw", "keep_alive"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Close\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False),
+    ],
+)
+async def test_request_keep_alive_follows_version_and_connection(raw, keep_alive):
+    assert (await _request(raw))[0].keep_alive is keep_alive
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET / HTTP/2.0\r\n\r\n", 505),
+        (b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400),
+        (b"G@T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n", 431),
+    ],
+)
+async def test_untrustworthy_request_heads_are_invalid_with_their_status(raw, status):
+    with pytest.raises(wire.Invalid) as caught:
+        await _request(raw, limit=1024)
+    assert caught.value.status == status
+
+
+async def test_a_head_cut_short_raises_incomplete_read():
+    with pytest.raises(asyncio.IncompleteReadError):
+        await _request(b"GET / HTTP/1.1\r\nHost: x\r\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "length"),
+    [("12", 12), ("5, 5", 5), (" 7 ", 7), (None, None), ("", None), ("²", None), ("0x10", None)],
+)
+def test_length_of(value, length):
+    assert wire.length_of(value) == length

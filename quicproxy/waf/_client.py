@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import _h1wire as wire
 from .._config import WafConfig, parse_backend
-from .._h11io import write_within
+from .._streamio import write_within
 from ._types import WafDecision, WafRequest, WafUnavailable
 from ._wire import BadInput, decision_from_json, request_to_json
 

@@ -1,7 +1,7 @@
 """Standalone WAF service (``quicproxy waf serve``): an inline engine behind HTTP/1.1.
 
 ``POST /evaluate`` (JSON, see :mod:`._wire`), ``GET /health``, ``GET /metrics``.
-Plain asyncio streams and h11, keep-alive, one shared rule set.
+Plain asyncio streams and the proxy's HTTP/1.1 codec, keep-alive, one shared rule set.
 """
 
 from __future__ import annotations
@@ -12,12 +12,11 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
 
-import h11
-
+from .. import _h1wire as wire
 from .._config import WafConfig
 from .._errors import ConfigError
+from .._streamio import write_within
 from ._coraza import CorazaWaf
 from ._engine import InlineWaf
 from ._info import waf_info
@@ -30,6 +29,9 @@ log = logging.getLogger("quicproxy.waf")
 
 IDLE_TIMEOUT = 300.0
 "Seconds a keep-alive connection may sit idle (or a request may stall) before it is closed."
+
+HEAD_LIMIT = 65536
+"Bytes of a request head."
 
 _JSON = "application/json"
 _METRICS = "text/plain; version=0.0.4; charset=utf-8"
@@ -74,11 +76,10 @@ class WafService:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.metrics.connection_opened()
         self._writers.add(writer)
-        conn = h11.Connection(h11.SERVER)
         try:
-            while await self._exchange(conn, reader, writer):
-                conn.start_next_cycle()
-        except (OSError, TimeoutError, h11.ProtocolError):
+            while await self._exchange(reader, writer):
+                pass
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
             pass
         except Exception:
             log.exception("WAF service connection failed")
@@ -87,70 +88,58 @@ class WafService:
             self.metrics.connection_closed()
             writer.close()
 
-    async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            async with asyncio.timeout(IDLE_TIMEOUT):
-                conn.receive_data(await reader.read(65536))
-
-    async def _exchange(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; True when the connection can carry another."""
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            first = await reader.read(1)
+            if not first:
+                return False
+            try:
+                head = await wire.read_request(reader, HEAD_LIMIT, first)
+            except wire.Invalid as exc:
+                self.metrics.bad_request()
+                await self._send(writer, exc.status, _error(str(exc)), _JSON, close=True)
+                return False
         try:
-            event = await self._next(conn, reader)
-        except h11.RemoteProtocolError as exc:
-            self.metrics.bad_request()
-            status = exc.error_status_hint
-            await self._send(conn, writer, status, _error(str(exc)), _JSON, close=True)
-            return False
-        if not isinstance(event, h11.Request):
-            return False
-        try:
-            status, payload, ctype = await self._handle(conn, reader, event)
+            status, payload, ctype = await self._handle(reader, head)
         except _Reply as reply:
             if reply.close:
                 self.metrics.bad_request()
-                await self._send(conn, writer, reply.status, _error(str(reply)), _JSON, close=True)
+                await self._send(writer, reply.status, _error(str(reply)), _JSON, close=True)
                 return False
             status, payload, ctype = reply.status, _error(str(reply)), _JSON
-        await self._send(conn, writer, status, payload, ctype)
-        return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+        await self._send(writer, status, payload, ctype, close=not head.keep_alive)
+        return head.keep_alive
 
-    async def _read_body(self, conn: h11.Connection, reader: asyncio.StreamReader) -> bytes:
+    async def _read_body(self, reader: asyncio.StreamReader, head: wire.RequestHead) -> bytes:
+        if (head.length or 0) > self.max_request:
+            raise _Reply(413, f"request body over {self.max_request} bytes", close=True)
         body = bytearray()
-        while True:
-            event = await self._next(conn, reader)
-            if isinstance(event, h11.Data):
-                body += event.data
+        try:
+            async for data in wire.read_body(reader, head, IDLE_TIMEOUT):
+                body += data
                 if len(body) > self.max_request:
                     raise _Reply(413, f"request body over {self.max_request} bytes", close=True)
-            elif isinstance(event, h11.EndOfMessage):
-                return bytes(body)
-            else:
-                raise _Reply(400, "incomplete request", close=True)
+        except (wire.Invalid, asyncio.IncompleteReadError):
+            raise _Reply(400, "incomplete request", close=True) from None
+        return bytes(body)
 
     async def _handle(
-        self, conn: h11.Connection, reader: asyncio.StreamReader, request: h11.Request
+        self, reader: asyncio.StreamReader, head: wire.RequestHead
     ) -> tuple[int, bytes, str]:
-        for name, value in request.headers:
-            if name == b"content-length" and int(value) > self.max_request:
-                raise _Reply(413, f"request body over {self.max_request} bytes", close=True)
-        body = await self._read_body(conn, reader)
-        path = request.target.split(b"?", 1)[0]
-        method = request.method
-        if path == b"/health":
-            if method != b"GET":
+        body = await self._read_body(reader, head)
+        path = head.target.split("?", 1)[0]
+        method = head.method
+        if path == "/health":
+            if method != "GET":
                 raise _Reply(405, "use GET")
             return 200, b'{"status":"healthy"}', _JSON
-        if path == b"/metrics":
-            if method != b"GET":
+        if path == "/metrics":
+            if method != "GET":
                 raise _Reply(405, "use GET")
             return 200, self.metrics.render().encode(), _METRICS
-        if path == b"/evaluate":
-            if method != b"POST":
+        if path == "/evaluate":
+            if method != "POST":
                 raise _Reply(405, "use POST")
             return 200, await self._evaluate(body), _JSON
         raise _Reply(404, "unknown path; use POST /evaluate, GET /health or GET /metrics")
@@ -165,10 +154,10 @@ class WafService:
         started = time.perf_counter()
         try:
             decision = await self.waf.evaluate(request, request_body)
-        except Exception as exc:
+        except Exception:
             self.metrics.engine_error()
             log.exception("WAF evaluation failed")
-            raise _Reply(500, f"evaluation failed: {exc}") from None
+            raise _Reply(500, "evaluation failed") from None
         self.metrics.observe(
             time.perf_counter() - started, decision.allowed, bool(decision.rule_ids)
         )
@@ -176,26 +165,16 @@ class WafService:
 
     async def _send(
         self,
-        conn: h11.Connection,
         writer: asyncio.StreamWriter,
         status: int,
         payload: bytes,
         ctype: str,
         close: bool = False,
     ) -> None:
-        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
         headers = [("content-type", ctype), ("content-length", str(len(payload)))]
         if close:
             headers.append(("connection", "close"))
-        try:
-            data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
-            data += conn.send(h11.Data(data=payload)) or b""
-            data += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            return
-        writer.write(data)
-        await writer.drain()
+        await write_within(writer, wire.response_head(status, headers) + payload, IDLE_TIMEOUT)
 
 
 def _error(message: str) -> bytes:

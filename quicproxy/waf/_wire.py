@@ -71,7 +71,7 @@ def _text(data: dict[str, Any], key: str, default: str | None = None) -> str:
 
 def _port(data: dict[str, Any], key: str) -> int:
     value = data.get(key, 0)
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise BadInput(f"'{key}' must be a port number")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from quicproxy._errors import BadRequest
+from quicproxy._model import Body
+from quicproxy._pseudo import request_from_pseudo
 from tests.helpers import fetch
 from tests.hostile.raw import body_of, exchange, h2_request, h3_request, status_of
 
@@ -193,3 +196,28 @@ async def test_too_many_header_fields_is_431(make_proxy, backend, certs, proto):
     few = [(f"x-h{i}", "v") for i in range(10)]
     assert (await fetch(proxy, certs, proto, "GET", "/few", headers=few))[0] == 200
     assert not reached(backend, "/many") and reached(backend, "/few")
+
+
+async def test_a_content_length_that_only_looks_numeric_is_400_on_h1(edge, backend):
+    # "²" passes str.isdigit() but int() refuses it: it must be a 400, not a crash.
+    head = b"POST /sup HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\nab"
+    assert status_of(await plain(edge, head)) == 400
+    assert not reached(backend, "/sup")
+
+
+async def test_a_content_length_that_only_looks_numeric_is_refused_on_h2(edge, certs, backend):
+    # jh2 refuses it as malformed (a connection error); the request model would too.
+    head = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"localhost"),
+        (b":path", b"/sup"),
+        (b"content-length", "²".encode()),
+    ]
+    assert (await h2_request(edge, certs, head))[0] in (0, 400)
+    assert not reached(backend, "/sup")
+    assert (await fetch(edge, certs, "h2", "GET", "/after"))[0] == 200
+    with pytest.raises(BadRequest):
+        request_from_pseudo(
+            [(k.decode(), v.decode()) for k, v in head], "HTTP/3", ("a", 1), ("b", 2), Body.empty()
+        )

@@ -18,6 +18,8 @@ HOSTILE = {
     "/upgrade": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
     "/not-http": b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
     "/control-byte": b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+    # "²" (latin-1 0xb2) passes str.isdigit() but not int()
+    "/superscript-length": b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import subprocess
@@ -323,3 +324,48 @@ def test_run_waf_service_reports_config_error() -> None:
 def test_make_request_helper_sets_length() -> None:
     request = make_request("POST", "/", body=b"abc")
     assert ("content-length", "3") in request.headers
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (
+            b"POST /evaluate HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+        ),
+        (b"POST /evaluate HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n", 400),
+        (b"GET /health HTTP/9.9\r\n\r\n", 505),
+        (b"GET /health HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    ],
+)
+async def test_malformed_http_is_refused_with_its_status_and_closed(
+    service: WafService, raw: bytes, status: int
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)  # read to the close
+    finally:
+        writer.close()
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"connection: close" in answer and b'{"error": ' in answer
+
+
+async def test_chunked_evaluate_request_is_read(service: WafService) -> None:
+    body = json.dumps(evaluate_json("/?q=' OR 1=1 --")).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    try:
+        half = len(body) // 2
+        writer.write(
+            b"POST /evaluate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n%b\r\n%x\r\n%b\r\n0\r\n\r\n"
+            % (half, body[:half], len(body) - half, body[half:])
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answer = json.loads(await reader.readexactly(length))
+        assert answer["allowed"] is False and answer["rule_ids"]
+    finally:
+        writer.close()

@@ -1,0 +1,34 @@
+"""Bounded reads and writes on asyncio streams, for every TCP connection (the h1 and h2
+servers, the upstream pool, the WAF service client)."""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = ["read_within", "write_within", "READ_SIZE"]
+
+READ_SIZE = 65536
+
+
+async def read_within(reader: asyncio.StreamReader, size: int, seconds: float | None) -> bytes:
+    """``reader.read(size)``, TimeoutError after ``seconds`` (None: no limit). Cheaper than
+    ``asyncio.wait_for``, which makes a task per read: this runs on every read of every
+    connection."""
+    if seconds is None:
+        return await reader.read(size)
+    async with asyncio.timeout(seconds):
+        return await reader.read(size)
+
+
+async def write_within(
+    writer: asyncio.StreamWriter, data: bytes, seconds: float | None = None
+) -> None:
+    """Write; wait for the transport (TimeoutError after ``seconds``; None: no limit) only
+    when bytes are left queued, so the common small write costs neither a timer nor a task."""
+    writer.write(data)
+    if writer.transport.get_write_buffer_size() or writer.is_closing():
+        if seconds is None:
+            await writer.drain()
+        else:
+            async with asyncio.timeout(seconds):
+                await writer.drain()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from quicproxy._client import h3_client
 from tests.helpers import fetch, https_url, tcp_client
@@ -88,3 +89,22 @@ async def test_quic_socket_gets_a_large_receive_buffer(proxy):
     got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     cap = int(Path("/proc/sys/net/core/rmem_max").read_text()) * 2
     assert got >= (2 * UDP_BUFFER if os.geteuid() == 0 else min(2 * UDP_BUFFER, cap))
+
+
+async def test_the_proxy_closes_a_connection_idle_past_its_timeout_after_activity(
+    make_proxy, backend, certs
+):
+    # Every packet moves the idle deadline later: the proxy's own timer (not only the
+    # client's) must still close the connection at the real deadline.
+    proxy = await make_proxy(backend, quic={"idle_timeout": 1.0})
+    async with h3_client(https_url(proxy), cafile=certs[0]) as client:
+        for _ in range(6):  # 1.5 s of traffic, longer than the idle timeout
+            await asyncio.sleep(0.25)
+            assert (await client.request("GET", "/hello")).status == 200
+        quiet = time.monotonic()
+        assert len(proxy._quic.connections) == 1
+        while proxy._quic.connections and time.monotonic() - quiet < 5:
+            await asyncio.sleep(0.02)
+        waited = time.monotonic() - quiet
+    assert not proxy._quic.connections
+    assert 0.9 < waited < 1.8, waited

@@ -18,8 +18,10 @@ chunked, a Content-Length or none (a request never runs to the end of the
 connection); both together, another coding, or a coding on HTTP/1.0 is refused.
 Bodies of both sides are read by the same :func:`read_body`.
 
-Lines end in CRLF or, as RFC 9112 2.2 lets a recipient accept, a bare LF; empty
-lines before the start line are skipped (2.2). Errors are :class:`Invalid` (the
+Head lines end in CRLF or, as RFC 9112 2.2 lets a recipient accept, a bare LF; empty
+lines before the start line are skipped (2.2). Chunked framing is held to the letter
+(CRLF after sizes, data and trailers; no whitespace before a size; OWS is space and
+tab only): leniency there is what request smuggling feeds on. Errors are :class:`Invalid` (the
 message cannot be trusted; ``status`` is the answer a server gives) or
 :class:`asyncio.IncompleteReadError` (the connection ended early).
 """
@@ -61,6 +63,8 @@ _STATUS = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: [\t\x20-\x7e\x80-\xf
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+_OWS = " \t"
+"Optional whitespace (RFC 9110 5.6.3); str.strip() alone would also take e.g. NBSP."
 
 
 class Invalid(Exception):
@@ -125,24 +129,23 @@ def request_head(method: str, target: str, headers: Headers) -> bytes:
     return f"{method} {target} HTTP/1.1\r\n{fields}\r\n".encode("latin-1")
 
 
-def parse_head(lines: list[bytes], method: str) -> ResponseHead:
-    """A response head (its lines, without line ends) to a request made with ``method``."""
-    status_line = _STATUS.fullmatch(lines[0])
+def parse_head(start: bytes, headers: Headers, method: str) -> ResponseHead:
+    """A response head (its status line, its fields) to a request made with ``method``."""
+    status_line = _STATUS.fullmatch(start)
     if status_line is None:
         raise Invalid("bad status line")
     minor, status = status_line.group(1), int(status_line.group(2))
-    return _framed(status, _fields(lines), method, minor == b"1")
+    return _framed(status, headers, method, minor == b"1")
 
 
-def parse_request(lines: list[bytes]) -> RequestHead:
-    """A request head (its lines, without line ends)."""
-    request_line = _REQUEST.fullmatch(lines[0])
+def parse_request(start: bytes, headers: Headers) -> RequestHead:
+    """A request head (its request line, its fields)."""
+    request_line = _REQUEST.fullmatch(start)
     if request_line is None:
         raise Invalid("bad request line")
     method, target, version = (part.decode("ascii") for part in request_line.groups())
     if version not in ("1.0", "1.1"):
         raise Invalid(f"HTTP/{version}", 505)
-    headers = _fields(lines)
     codings = [v for k, v in headers if k == "transfer-encoding"]
     lengths = [v for k, v in headers if k == "content-length"]
     framing, length = "none", None
@@ -161,31 +164,29 @@ def parse_request(lines: list[bytes]) -> RequestHead:
     return RequestHead(method, target, version, headers, framing, length, keep_alive, expect)
 
 
-def _fields(lines: list[bytes]) -> Headers:
-    """The header fields of a head (its lines after the start line)."""
-    headers: Headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise Invalid("bad header line")  # also a folded (obs-fold) line
-        value = value.strip(b" \t")
-        if not _VALUE.fullmatch(value):
-            raise Invalid("control character in a header value")
-        headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
-    return headers
+def _field(line: bytes) -> tuple[str, str]:
+    """One field line (a header or a trailer): a token name, a colon, a value without
+    control bytes. A folded (obs-fold) line is refused."""
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN.fullmatch(name):
+        raise Invalid("bad header line")
+    value = value.strip(b" \t")
+    if not _VALUE.fullmatch(value):
+        raise Invalid("control character in a header value")
+    return name.decode("ascii").lower(), value.decode("latin-1")
 
 
 def _tokens(headers: Headers, name: str) -> set[str]:
-    return {t.strip().lower() for k, v in headers if k == name for t in v.split(",")}
+    return {t.strip(_OWS).lower() for k, v in headers if k == name for t in v.split(",")}
 
 
 def _chunked(codings: list[str], status: int) -> None:
-    if ",".join(codings).strip().lower() != "chunked":
+    if ",".join(codings).strip(_OWS).lower() != "chunked":
         raise Invalid("unsupported transfer coding", status)
 
 
 def _length(lengths: list[str]) -> int:
-    values = {v.strip() for value in lengths for v in value.split(",")}
+    values = {v.strip(_OWS) for value in lengths for v in value.split(",")}
     if len(values) != 1:
         raise Invalid("conflicting Content-Length values")
     (value,) = values
@@ -198,7 +199,7 @@ def _length(lengths: list[str]) -> int:
 def length_of(value: str | None) -> int | None:
     """A Content-Length field value as a number (the first of a list); None if it is
     missing or not one."""
-    return decimal((value or "").split(",")[0].strip())
+    return decimal((value or "").split(",")[0].strip(_OWS))
 
 
 def _framed(status: int, headers: Headers, method: str, http11: bool) -> ResponseHead:
@@ -217,10 +218,12 @@ def _framed(status: int, headers: Headers, method: str, http11: bool) -> Respons
     return ResponseHead(status, headers, "close", None, False)
 
 
-async def _line(reader: asyncio.StreamReader, limit: int, first: bytes = b"") -> bytes:
-    """The next line without its line end (CRLF or LF); ``first``: its first byte, read
-    already."""
-    if first == b"\n":
+async def _line(
+    reader: asyncio.StreamReader, limit: int, first: bytes = b"", crlf: bool = False
+) -> bytes:
+    """The next line without its line end: CRLF or a bare LF, CRLF only with ``crlf``;
+    ``first``: its first byte, read already."""
+    if first == b"\n" and not crlf:
         return b""
     try:
         data = first + await reader.readuntil(b"\n")
@@ -228,14 +231,24 @@ async def _line(reader: asyncio.StreamReader, limit: int, first: bytes = b"") ->
         raise TooLong("line or head too long") from None
     if len(data) > limit:
         raise TooLong("line or head too long")
-    return data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    if data.endswith(b"\r\n"):
+        return data[:-2]
+    if crlf:
+        raise Invalid("bare LF in chunked framing")
+    return data[:-1]
 
 
-async def _head_lines(
-    reader: asyncio.StreamReader, limit: int = HEAD_LIMIT, first: bytes = b""
-) -> list[bytes]:
-    """A head's lines up to the empty line ending it, at most ``limit`` bytes in all."""
-    lines: list[bytes] = []
+async def _head(
+    reader: asyncio.StreamReader,
+    start: re.Pattern[bytes],
+    limit: int = HEAD_LIMIT,
+    first: bytes = b"",
+) -> tuple[bytes, Headers]:
+    """A head's start line and fields, up to the empty line ending it, at most ``limit``
+    bytes in all. Each line is judged as soon as it is read (the start line by
+    ``start``): a peer sending garbage is refused at once, not when its head ends."""
+    start_line = b""
+    headers: Headers = []
     size = 0
     while True:
         line = await _line(reader, limit - size, first)
@@ -243,16 +256,21 @@ async def _head_lines(
         size += len(line) + 2
         if size > limit:
             raise TooLong("line or head too long")
-        if line:
-            lines.append(line)
-        elif lines:
-            return lines
+        if not line:
+            if start_line:
+                return start_line, headers
+        elif start_line:
+            headers.append(_field(line))
+        elif start.fullmatch(line):
+            start_line = line
+        else:
+            raise Invalid("not an HTTP/1.1 start line")
 
 
 async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:
     """The next response head, 1xx interim responses skipped."""
     while True:
-        head = parse_head(await _head_lines(reader), method)
+        head = parse_head(*await _head(reader, _STATUS), method)
         if head.status >= 200:
             return head
         if head.status == 101:
@@ -262,7 +280,7 @@ async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:
 async def read_request(reader: asyncio.StreamReader, limit: int, first: bytes) -> RequestHead:
     """The next request head (``first``: its first byte, read already to see that one
     comes), at most ``limit`` bytes; the caller bounds the time."""
-    return parse_request(await _head_lines(reader, limit, first))
+    return parse_request(*await _head(reader, _REQUEST, limit, first))
 
 
 async def read_body(
@@ -277,8 +295,8 @@ async def read_body(
     elif head.framing == "chunked":
         while True:
             async with asyncio.timeout(timeout):
-                line = await _line(reader, LINE_LIMIT)
-            size = line.split(b";", 1)[0].strip(b" \t")
+                line = await _line(reader, LINE_LIMIT, crlf=True)
+            size = line.split(b";", 1)[0].rstrip(b" \t")  # whitespace only before ;ext
             if not _HEX.fullmatch(size):
                 raise Invalid("bad chunk size")
             if size.strip(b"0") == b"":
@@ -286,12 +304,14 @@ async def read_body(
             async for data in _exactly(reader, int(size, 16), timeout):
                 yield data
             async with asyncio.timeout(timeout):
-                if await _line(reader, 2) != b"":
-                    raise Invalid("chunk not followed by a line end")
+                if await reader.readexactly(2) != b"\r\n":
+                    raise Invalid("chunk not followed by CRLF")
         for _ in range(TRAILER_LIMIT + 1):
             async with asyncio.timeout(timeout):
-                if await _line(reader, LINE_LIMIT) == b"":
-                    return
+                line = await _line(reader, LINE_LIMIT, crlf=True)
+            if line == b"":
+                return
+            _field(line)  # dropped, but it must be one
         raise Invalid("too many trailer fields")
     elif head.framing == "close":
         while data := await read_within(reader, READ_SIZE, timeout):

@@ -103,3 +103,14 @@ async def test_http_1_1_without_host_is_400_and_http_1_0_without_host_is_served(
     served = await exchange(edge.http_port, b"GET /old HTTP/1.0\r\n\r\n")
     assert served.startswith(b"HTTP/1.1 200 ") and served.endswith(b"hello from backend /old")
     assert [r[1] for r in backend.requests] == ["/old"]
+
+
+async def test_a_peer_speaking_something_else_is_refused_at_its_first_line(edge):
+    # No blank line follows: the answer must not wait for the header deadline (10 s).
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.http_port)
+    try:
+        writer.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        answer = await asyncio.wait_for(reader.read(), 2)  # to the close
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"connection: close" in answer

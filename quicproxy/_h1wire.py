@@ -206,16 +206,17 @@ def _framed(status: int, headers: Headers, method: str, http11: bool) -> Respons
     codings = [v for k, v in headers if k == "transfer-encoding"]
     lengths = [v for k, v in headers if k == "content-length"]
     keep_alive = http11 and "close" not in _tokens(headers, "connection")
-    if method == "HEAD" or status in (204, 304) or status < 200:
-        return ResponseHead(status, headers, "none", None, keep_alive)
-    if codings:
+    framing, length = "close", None
+    if codings:  # judged even where no body follows: a response that lies is not forwarded
         if lengths:
             raise Invalid("both Transfer-Encoding and Content-Length")
         _chunked(codings, 502)
-        return ResponseHead(status, headers, "chunked", None, keep_alive)
-    if lengths:
-        return ResponseHead(status, headers, "length", _length(lengths), keep_alive)
-    return ResponseHead(status, headers, "close", None, False)
+        framing = "chunked"
+    elif lengths:
+        framing, length = "length", _length(lengths)
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return ResponseHead(status, headers, "none", None, keep_alive)
+    return ResponseHead(status, headers, framing, length, keep_alive and framing != "close")
 
 
 async def _line(

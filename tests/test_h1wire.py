@@ -115,6 +115,10 @@ async def test_keep_alive_follows_version_and_connection(raw, keep_alive):
         b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1e3\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * wire.HEAD_LIMIT + b"\r\n\r\n",
+        # framing fields are judged even where no body follows
+        b"HTTP/1.1 204 No Content\r\nTransfer-Encoding: :chunked\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\nContent-Length: \xb2\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
     ],
 )
 async def test_untrustworthy_heads_are_invalid(raw):

@@ -128,15 +128,22 @@ class Handler:
             if resp is not None:
                 with contextlib.suppress(Exception):
                     await resp.body.aclose()
+            rec.status = resp.status if resp is not None else 499  # 499: client went away
+            rec.bytes_in = body_in.received
+            rec.duration = time.monotonic() - started
+            # Metrics and the access log after the protocol's flush of the response (h2
+            # and h3 send once per loop turn): the answer does not wait for bookkeeping.
+            asyncio.get_running_loop().call_soon(self._settle, rec)
+        return resp
+
+    def _settle(self, rec: AccessRecord) -> None:
+        try:
+            self._finish(rec)
+        finally:
             self.active -= 1
             _safe(lambda: metrics.in_flight.dec())
             if self.active == 0:
                 self._idle.set()
-            rec.status = resp.status if resp is not None else 499  # 499: client went away
-            rec.bytes_in = body_in.received
-            rec.duration = time.monotonic() - started
-            self._finish(rec)
-        return resp
 
     def _begin(self, req: Request) -> AccessRecord:
         """Request id (kept from a trusted proxy, else new; sent upstream) and log record."""

@@ -139,7 +139,7 @@ class QuicListener:
         "Where new connections take the current certificate pair from (set by the server)."
         self.address: tuple[str, int] = ("", 0)
         self._dirty: set[H3Conn] = set()
-        self._flush_scheduled = False
+        self._flush: asyncio.Handle | None = None
         self.stats = dict.fromkeys(
             ("refused", "retry", "invalid", "handshakes", "expired", "shed", "handed_over"), 0
         )
@@ -147,7 +147,9 @@ class QuicListener:
         self._budget_at = self.loop.time()
 
     def bind(self, sock: Any) -> None:
-        self.socket = DatagramSocket(sock, self.datagram_received, self.flush, gso=self.cfg.gso)
+        self.socket = DatagramSocket(
+            sock, self.datagram_received, self._batch_end, gso=self.cfg.gso
+        )
         self.address = plain_addr(self.socket.address)
         if self.workers is not None:
             path = self.workers.path(self.workers.index)
@@ -173,7 +175,7 @@ class QuicListener:
             except ValueError:
                 continue
             self.datagram_received(data, addr, source, handed=True)
-        self.flush()
+        self._batch_end()
 
     def _hand_over(self, header: Header, data: bytes, addr: Any, source: Source) -> bool:
         """Send a datagram to the worker whose connection ID it carries; False if ours."""
@@ -337,13 +339,20 @@ class QuicListener:
 
     def dirty(self, conn: H3Conn) -> None:
         self._dirty.add(conn)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
+        if self._flush is None:
+            self._flush = self.loop.call_soon(self.flush)
+
+    def _batch_end(self) -> None:
+        """After a batch of datagrams: one flush, queued behind the request tasks the
+        batch started, so each runs to its first wait (its upstream request leaves)
+        before the batch's ACKs and stream credit are built and sent."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Send what every connection with news has to send, and re-arm its timer."""
-        self._flush_scheduled = False
+        self._flush = None
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()

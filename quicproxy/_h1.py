@@ -131,8 +131,6 @@ class H1Connection:
         self.linger = False
         "Discard unread request data before closing, so the client can read our answer."
         self.busy = False
-        self.answered = False
-        "A response to the current request has begun."
         self._room = asyncio.Event()
         self._room.set()
 
@@ -174,7 +172,6 @@ class H1Connection:
         first = True
         try:
             while not self.closing:
-                self.answered = False
                 try:
                     head = await self._next_request(first)
                 except wire.Invalid as exc:
@@ -225,16 +222,10 @@ class H1Connection:
                 left -= len(data)
 
     async def _refuse(self, status: int, reason: str) -> None:
-        """Answer an unusable request and close (the connection cannot be trusted after)."""
+        """Answer an unusable request (no response to it has begun) and close: the
+        connection cannot be trusted after."""
         self.closing = True
-        if self.answered:
-            return
-        self.answered = True
-        if not reason:
-            reason = {431: "Request Header Fields Too Large", 501: "Not Implemented"}.get(
-                status, "Bad Request"
-            )
-        resp = error_response(status, reason)
+        resp = error_response(status, reason or wire.reason(status))
         with contextlib.suppress(Exception):
             body = await resp.body.read()
             head = wire.response_head(status, resp.headers + [("connection", "close")])
@@ -281,7 +272,6 @@ class H1Connection:
             content_length=head.length,
         )
         writer = _Writer(self, head, body)
-        self.answered = True
         try:
             await self.handler.exchange(req, writer)
         finally:

@@ -44,6 +44,7 @@ __all__ = [
     "ResponseHead",
     "request_head",
     "response_head",
+    "reason",
     "read_head",
     "read_request",
     "read_body",
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 HEAD_LIMIT = 65536
-"Bytes of a response head (status line and fields)."
+"Bytes of a head (start line and fields) where no other limit is configured."
 LINE_LIMIT = 8192
 "Bytes of a chunk-size line or a trailer field."
 TRAILER_LIMIT = 100
@@ -121,7 +122,12 @@ def response_head(status: int, headers: Headers) -> bytes:
     fields = "".join(f"{name}: {value}\r\n" for name, value in headers)
     if fields.count("\n") != len(headers) or fields.count("\r") != len(headers) or "\0" in fields:
         raise ValueError("line break in a response header")
-    return f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\n{fields}\r\n".encode("latin-1")
+    return f"HTTP/1.1 {status} {reason(status)}\r\n{fields}\r\n".encode("latin-1")
+
+
+def reason(status: int) -> str:
+    """The reason phrase of a status ('' for one without)."""
+    return _REASONS.get(status, "")
 
 
 def request_head(method: str, target: str, headers: Headers) -> bytes:

@@ -30,9 +30,6 @@ log = logging.getLogger("quicproxy.waf")
 IDLE_TIMEOUT = 300.0
 "Seconds a keep-alive connection may sit idle (or a request may stall) before it is closed."
 
-HEAD_LIMIT = 65536
-"Bytes of a request head."
-
 _JSON = "application/json"
 _METRICS = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -95,7 +92,7 @@ class WafService:
             if not first:
                 return False
             try:
-                head = await wire.read_request(reader, HEAD_LIMIT, first)
+                head = await wire.read_request(reader, wire.HEAD_LIMIT, first)
             except wire.Invalid as exc:
                 self.metrics.bad_request()
                 await self._send(writer, exc.status, _error(str(exc)), _JSON, close=True)

@@ -14,7 +14,7 @@ import base64
 import binascii
 from typing import Any
 
-from .._model import Headers
+from .._model import Headers, decimal
 from ._types import WafDecision, WafRequest
 
 __all__ = [
@@ -71,8 +71,8 @@ def _text(data: dict[str, Any], key: str, default: str | None = None) -> str:
 
 def _port(data: dict[str, Any], key: str) -> int:
     value = data.get(key, 0)
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        value = int(value)
+    if isinstance(value, str) and (number := decimal(value)) is not None:
+        value = number
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
         raise BadInput(f"'{key}' must be a port number")
     return value

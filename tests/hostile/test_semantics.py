@@ -17,6 +17,14 @@ def reached(backend, path: str) -> list:
     return [r for r in backend.requests if r[1].startswith(path)]
 
 
+def request_block(
+    method: bytes, path: bytes, authority: bytes = b"localhost", *extra: tuple[bytes, bytes]
+) -> list[tuple[bytes, bytes]]:
+    """An h2/h3 request header block, sent as given."""
+    pseudo = [(b":method", method), (b":scheme", b"https"), (b":authority", authority)]
+    return pseudo + [(b":path", path), *extra]
+
+
 async def plain(proxy, head: bytes) -> bytes:
     return await exchange(proxy.http_port, head, timeout=3)
 
@@ -92,12 +100,7 @@ async def test_targets_that_are_not_origin_form_are_400(edge, backend, target):
 
 
 async def test_path_without_slash_is_400_on_h2_and_h3(edge, certs, backend):
-    head = [
-        (b":method", b"GET"),
-        (b":scheme", b"https"),
-        (b":authority", b"localhost"),
-        (b":path", b"admin"),
-    ]
+    head = request_block(b"GET", b"admin")
     assert (await h2_request(edge, certs, head))[0] == 400
     assert (await h3_request(edge, certs, head))[0] == 400
     assert backend.requests == []
@@ -106,6 +109,7 @@ async def test_path_without_slash_is_400_on_h2_and_h3(edge, certs, backend):
 async def test_http_2_0_on_the_h1_port_is_505(edge, backend):
     answer = await plain(edge, b"GET / HTTP/2.0\r\nHost: localhost\r\n\r\n")
     assert status_of(answer) == 505
+    assert body_of(answer) == b"505 HTTP Version Not Supported\n"
     assert backend.requests == []
 
 
@@ -128,12 +132,7 @@ async def test_good_host_still_redirects(proxy):
 
 @pytest.mark.parametrize("proto", ["h2", "h3"])
 async def test_bad_authority_is_400_on_h2_and_h3(edge, certs, backend, proto):
-    head = [
-        (b":method", b"GET"),
-        (b":scheme", b"https"),
-        (b":authority", b"evil.example/x?"),
-        (b":path", b"/"),
-    ]
+    head = request_block(b"GET", b"/", b"evil.example/x?")
     if proto == "h2":
         assert (await h2_request(edge, certs, head))[:2] == (400, b"400 Bad Request\n")
     else:
@@ -172,13 +171,7 @@ NON_UTF8 = [
 
 @pytest.mark.parametrize(("proto", "value"), NON_UTF8)
 async def test_non_utf8_header_bytes_are_400_on_h2_and_h3(edge, certs, backend, proto, value):
-    head = [
-        (b":method", b"GET"),
-        (b":scheme", b"https"),
-        (b":authority", b"localhost"),
-        (b":path", b"/bytes"),
-        (b"x-odd", value),
-    ]
+    head = request_block(b"GET", b"/bytes", b"localhost", (b"x-odd", value))
     if proto == "h2":
         assert (await h2_request(edge, certs, head))[:2] == (400, b"400 Bad Request\n")
     else:
@@ -207,13 +200,7 @@ async def test_a_content_length_that_only_looks_numeric_is_400_on_h1(edge, backe
 
 async def test_a_content_length_that_only_looks_numeric_is_refused_on_h2(edge, certs, backend):
     # jh2 refuses it as malformed (a connection error); the request model would too.
-    head = [
-        (b":method", b"POST"),
-        (b":scheme", b"https"),
-        (b":authority", b"localhost"),
-        (b":path", b"/sup"),
-        (b"content-length", "²".encode()),
-    ]
+    head = request_block(b"POST", b"/sup", b"localhost", (b"content-length", "²".encode()))
     assert (await h2_request(edge, certs, head))[0] in (0, 400)
     assert not reached(backend, "/sup")
     assert (await fetch(edge, certs, "h2", "GET", "/after"))[0] == 200

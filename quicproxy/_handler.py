@@ -33,7 +33,7 @@ from ._forward import TrustedProxies, real_client, strip_hop_by_hop, upstream_he
 from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response
 from ._ratelimit import RateLimiter
-from ._router import DEMO, Router
+from ._router import DEMO, Pool, Router
 from ._target import check_request, options_response
 from ._upstream import UpstreamPool
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
@@ -221,11 +221,15 @@ class Handler:
             if limited is not None:
                 return limited
         self._check_limits(req)
-        if self.waf is not None:
-            blocked = await self._inspect(req, rec)
-            if blocked is not None:
-                return blocked
-        return await self._forward(req, rec)
+        if self.waf is None:
+            return await self._forward(req, rec, self._target(req, pool))
+        started = time.perf_counter()
+        tx = self.waf.transaction(self._waf_request(req))  # may start evaluating (bodiless)
+        target = self._target(req, pool)  # prepared while the engine evaluates
+        blocked = await self._inspect(req, rec, tx, started)
+        if blocked is not None:
+            return blocked
+        return await self._forward(req, rec, target)
 
     def _rate_limit(self, rec: AccessRecord) -> Response | None:
         """429 with Retry-After when the client is over its rate; never raises."""
@@ -265,9 +269,16 @@ class Handler:
         if req.early_data and req.method not in _SAFE_METHODS:
             raise TooEarly("retry after the handshake completes")
 
-    async def _forward(self, req: Request, rec: AccessRecord) -> Response:
-        pool = self.router.match(req.host, req.path)
-        member = pool.pick() if pool is not None else DEMO
+    def _target(self, req: Request, pool: Pool | None) -> tuple[tuple[str, int], Headers]:
+        """Where the request goes and the headers it goes with."""
+        if pool is None:
+            return DEMO, []
+        return pool.pick(), upstream_headers(req, self.trusted)
+
+    async def _forward(
+        self, req: Request, rec: AccessRecord, target: tuple[tuple[str, int], Headers]
+    ) -> Response:
+        member, headers = target
         limit = self.cfg.limits.max_body_bytes
         if req.content_length is None and not req.body.ended:
             await self._measure_small_body(req, limit)
@@ -279,7 +290,6 @@ class Handler:
         if member == DEMO:
             req.body = body
             return await demo_response(req)
-        headers = upstream_headers(req, self.trusted)
         rec.upstream = f"{member[0]}:{member[1]}"
         sent = time.monotonic()
         resp = await self.upstream.request(
@@ -301,18 +311,20 @@ class Handler:
 
     # ------------------------------------------------------------------ WAF
 
-    async def _inspect(self, req: Request, rec: AccessRecord) -> Response | None:
-        """Run the WAF; a response when the request must not go on, else None."""
-        assert self.waf is not None
-        started = time.perf_counter()
+    async def _inspect(
+        self, req: Request, rec: AccessRecord, tx: WafTransaction, started: float
+    ) -> Response | None:
+        """The WAF's verdict on ``req``: a response when it must not go on, else None."""
         bodiless = req.body.ended
-        tx = self.waf.transaction(self._waf_request(req))
         try:
             return await self._decide(req, rec, tx)
         finally:
             seconds = time.perf_counter() - started
             engine = getattr(tx, "engine_seconds", 0.0)  # a Waf of the library's user may not say
-            _safe(lambda: self._record_waf(rec.waf, seconds, engine, bodiless))
+            # Recorded one loop step later: the request goes upstream first.
+            asyncio.get_running_loop().call_soon(
+                _safe, lambda: self._record_waf(rec.waf, seconds, engine, bodiless)
+            )
 
     def _record_waf(self, verdict: str, seconds: float, engine: float, bodiless: bool) -> None:
         """The decision and its time; with the engine's own share when the engine ran here

@@ -2,10 +2,10 @@
 
 Same shape as the ModSecurity engine (:mod:`._engine`): one rule set shared by
 all transactions, and the event loop never evaluates rules. A bodiless request
-(most of them) is evaluated on the library's own goroutines and its verdict
-arrives through a pipe the loop watches (:mod:`._completions`); requests with a
-body run their phases in a thread pool (foreign calls release the GIL) as the
-body streams in. Either way every core is used.
+(most of them) goes to the library as a message and its verdict comes back the
+same way (:mod:`._channel`); requests with a body run their phases in a thread
+pool (foreign calls release the GIL) as the body streams in. Either way every
+core is used.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import asyncio
 import concurrent.futures
 import ctypes
 import os
+import struct
 import time
 
 from .._config import WafConfig
 from .._errors import ConfigError
-from ._completions import Completions
+from ._channel import Verdict, VerdictChannel
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
 from ._pooled import PooledTransaction, PooledWaf
@@ -33,6 +34,9 @@ RAW_BODY_RULE = 99007
 
 _PROTOCOLS = {"HTTP/2": "HTTP/2.0", "HTTP/3": "HTTP/3.0"}
 "What the engine is told; CRS 4 allows HTTP/2.0 and HTTP/3.0 (tx.allowed_http_versions)."
+
+_PORTS = struct.Struct("<II")
+_LENGTH = struct.Struct("<I")
 
 
 def _bytes(text: str) -> bytes:
@@ -101,39 +105,44 @@ class CorazaEngine:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="waf"
         )
-        self._completions: Completions | None = None
+        self._channel: VerdictChannel | None = None
 
-    def completions(self) -> Completions:
-        """The pipe the running loop's goroutine verdicts arrive on."""
+    def channel(self) -> VerdictChannel:
+        """The running loop's channel to the library (bodiless requests' verdicts)."""
         loop = asyncio.get_running_loop()
-        if self._completions is None or self._completions.loop is not loop:
-            self._forget_completions()
-            self._completions = Completions(loop)
-        return self._completions
+        if self._channel is None or self._channel.loop is not loop or self._channel.closed:
+            self._close_channel()
+            self._channel = VerdictChannel(
+                loop, lambda fd: self.lib.qpc_channel_open(self.handle, fd)
+            )
+        return self._channel
 
-    def _forget_completions(self) -> None:
-        """Stop watching the pipe (closed once no goroutine can still write to it)."""
-        if self._completions is not None:
-            self._completions.close(self.lib.qpc_async_pending())
-            self._completions = None
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     async def settle(self, seconds: float = 5.0) -> None:
-        """On the loop: wait (bounded) for goroutines still evaluating or logging, then
-        stop watching for verdicts."""
+        """On the loop: wait (bounded) for verdicts still due, then close the channel,
+        which stops the library's reader."""
         deadline = time.monotonic() + seconds
-        while self.lib.qpc_async_pending() and time.monotonic() < deadline:
+        while self._channel is not None and self._channel.waiting:
+            if time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.01)
-        self._forget_completions()
+        self._close_channel()
 
     def close(self) -> None:
         if getattr(self, "executor", None) is not None:
             self.executor.shutdown(wait=True)
+        if self._channel is not None and not self._channel.loop.is_running():
+            self._close_channel()
+        if not self.handle:
+            return
         deadline = time.monotonic() + 5.0
-        while self.lib.qpc_async_pending() and time.monotonic() < deadline:
+        while self.lib.qpc_pending(self.handle) and time.monotonic() < deadline:
             time.sleep(0.01)
-        if self._completions is not None and not self._completions.loop.is_running():
-            self._forget_completions()
-        if self.handle and not self.lib.qpc_async_pending():  # else a goroutine uses the rules
+        if not self.lib.qpc_pending(self.handle):  # else a goroutine still uses the rules
             self.lib.qpc_waf_free(self.handle)
             self.handle = None
 
@@ -151,9 +160,7 @@ class CorazaTransaction(PooledTransaction):
         self._handle = 0
         self._matches: list[Match] = []
         self._body = bytearray()
-        self._goroutine = False
-        "Evaluated on the library's goroutines (a bodiless request), not in the pool."
-        self._evaluating = False
+        self._verdict: asyncio.Future[Verdict] | None = None
 
     @property
     def _open(self) -> bool:
@@ -238,53 +245,51 @@ class CorazaTransaction(PooledTransaction):
         self._evaluate_whole(body)
         return self._decision()
 
-    # -- evaluated on a goroutine (bodiless requests) -----------------------------------
+    # -- bodiless requests: through the channel ----------------------------------------
 
-    async def _evaluate_on_goroutine(self) -> None:
-        engine, lib = self._engine, self._engine.lib
-        done = engine.completions()
-        verdict = done.loop.create_future()
-        self._goroutine = self._evaluating = True
-        self._handle = lib.qpc_async_eval(*self._request_args(), b"", 0, done.write_fd)
+    def _message(self) -> bytes:
+        """The request as channel.go reads it (after the id the channel puts first)."""
+        req = self._request
+        out = bytearray(_PORTS.pack(req.remote_port & 0xFFFFFFFF, req.server_port & 0xFFFFFFFF))
+        protocol = _PROTOCOLS.get(req.protocol, req.protocol)
+        for text in (req.remote_addr, req.server_addr, req.uri, req.method, protocol):
+            data = _bytes(text)
+            out += _LENGTH.pack(len(data))
+            out += data
+        out += pack_headers([(_bytes(n), _bytes(v)) for n, v in req.headers])
+        return bytes(out)
 
-        def completed() -> None:
-            self._evaluating = False
-            if self._closed:
-                self._release_on_goroutine()
-            elif not verdict.done():
-                verdict.set_result(None)
+    def _ask(self) -> asyncio.Future[Verdict] | None:
+        try:
+            return self._engine.channel().ask(self._message())
+        except WafUnavailable:  # no channel: the pool evaluates it
+            return None
 
-        done.expect(self._handle, completed)
-        await verdict
-        matches, nanos = ctypes.c_void_p(), ctypes.c_int64(0)
-        blocked = lib.qpc_async_result(self._handle, ctypes.byref(matches), ctypes.byref(nanos))
-        self.engine_seconds += nanos.value / 1e9
-        text = lib.take_text(matches.value)
-        if blocked < 0:
-            raise WafUnavailable("the coraza engine failed on this request")
-        self._blocked = blocked or None
-        self._parse_matches(text)
-
-    def _release_on_goroutine(self) -> None:
-        if self._handle:
-            self._engine.lib.qpc_async_close(self._handle)
-            self._handle = 0
+    def begin(self) -> None:
+        if not self._request.has_body and self._verdict is None:
+            self._verdict = self._ask()
 
     async def headers(self) -> WafDecision | None:
         if self._request.has_body:
             return await super().headers()
         self._started = True
-        await self._evaluate_on_goroutine()
+        verdict = self._verdict if self._verdict is not None else self._ask()
+        if verdict is None:  # the channel is full or the request too large: the pool
+            await self._run(lambda: self._evaluate_whole(b""))
+        else:
+            status, nanos, text = await verdict
+            self.engine_seconds += nanos / 1e9
+            if status < 0:
+                raise WafUnavailable("the coraza engine failed on this request")
+            self._blocked = status or None
+            self._parse_matches(text)
         self._finished = True
         return None if self._blocked is None else self._decision()
 
     async def close(self) -> None:
-        if not self._goroutine:
+        if self._handle or self._pending is not None:
             return await super().close()
-        if not self._closed:
-            self._closed = True
-            if not self._evaluating:  # else the completion releases it
-                self._release_on_goroutine()
+        self._closed = True  # nothing of ours in the library: its goroutine frees its own
 
     # -- WafTransaction ----------------------------------------------------------------
 
@@ -299,9 +304,6 @@ class CorazaWaf(PooledWaf):
 
     def __init__(self, config: WafConfig, workers: int | None = None) -> None:
         super().__init__(CorazaEngine(config, workers))
-
-    def transaction(self, request: WafRequest) -> CorazaTransaction:
-        return CorazaTransaction(self.engine, request)
 
     async def aclose(self) -> None:
         await self.engine.settle()

@@ -11,7 +11,7 @@ import ctypes
 import os
 import struct
 import threading
-from ctypes import POINTER, c_char_p, c_int, c_int64, c_size_t, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_size_t, c_void_p
 from typing import Any
 
 from .._errors import ConfigError
@@ -50,10 +50,8 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
     "qpc_waf_free": (None, [c_size_t]),
     "qpc_tx_new": (c_size_t, [*_REQUEST, POINTER(c_int)]),
     "qpc_tx_eval": (c_size_t, [*_REQUEST, c_char_p, c_int, POINTER(c_int), POINTER(c_void_p)]),
-    "qpc_async_eval": (c_size_t, [*_REQUEST, c_char_p, c_int, c_int]),
-    "qpc_async_result": (c_int, [c_size_t, POINTER(c_void_p), POINTER(c_int64)]),
-    "qpc_async_close": (None, [c_size_t]),
-    "qpc_async_pending": (c_int, []),
+    "qpc_channel_open": (c_int, [c_size_t, c_int]),
+    "qpc_pending": (c_int, [c_size_t]),
     "qpc_tx_body": (c_int, [c_size_t, c_char_p, c_int]),
     "qpc_tx_finish": (c_int, [c_size_t]),
     "qpc_tx_matches": (c_void_p, [c_size_t]),
@@ -63,13 +61,11 @@ _PROTOTYPES: dict[str, tuple[object, list[object]]] = {
 _HELD = {
     "qpc_free",
     "qpc_tx_matches",
-    "qpc_async_eval",
-    "qpc_async_result",
-    "qpc_async_close",
-    "qpc_async_pending",
+    "qpc_channel_open",
+    "qpc_pending",
 }
-"""Calls of a few microseconds that keep the GIL (see ``bind_prototypes``); the async calls
-only copy the request and start a goroutine."""
+"""Calls of a few microseconds that keep the GIL (see ``bind_prototypes``); opening the
+channel only starts a goroutine."""
 
 
 class CorazaLib:

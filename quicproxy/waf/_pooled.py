@@ -78,9 +78,21 @@ class PooledTransaction:
         if self._open:
             self._release()
 
+    def begin(self) -> None:
+        """Start evaluating a bodiless request now (every phase in one pool call);
+        ``headers()`` then awaits it."""
+        if self._request.has_body or self._pending is not None:
+            return
+        try:
+            self._pending = self._engine.executor.submit(self._timed, self._start_and_finish)
+        except RuntimeError:  # engine closed: headers() reports it
+            self._pending = None
+
     async def headers(self) -> WafDecision | None:
         self._started = True
-        if self._request.has_body:
+        if self._pending is not None:  # begun
+            await asyncio.wrap_future(self._pending)
+        elif self._request.has_body:
             await self._run(self._start)
         else:  # nothing to wait for: every phase in one pool call
             await self._run(self._start_and_finish)
@@ -124,7 +136,10 @@ class PooledWaf:
         self.engine = engine
 
     def transaction(self, request: WafRequest) -> Any:
-        return self.transaction_class(self.engine, request)
+        """A transaction; a bodiless request's evaluation has already started."""
+        tx = self.transaction_class(self.engine, request)
+        tx.begin()
+        return tx
 
     def evaluate_here(self, request: WafRequest, body: bytes = b"") -> WafDecision:
         """Whole-request verdict in the calling thread: the engine's own cost, no pool."""

@@ -312,9 +312,7 @@ async def test_bodiless_request_cancelled_then_closed_is_released(make_waf: Any)
         await tx.close()
     assert_blocked(await _bodiless(waf, "/?id=1%27%20OR%20%271%27=%271"), "942100")
     await waf.aclose()
-    lib = waf.engine.lib
-    if hasattr(lib, "qpc_async_pending"):  # Coraza: no goroutine left on the rule set
-        assert lib.qpc_async_pending() == 0
+    if hasattr(waf.engine.lib, "qpc_pending"):  # Coraza: freed only with no goroutine on it
         assert waf.engine.handle is None
 
 

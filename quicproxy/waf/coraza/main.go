@@ -20,6 +20,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"unsafe"
 
 	"github.com/corazawaf/coraza/v3"
@@ -71,15 +72,25 @@ func qpc_waf_new(directives *C.char, errOut **C.char) C.uintptr_t {
 		*errOut = C.CString(strings.Join(strings.Fields(err.Error()), " "))
 		return 0
 	}
-	return C.uintptr_t(cgo.NewHandle(waf))
+	return C.uintptr_t(cgo.NewHandle(&ruleSet{WAF: waf}))
 }
 
 //export qpc_waf_rules
 func qpc_waf_rules(h C.uintptr_t) C.int {
-	if counted, ok := cgo.Handle(h).Value().(experimental.WAFWithRules); ok {
+	if counted, ok := rules(h).WAF.(experimental.WAFWithRules); ok {
 		return C.int(counted.RulesCount())
 	}
 	return -1
+}
+
+// ruleSet is a compiled rule set and the number of goroutines using it.
+type ruleSet struct {
+	coraza.WAF
+	pending atomic.Int64
+}
+
+func rules(h C.uintptr_t) *ruleSet {
+	return cgo.Handle(h).Value().(*ruleSet)
 }
 
 //export qpc_waf_free
@@ -173,7 +184,7 @@ func startTx(
 	uri *C.char, method *C.char, protocol *C.char,
 	headers *C.char, headersLen C.int,
 ) types.Transaction {
-	return newTx(cgo.Handle(h).Value().(coraza.WAF), copyRequest(
+	return newTx(rules(h).WAF, copyRequest(
 		client, clientPort, server, serverPort, uri, method, protocol, headers, headersLen,
 	))
 }

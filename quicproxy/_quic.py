@@ -352,8 +352,12 @@ class CreditedConnection(QuicConnection):
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """As aioquic; a delayed ACK becomes due, so it rides in the packet this data
-        goes out in (aioquic only writes ACKs that are due)."""
+        goes out in (aioquic only writes ACKs that are due). An empty write sends nothing
+        (the HTTP/3 layer writes its QPACK decoder stream after every header block, mostly
+        empty) and leaves the ACK waiting for the response."""
         super().send_stream_data(stream_id, data, end_stream)
+        if not data and not end_stream:
+            return
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         if space is not None and space.ack_at is not None:
             space.ack_at = 0.0

@@ -120,6 +120,38 @@ def test_a_lone_request_is_acknowledged_late_and_a_second_packet_at_once(certs):
     assert server._spaces[tls.Epoch.ONE_RTT].ack_at is None
 
 
+def test_an_http3_request_gets_no_ack_only_packet_the_response_carries_it(certs):
+    """Decoding a request's headers writes the QPACK decoder stream, mostly nothing;
+    an empty write must not make the ACK due, or every request costs a packet of its own."""
+    client, server, now = _pair(certs)
+    h3_client, h3_server = H3Connection(client), H3Connection(server)
+
+    def deliver(sender: QuicConnection, receiver: QuicConnection, h3: H3Connection) -> list:
+        for data, _ in sender.datagrams_to_send(now=now):
+            receiver.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+        got, event = [], receiver.next_event()
+        while event is not None:
+            got += h3.handle_event(event)
+            event = receiver.next_event()
+        return got
+
+    for _ in range(3):  # settings, their ACKs: a quiet connection
+        deliver(client, server, h3_server)
+        deliver(server, client, h3_client)
+        now += 0.1
+    sid = client.get_next_available_stream_id()
+    h3_client.send_headers(
+        sid,
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a"), (b":path", b"/")],
+        end_stream=True,
+    )
+    assert [e.stream_id for e in deliver(client, server, h3_server)] == [sid]
+    assert server.datagrams_to_send(now=now) == []  # no ACK-only packet
+    h3_server.send_headers(sid, [(b":status", b"200")], end_stream=True)
+    assert len(server.datagrams_to_send(now=now + 0.001)) == 1  # the response, with the ACK
+    assert server._spaces[tls.Epoch.ONE_RTT].ack_at is None
+
+
 def test_an_idle_connection_sheds_its_handshake_buffers_and_shares_frame_handlers(certs):
     """What an idle connection keeps: the TLS output buffers (16 KiB each in aioquic) are
     small once the handshake is done, the frame handler table is shared, and the

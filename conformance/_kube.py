@@ -71,6 +71,39 @@ def _tool(name: str) -> str:
     return found
 
 
+def _resend_on_dead_connection(rest: Any, attempts: int = 3) -> None:
+    """Send a request again on a fresh connection when the pooled one died under it.
+
+    niquests brings urllib3-future, which takes the ``urllib3`` name and speaks HTTP/2 to
+    the API server; a multiplexed connection the server dropped while idle (a long wait
+    for a namespace to go) fails with ResponseNotReady, which urllib3's Retry does not
+    cover (seen once on `kind`: every test of a profile errored in its set-up). What this
+    client sends is safe to send twice: reads, applies and patches are idempotent, a
+    second delete gets 404 (ignored) and a second namespace create 409 (taken as made)."""
+    send = rest.request
+    dead = tuple(
+        e
+        for e in (
+            getattr(urllib3.exceptions, "ResponseNotReady", None),
+            urllib3.exceptions.ProtocolError,
+        )
+        if e is not None
+    )
+
+    def request(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(attempts):
+            try:
+                return send(*args, **kwargs)
+            except dead:
+                if attempt == attempts - 1:
+                    raise
+                rest.pool_manager.clear()  # no second try on a connection of the dead pool
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    rest.request = request
+
+
 class Kube:
     def __init__(self, provider: Provider, progress: Progress) -> None:
         self.provider = provider
@@ -86,6 +119,7 @@ class Kube:
         self.api = config.new_client_from_config(
             config_file=provider.kubeconfig, client_configuration=settings
         )
+        _resend_on_dead_connection(self.api.rest_client)
         self.dyn = DynamicClient(self.api)
         self.core = client.CoreV1Api(self.api)
         self.env = provider.tools_env()
@@ -176,7 +210,13 @@ class Kube:
             timeout=timeout,
             check_pods=False,
         )
-        self.resource("namespaces").create(body={"metadata": {"name": ns}})
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.resource("namespaces").create(body={"metadata": {"name": ns}})
+        except ApiException as exc:
+            if exc.status != 409:  # 409: a resent create found the one just made
+                raise
 
     def restart(self, kind: str, name: str, namespace: str) -> None:
         """What `kubectl rollout restart` does: a new pod-template annotation."""

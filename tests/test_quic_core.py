@@ -10,6 +10,7 @@ from aioquic import tls
 from aioquic.h3.connection import H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.recovery import QuicPacketPacer
 
 from quicproxy import _quic
 from tests.hostile.probe import client_initial
@@ -33,6 +34,8 @@ def test_every_private_aioquic_attribute_the_core_uses_still_exists(certs):
     dialing = _quic.CreditedConnection(configuration=client)
     dialing.connect(("127.0.0.1", 4433), now=0.0)  # creates the packet number spaces
     owners["space"] = dialing._spaces[tls.Epoch.ONE_RTT]
+    owners["recovery"] = QuicConnection(configuration=client)._loss
+    owners["pacer"] = owners["recovery"]._pacer
     missing = []
     for owner, name in _quic.PRIVATE:
         target = owners[owner] if isinstance(owner, str) else owner
@@ -150,6 +153,38 @@ def test_an_http3_request_gets_no_ack_only_packet_the_response_carries_it(certs)
     h3_server.send_headers(sid, [(b":status", b"200")], end_stream=True)
     assert len(server.datagrams_to_send(now=now + 0.001)) == 1  # the response, with the ACK
     assert server._spaces[tls.Epoch.ONE_RTT].ack_at is None
+
+
+def _burst(pacer, window: int, rtt: float) -> int:
+    """Datagrams the pacer lets out at once after a pause (its full burst)."""
+    pacer.update_rate(congestion_window=window, smoothed_rtt=rtt)
+    pacer.evaluation_time = now = 5.0
+    now += 1.0
+    sent = 0
+    while pacer.next_send_time(now) is None and sent < 100:
+        pacer.update_after_send(now)
+        sent += 1
+    return sent
+
+
+@pytest.mark.parametrize("window, rtt", [(26_000_000, 0.001), (4_000_000, 0.0002)])
+def test_the_pacer_sends_bursts_at_rates_over_a_datagram_per_microsecond(window, rtt):
+    """Seen on a loopback download: aioquic's pacer let one datagram out per event-loop
+    turn there (its burst came out shorter than its 1 us packet-time floor)."""
+    assert _burst(QuicPacketPacer(max_datagram_size=1350), window, rtt) <= 2
+    assert _burst(_quic.BurstPacer(max_datagram_size=1350), window, rtt) == _quic.BURST_PACKETS
+
+
+@pytest.mark.parametrize("window, rtt", [(100_000, 0.05), (1_000_000, 0.02), (20_000, 0.1)])
+def test_the_pacer_is_aioquics_below_that_rate(window, rtt):
+    ours = _burst(_quic.BurstPacer(max_datagram_size=1350), window, rtt)
+    assert ours == _burst(QuicPacketPacer(max_datagram_size=1350), window, rtt)
+    assert 2 <= ours <= _quic.BURST_PACKETS
+
+
+def test_connections_pace_with_the_burst_pacer(certs):
+    client, server, _ = _pair(certs)
+    assert isinstance(server._loss._pacer, _quic.BurstPacer)
 
 
 def test_an_idle_connection_sheds_its_handshake_buffers_and_shares_frame_handlers(certs):

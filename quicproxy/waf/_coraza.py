@@ -190,18 +190,32 @@ class CorazaTransaction(PooledTransaction):
             level = int(severity) if severity.lstrip("-").isdigit() else -1
             self._matches.append(Match(rule_id, message, level if 0 <= level <= 7 else None))
 
-    def _request_args(self) -> tuple[object, ...]:
+    def _fields(self) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
+        """Client and server address, URI, method, protocol (as the engine is told) and
+        the packed headers."""
         req = self._request
-        headers = pack_headers([(_bytes(n), _bytes(v)) for n, v in req.headers])
         return (
-            self._engine.handle,
             _bytes(req.remote_addr),
-            req.remote_port,
             _bytes(req.server_addr),
-            req.server_port,
             _bytes(req.uri),
             _bytes(req.method),
             _PROTOCOLS.get(req.protocol, req.protocol).encode(),
+            pack_headers([(_bytes(n), _bytes(v)) for n, v in req.headers]),
+        )
+
+    def _request_args(self) -> tuple[object, ...]:
+        """What opens a transaction in a foreign call (``_REQUEST`` in _coraza_lib)."""
+        client, server, uri, method, protocol, headers = self._fields()
+        req = self._request
+        return (
+            self._engine.handle,
+            client,
+            req.remote_port,
+            server,
+            req.server_port,
+            uri,
+            method,
+            protocol,
             headers,
             len(headers),
         )
@@ -249,14 +263,12 @@ class CorazaTransaction(PooledTransaction):
 
     def _message(self) -> bytes:
         """The request as channel.go reads it (after the id the channel puts first)."""
-        req = self._request
-        out = bytearray(_PORTS.pack(req.remote_port & 0xFFFFFFFF, req.server_port & 0xFFFFFFFF))
-        protocol = _PROTOCOLS.get(req.protocol, req.protocol)
-        for text in (req.remote_addr, req.server_addr, req.uri, req.method, protocol):
-            data = _bytes(text)
+        *texts, headers = self._fields()
+        out = bytearray(_PORTS.pack(self._request.remote_port, self._request.server_port))
+        for data in texts:
             out += _LENGTH.pack(len(data))
             out += data
-        out += pack_headers([(_bytes(n), _bytes(v)) for n, v in req.headers])
+        out += headers
         return bytes(out)
 
     def _ask(self) -> asyncio.Future[Verdict] | None:

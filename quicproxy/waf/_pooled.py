@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -83,10 +84,8 @@ class PooledTransaction:
         ``headers()`` then awaits it."""
         if self._request.has_body or self._pending is not None:
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # engine closed: headers() reports it
             self._pending = self._engine.executor.submit(self._timed, self._start_and_finish)
-        except RuntimeError:  # engine closed: headers() reports it
-            self._pending = None
 
     async def headers(self) -> WafDecision | None:
         self._started = True

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/corazawaf/coraza/v3"
@@ -155,11 +156,5 @@ func truncateLines(text string, limit int) string {
 	if len(text) <= limit {
 		return text
 	}
-	cut := text[:limit]
-	for i := len(cut) - 1; i >= 0; i-- {
-		if cut[i] == '\n' {
-			return cut[:i+1]
-		}
-	}
-	return ""
+	return text[:strings.LastIndexByte(text[:limit], '\n')+1]
 }

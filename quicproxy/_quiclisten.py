@@ -13,6 +13,13 @@
   spoofed sources never come back with the token.
 - Output is flushed once per event-loop turn for every connection that has
   something to send, through :class:`DatagramSocket` (GSO batching).
+- New connections wait their turn: a datagram for a known connection is
+  handled as it is read, an Initial that would start a handshake (the
+  costly part: key exchange, signature) goes to a bounded queue admitted 16
+  per event-loop turn, and its server flight leaves at once. A burst or a
+  flood of Initials delays established connections and handshakes in
+  progress by one turn's admissions at most, and the burst's connections
+  come up 16 at a time instead of all at its end.
 - With several workers on one port (SO_REUSEPORT hashes the 4-tuple), every
   connection ID carries its worker's index; a datagram for another worker's
   connection (the client's address changed) is handed to that worker over a
@@ -26,6 +33,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +63,13 @@ from ._udp import DatagramSocket, Source
 __all__ = ["QuicListener", "start_quic_listener"]
 
 log = logging.getLogger("quicproxy")
+
+_WAITING_INITIALS = 256
+"Initials queued for admission at most; beyond, they are dropped (clients resend)."
+_WAITING_BYTES = 1 << 20
+"Bytes of queued Initials at most."
+_ADMIT_PER_TURN = 16
+"New connections started per event-loop turn."
 
 
 class _Tickets:
@@ -145,6 +160,9 @@ class QuicListener:
         )
         self._budget = float(q.max_new_per_second)
         self._budget_at = self.loop.time()
+        self._waiting: deque[tuple[Header, bytes, Any, Source]] = deque()
+        self._waiting_bytes = 0
+        self._admit: asyncio.Handle | None = None
 
     def bind(self, sock: Any) -> None:
         self.socket = DatagramSocket(
@@ -214,7 +232,39 @@ class QuicListener:
                 self._send([(version_negotiation(header, self._versions), addr)], source)
             return
         if header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining:
-            self._new_connection(header, data, addr, source)
+            self._wait_turn(header, data, addr, source)
+
+    def _wait_turn(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
+        if (
+            len(self._waiting) >= _WAITING_INITIALS
+            or self._waiting_bytes + len(data) > _WAITING_BYTES
+        ):
+            self.stats["shed"] += 1
+            return
+        self._waiting.append((header, data, addr, source))
+        self._waiting_bytes += len(data)
+        if self._admit is None:
+            self._admit = self.loop.call_soon(self._admit_next)
+
+    def _admit_next(self) -> None:
+        """Queued Initials, a bounded number per event-loop turn; what each starts is
+        sent at once."""
+        self._admit = None
+        for _ in range(_ADMIT_PER_TURN):
+            if not self._waiting:
+                return
+            header, data, addr, source = self._waiting.popleft()
+            self._waiting_bytes -= len(data)
+            conn = self.by_cid.get(header.dcid)  # admitted since (a resent or split Initial)
+            if conn is not None:
+                conn.source = source
+                self._receive(conn, data, addr)
+            elif not self.draining:
+                conn = self._new_connection(header, data, addr, source)
+            if conn is not None:
+                self.send_now(conn)
+        if self._waiting:
+            self._admit = self.loop.call_soon(self._admit_next)
 
     def _receive(self, conn: H3Conn, data: bytes, addr: Any) -> None:
         try:
@@ -227,6 +277,21 @@ class QuicListener:
             self.stats["refused"] += 1
             log.info("QUIC handshake from %s sent too much: dropped", conn.client[0])
             conn.terminated()
+
+    def _capped(self, host: str) -> str:
+        """Which cap refuses a new connection from ``host``; "" when none does, and
+        then the connection holds its address's handshake and connection slots."""
+        q = self.cfg
+        if len(self.connections) >= q.max_connections:
+            return "connections"
+        if self.handshakes >= q.max_handshakes:
+            return "handshakes"
+        if not self.handshakes_per_address.acquire(host):
+            return "address_handshakes"
+        if not self.per_address.acquire(host):
+            self.handshakes_per_address.release(host)
+            return "address_connections"
+        return ""
 
     def _refuse(self, why: str) -> None:
         self.stats["refused"] += 1
@@ -244,14 +309,16 @@ class QuicListener:
         self._budget -= 1
         return True
 
-    def _new_connection(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
+    def _new_connection(
+        self, header: Header, data: bytes, addr: Any, source: Source
+    ) -> H3Conn | None:
         q = self.cfg
         if not self._examine_budget():
             self.stats["shed"] += 1
-            return
+            return None
         if not initial_decrypts(data, header):
             self.stats["invalid"] += 1
-            return
+            return None
         now = self.loop.time()
         original_dcid = None
         if header.token:
@@ -262,16 +329,11 @@ class QuicListener:
                 self.stats["retry"] += 1
                 _safe(metrics.retry_sent.inc)
                 self._send([(self.retry.retry_packet(header, addr, now), addr)], source)
-                return
-        if len(self.connections) >= q.max_connections:
-            return self._refuse("connections")
-        if self.handshakes >= q.max_handshakes:
-            return self._refuse("handshakes")
-        if not self.handshakes_per_address.acquire(host):
-            return self._refuse("address_handshakes")
-        if not self.per_address.acquire(host):
-            self.handshakes_per_address.release(host)
-            return self._refuse("address_connections")
+                return None
+        refused = self._capped(host)
+        if refused:
+            self._refuse(refused)
+            return None
         tickets = self.tickets
         configuration = self.configuration
         if self.tls_store is not None:  # the certificate pair in use now (rotation)
@@ -294,6 +356,7 @@ class QuicListener:
         self.cid_issued(conn, quic.host_cid)
         self.loop.call_later(q.handshake_timeout, self._handshake_deadline, conn)
         self._receive(conn, data, addr)
+        return conn
 
     def _handshake_deadline(self, conn: H3Conn) -> None:
         if conn.handshaking and not conn.closed:
@@ -365,6 +428,15 @@ class QuicListener:
                 self._send(out, conn.source)
             self._arm(conn)
 
+    def send_now(self, conn: H3Conn) -> None:
+        """Send one connection's queued datagrams now and re-arm its timer."""
+        self._dirty.discard(conn)
+        if not conn.closed:
+            out = conn.quic.datagrams_to_send(now=self.loop.time())
+            if out:
+                self._send(out, conn.source)
+            self._arm(conn)
+
     def flush_one(self, conn: H3Conn) -> None:
         """Send one connection's queued datagrams now (before it closes)."""
         self._dirty.discard(conn)
@@ -410,6 +482,10 @@ class QuicListener:
             await asyncio.sleep(0.05)
 
     def close(self) -> None:
+        if self._admit is not None:
+            self._admit.cancel()
+            self._admit = None
+        self._waiting.clear()
         for conn in list(self.connections):
             conn.close()
         self.flush()

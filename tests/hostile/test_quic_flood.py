@@ -100,9 +100,7 @@ async def test_handshake_flood_from_many_addresses_gets_retry_and_expires(
 
 
 async def test_one_address_is_capped_in_handshakes(make_proxy, backend, certs):
-    proxy = await make_proxy(
-        backend, quic={"retry_above": 10000, "max_handshakes_per_address": 20}
-    )
+    proxy = await make_proxy(backend, quic={"retry_above": 10000, "max_handshakes_per_address": 20})
     port = proxy.https_port
     packets = await in_thread(valid_initials, port, 200)
     await in_process(flood, ["127.0.0.9"], packets, port, 1.0)
@@ -129,9 +127,7 @@ async def test_too_much_data_before_the_handshake_drops_the_connection(make_prox
     assert listener.stats["handshakes"] == listener.stats["refused"] + len(listener.connections)
 
 
-async def test_garbage_and_unknown_versions_get_nothing_or_version_negotiation(
-    make_proxy, backend
-):
+async def test_garbage_and_unknown_versions_get_nothing_or_version_negotiation(make_proxy, backend):
     proxy = await make_proxy(backend)
     port = proxy.https_port
     sock = udp_socket()
@@ -155,3 +151,50 @@ async def test_garbage_and_unknown_versions_get_nothing_or_version_negotiation(
     sock.close()
     assert len(answers) == 1 and answers[0][1:5] == b"\0\0\0\0"  # Version Negotiation
     assert len(proxy._quic.connections) == 0
+
+
+async def _admitted(listener, count: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while listener.stats["handshakes"] < count:
+        assert time.monotonic() < deadline, f"{listener.stats['handshakes']}/{count} admitted"
+        await asyncio.sleep(0.01)
+
+
+async def test_new_initials_wait_their_turn_behind_known_connections(make_proxy, backend):
+    """Datagrams read in one batch: a known connection's is handled as it is read, new
+    Initials (a handshake each: key exchange, signature) are admitted 16 per event-loop
+    turn, so a burst of them delays everybody else by one turn's worth at most."""
+    proxy = await make_proxy(backend, quic={"retry_above": 10000})
+    listener = proxy._quic
+    first, *burst = await in_thread(valid_initials, proxy.https_port, 41)
+    known_addr = ("127.0.0.1", 9)  # the server's answers go to the discard port
+    listener.datagram_received(first, known_addr)
+    assert listener.stats["handshakes"] == 0  # read, not handled yet
+    await _admitted(listener, 1)
+    known = listener.by_cid[first[DCID]]
+    before = known.received_bytes
+    for i, data in enumerate(burst):
+        listener.datagram_received(data, ("127.0.0.1", 20000 + i))
+    listener.datagram_received(first, known_addr)  # last of the batch, handled first
+    assert known.received_bytes == before + len(first)
+    assert listener.stats["handshakes"] == 1
+    await asyncio.sleep(0)  # one event-loop turn
+    assert listener.stats["handshakes"] == 1 + 16
+    await _admitted(listener, 41)
+    assert listener.stats["shed"] == 0
+
+
+async def test_the_queue_of_new_initials_is_bounded(make_proxy, backend):
+    proxy = await make_proxy(backend, quic={"retry_above": 10000})
+    listener = proxy._quic
+    initials = await in_thread(valid_initials, proxy.https_port, 300)
+    for i, data in enumerate(initials):  # one batch, from 100 addresses
+        listener.datagram_received(data, (f"127.0.0.{2 + i % 100}", 20000 + i))
+    assert listener.stats["shed"] == 300 - 256  # dropped unread: the clients resend
+    await _admitted(listener, 256)
+    # bytes too: 20 Initials padded to 65,200 bytes overflow 1 MiB at the 17th
+    big = [data + bytes(64000) for data in await in_thread(valid_initials, proxy.https_port, 20)]
+    for i, data in enumerate(big):
+        listener.datagram_received(data, ("127.0.1.1", 30000 + i))
+    assert listener.stats["shed"] == 44 + 4
+    await _admitted(listener, 256 + 16)

@@ -162,6 +162,8 @@ class QuicListener:
         self._budget_at = self.loop.time()
         self._waiting: deque[tuple[Header, bytes, Any, Source]] = deque()
         self._waiting_bytes = 0
+        self._waiting_cids: dict[bytes, int] = {}
+        "Destination IDs of the queued datagrams, and how many each."
         self._admit: asyncio.Handle | None = None
 
     def bind(self, sock: Any) -> None:
@@ -223,6 +225,11 @@ class QuicListener:
             conn.source = source
             self._receive(conn, data, addr)
             return
+        if header.long and header.dcid in self._waiting_cids:
+            # more of a connection still waiting to be admitted (0-RTT, the rest of a
+            # ClientHello): it follows its Initial in the queue
+            self._wait_turn(header, data, addr, source)
+            return
         if not handed and self._hand_over(header, data, addr, source):
             return
         if not header.long or header.negotiation:
@@ -243,6 +250,7 @@ class QuicListener:
             return
         self._waiting.append((header, data, addr, source))
         self._waiting_bytes += len(data)
+        self._waiting_cids[header.dcid] = self._waiting_cids.get(header.dcid, 0) + 1
         if self._admit is None:
             self._admit = self.loop.call_soon(self._admit_next)
 
@@ -255,11 +263,14 @@ class QuicListener:
                 return
             header, data, addr, source = self._waiting.popleft()
             self._waiting_bytes -= len(data)
+            left = self._waiting_cids.pop(header.dcid) - 1
+            if left:
+                self._waiting_cids[header.dcid] = left
             conn = self.by_cid.get(header.dcid)  # admitted since (a resent or split Initial)
             if conn is not None:
                 conn.source = source
                 self._receive(conn, data, addr)
-            elif not self.draining:
+            elif header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining:
                 conn = self._new_connection(header, data, addr, source)
             if conn is not None:
                 self.send_now(conn)
@@ -421,21 +432,25 @@ class QuicListener:
         dirty, self._dirty = self._dirty, set()
         now = self.loop.time()
         for conn in dirty:
-            if conn.closed:
-                continue
-            out = conn.quic.datagrams_to_send(now=now)
-            if out:
-                self._send(out, conn.source)
-            self._arm(conn)
+            self._output(conn, now)
 
     def send_now(self, conn: H3Conn) -> None:
         """Send one connection's queued datagrams now and re-arm its timer."""
         self._dirty.discard(conn)
-        if not conn.closed:
-            out = conn.quic.datagrams_to_send(now=self.loop.time())
-            if out:
-                self._send(out, conn.source)
-            self._arm(conn)
+        self._output(conn, self.loop.time())
+
+    def _output(self, conn: H3Conn, now: float) -> None:
+        if conn.closed:
+            return
+        try:
+            out = conn.quic.datagrams_to_send(now=now)
+        except Exception:  # one broken connection never stops the others' output
+            log.exception("QUIC output for %s failed", conn.client[0])
+            conn.terminated()
+            return
+        if out:
+            self._send(out, conn.source)
+        self._arm(conn)
 
     def flush_one(self, conn: H3Conn) -> None:
         """Send one connection's queued datagrams now (before it closes)."""
@@ -486,6 +501,7 @@ class QuicListener:
             self._admit.cancel()
             self._admit = None
         self._waiting.clear()
+        self._waiting_cids.clear()
         for conn in list(self.connections):
             conn.close()
         self.flush()

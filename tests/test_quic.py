@@ -108,3 +108,51 @@ async def test_the_proxy_closes_a_connection_idle_past_its_timeout_after_activit
         waited = time.monotonic() - quiet
     assert not proxy._quic.connections
     assert 0.9 < waited < 1.8, waited
+
+
+async def test_0rtt_datagrams_read_with_their_initial_wait_with_it(make_proxy, backend, certs):
+    """A resumed client's Initial and its 0-RTT datagrams read in one batch: the Initial
+    waits its turn to be admitted, and the 0-RTT datagrams wait behind it instead of
+    being dropped as packets of an unknown connection."""
+    import ssl
+
+    from aioquic.h3.connection import H3_ALPN, H3Connection
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    proxy = await make_proxy(backend, quic={"early_data": True})
+    ticket = (await _tickets(proxy, certs))[-1]
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.server_name = "localhost"
+    config.verify_mode = ssl.CERT_NONE
+    config.session_ticket = ticket
+    quic = QuicConnection(configuration=config)
+    addr = ("127.0.0.1", proxy.https_port)
+    quic.connect(addr, now=time.monotonic())
+    h3 = H3Connection(quic)
+    for n in range(8):  # more early data than the Initial's datagram holds
+        sid = quic.get_next_available_stream_id()
+        path = f"/hello?{n}&{'x' * 600}".encode()
+        h3.send_headers(
+            sid,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b":path", path),
+            ],
+            end_stream=True,
+        )
+    datagrams = [data for data, _ in quic.datagrams_to_send(now=time.monotonic())]
+    assert len(datagrams) >= 3 and quic.tls.session_resumed is False
+    listener = proxy._quic
+    before = listener.stats["handshakes"]
+    for data in datagrams:  # one read batch, from a port nobody answers on
+        listener.datagram_received(data, ("127.0.0.1", 9))
+    assert listener.stats["handshakes"] == before
+    deadline = time.monotonic() + 5
+    while listener.stats["handshakes"] == before and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    conn = listener.by_cid[datagrams[0][6:14]]
+    assert conn.received_bytes == sum(map(len, datagrams))  # none dropped
+    assert conn.quic.tls.early_data_accepted

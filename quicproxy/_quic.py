@@ -17,6 +17,9 @@ loudly when an aioquic upgrade removes one):
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
   ``_replenish_connection_ids``: connection IDs carry the owning worker's index.
+- ``QuicConnection._local_active_connection_id_limit`` and
+  ``_remote_active_connection_id_limit``: four connection IDs each way instead of
+  eight (see ``ACTIVE_CIDS``).
 - ``QuicConnection._crypto_buffers``: three 16 KiB TLS output buffers, replaced by
   small ones once the handshake is done (half of an idle connection's memory).
 - ``QuicConnection.__frame_handlers`` (name-mangled): aioquic builds a dict of
@@ -91,6 +94,8 @@ PRIVATE = [
     (QuicConnection, "_replenish_connection_ids"),
     ("connection", "_host_cids"),
     ("connection", "_local_initial_source_connection_id"),
+    ("connection", "_local_active_connection_id_limit"),
+    ("connection", "_remote_active_connection_id_limit"),
     (QuicConnection, "_on_max_stream_data_delivery"),
     ("connection", "_streams"),
     ("connection", "_handshake_complete"),
@@ -111,6 +116,11 @@ PRIVATE = [
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
 _MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
+
+ACTIVE_CIDS = 4
+"""Connection IDs each side keeps for the other (aioquic: 8). Three spares are plenty
+for a client that migrates; each one costs a NEW_CONNECTION_ID frame at the end of
+every handshake and an entry in the listener's table for the connection's life."""
 
 # Same frozensets, built once: QuicConnection.__init__ asks for ~30 of them per connection.
 quic_connection_module.EPOCHS = functools.lru_cache(maxsize=None)(quic_connection_module.EPOCHS)
@@ -357,6 +367,7 @@ class CreditedConnection(QuicConnection):
         setattr(self, name, _FrameHandlers(self, getattr(self, name)))
         self.credit: dict[int, int] = {}
         self._unacked = 0
+        self._local_active_connection_id_limit = ACTIVE_CIDS
         pacer = self._loss._pacer
         self._loss._pacer = BurstPacer(max_datagram_size=pacer._max_datagram_size)
         self.worker = worker
@@ -413,6 +424,9 @@ class CreditedConnection(QuicConnection):
                 self._crypto_buffers[epoch] = Buffer(capacity=SPENT_CRYPTO_BUFFER)
 
     def _replenish_connection_ids(self) -> None:
+        self._remote_active_connection_id_limit = min(
+            self._remote_active_connection_id_limit, ACTIVE_CIDS
+        )
         known = len(self._host_cids)
         super()._replenish_connection_ids()
         for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp

@@ -209,3 +209,26 @@ def test_an_idle_connection_sheds_its_handshake_buffers_and_shares_frame_handler
         e for e in iter(server.next_event, None) if isinstance(e, _quic.events.StreamDataReceived)
     ]
     assert received and received[-1].data == b"GET" and received[-1].end_stream
+
+
+def test_four_connection_ids_each_way_and_all_of_ours_carry_the_worker(certs):
+    """aioquic keeps eight; four (three spares) are enough to migrate, and every one
+    costs a NEW_CONNECTION_ID frame per handshake and a table entry per connection."""
+    client, server, now = _pair(certs)
+    server.worker = 1
+    client.datagrams_to_send(now=now)  # nothing left in flight
+    assert server._local_active_connection_id_limit == _quic.ACTIVE_CIDS == 4
+    assert len(server._host_cids) == _quic.ACTIVE_CIDS
+    assert len(client._peer_cid_available) == _quic.ACTIVE_CIDS - 1  # what we issued
+    assert len(server._peer_cid_available) <= _quic.ACTIVE_CIDS - 1  # what it may issue us
+    # the client retires one: a fresh one replaces it, stamped for this worker
+    client.change_connection_id()
+    for _ in range(3):
+        for data, _ in client.datagrams_to_send(now=now):
+            server.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+        for data, _ in server.datagrams_to_send(now=now):
+            client.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+        now += 0.05
+    assert len(server._host_cids) == _quic.ACTIVE_CIDS
+    assert server._host_cids[-1].sequence_number == _quic.ACTIVE_CIDS  # the fresh one
+    assert _quic.owner(server._host_cids[-1].cid) == 1

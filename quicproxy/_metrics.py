@@ -114,6 +114,12 @@ class Metrics:
             p + "quic_handshakes", "QUIC handshakes completed.", registry=reg
         )
         self.retry_sent = Counter(p + "quic_retry_sent", "QUIC Retry packets sent.", registry=reg)
+        self.initials_dropped = Counter(
+            p + "quic_initials_dropped",
+            "Initials of unknown connections dropped before a handshake, by reason.",
+            ["reason"],
+            registry=reg,
+        )
         self.connections_refused = Counter(
             p + "connections_refused",
             "Connections refused by a cap, by reason.",

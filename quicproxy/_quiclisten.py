@@ -246,7 +246,7 @@ class QuicListener:
             len(self._waiting) >= _WAITING_INITIALS
             or self._waiting_bytes + len(data) > _WAITING_BYTES
         ):
-            self.stats["shed"] += 1
+            self._drop("shed", "queue")
             return
         self._waiting.append((header, data, addr, source))
         self._waiting_bytes += len(data)
@@ -304,6 +304,10 @@ class QuicListener:
             return "address_connections"
         return ""
 
+    def _drop(self, stat: str, reason: str) -> None:
+        self.stats[stat] += 1
+        _safe(lambda: metrics.initials_dropped.labels(reason=reason).inc())
+
     def _refuse(self, why: str) -> None:
         self.stats["refused"] += 1
         _safe(lambda: metrics.connections_refused.labels(reason=f"quic_{why}").inc())
@@ -325,10 +329,10 @@ class QuicListener:
     ) -> H3Conn | None:
         q = self.cfg
         if not self._examine_budget():
-            self.stats["shed"] += 1
+            self._drop("shed", "rate")
             return None
         if not initial_decrypts(data, header):
-            self.stats["invalid"] += 1
+            self._drop("invalid", "invalid")
             return None
         now = self.loop.time()
         original_dcid = None

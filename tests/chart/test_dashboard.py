@@ -18,6 +18,7 @@ EXPORTED = [
     "quicproxy_in_flight_requests",
     "quicproxy_quic_handshakes_total",
     "quicproxy_quic_retry_sent_total",
+    "quicproxy_quic_initials_dropped_total",
     "quicproxy_connections_refused_total",
     "quicproxy_stream_resets_total",
     "quicproxy_waf_decisions_total",
@@ -87,6 +88,7 @@ def test_exported_names_match_the_running_proxy():
     m.upstream_errors.labels("connect").inc()
     m.rate_limited.labels("default").inc()
     m.cert_reloads.labels("ok").inc()
+    m.initials_dropped.labels("queue").inc()
     text = m.render().decode()
     for name in EXPORTED:
         assert f"\n{name}" in text, name

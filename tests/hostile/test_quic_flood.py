@@ -7,7 +7,9 @@ import asyncio
 import random
 import time
 
-from tests.helpers import fetch, h3
+import httpx
+
+from tests.helpers import fetch, h3, http_url
 from tests.hostile.probe import (
     HealthProbe,
     client_initial,
@@ -198,3 +200,7 @@ async def test_the_queue_of_new_initials_is_bounded(make_proxy, backend):
         listener.datagram_received(data, ("127.0.1.1", 30000 + i))
     assert listener.stats["shed"] == 44 + 4
     await _admitted(listener, 256 + 16)
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(http_url(proxy, "/metrics"))).text
+    dropped = 'quicproxy_quic_initials_dropped_total{reason="queue"} 48.0'
+    assert dropped in text.splitlines()

@@ -15,11 +15,13 @@
   something to send, through :class:`DatagramSocket` (GSO batching).
 - New connections wait their turn: a datagram for a known connection is
   handled as it is read, an Initial that would start a handshake (the
-  costly part: key exchange, signature) goes to a bounded queue admitted 16
-  per event-loop turn, and its server flight leaves at once. A burst or a
-  flood of Initials delays established connections and handshakes in
-  progress by one turn's admissions at most, and the burst's connections
-  come up 16 at a time instead of all at its end.
+  costly part: key exchange, signature) goes to a bounded queue, and so do
+  the datagrams that follow it before it is admitted (0-RTT, the rest of a
+  ClientHello). 16 queued datagrams are admitted per event-loop turn (8 to
+  16 handshakes), each server flight leaving at once. A burst or a flood of
+  Initials delays established connections and handshakes in progress by one
+  turn's admissions at most, and the burst's connections come up a few at a
+  time instead of all at its end.
 - With several workers on one port (SO_REUSEPORT hashes the 4-tuple), every
   connection ID carries its worker's index; a datagram for another worker's
   connection (the client's address changed) is handed to that worker over a
@@ -69,7 +71,7 @@ _WAITING_INITIALS = 256
 _WAITING_BYTES = 1 << 20
 "Bytes of queued Initials at most."
 _ADMIT_PER_TURN = 16
-"New connections started per event-loop turn."
+"Queued datagrams handled per event-loop turn (a ClientHello may take two)."
 
 
 class _Tickets:

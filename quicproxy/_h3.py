@@ -200,7 +200,7 @@ class H3Conn:
     def close(self, code: int = ErrorCode.H3_NO_ERROR, reason: str = "") -> None:
         """CONNECTION_CLOSE, after whatever stream data is still queued has gone out."""
         if not self.closed:
-            self.listener.flush_one(self)
+            self.listener.send_now(self)
             self.quic.close(error_code=code, reason_phrase=reason)
             self.transmit()
 

@@ -152,16 +152,12 @@ class Body:
 
     def _take(self) -> bytes:
         chunks = self._chunks
-        chunk = chunks.popleft()
-        if not chunks or len(chunk) + len(chunks[0]) > READ_JOIN:
-            return chunk
-        parts = [chunk]
-        size = len(chunk)
+        parts = [chunks.popleft()]
+        size = len(parts[0])
         while chunks and size + len(chunks[0]) <= READ_JOIN:
-            chunk = chunks.popleft()
-            parts.append(chunk)
-            size += len(chunk)
-        return b"".join(parts)
+            parts.append(chunks.popleft())
+            size += len(parts[-1])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def unread(self, data: bytes) -> None:
         """Put a chunk back at the front (it was already counted as consumed)."""

@@ -240,8 +240,13 @@ class QuicListener:
             if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
                 self._send([(version_negotiation(header, self._versions), addr)], source)
             return
-        if header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining:
+        if self._opens(header, data):
             self._wait_turn(header, data, addr, source)
+
+    def _opens(self, header: Header, data: bytes) -> bool:
+        """Whether a datagram of an unknown connection may open one: a padded Initial
+        (no amplification) while the listener takes new connections."""
+        return header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining
 
     def _wait_turn(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
         if (
@@ -272,7 +277,7 @@ class QuicListener:
             if conn is not None:
                 conn.source = source
                 self._receive(conn, data, addr)
-            elif header.initial and len(data) >= MIN_INITIAL_SIZE and not self.draining:
+            elif self._opens(header, data):
                 conn = self._new_connection(header, data, addr, source)
             if conn is not None:
                 self.send_now(conn)
@@ -441,7 +446,8 @@ class QuicListener:
             self._output(conn, now)
 
     def send_now(self, conn: H3Conn) -> None:
-        """Send one connection's queued datagrams now and re-arm its timer."""
+        """Send one connection's queued datagrams now (a new connection's flight, what
+        is queued before a close) and re-arm its timer."""
         self._dirty.discard(conn)
         self._output(conn, self.loop.time())
 
@@ -457,12 +463,6 @@ class QuicListener:
         if out:
             self._send(out, conn.source)
         self._arm(conn)
-
-    def flush_one(self, conn: H3Conn) -> None:
-        """Send one connection's queued datagrams now (before it closes)."""
-        self._dirty.discard(conn)
-        if not conn.closed:
-            self._send(conn.quic.datagrams_to_send(now=self.loop.time()), conn.source)
 
     def _arm(self, conn: H3Conn) -> None:
         at = conn.quic.get_timer()

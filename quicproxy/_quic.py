@@ -13,6 +13,10 @@ loudly when an aioquic upgrade removes one):
   receive window follows what the proxy consumed, not what arrived.
 - ``QuicConnection._streams`` and ``QuicStreamSender._buffer_start/_buffer_stop``:
   bytes written to a stream and not yet acknowledged (send back-pressure).
+- ``QuicStreamSender.on_data_delivery`` and its ``_buffer``, ``_acked``,
+  ``_acked_fin``, ``_buffer_fin``, ``_reset_error_code``; ``QuicConnection._get_or_create_stream``
+  and ``_get_or_create_stream_for_send``: every stream's sender drops acknowledged
+  bytes lazily (see ``CompactSender``).
 - ``QuicConnection._handshake_complete``: 0-RTT requests are marked replayable.
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
@@ -63,8 +67,10 @@ from aioquic.quic.packet import (
     encode_quic_version_negotiation,
     pull_quic_header,
 )
+from aioquic.quic.packet_builder import QuicDeliveryState
 from aioquic.quic.recovery import QuicPacketPacer
 from aioquic.quic.retry import QuicRetryTokenHandler
+from aioquic.quic.stream import QuicStream, QuicStreamSender
 
 __all__ = [
     "PRIVATE",
@@ -108,6 +114,14 @@ PRIVATE = [
     ("space", "ack_at"),
     ("sender", "_buffer_start"),
     ("sender", "_buffer_stop"),
+    ("sender", "_buffer"),
+    ("sender", "_acked"),
+    ("sender", "_acked_fin"),
+    ("sender", "_buffer_fin"),
+    ("sender", "_reset_error_code"),
+    (QuicStreamSender, "on_data_delivery"),
+    (QuicConnection, "_get_or_create_stream"),
+    (QuicConnection, "_get_or_create_stream_for_send"),
     ("h3", "_local_control_stream_id"),
     ("connection", "_loss"),
     ("recovery", "_pacer"),
@@ -157,6 +171,46 @@ Initial and Handshake epochs, and a server's 1-RTT messages (its session ticket)
 ACK_DELAY = 0.020
 """Longest wait before acknowledging a lone 1-RTT packet: under the 25 ms max_ack_delay
 aioquic advertises, long enough that the ACK usually rides on the response."""
+
+
+class CompactSender(QuicStreamSender):
+    """aioquic's stream sender, dropping acknowledged bytes from its buffer lazily.
+
+    aioquic deletes acknowledged bytes from the front of the send buffer on every
+    ACK. CPython keeps that as an offset into the allocation, and the next write
+    that grows the buffer copies everything left into a fresh allocation: with
+    about a megabyte queued (the h3 send high-water mark) each 64 KiB write copied
+    about a megabyte. Here acknowledged bytes stay in front until they are at least
+    half the buffer, so a byte is copied about once.
+
+    ``_buffer_start`` keeps aioquic's meaning, the offset of the buffer's first
+    byte (``get_frame`` and ``write`` are aioquic's); ``acked_to`` is the offset of
+    the first byte not yet acknowledged.
+    """
+
+    acked_to = 0
+
+    def on_data_delivery(
+        self, delivery: QuicDeliveryState, start: int, stop: int, fin: bool
+    ) -> None:
+        if delivery != QuicDeliveryState.ACKED or self._reset_error_code is not None:
+            super().on_data_delivery(delivery, start, stop, fin)  # loss: no buffer change
+            return
+        assert not fin or stop == self._buffer_fin, "FIN acknowledged at another offset"
+        if stop > start:
+            self._acked.add(start, stop)
+            first = self._acked[0]
+            if first.start == self.acked_to:
+                self._acked.shift()
+                self.acked_to = first.stop
+                dead = first.stop - self._buffer_start
+                if dead * 2 >= len(self._buffer):
+                    del self._buffer[:dead]
+                    self._buffer_start = first.stop
+        if fin:
+            self._acked_fin = True
+        if self._acked_fin and self.acked_to == self._buffer_fin:
+            self.is_finished = True
 
 
 def server_configuration(
@@ -406,6 +460,13 @@ class CreditedConnection(QuicConnection):
         if space is not None and space.ack_at is not None:
             space.ack_at = 0.0
 
+    def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
+        """As aioquic; a stream about to carry data gets a ``CompactSender``."""
+        stream = super()._get_or_create_stream_for_send(stream_id)
+        if type(stream.sender) is QuicStreamSender:
+            stream.sender.__class__ = CompactSender  # nothing written to it yet
+        return stream
+
     def _handle_padding_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
         """As aioquic (skip the zero bytes that follow), without a Python loop per byte:
         every client Initial carries hundreds of them."""
@@ -476,7 +537,10 @@ def unacked_bytes(quic: QuicConnection, stream_id: int) -> int:
     stream = quic._streams.get(stream_id)
     if stream is None:
         return 0
-    return int(stream.sender._buffer_stop - stream.sender._buffer_start)
+    sender = stream.sender
+    if isinstance(sender, CompactSender):
+        return sender._buffer_stop - sender.acked_to
+    return int(sender._buffer_stop - sender._buffer_start)
 
 
 def control_stream(h3: H3Connection) -> int | None:

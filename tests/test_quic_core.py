@@ -10,7 +10,9 @@ from aioquic import tls
 from aioquic.h3.connection import H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet_builder import QuicDeliveryState
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.stream import QuicStreamSender
 
 from quicproxy import _quic
 from tests.hostile.probe import client_initial
@@ -232,3 +234,46 @@ def test_four_connection_ids_each_way_and_all_of_ours_carry_the_worker(certs):
     assert len(server._host_cids) == _quic.ACTIVE_CIDS
     assert server._host_cids[-1].sequence_number == _quic.ACTIVE_CIDS  # the fresh one
     assert _quic.owner(server._host_cids[-1].cid) == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compact_sender_sends_what_aioquics_sends_and_frees_acknowledged_bytes(certs, seed):
+    """The same writes, frames, losses and out-of-order ACKs through aioquic's sender and
+    ours: the same frames come out (resent losses included), the same bytes count as
+    unacknowledged, both finish together; ours holds at most twice that plus one write."""
+    _, server, _ = _pair(certs)
+    sid = server.get_next_available_stream_id()
+    server.send_stream_data(sid, b"")
+    ours = server._streams[sid].sender
+    assert isinstance(ours, _quic.CompactSender)
+    theirs = QuicStreamSender(sid, True)
+    rng = random.Random(seed)
+    payload = rng.randbytes(600_000)
+    written = 0
+    in_flight: list[tuple[int, int, bool]] = []
+    while not (ours.is_finished and theirs.is_finished):
+        if written < len(payload) and rng.random() < 0.3:
+            size = rng.choice([1, 1300, 65536])
+            chunk = payload[written : written + size]
+            written += len(chunk)
+            for sender in (ours, theirs):
+                sender.write(chunk, end_stream=written == len(payload))
+        for _ in range(rng.randint(0, 20)):
+            a, b = ours.get_frame(1300), theirs.get_frame(1300)
+            assert (a is None) == (b is None)
+            if a is None:
+                break
+            assert (a.offset, a.data, a.fin) == (b.offset, b.data, b.fin)
+            assert a.data == payload[a.offset : a.offset + len(a.data)]
+            in_flight.append((a.offset, a.offset + len(a.data), a.fin))
+        rng.shuffle(in_flight)
+        for _ in range(rng.randint(0, len(in_flight))):
+            start, stop, fin = in_flight.pop()
+            state = QuicDeliveryState.LOST if rng.random() < 0.1 else QuicDeliveryState.ACKED
+            for sender in (ours, theirs):
+                sender.on_data_delivery(state, start, stop, fin)
+        unacked = theirs._buffer_stop - theirs._buffer_start
+        assert _quic.unacked_bytes(server, sid) == unacked
+        assert len(ours._buffer) <= 2 * unacked + 65536
+        assert ours.is_finished == theirs.is_finished
+    assert _quic.unacked_bytes(server, sid) == 0 and len(ours._buffer) == 0

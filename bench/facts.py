@@ -52,6 +52,7 @@ def machine(oha: str, qp: list[str] | None) -> dict[str, str]:
         "caddy": _caddy(),
         "go (backend)": _cmd("go" if _has("go") else "/usr/local/go/bin/go", "version"),
         "aioquic": _pkg("aioquic"),
+        "qh3": _pkg("qh3"),
         "quicproxy": (
             f"{_pkg('quic-proxy-waf')} @ {_cmd('git', '-C', str(repo), 'rev-parse', 'HEAD')[:10]}"
             if qp

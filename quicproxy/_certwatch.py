@@ -30,10 +30,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic.quic.configuration import QuicConfiguration
-
 from ._errors import ConfigError
 from ._metrics import metrics
+from ._quic import QuicConfiguration
 from ._tls import tcp_tls_context
 
 __all__ = ["TlsStore", "TlsPair"]

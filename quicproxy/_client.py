@@ -17,9 +17,15 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamReset
 
-from ._quic import unacked_bytes
-
 __all__ = ["H3Response", "H3Client", "h3_client"]
+
+
+def _unacked(quic: Any, stream_id: int) -> int:
+    """Bytes written to a stream and not yet acknowledged (aioquic's send buffer)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    return int(stream.sender._buffer_stop - stream.sender._buffer_start)
 
 
 @dataclass
@@ -138,7 +144,7 @@ class H3Client:
                     break
                 proto.h3.send_data(sid, chunk, end_stream=False)
                 proto.transmit()
-                while unacked_bytes(proto._quic, sid) > (1 << 20) and not p.done.done():
+                while _unacked(proto._quic, sid) > (1 << 20) and not p.done.done():
                     proto.acked.clear()
                     await asyncio.wait_for(proto.acked.wait(), timeout)
             if not p.done.done():

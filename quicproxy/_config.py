@@ -87,8 +87,8 @@ class QuicConfig:
     "Seconds of silence before a QUIC connection is closed."
     max_datagram_size: int = 1350
     "Largest UDP payload sent."
-    congestion_control: str = "reno"
-    "Congestion control algorithm known to aioquic (reno, cubic)."
+    congestion_control: str = "cubic"
+    "Congestion control algorithm (the QUIC core, qh3, has CUBIC only)."
     retry: bool = False
     "Always send QUIC Retry to validate client addresses (else only under load)."
     retry_above: int = 100
@@ -426,7 +426,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].path_prefix", "must start with /", "e.g. /api")
         for j, url in enumerate(route.backends):
             parse_backend(f"routes[{i}].backends[{j}]", url)
-    _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("reno", "cubic"))
+    _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("cubic",))
     if not 1200 <= cfg.quic.max_datagram_size <= 65527:
         raise ConfigError("quic.max_datagram_size", "out of range", "use 1200 to 65527")
     if cfg.quic.idle_timeout <= 0:

@@ -13,14 +13,14 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from aioquic.buffer import encode_uint_var
-from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, encode_frame
-from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from qh3._hazmat import DecoderStreamError
+from qh3.h3.connection import ErrorCode, FrameType, H3Connection, encode_frame, encode_uint_var
+from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
-from ._quic import CreditedConnection, control_stream, events, unacked_bytes
+from ._quic import CreditedConnection, control_stream, events, unsent_bytes
 from ._sockets import plain_addr
 from ._streams import Streams
 
@@ -40,6 +40,38 @@ _RESET_CODES = {
 }
 
 
+class _H3(H3Connection):
+    """qh3's HTTP/3 layer without its H3_DATAGRAM setting: qh3 always announces it,
+    and RFC 9297 lets clients (aioquic, for one) close a connection that announces it
+    without QUIC datagram support, which the proxy does not offer."""
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
+        return settings
+
+    def _decode_headers(self, stream_id: int, frame_data: bytes | None) -> list[Any]:
+        """As qh3, except a header block its QPACK decoder refuses because a string is
+        not UTF-8 (HTTP allows other bytes): qh3 would raise out of the connection.
+        The request gets a 400 instead, as on h2 (see ``H3Conn._request``)."""
+        try:
+            return list(super()._decode_headers(stream_id, frame_data))
+        except DecoderStreamError:
+            return _Undecodable(_PLACEHOLDER)  # valid for qh3's checks; never forwarded
+
+
+class _Undecodable(list[tuple[bytes, bytes]]):
+    """The headers of a request whose header block could not be decoded."""
+
+
+_PLACEHOLDER = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":authority", b"-"),
+    (b":path", b"/"),
+]
+
+
 class H3Conn:
     """One QUIC connection carrying HTTP/3 requests."""
 
@@ -49,7 +81,7 @@ class H3Conn:
         self.quic = quic
         self.listener = listener
         self.handler = handler
-        self.h3 = H3Connection(quic)
+        self.h3 = _H3(quic)
         self.cids: set[bytes] = set()
         "Connection IDs that route datagrams to this connection."
         self.source: tuple[int, int, bytes] | None = None
@@ -114,6 +146,8 @@ class H3Conn:
     def _request(self, event: HeadersReceived) -> None:
         sid = event.stream_id
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
+        if isinstance(event.headers, _Undecodable):
+            raw = [(":undecodable", "")]  # refused by the request model: 400
         if not event.stream_ended:
             self.quic.credit[sid] = self._window
             self._consumed[sid] = 0
@@ -139,7 +173,7 @@ class H3Conn:
             raise ConnectionError("stream reset by client")
         self.h3.send_data(sid, data, end_stream=False)
         self.transmit()
-        while unacked_bytes(self.quic, sid) > _SEND_HIGH_WATER:
+        while unsent_bytes(self.quic, sid) > _SEND_HIGH_WATER:
             if sid not in self.streams.tasks or self.closed or self.quic.closing:
                 raise ConnectionError("stream closed")
             self._acked.clear()
@@ -181,7 +215,7 @@ class H3Conn:
 
     async def _close_when_acked(self, seconds: float = 2.0) -> None:
         deadline = self.listener.loop.time() + seconds
-        while not self.closed and self.quic.unacked_total() and self._time_left(deadline):
+        while not self.closed and not self.quic.all_acknowledged() and self._time_left(deadline):
             self._acked.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._acked.wait(), self._time_left(deadline))

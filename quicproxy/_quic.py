@@ -1,4 +1,4 @@
-"""The QUIC core: the one module that knows aioquic's QUIC layer.
+"""The QUIC core: the one module that knows the QUIC library (qh3).
 
 Everything the listener and the HTTP/3 adapter need from the QUIC library goes
 through here: reading a packet header, checking that an Initial decrypts,
@@ -6,163 +6,124 @@ Retry and Version Negotiation packets, the connection object and the few
 private attributes the proxy relies on. Swapping the QUIC library means
 rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
 
-Private aioquic attributes used, and why (``PRIVATE`` lists them; a test fails
-loudly when an aioquic upgrade removes one):
+qh3 1.9 is aioquic's design (the connection's state machine in Python) with the
+per-packet work in Rust: packet protection and building, stream send and receive
+buffers, range sets, the pacer, QPACK and TLS primitives. In memory, one server
+connection spends ~12 ms of CPU per MiB sent against aioquic's ~41, ~74 us per
+small request against ~130, and ~1.5 ms per handshake against ~2.0.
 
-- ``QuicConnection._write_stream_limits``: overridden so a request stream's
-  receive window follows what the proxy consumed, not what arrived.
-- ``QuicConnection._streams`` and ``QuicStreamSender._buffer_start/_buffer_stop``:
-  bytes written to a stream and not yet acknowledged (send back-pressure).
-- ``QuicStreamSender.on_data_delivery`` and its ``_buffer``, ``_acked``,
-  ``_acked_fin``, ``_buffer_fin``, ``_reset_error_code``; ``QuicConnection._get_or_create_stream``
-  and ``_get_or_create_stream_for_send``: every stream's sender drops acknowledged
-  bytes lazily (see ``CompactSender``).
+Private qh3 attributes used, and why (``PRIVATE`` lists them; a test fails
+loudly when an upgrade removes one):
+
+- ``qh3.quic.connection.QuicStream``: replaced by ``ProxyStream``, whose receive
+  window never grows past what the proxy granted (``credit``); qh3 doubles a
+  stream's window as data arrives (and on every STREAM_DATA_BLOCKED), whether or
+  not anyone read it. ``QuicConnection._streams_dirty_limits``: where a raised
+  window is queued for qh3 to announce. Its ``is_blocked`` also holds a reset
+  stream's data back (see ``ProxyStream.is_blocked``); ``_handle_stop_sending_frame``
+  is overridden to know when the peer's STOP_SENDING reset one.
+- ``QuicConnection._streams`` and the sender's ``_pending``: bytes written to a
+  stream and not sent yet (send back-pressure). ``_streams_queue``: streams qh3
+  dropped from it are put back (see ``CreditedConnection.datagrams_to_send``).
 - ``QuicConnection._handshake_complete``: 0-RTT requests are marked replayable.
 - ``QuicConnection._close_event``: whether the connection is closing.
-- ``QuicConnection._host_cids``, ``_local_initial_source_connection_id`` and
-  ``_replenish_connection_ids``: connection IDs carry the owning worker's index.
+- ``QuicConnection._host_cids``, ``_host_cid_seq_map``,
+  ``_local_initial_source_connection_id`` and ``_replenish_connection_ids``:
+  connection IDs carry the owning worker's index.
 - ``QuicConnection._local_active_connection_id_limit`` and
   ``_remote_active_connection_id_limit``: four connection IDs each way instead of
   eight (see ``ACTIVE_CIDS``).
 - ``QuicConnection._crypto_buffers``: three 16 KiB TLS output buffers, replaced by
-  small ones once the handshake is done (half of an idle connection's memory).
-- ``QuicConnection.__frame_handlers`` (name-mangled): aioquic builds a dict of
-  ~30 bound methods and frozensets per connection (~10 KiB); ours shares one table
-  and binds on look-up.
-- ``aioquic.quic.connection.EPOCHS``: builds a new frozenset on every call, ~30 per
-  connection in ``__init__`` (a tenth of a handshake's CPU); replaced by a cached one.
-- ``QuicConnection._handle_padding_frame``: overridden; aioquic walks the padding of
-  every Initial byte by byte in Python.
+  small ones once the handshake is done.
 - ``QuicConnection._spaces`` (``ack_at`` of the 1-RTT space): acknowledgements
   are delayed so they ride on the response (see ``CreditedConnection``).
+- ``QuicConnection._loss`` (``bytes_in_flight``): whether everything sent was
+  acknowledged (closing a drained connection).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
-- ``QuicPacketRecovery._pacer`` (``QuicPacketPacer._max_datagram_size``): replaced by
-  a pacer whose bursts are counted in packets (see ``BurstPacer``).
-- ``aioquic._crypto.AEAD`` and ``HeaderProtection``: the C primitives that check
-  an Initial cheaply before any connection exists.
 """
 
 from __future__ import annotations
 
-import functools
 import hmac
+import ipaddress
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic import tls
-from aioquic._crypto import AEAD, HeaderProtection
-from aioquic.buffer import Buffer, BufferReadError
-from aioquic.h3.connection import H3_ALPN, H3Connection
-from aioquic.quic import connection as quic_connection_module
-from aioquic.quic import events as quic_events
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.crypto import INITIAL_SALT_VERSION_1, INITIAL_SALT_VERSION_2
-from aioquic.quic.packet import (
-    QuicFrameType,
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from qh3 import tls
+from qh3._hazmat import AeadAes128Gcm, Buffer, BufferReadError, QUICHeaderProtection
+from qh3.h3.connection import H3_ALPN, H3Connection
+from qh3.quic import connection as quic_connection_module
+from qh3.quic import events as quic_events
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.crypto import INITIAL_SALT_VERSION_1, INITIAL_SALT_VERSION_2
+from qh3.quic.packet import (
     QuicPacketType,
     QuicProtocolVersion,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
-from aioquic.quic.packet_builder import QuicDeliveryState
-from aioquic.quic.recovery import QuicPacketPacer
-from aioquic.quic.retry import QuicRetryTokenHandler
-from aioquic.quic.stream import QuicStream, QuicStreamSender
+from qh3.quic.stream import QuicStream
+from qh3.tls import SessionTicket
 
 __all__ = [
     "PRIVATE",
     "MIN_INITIAL_SIZE",
     "Header",
     "CreditedConnection",
+    "ProxyStream",
+    "QuicConfiguration",
     "RetryTokens",
-    "client_configuration",
+    "SessionTicket",
     "events",
     "initial_decrypts",
     "owner",
     "parse_header",
     "stamp",
     "server_configuration",
-    "unacked_bytes",
+    "unsent_bytes",
     "version_negotiation",
 ]
 
 events = quic_events
 "The QUIC event classes (ConnectionTerminated, StreamReset, HandshakeCompleted, ...)."
 
-MIN_INITIAL_SIZE = SMALLEST_MAX_DATAGRAM_SIZE
+MIN_INITIAL_SIZE = 1200
 "A client's first datagram is padded to at least this size (RFC 9000 §14.1)."
 
 PRIVATE = [
-    (QuicConnection, "_write_stream_limits"),
+    (quic_connection_module, "QuicStream"),
     (QuicConnection, "_replenish_connection_ids"),
+    ("connection", "_streams_dirty_limits"),
+    ("connection", "_streams_queue"),
+    (QuicConnection, "_handle_stop_sending_frame"),
     ("connection", "_host_cids"),
+    ("connection", "_host_cid_seq_map"),
     ("connection", "_local_initial_source_connection_id"),
     ("connection", "_local_active_connection_id_limit"),
     ("connection", "_remote_active_connection_id_limit"),
-    (QuicConnection, "_on_max_stream_data_delivery"),
     ("connection", "_streams"),
     ("connection", "_handshake_complete"),
     ("connection", "_close_event"),
     ("connection", "_spaces"),
     ("connection", "_crypto_buffers"),
-    (quic_connection_module, "EPOCHS"),
-    (QuicConnection, "_handle_padding_frame"),
-    ("connection", "_QuicConnection__frame_handlers"),
-    ("space", "ack_at"),
-    ("sender", "_buffer_start"),
-    ("sender", "_buffer_stop"),
-    ("sender", "_buffer"),
-    ("sender", "_acked"),
-    ("sender", "_acked_fin"),
-    ("sender", "_buffer_fin"),
-    ("sender", "_reset_error_code"),
-    (QuicStreamSender, "on_data_delivery"),
-    (QuicConnection, "_get_or_create_stream"),
-    (QuicConnection, "_get_or_create_stream_for_send"),
-    ("h3", "_local_control_stream_id"),
     ("connection", "_loss"),
-    ("recovery", "_pacer"),
-    ("pacer", "_max_datagram_size"),
+    ("recovery", "bytes_in_flight"),
+    ("space", "ack_at"),
+    ("sender", "_pending"),
+    ("h3", "_local_control_stream_id"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
-_MAX_STREAM_DATA_CAPACITY = 1 + 2 * 8
-
 ACTIVE_CIDS = 4
-"""Connection IDs each side keeps for the other (aioquic: 8). Three spares are plenty
+"""Connection IDs each side keeps for the other (qh3: 8). Three spares are plenty
 for a client that migrates; each one costs a NEW_CONNECTION_ID frame at the end of
 every handshake and an entry in the listener's table for the connection's life."""
-
-# Same frozensets, built once: QuicConnection.__init__ asks for ~30 of them per connection.
-quic_connection_module.EPOCHS = functools.lru_cache(maxsize=None)(quic_connection_module.EPOCHS)
-
-BURST_PACKETS = 16
-"Most datagrams one pacing burst may hold (what aioquic allows when the window is large)."
-
-
-class BurstPacer(QuicPacketPacer):
-    """aioquic's pacer with its burst counted in packets.
-
-    aioquic clamps the time between packets to at least 1 us but sizes the burst from
-    the rate: above one datagram per microsecond (a large window over a sub-millisecond
-    RTT: loopback, a LAN) the burst is shorter than one packet time, so after every
-    datagram the pacer blocks and the next one waits for an event-loop turn of its own
-    (measured on a 10 MiB h3 download over loopback: 26,487 pacing wake-ups for ~41,000
-    datagrams, 1.3 datagrams per send). Here the burst is at least 2 and up to
-    ``BURST_PACKETS`` packet times, a quarter of the window as in aioquic; at rates below
-    the clamp it is the same burst aioquic computes.
-    """
-
-    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
-        super().update_rate(congestion_window, smoothed_rtt)
-        if self.packet_time is not None:
-            quarter = congestion_window // 4 // self._max_datagram_size
-            burst = max(2, min(quarter, BURST_PACKETS)) * self.packet_time
-            self.bucket_max = max(self.bucket_max, burst)
-
 
 SPENT_CRYPTO_BUFFER = 1024
 """Capacity of each TLS output buffer after the handshake: nothing more is written for the
@@ -170,47 +131,84 @@ Initial and Handshake epochs, and a server's 1-RTT messages (its session ticket)
 
 ACK_DELAY = 0.020
 """Longest wait before acknowledging a lone 1-RTT packet: under the 25 ms max_ack_delay
-aioquic advertises, long enough that the ACK usually rides on the response."""
+qh3 advertises, long enough that the ACK usually rides on the response."""
 
 
-class CompactSender(QuicStreamSender):
-    """aioquic's stream sender, dropping acknowledged bytes from its buffer lazily.
+class ProxyStream(QuicStream):
+    """qh3's stream, whose receive window stops at ``limit`` when one is set.
 
-    aioquic deletes acknowledged bytes from the front of the send buffer on every
-    ACK. CPython keeps that as an offset into the allocation, and the next write
-    that grows the buffer copies everything left into a fresh allocation: with
-    about a megabyte queued (the h3 send high-water mark) each 64 KiB write copied
-    about a megabyte. Here acknowledged bytes stay in front until they are at least
-    half the buffer, so a byte is copied about once.
-
-    ``_buffer_start`` keeps aioquic's meaning, the offset of the buffer's first
-    byte (``get_frame`` and ``write`` are aioquic's); ``acked_to`` is the offset of
-    the first byte not yet acknowledged.
+    qh3 doubles a stream's receive window whenever the peer has sent more than half
+    of it, and on every STREAM_DATA_BLOCKED, whether or not the data was read. A
+    request stream (client-initiated, bidirectional) starts limited to its initial
+    window; the proxy raises the limit as it consumes the body (``CreditedConnection.credit``),
+    so a slow upstream slows the client instead of filling memory. Other streams
+    (the peer's HTTP/3 control and QPACK streams, read as they arrive) keep qh3's rule.
     """
 
-    acked_to = 0
+    __slots__ = ("limit", "_local", "_blocked", "reset_sent")
 
-    def on_data_delivery(
-        self, delivery: QuicDeliveryState, start: int, stop: int, fin: bool
+    def __init__(
+        self,
+        stream_id: int | None = None,
+        max_stream_data_local: int = 0,
+        max_stream_data_remote: int = 0,
+        readable: bool = True,
+        writable: bool = True,
     ) -> None:
-        if delivery != QuicDeliveryState.ACKED or self._reset_error_code is not None:
-            super().on_data_delivery(delivery, start, stop, fin)  # loss: no buffer change
-            return
-        assert not fin or stop == self._buffer_fin, "FIN acknowledged at another offset"
-        if stop > start:
-            self._acked.add(start, stop)
-            first = self._acked[0]
-            if first.start == self.acked_to:
-                self._acked.shift()
-                self.acked_to = first.stop
-                dead = first.stop - self._buffer_start
-                if dead * 2 >= len(self._buffer):
-                    del self._buffer[:dead]
-                    self._buffer_start = first.stop
-        if fin:
-            self._acked_fin = True
-        if self._acked_fin and self.acked_to == self._buffer_fin:
-            self.is_finished = True
+        self.limit: int | None = None
+        self._local = 0
+        self._blocked = False
+        self.reset_sent = False
+        super().__init__(
+            stream_id, max_stream_data_local, max_stream_data_remote, readable, writable
+        )
+        if stream_id is not None and stream_id % 4 == 0 and readable and writable:
+            self.limit = max_stream_data_local
+
+    @property
+    def max_stream_data_local(self) -> int:
+        return self._local
+
+    @max_stream_data_local.setter
+    def max_stream_data_local(self, value: int) -> None:
+        limit = self.limit
+        if limit is not None and value > limit:
+            value = max(self._local, limit)
+        self._local = value
+
+    @property
+    def is_blocked(self) -> bool:
+        """As qh3's flag, and always once the stream's sending part was reset: qh3's sender
+        puts data lost in flight back in its queue even after a reset, and would send it
+        (and data never sent before) past the final size the RESET_STREAM announced."""
+        return self._blocked or self.reset_sent
+
+    @is_blocked.setter
+    def is_blocked(self, value: bool) -> None:
+        self._blocked = value
+
+
+quic_connection_module.QuicStream = ProxyStream  # type: ignore[misc]
+
+
+class _Credit(dict[int, int]):
+    """Request stream id -> receive limit granted so far (bytes consumed + window).
+    Setting one raises that stream's window and queues the MAX_STREAM_DATA frame."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: QuicConnection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def __setitem__(self, stream_id: int, limit: int) -> None:
+        super().__setitem__(stream_id, limit)
+        conn = self._conn
+        stream = conn._streams.get(stream_id)
+        if isinstance(stream, ProxyStream) and (stream.limit is None or limit > stream.limit):
+            stream.limit = limit
+            stream.max_stream_data_local = limit
+            conn._streams_dirty_limits.add(stream)
 
 
 def server_configuration(
@@ -219,7 +217,6 @@ def server_configuration(
     key: str,
     idle_timeout: float,
     max_datagram_size: int,
-    congestion_control: str,
     stream_window: int,
 ) -> QuicConfiguration:
     configuration = QuicConfiguration(
@@ -227,16 +224,12 @@ def server_configuration(
         is_client=False,
         idle_timeout=idle_timeout,
         max_datagram_size=max_datagram_size,
-        congestion_control_algorithm=congestion_control,
+        active_connection_id_limit=ACTIVE_CIDS,
         max_stream_data=stream_window,
         max_data=16 * stream_window,
     )
     configuration.load_cert_chain(cert, key)
     return configuration
-
-
-def client_configuration(**kw: Any) -> QuicConfiguration:
-    return QuicConfiguration(alpn_protocols=H3_ALPN, is_client=True, **kw)
 
 
 @dataclass
@@ -299,8 +292,8 @@ def initial_decrypts(data: bytes, header: Header) -> bool:
 
     A forged Initial (a real one with its DCID rewritten, random bytes) fails
     here, before any connection state exists for it. Only the client's
-    direction is derived, with the standard library's HMAC and aioquic's C
-    AEAD: this runs for every unknown Initial, so it has to be cheap."""
+    direction is derived, with the standard library's HMAC and qh3's AEAD:
+    this runs for every unknown Initial, so it has to be cheap."""
     if header.version == QuicProtocolVersion.VERSION_2:
         salt, prefix = INITIAL_SALT_VERSION_2, b"quicv2 "
     elif header.version == QuicProtocolVersion.VERSION_1:
@@ -313,12 +306,10 @@ def initial_decrypts(data: bytes, header: Header) -> bool:
     hp = _expand_label(secret, prefix + b"hp", 16)
     packet = data[: header.packet_length]
     try:
-        plain_header, packet_number = HeaderProtection(b"aes-128-ecb", hp).remove(
+        plain_header, packet_number = QUICHeaderProtection("aes-128-ecb", hp).remove(
             packet, header.encrypted_offset
         )
-        AEAD(b"aes-128-gcm", key, iv).decrypt(
-            packet[len(plain_header) :], plain_header, packet_number
-        )
+        AeadAes128Gcm(key, iv).decrypt(packet_number, packet[len(plain_header) :], plain_header)
     except Exception:
         return False
     return True
@@ -330,22 +321,34 @@ def version_negotiation(header: Header, versions: list[int]) -> bytes:
     )
 
 
+_TOKEN_LIFETIME = 30.0
+"Clients answer a Retry at once; a token older than this is refused (RFC 9000 §8.1.4)."
+
+
+def _address_bytes(addr: Any) -> bytes:
+    return ipaddress.ip_address(addr[0]).packed + struct.pack("!H", addr[1])
+
+
 class RetryTokens:
-    """Stateless Retry: tokens bind the client address and the original DCID."""
+    """Stateless Retry: tokens bind the client address, the original DCID and the
+    Retry's source CID (where the client must write next), sealed with AES-GCM under
+    a key of this process, and expire after 30 s."""
 
     def __init__(self, worker: int | None = None) -> None:
-        self._handler = QuicRetryTokenHandler()
+        self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
         self.worker = worker
 
     def retry_packet(self, header: Header, addr: Any, now: float) -> bytes:
         assert header.version is not None
         source_cid = stamp(os.urandom(8), self.worker)  # the token is ours to check
-        token = self._handler.create_token(
-            address=addr,
-            original_destination_connection_id=header.dcid,
-            retry_source_connection_id=source_cid,
-            now=now,
+        plain = (
+            struct.pack("!dB", now, len(header.dcid))
+            + header.dcid
+            + bytes([len(source_cid)])
+            + source_cid
         )
+        nonce = os.urandom(12)
+        token = nonce + self._aead.encrypt(nonce, plain, _address_bytes(addr))
         return encode_quic_retry(
             version=header.version,
             source_cid=source_cid,
@@ -356,12 +359,20 @@ class RetryTokens:
 
     def validate(self, header: Header, addr: Any, now: float) -> bytes | None:
         """The original DCID the token was issued for, or None if it is not ours/valid."""
-        try:
-            return self._handler.validate_token(
-                address=addr, destination_cid=header.dcid, token=header.token, now=now
-            )
-        except (ValueError, IndexError, BufferReadError):
+        token = header.token
+        if len(token) < 12 + 16 + 9:
             return None
+        try:
+            plain = self._aead.decrypt(token[:12], token[12:], _address_bytes(addr))
+            issued, size = struct.unpack_from("!dB", plain)
+            odcid = plain[9 : 9 + size]
+            rest = plain[9 + size :]
+            retry_cid = rest[1 : 1 + rest[0]]
+        except (InvalidTag, ValueError, IndexError, struct.error):
+            return None
+        if retry_cid != header.dcid or not 0 <= now - issued <= _TOKEN_LIFETIME:
+            return None
+        return odcid
 
 
 def stamp(cid: bytes, worker: int | None) -> bytes:
@@ -376,36 +387,9 @@ def owner(cid: bytes) -> int:
     return cid[0] if cid else -1
 
 
-class _FrameHandlers:
-    """Stands in for aioquic's per-connection frame handler dict: one table of (function,
-    epochs) per connection class, bound to the connection when a frame is handled."""
-
-    __slots__ = ("_conn", "_table")
-    _tables: dict[type, dict[int, tuple[Any, frozenset[Any]]]] = {}
-
-    def __init__(self, conn: QuicConnection, built: dict[int, tuple[Any, frozenset[Any]]]):
-        self._conn = conn
-        cls = type(conn)
-        table = self._tables.get(cls)
-        if table is None:
-            table = {
-                frame: (getattr(cls, method.__name__), epochs)
-                for frame, (method, epochs) in built.items()
-            }
-            self._tables[cls] = table
-        self._table = table
-
-    def __getitem__(self, frame_type: int) -> tuple[Any, frozenset[Any]]:
-        func, epochs = self._table[frame_type]  # KeyError: unknown frame, as with the dict
-        return func.__get__(self._conn), epochs
-
-
 class CreditedConnection(QuicConnection):
-    """QuicConnection whose request-stream receive windows follow what the proxy consumed.
-
-    aioquic raises a stream's window as data arrives, whether or not anyone read
-    it; here a stream listed in ``credit`` only gets the window it was granted,
-    so a slow upstream slows the client instead of filling memory.
+    """qh3's QuicConnection whose request-stream receive windows follow what the proxy
+    consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
 
     With several workers, every connection ID it issues carries the worker's
     index in its first byte, so a datagram that reaches another worker (the
@@ -413,27 +397,24 @@ class CreditedConnection(QuicConnection):
     """
 
     __slots__ = ("credit", "worker", "host_cid", "_unacked")
-    # outside the instance dict: one more key would double aioquic's ~3 KiB attribute table
 
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        name = "_QuicConnection__frame_handlers"
-        setattr(self, name, _FrameHandlers(self, getattr(self, name)))
-        self.credit: dict[int, int] = {}
+        self.credit: dict[int, int] = _Credit(self)
         self._unacked = 0
         self._local_active_connection_id_limit = ACTIVE_CIDS
-        pacer = self._loss._pacer
-        self._loss._pacer = BurstPacer(max_datagram_size=pacer._max_datagram_size)
         self.worker = worker
+        first = self._host_cids[0]
         if worker is not None:
-            first = self._host_cids[0]
+            self._host_cid_seq_map.pop(first.cid, None)
             first.cid = stamp(first.cid, worker)
-            self.host_cid = first.cid
+            self._host_cid_seq_map[first.cid] = first.sequence_number
             self._local_initial_source_connection_id = first.cid
+        self.host_cid = first.cid
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
-        """As aioquic, but 1-RTT acknowledgements follow RFC 9000 §13.2.2: at once from
-        the second ack-eliciting datagram on, else after ``ACK_DELAY`` (aioquic waits
+        """As qh3, but 1-RTT acknowledgements follow RFC 9000 §13.2.2: at once from
+        the second ack-eliciting datagram on, else after ``ACK_DELAY`` (qh3 waits
         1 ms, so nearly every request got an ACK-only packet of its own)."""
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         pending = space is not None and space.ack_at is not None
@@ -446,11 +427,11 @@ class CreditedConnection(QuicConnection):
         else:
             self._unacked += 1
             if self._unacked >= 2:
-                space.ack_at = now
+                space.ack_at = now - 1e-9  # due, and before ``now``: not held by the pacer
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
-        """As aioquic; a delayed ACK becomes due, so it rides in the packet this data
-        goes out in (aioquic only writes ACKs that are due). An empty write sends nothing
+        """As qh3; a delayed ACK becomes due, so it rides in the packet this data
+        goes out in (qh3 only writes ACKs that are due). An empty write sends nothing
         (the HTTP/3 layer writes its QPACK decoder stream after every header block, mostly
         empty) and leaves the ACK waiting for the response."""
         super().send_stream_data(stream_id, data, end_stream)
@@ -460,26 +441,44 @@ class CreditedConnection(QuicConnection):
         if space is not None and space.ack_at is not None:
             space.ack_at = 0.0
 
-    def _get_or_create_stream_for_send(self, stream_id: int) -> QuicStream:
-        """As aioquic; a stream about to carry data gets a ``CompactSender``."""
-        stream = super()._get_or_create_stream_for_send(stream_id)
-        if type(stream.sender) is QuicStreamSender:
-            stream.sender.__class__ = CompactSender  # nothing written to it yet
-        return stream
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        """As qh3, keeping every open stream in its send queue: when a packet fills up
+        (or the congestion window ends it) while qh3 writes a stream's frame, qh3 drops
+        that stream from the queue for good, and its data or RESET_STREAM never leaves."""
+        out = super().datagrams_to_send(now=now)
+        if self._requeue():
+            out += super().datagrams_to_send(now=now)
+            self._requeue()
+        return out
 
-    def _handle_padding_frame(self, context: Any, frame_type: int, buf: Buffer) -> None:
-        """As aioquic (skip the zero bytes that follow), without a Python loop per byte:
-        every client Initial carries hundreds of them."""
-        pos = buf.tell()
-        rest = buf.data_slice(pos, buf.capacity)
-        buf.seek(pos + len(rest) - len(rest.lstrip(b"\x00")))
-        if self._quic_logger is not None:
-            context.quic_logger_frames.append(self._quic_logger.encode_padding_frame())
+    def _requeue(self) -> bool:
+        queue = self._streams_queue
+        if len(queue) == len(self._streams):
+            return False
+        queued = set(queue)
+        queue.extend(s for s in self._streams.values() if s not in queued)
+        return True
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None:
+        super().reset_stream(stream_id, error_code)
+        self._reset_sent(stream_id)
+
+    def _handle_stop_sending_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        """As qh3 (the peer's STOP_SENDING resets our sending part), marking the reset."""
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        super()._handle_stop_sending_frame(context, frame_type, buf)
+        self._reset_sent(stream_id)
+
+    def _reset_sent(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if isinstance(stream, ProxyStream):
+            stream.reset_sent = True
 
     def shed_handshake_buffers(self) -> None:
-        """Once the handshake is complete: aioquic keeps a 16 KiB TLS output buffer per
-        epoch for the connection's life (48 KiB of an idle connection's ~100 KiB); empty
-        ones are swapped for small ones."""
+        """Once the handshake is complete: qh3 keeps a 16 KiB TLS output buffer per
+        epoch for the connection's life; empty ones are swapped for small ones."""
         for epoch, buf in list(self._crypto_buffers.items()):
             if buf.tell() == 0:
                 self._crypto_buffers[epoch] = Buffer(capacity=SPENT_CRYPTO_BUFFER)
@@ -490,32 +489,12 @@ class CreditedConnection(QuicConnection):
         )
         known = len(self._host_cids)
         super()._replenish_connection_ids()
+        if self.worker is None:
+            return
         for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+            seq = self._host_cid_seq_map.pop(fresh.cid, fresh.sequence_number)
             fresh.cid = stamp(fresh.cid, self.worker)
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        limit = self.credit.get(stream.stream_id)
-        if limit is None:
-            local = stream.max_stream_data_local
-            if (
-                stream.max_stream_data_local_sent == local
-                and stream.receiver.highest_offset * 2 <= local
-            ):
-                return  # aioquic would neither raise nor send it (every stream, every packet)
-            super()._write_stream_limits(builder, space, stream)
-            return
-        stream.max_stream_data_local = max(stream.max_stream_data_local, limit)
-        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
-            return
-        buf = builder.start_frame(
-            QuicFrameType.MAX_STREAM_DATA,
-            capacity=_MAX_STREAM_DATA_CAPACITY,
-            handler=self._on_max_stream_data_delivery,
-            handler_args=(stream,),
-        )
-        buf.push_uint_var(stream.stream_id)
-        buf.push_uint_var(stream.max_stream_data_local)
-        stream.max_stream_data_local_sent = stream.max_stream_data_local
+            self._host_cid_seq_map[fresh.cid] = seq
 
     # ------------------------------------------------------------ private reads
 
@@ -527,20 +506,19 @@ class CreditedConnection(QuicConnection):
     def closing(self) -> bool:
         return self._close_event is not None
 
-    def unacked_total(self) -> int:
-        """Stream bytes sent and not yet acknowledged, all streams together."""
-        return sum(unacked_bytes(self, sid) for sid in self._streams)
+    def all_acknowledged(self) -> bool:
+        """Nothing waits to be sent on any stream and nothing sent is unacknowledged."""
+        if self._loss.bytes_in_flight:
+            return False
+        return not any(unsent_bytes(self, sid) for sid in self._streams)
 
 
-def unacked_bytes(quic: QuicConnection, stream_id: int) -> int:
-    """Bytes written to a stream and not yet acknowledged (what the QUIC core still holds)."""
+def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes written to a stream that the QUIC core has not sent yet (or must resend)."""
     stream = quic._streams.get(stream_id)
     if stream is None:
         return 0
-    sender = stream.sender
-    if isinstance(sender, CompactSender):
-        return sender._buffer_stop - sender.acked_to
-    return int(sender._buffer_stop - sender._buffer_start)
+    return sum(stop - start for start, stop in stream.sender._pending)
 
 
 def control_stream(h3: H3Connection) -> int | None:

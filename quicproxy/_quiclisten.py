@@ -40,8 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aioquic.tls import SessionTicket
-
 from ._caps import AddressCounter
 from ._certwatch import TlsStore
 from ._config import Config
@@ -53,6 +51,7 @@ from ._quic import (
     CreditedConnection,
     Header,
     RetryTokens,
+    SessionTicket,
     initial_decrypts,
     owner,
     parse_header,
@@ -134,7 +133,6 @@ class QuicListener:
             key=key,
             idle_timeout=q.idle_timeout,
             max_datagram_size=q.max_datagram_size,
-            congestion_control=q.congestion_control,
             stream_window=q.stream_window,
         )
         self._cid_length = self.configuration.connection_id_length

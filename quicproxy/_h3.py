@@ -50,12 +50,14 @@ class _H3(H3Connection):
         settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
         return settings
 
-    def _decode_headers(self, stream_id: int, frame_data: bytes | None) -> list[Any]:
+    def _decode_headers(
+        self, stream_id: int, frame_data: bytes | None
+    ) -> list[tuple[bytes, bytes]]:
         """As qh3, except a header block its QPACK decoder refuses because a string is
         not UTF-8 (HTTP allows other bytes): qh3 would raise out of the connection.
         The request gets a 400 instead, as on h2 (see ``H3Conn._request``)."""
         try:
-            return list(super()._decode_headers(stream_id, frame_data))
+            return super()._decode_headers(stream_id, frame_data)
         except DecoderStreamError:
             return _Undecodable(_PLACEHOLDER)  # valid for qh3's checks; never forwarded
 

@@ -30,9 +30,8 @@ loudly when an upgrade removes one):
 - ``QuicConnection._host_cids``, ``_host_cid_seq_map``,
   ``_local_initial_source_connection_id`` and ``_replenish_connection_ids``:
   connection IDs carry the owning worker's index.
-- ``QuicConnection._local_active_connection_id_limit`` and
-  ``_remote_active_connection_id_limit``: four connection IDs each way instead of
-  eight (see ``ACTIVE_CIDS``).
+- ``QuicConnection._remote_active_connection_id_limit``: four connection IDs each
+  way instead of eight (see ``ACTIVE_CIDS``; ours through the configuration).
 - ``QuicConnection._crypto_buffers``: three 16 KiB TLS output buffers, replaced by
   small ones once the handshake is done.
 - ``QuicConnection._spaces`` (``ack_at`` of the 1-RTT space): acknowledgements
@@ -105,7 +104,6 @@ PRIVATE = [
     ("connection", "_host_cids"),
     ("connection", "_host_cid_seq_map"),
     ("connection", "_local_initial_source_connection_id"),
-    ("connection", "_local_active_connection_id_limit"),
     ("connection", "_remote_active_connection_id_limit"),
     ("connection", "_streams"),
     ("connection", "_handshake_complete"),
@@ -396,21 +394,18 @@ class CreditedConnection(QuicConnection):
     client's address changed) can be handed to the owner.
     """
 
-    __slots__ = ("credit", "worker", "host_cid", "_unacked")
+    __slots__ = ("credit", "worker", "_unacked")
 
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = _Credit(self)
         self._unacked = 0
-        self._local_active_connection_id_limit = ACTIVE_CIDS
         self.worker = worker
-        first = self._host_cids[0]
         if worker is not None:
-            self._host_cid_seq_map.pop(first.cid, None)
-            first.cid = stamp(first.cid, worker)
-            self._host_cid_seq_map[first.cid] = first.sequence_number
+            first = self._host_cids[0]
+            self._stamp(first)
+            self.host_cid = first.cid
             self._local_initial_source_connection_id = first.cid
-        self.host_cid = first.cid
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         """As qh3, but 1-RTT acknowledgements follow RFC 9000 §13.2.2: at once from
@@ -489,12 +484,15 @@ class CreditedConnection(QuicConnection):
         )
         known = len(self._host_cids)
         super()._replenish_connection_ids()
-        if self.worker is None:
-            return
-        for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
-            seq = self._host_cid_seq_map.pop(fresh.cid, fresh.sequence_number)
-            fresh.cid = stamp(fresh.cid, self.worker)
-            self._host_cid_seq_map[fresh.cid] = seq
+        if self.worker is not None:
+            for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+                self._stamp(fresh)
+
+    def _stamp(self, connection_id: Any) -> None:
+        """Stamp one of our connection IDs for this worker, and qh3's index of them."""
+        self._host_cid_seq_map.pop(connection_id.cid, None)
+        connection_id.cid = stamp(connection_id.cid, self.worker)
+        self._host_cid_seq_map[connection_id.cid] = connection_id.sequence_number
 
     # ------------------------------------------------------------ private reads
 

@@ -295,3 +295,36 @@ def test_a_stream_qh3_drops_from_its_send_queue_is_put_back(certs):
     for event in iter(client.next_event, None):
         reset |= isinstance(event, client_events.StreamReset)
     assert reset
+
+
+def test_retry_tokens_bind_address_cids_and_age_and_refuse_forgeries():
+    """A real client's answer to our Retry validates to its original DCID; a token
+    from another address, for another DCID, too old, truncated, flipped or random is
+    refused (None), never an exception out of the listener."""
+    client = QuicConnection(
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"], verify_mode=0)
+    )
+    server_addr, client_addr = ("127.0.0.1", 4433), ("127.0.0.1", 50000)
+    client.connect(server_addr, now=1.0)
+    first = _quic.parse_header(client.datagrams_to_send(now=1.0)[0][0], 8)
+    assert first is not None
+    tokens = _quic.RetryTokens()
+    client.receive_datagram(tokens.retry_packet(first, client_addr, 1.0), server_addr, now=1.0)
+    answer = _quic.parse_header(client.datagrams_to_send(now=1.0)[0][0], 8)
+    assert answer is not None and answer.token
+    assert tokens.validate(answer, client_addr, 2.0) == first.dcid
+    assert tokens.validate(answer, ("127.0.0.2", 50000), 2.0) is None
+    assert tokens.validate(answer, client_addr, 1.0 + 31.0) is None
+    other_dcid = _quic.Header(**{**answer.__dict__, "dcid": b"x" * 8})
+    assert tokens.validate(other_dcid, client_addr, 2.0) is None
+    assert _quic.RetryTokens().validate(answer, client_addr, 2.0) is None  # another key
+    rng = random.Random(7)
+    token = bytearray(answer.token)
+    forged = [bytes(token[:n]) for n in (0, 1, 12, 36, len(token) - 1)]
+    for _ in range(50):
+        flipped = bytearray(token)
+        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        forged += [bytes(flipped), rng.randbytes(rng.randrange(80))]
+    for bad in forged:
+        header = _quic.Header(**{**answer.__dict__, "token": bad})
+        assert tokens.validate(header, client_addr, 2.0) is None

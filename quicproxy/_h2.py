@@ -91,6 +91,7 @@ class H2Connection:
         self._settings_seen = False
         self._goaway_sent = False
         self._abusive = False
+        self._flush_soon: asyncio.Handle | None = None
 
     # ------------------------------------------------------------------ StreamOps
 
@@ -118,7 +119,11 @@ class H2Connection:
         self.h2.end_stream(sid)
 
     async def flush(self) -> None:
-        self._flush_nowait()
+        """Write what h2 has at the end of this event-loop turn, once: a response's
+        HEADERS, DATA and END_STREAM (and other streams' frames) leave in one TLS
+        write instead of one each. Waits while the socket's buffer is full."""
+        if self._flush_soon is None:
+            self._flush_soon = asyncio.get_running_loop().call_soon(self._flush_nowait)
         await self.writer.drain()
 
     def reset(self, sid: int, why: str) -> None:
@@ -144,6 +149,9 @@ class H2Connection:
     # ------------------------------------------------------------------ output
 
     def _flush_nowait(self) -> None:
+        if self._flush_soon is not None:
+            self._flush_soon.cancel()
+            self._flush_soon = None
         data = self.h2.data_to_send()
         if data and not self.writer.is_closing():
             self.writer.write(data)
@@ -219,6 +227,7 @@ class H2Connection:
             pass
         finally:
             self.streams.close_all("client connection closed")
+            self._flush_nowait()
             if self._abusive:
                 await self._linger()
             self.writer.close()

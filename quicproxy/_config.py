@@ -86,7 +86,9 @@ class QuicConfig:
     idle_timeout: float = 60.0
     "Seconds of silence before a QUIC connection is closed."
     max_datagram_size: int = 1350
-    "Largest UDP payload sent."
+    "Largest UDP payload sent until a larger one is proven (see probe_datagram_size)."
+    probe_datagram_size: int = 1452
+    "Size probed once per connection path; used only once the peer acknowledges it (0: off)."
     congestion_control: str = "cubic"
     "Congestion control algorithm (the QUIC core, qh3, has CUBIC only)."
     retry: bool = False
@@ -429,6 +431,10 @@ def _validate(cfg: Config) -> None:
     _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("cubic",))
     if not 1200 <= cfg.quic.max_datagram_size <= 65527:
         raise ConfigError("quic.max_datagram_size", "out of range", "use 1200 to 65527")
+    if cfg.quic.probe_datagram_size and not 1200 <= cfg.quic.probe_datagram_size <= 65527:
+        raise ConfigError(
+            "quic.probe_datagram_size", "out of range", "use 0 (off) or 1200 to 65527"
+        )
     if cfg.quic.idle_timeout <= 0:
         raise ConfigError("quic.idle_timeout", "must be positive", "give seconds, e.g. 60")
     if cfg.quic.stream_window < 65536:

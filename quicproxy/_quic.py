@@ -56,6 +56,7 @@ from qh3 import tls
 from qh3._hazmat import AeadAes128Gcm, Buffer, BufferReadError, QUICHeaderProtection
 from qh3.h3.connection import H3_ALPN, H3Connection
 from qh3.quic import connection as quic_connection_module
+from qh3.quic import crypto as quic_crypto_module
 from qh3.quic import events as quic_events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
@@ -97,6 +98,16 @@ MIN_INITIAL_SIZE = 1200
 
 PRIVATE = [
     (quic_connection_module, "QuicStream"),
+    (tls, "hkdf_expand_label"),
+    (tls, "hkdf_extract"),
+    (quic_crypto_module, "hkdf_expand_label"),
+    (quic_crypto_module, "hkdf_extract"),
+    ("connection", "_network_paths"),
+    ("connection", "_max_datagram_size"),
+    ("connection", "_mtu_probe_sizes"),
+    ("connection", "_mtu_probe_pending"),
+    (QuicConnection, "_on_mtu_probe_delivery"),
+    ("cc", "_max_datagram_size"),
     (QuicConnection, "_replenish_connection_ids"),
     ("connection", "_streams_dirty_limits"),
     ("connection", "_streams_queue"),
@@ -189,6 +200,34 @@ class ProxyStream(QuicStream):
 quic_connection_module.QuicStream = ProxyStream  # type: ignore[misc]
 
 
+def hkdf_expand_label(
+    algorithm: int, secret: bytes, label: bytes, hash_value: bytes, length: int
+) -> bytes:
+    """TLS 1.3's HKDF-Expand-Label (RFC 8446 §7.1), as qh3's, with one-shot HMACs
+    (``hmac.digest``): qh3 builds an HMAC object per block, and a handshake derives a
+    few dozen keys that way (~14 % of a server's handshake CPU)."""
+    full = b"tls13 " + label
+    info = struct.pack("!HB", length, len(full)) + full + bytes((len(hash_value),)) + hash_value
+    digest = f"sha{algorithm}"
+    out = block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.digest(secret, block + info + bytes((counter,)), digest)
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def hkdf_extract(algorithm: int, salt: bytes, key_material: bytes) -> bytes:
+    """HKDF-Extract (RFC 5869), as qh3's, with a one-shot HMAC."""
+    return hmac.digest(salt, key_material, f"sha{algorithm}")
+
+
+for _module in (tls, quic_crypto_module):
+    _module.hkdf_expand_label = hkdf_expand_label  # type: ignore[attr-defined]
+    _module.hkdf_extract = hkdf_extract  # type: ignore[attr-defined]
+
+
 class _Credit(dict[int, int]):
     """Request stream id -> receive limit granted so far (bytes consumed + window).
     Setting one raises that stream's window and queues the MAX_STREAM_DATA frame."""
@@ -209,6 +248,13 @@ class _Credit(dict[int, int]):
             conn._streams_dirty_limits.add(stream)
 
 
+@dataclass
+class ServerConfiguration(QuicConfiguration):
+    """qh3's configuration plus the datagram size the server probes for (0: none)."""
+
+    probe_size: int = 0
+
+
 def server_configuration(
     *,
     cert: str,
@@ -216,8 +262,10 @@ def server_configuration(
     idle_timeout: float,
     max_datagram_size: int,
     stream_window: int,
+    probe_size: int = 0,
 ) -> QuicConfiguration:
-    configuration = QuicConfiguration(
+    configuration = ServerConfiguration(
+        probe_size=probe_size,
         alpn_protocols=H3_ALPN,
         is_client=False,
         idle_timeout=idle_timeout,
@@ -278,19 +326,12 @@ def parse_header(data: bytes, cid_length: int) -> Header | None:
     )
 
 
-def _expand_label(secret: bytes, label: bytes, length: int) -> bytes:
-    """HKDF-Expand-Label (RFC 8446 §7.1) with SHA-256, for outputs of one hash block."""
-    full = b"tls13 " + label
-    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
-    return hmac.digest(secret, info + b"\x01", "sha256")[:length]
-
-
 def initial_decrypts(data: bytes, header: Header) -> bool:
     """True when an Initial packet opens with the keys its DCID implies.
 
     A forged Initial (a real one with its DCID rewritten, random bytes) fails
     here, before any connection state exists for it. Only the client's
-    direction is derived, with the standard library's HMAC and qh3's AEAD:
+    direction is derived, with one-shot HMACs and qh3's AEAD:
     this runs for every unknown Initial, so it has to be cheap."""
     if header.version == QuicProtocolVersion.VERSION_2:
         salt, prefix = INITIAL_SALT_VERSION_2, b"quicv2 "
@@ -298,10 +339,10 @@ def initial_decrypts(data: bytes, header: Header) -> bool:
         salt, prefix = INITIAL_SALT_VERSION_1, b"quic "
     else:
         return False
-    secret = _expand_label(hmac.digest(salt, header.dcid, "sha256"), b"client in", 32)
-    key = _expand_label(secret, prefix + b"key", 16)
-    iv = _expand_label(secret, prefix + b"iv", 12)
-    hp = _expand_label(secret, prefix + b"hp", 16)
+    secret = hkdf_expand_label(256, hkdf_extract(256, salt, header.dcid), b"client in", b"", 32)
+    key = hkdf_expand_label(256, secret, prefix + b"key", b"", 16)
+    iv = hkdf_expand_label(256, secret, prefix + b"iv", b"", 12)
+    hp = hkdf_expand_label(256, secret, prefix + b"hp", b"", 16)
     packet = data[: header.packet_length]
     try:
         plain_header, packet_number = QUICHeaderProtection("aes-128-ecb", hp).remove(
@@ -385,6 +426,17 @@ def owner(cid: bytes) -> int:
     return cid[0] if cid else -1
 
 
+class _Probe(int):
+    """A datagram size to probe, and the network path it is for."""
+
+    path: Any
+
+    def __new__(cls, size: int, path: Any) -> _Probe:
+        probe = super().__new__(cls, size)
+        probe.path = path
+        return probe
+
+
 class CreditedConnection(QuicConnection):
     """qh3's QuicConnection whose request-stream receive windows follow what the proxy
     consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
@@ -394,13 +446,15 @@ class CreditedConnection(QuicConnection):
     client's address changed) can be handed to the owner.
     """
 
-    __slots__ = ("credit", "worker", "_unacked")
+    __slots__ = ("credit", "worker", "_unacked", "_probe_path")
 
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = _Credit(self)
         self._unacked = 0
         self.worker = worker
+        self._probe_path: Any = None
+        self._probe_datagram_size()
         if worker is not None:
             first = self._host_cids[0]
             self._stamp(first)
@@ -414,6 +468,9 @@ class CreditedConnection(QuicConnection):
         space = self._spaces.get(tls.Epoch.ONE_RTT)
         pending = space is not None and space.ack_at is not None
         super().receive_datagram(data, addr, now=now)
+        paths = self._network_paths
+        if paths and paths[0] is not self._probe_path:
+            self._probe_datagram_size()
         if space is None or space.ack_at is None:
             self._unacked = 0
         elif not pending:
@@ -423,6 +480,28 @@ class CreditedConnection(QuicConnection):
             self._unacked += 1
             if self._unacked >= 2:
                 space.ack_at = now - 1e-9  # due, and before ``now``: not held by the pacer
+
+    def _probe_datagram_size(self) -> None:
+        """Start over on the current path: the configured datagram size, then one probe
+        (PING + PADDING) of ``probe_size`` once the handshake is confirmed. qh3 sends it
+        (capped at the peer's max_udp_payload_size), does not count its loss as congestion,
+        and adopts the size only when the probe is acknowledged; qh3 probes only as a
+        client, and once per connection: a new path (migration) may be narrower."""
+        configuration = self._configuration
+        size = getattr(configuration, "probe_size", 0)
+        self._probe_path = self._network_paths[0] if self._network_paths else None
+        if self._max_datagram_size != configuration.max_datagram_size:
+            self._max_datagram_size = configuration.max_datagram_size
+            self._loss._cc._max_datagram_size = configuration.max_datagram_size
+        self._mtu_probe_sizes = []
+        if size > configuration.max_datagram_size:
+            self._mtu_probe_sizes.append(_Probe(size, self._probe_path))
+        self._mtu_probe_pending = None
+
+    def _on_mtu_probe_delivery(self, delivery: Any, probe_size: int) -> None:
+        """As qh3, unless the probe left on an earlier path (its ACK can come late)."""
+        if getattr(probe_size, "path", self._probe_path) is self._probe_path:
+            super()._on_mtu_probe_delivery(delivery, probe_size)
 
     def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         """As qh3; a delayed ACK becomes due, so it rides in the packet this data

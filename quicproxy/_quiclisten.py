@@ -134,6 +134,7 @@ class QuicListener:
             idle_timeout=q.idle_timeout,
             max_datagram_size=q.max_datagram_size,
             stream_window=q.stream_window,
+            probe_size=q.probe_datagram_size,
         )
         self._cid_length = self.configuration.connection_id_length
         self._versions = list(self.configuration.supported_versions)

@@ -64,6 +64,7 @@ def test_legacy_environment_variables_map_to_settings():
     [
         ({"listen": {"http_port": -1}}, "listen.http_port"),
         ({"quic": {"congestion_control": "bbr9"}}, "quic.congestion_control"),
+        ({"quic": {"probe_datagram_size": 900}}, "quic.probe_datagram_size"),
         ({"routes": [{"path_prefix": "api", "backends": ["http://a:1"]}]}, "routes[0].path_prefix"),
         ({"routes": [{"backends": ["ftp://a:1"]}]}, "routes[0].backends[0]"),
         ({"trusted_proxies": ["not-an-ip"]}, "trusted_proxies[0]"),

@@ -164,3 +164,26 @@ async def test_quic_transport_settings_are_applied(make_proxy, backend, certs):
     status, _, body = await fetch(proxy, certs, "h3", "GET", f"/bytes/{1 << 20}")
     assert status == 200 and len(body) == 1 << 20
     assert proxy._quic.configuration.max_datagram_size == 1200
+
+
+@pytest.mark.parametrize("probe, largest", [(1452, 1452), (0, 1350)])
+async def test_h3_datagrams_grow_to_the_probed_size_once_the_client_acknowledges_it(
+    make_proxy, backend, certs, probe, largest
+):
+    """A real client on loopback acknowledges the 1452-byte probe, and the download
+    rides in datagrams of that size; with probing off, nothing exceeds the configured
+    size. (The client's receive path is only observed: each datagram's size is noted.)"""
+    proxy = await make_proxy(backend, quic={"probe_datagram_size": probe})
+    sizes: list[int] = []
+    async with h3(proxy, certs) as client:
+        received = client.proto.datagram_received
+
+        def noted(data: bytes, addr: object) -> None:
+            sizes.append(len(data))
+            received(data, addr)
+
+        client.proto.datagram_received = noted
+        r = await client.request("GET", f"/bytes/{1 << 20}")
+    assert r.status == 200 and len(r.body) == 1 << 20
+    assert max(sizes) == largest
+    assert sizes.count(largest) > 500  # the data itself, not just the probe

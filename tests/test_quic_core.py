@@ -27,6 +27,7 @@ def test_every_private_qh3_attribute_the_core_uses_still_exists(certs):
         "h3": H3(conn),
         "recovery": conn._loss,
         "space": conn._spaces[tls.Epoch.ONE_RTT],
+        "cc": conn._loss._cc,
     }
     sid = conn.get_next_available_stream_id()
     conn.send_stream_data(sid, b"abc")  # a stream, for its sender's attributes
@@ -66,10 +67,18 @@ def test_headers_that_are_not_quic_parse_to_none(data):
 WINDOW = 1 << 20
 
 
-def _pair(certs) -> tuple[QuicConnection, _quic.CreditedConnection, float]:
-    """A real aioquic client and our server connection, handshake done in memory."""
+def _pair(
+    certs, probe_size: int = 0, drop_above: int = 0
+) -> tuple[QuicConnection, _quic.CreditedConnection, float]:
+    """A real aioquic client and our server connection, handshake done in memory
+    (``drop_above``: server datagrams larger than this are lost on the way)."""
     server_cfg = _quic.server_configuration(
-        cert=certs[0], key=certs[1], idle_timeout=60.0, max_datagram_size=1350, stream_window=WINDOW
+        cert=certs[0],
+        key=certs[1],
+        idle_timeout=60.0,
+        max_datagram_size=1350,
+        stream_window=WINDOW,
+        probe_size=probe_size,
     )
     client = QuicConnection(
         configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"], verify_mode=0)
@@ -86,6 +95,8 @@ def _pair(certs) -> tuple[QuicConnection, _quic.CreditedConnection, float]:
     while flights:
         sender, receiver, datagrams = flights.pop()
         for data, _ in datagrams:
+            if receiver is client and drop_above and len(data) > drop_above:
+                continue
             receiver.receive_datagram(data, ("127.0.0.1", 4433), now=now)
         out = receiver.datagrams_to_send(now=now)
         if out:

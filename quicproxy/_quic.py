@@ -39,6 +39,12 @@ loudly when an upgrade removes one):
 - ``QuicConnection._loss`` (``bytes_in_flight``): whether everything sent was
   acknowledged (closing a drained connection).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
+- ``QuicConnection._network_paths``, ``_max_datagram_size``, ``_mtu_probe_sizes``,
+  ``_mtu_probe_pending``, ``_on_mtu_probe_delivery`` and the congestion controller's
+  ``_max_datagram_size``: qh3's path MTU probe, turned on for the server and started
+  over on each new path (see ``CreditedConnection._probe_datagram_size``).
+- ``qh3.tls`` / ``qh3.quic.crypto`` ``hkdf_expand_label`` and ``hkdf_extract``: replaced
+  by one-shot HMAC versions (same bytes, a fraction of the cost).
 """
 
 from __future__ import annotations

@@ -245,6 +245,50 @@ async def _line(
     return data[:-1]
 
 
+class _Head:
+    """A head being read: each line is judged as it comes, by the same rules whether it
+    was awaited or found already buffered."""
+
+    __slots__ = ("start", "limit", "start_line", "headers", "size")
+
+    def __init__(self, start: re.Pattern[bytes], limit: int) -> None:
+        self.start = start
+        self.limit = limit
+        self.start_line = b""
+        self.headers: Headers = []
+        self.size = 0
+
+    def take(self, line: bytes) -> bool:
+        """One line without its line end; True when it ends the head."""
+        self.size += len(line) + 2
+        if self.size > self.limit:
+            raise TooLong("line or head too long")
+        if not line:
+            return bool(self.start_line)  # empty lines before the start line are skipped
+        if self.start_line:
+            self.headers.append(_field(line))
+        elif self.start.fullmatch(line):
+            self.start_line = line
+        else:
+            raise Invalid("not an HTTP/1.1 start line")
+        return False
+
+    def take_buffered(self, reader: asyncio.StreamReader) -> tuple[int, bool]:
+        """Judge the whole lines the reader holds already, up to the head's end: (bytes
+        to consume, whether the head ended). A head usually comes in one segment, so
+        it is judged here, without a wait per line."""
+        buffer = getattr(reader, "_buffer", None)
+        if not buffer:
+            return 0, False
+        pos = 0
+        while (end := buffer.find(b"\n", pos)) >= 0:
+            line = bytes(buffer[pos : end - 1 if end > pos and buffer[end - 1] == 13 else end])
+            pos = end + 1
+            if self.take(line):
+                return pos, True
+        return pos, False
+
+
 async def _head(
     reader: asyncio.StreamReader,
     start: re.Pattern[bytes],
@@ -254,24 +298,18 @@ async def _head(
     """A head's start line and fields, up to the empty line ending it, at most ``limit``
     bytes in all. Each line is judged as soon as it is read (the start line by
     ``start``): a peer sending garbage is refused at once, not when its head ends."""
-    start_line = b""
-    headers: Headers = []
-    size = 0
+    head = _Head(start, limit)
     while True:
-        line = await _line(reader, limit - size, first)
+        if not first:
+            used, ended = head.take_buffered(reader)
+            if used:
+                await reader.readexactly(used)  # buffered: returns at once
+            if ended:
+                return head.start_line, head.headers
+        line = await _line(reader, limit - head.size, first)
         first = b""
-        size += len(line) + 2
-        if size > limit:
-            raise TooLong("line or head too long")
-        if not line:
-            if start_line:
-                return start_line, headers
-        elif start_line:
-            headers.append(_field(line))
-        elif start.fullmatch(line):
-            start_line = line
-        else:
-            raise Invalid("not an HTTP/1.1 start line")
+        if head.take(line):
+            return head.start_line, head.headers
 
 
 async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:

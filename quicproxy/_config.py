@@ -88,7 +88,7 @@ class QuicConfig:
     max_datagram_size: int = 1350
     "Largest UDP payload sent until a larger one is proven (see probe_datagram_size)."
     probe_datagram_size: int = 1452
-    "Size probed once per connection path; used only once the peer acknowledges it (0: off)."
+    "Size probed once a connection sends in bulk, per path; used once acknowledged (0: off)."
     congestion_control: str = "cubic"
     "Congestion control algorithm (the QUIC core, qh3, has CUBIC only)."
     retry: bool = False

@@ -144,6 +144,10 @@ SPENT_CRYPTO_BUFFER = 1024
 """Capacity of each TLS output buffer after the handshake: nothing more is written for the
 Initial and Handshake epochs, and a server's 1-RTT messages (its session ticket) are out."""
 
+PROBE_AFTER = 8
+"""Datagrams in one flush that show a connection sending in bulk: then (and not for a
+short exchange) the larger datagram size is probed for."""
+
 ACK_DELAY = 0.020
 """Longest wait before acknowledging a lone 1-RTT packet: under the 25 ms max_ack_delay
 qh3 advertises, long enough that the ACK usually rides on the response."""
@@ -452,7 +456,7 @@ class CreditedConnection(QuicConnection):
     client's address changed) can be handed to the owner.
     """
 
-    __slots__ = ("credit", "worker", "_unacked", "_probe_path")
+    __slots__ = ("credit", "worker", "_unacked", "_probe_path", "_probe")
 
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -460,6 +464,7 @@ class CreditedConnection(QuicConnection):
         self._unacked = 0
         self.worker = worker
         self._probe_path: Any = None
+        self._probe: _Probe | None = None
         self._probe_datagram_size()
         if worker is not None:
             first = self._host_cids[0]
@@ -489,10 +494,11 @@ class CreditedConnection(QuicConnection):
 
     def _probe_datagram_size(self) -> None:
         """Start over on the current path: the configured datagram size, then one probe
-        (PING + PADDING) of ``probe_size`` once the handshake is confirmed. qh3 sends it
-        (capped at the peer's max_udp_payload_size), does not count its loss as congestion,
-        and adopts the size only when the probe is acknowledged; qh3 probes only as a
-        client, and once per connection: a new path (migration) may be narrower."""
+        (PING + PADDING) of ``probe_size`` once the connection sends in bulk (a flush of
+        ``PROBE_AFTER`` datagrams: a short exchange gains nothing from larger ones). qh3
+        sends it (capped at the peer's max_udp_payload_size), does not count its loss as
+        congestion, and adopts the size only when the probe is acknowledged; qh3 probes
+        only as a client, and once per connection: a new path (migration) may be narrower."""
         configuration = self._configuration
         size = getattr(configuration, "probe_size", 0)
         self._probe_path = self._network_paths[0] if self._network_paths else None
@@ -500,9 +506,10 @@ class CreditedConnection(QuicConnection):
             self._max_datagram_size = configuration.max_datagram_size
             self._loss._cc._max_datagram_size = configuration.max_datagram_size
         self._mtu_probe_sizes = []
-        if size > configuration.max_datagram_size:
-            self._mtu_probe_sizes.append(_Probe(size, self._probe_path))
         self._mtu_probe_pending = None
+        self._probe = None
+        if size > configuration.max_datagram_size:
+            self._probe = _Probe(size, self._probe_path)
 
     def _on_mtu_probe_delivery(self, delivery: Any, probe_size: int) -> None:
         """As qh3, unless the probe left on an earlier path (its ACK can come late)."""
@@ -526,6 +533,9 @@ class CreditedConnection(QuicConnection):
         (or the congestion window ends it) while qh3 writes a stream's frame, qh3 drops
         that stream from the queue for good, and its data or RESET_STREAM never leaves."""
         out = super().datagrams_to_send(now=now)
+        if self._probe is not None and len(out) >= PROBE_AFTER:
+            self._mtu_probe_sizes = [self._probe]  # qh3 sends it with the next flush
+            self._probe = None
         if self._requeue():
             out += super().datagrams_to_send(now=now)
             self._requeue()

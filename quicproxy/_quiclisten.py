@@ -262,7 +262,8 @@ class QuicListener:
 
     def _admit_next(self) -> None:
         """Queued Initials, a bounded number per event-loop turn; what each starts is
-        sent at once."""
+        sent at once, once the datagrams queued behind it (the rest of a ClientHello
+        too large for one) are in: else the first answer is a lone ACK."""
         self._admit = None
         for _ in range(_ADMIT_PER_TURN):
             if not self._waiting:
@@ -278,7 +279,7 @@ class QuicListener:
                 self._receive(conn, data, addr)
             elif self._opens(header, data):
                 conn = self._new_connection(header, data, addr, source)
-            if conn is not None:
+            if conn is not None and not left:  # a split ClientHello: one flight, no ACK first
                 self.send_now(conn)
         if self._waiting:
             self._admit = self.loop.call_soon(self._admit_next)

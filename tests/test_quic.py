@@ -156,3 +156,43 @@ async def test_0rtt_datagrams_read_with_their_initial_wait_with_it(make_proxy, b
     conn = listener.by_cid[datagrams[0][6:14]]
     assert conn.received_bytes == sum(map(len, datagrams))  # none dropped
     assert conn.quic.tls.early_data_accepted
+
+
+async def test_a_clienthello_split_over_two_datagrams_gets_one_flight_not_an_ack_first(
+    make_proxy, backend, certs
+):
+    """A ClientHello too large for one datagram (post-quantum key shares do this) comes in
+    two Initials; the server answers once both are in: its first datagram is the flight
+    (ServerHello, certificate), not an ACK-only packet and a second send."""
+    import socket
+    import ssl
+
+    from aioquic.h3.connection import H3_ALPN
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.tls import Epoch
+
+    proxy = await make_proxy(backend)
+    config = QuicConfiguration(
+        is_client=True, alpn_protocols=H3_ALPN + [f"x-padding-{n:03}" for n in range(120)]
+    )
+    config.server_name = "localhost"
+    config.verify_mode = ssl.CERT_NONE
+    quic = QuicConnection(configuration=config)
+    addr = ("127.0.0.1", proxy.https_port)
+    quic.connect(addr, now=time.monotonic())
+    datagrams = [data for data, _ in quic.datagrams_to_send(now=time.monotonic())]
+    assert len(datagrams) == 2  # the ClientHello did not fit in one
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    loop = asyncio.get_running_loop()
+    try:
+        for data in datagrams:
+            sock.sendto(data, addr)
+        first = await asyncio.wait_for(loop.sock_recv(sock, 65535), 5)
+    finally:
+        sock.close()
+    assert len(first) >= 1200  # Initial (ServerHello) + Handshake, padded: the flight
+    quic.receive_datagram(first, addr, now=time.monotonic())
+    assert quic._cryptos[Epoch.HANDSHAKE].recv.is_valid()  # it carried the ServerHello

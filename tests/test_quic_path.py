@@ -19,11 +19,17 @@ AWAY = ("127.0.0.1", 5544)
 
 
 def _shuttle(
-    client: Any, server: Any, now: float, addr: Any = HOME, drop_above: int = 0
+    client: Any,
+    server: Any,
+    now: float,
+    addr: Any = HOME,
+    drop_above: int = 0,
+    until: Any = None,
 ) -> tuple[float, list[int]]:
     """Move datagrams both ways, running timers due within a second (delayed ACKs,
     loss detection), until both are quiet; the sizes the server sent.
-    ``drop_above``: server datagrams larger than this are lost on the way (a narrow path)."""
+    ``drop_above``: server datagrams larger than this are lost on the way (a narrow path);
+    ``until``: stop as soon as this is true after a flush of the server's."""
     sizes: list[int] = []
     for _ in range(2000):
         moved = False
@@ -36,6 +42,8 @@ def _shuttle(
             moved = True
             if not drop_above or len(data) <= drop_above:
                 client.receive_datagram(data, HOME, now=now)
+        if until is not None and until():
+            break
         for data, _ in client.datagrams_to_send(now=now):
             moved = True
             server.receive_datagram(data, addr, now=now)
@@ -58,67 +66,72 @@ def _download(
     return _shuttle(client, server, now + 0.05, **kw)
 
 
-def test_the_server_moves_to_the_probed_size_once_the_client_acknowledges_it(certs):
-    client, server, now = _pair(certs, probe_size=1452)
-    assert server._mtu_probe_pending == 1452  # the probe (PING + PADDING) left with the handshake
-    assert server._max_datagram_size == 1350
-    now, sizes = _shuttle(client, server, now)
-    assert server._max_datagram_size == 1452  # acknowledged
-    now, sizes = _download(client, server, now, 200_000)
-    assert max(sizes) == 1452 and sizes.count(1452) >= 100  # the data rides in 1452-byte datagrams
-    events = []
+def _received(client: Any) -> int:
+    got = 0
     while (event := client.next_event()) is not None:
-        events.append(event)
-    assert sum(len(e.data) for e in events if hasattr(e, "data") and e.stream_id == 0) == 200_000
+        if getattr(event, "stream_id", None) is not None and hasattr(event, "data"):
+            got += len(event.data)
+    return got
+
+
+def test_the_server_moves_to_the_probed_size_once_a_bulk_transfer_starts(certs):
+    client, server, now = _pair(certs, probe_size=1452)
+    now, sizes = _shuttle(client, server, now)
+    now, small = _download(client, server, now, 4_000)  # a short exchange: no probe
+    assert server._mtu_probe_pending is None and max(sizes + small) <= 1350
+    now, sizes = _download(client, server, now, 200_000)
+    assert server._max_datagram_size == 1452  # probed and acknowledged
+    assert max(sizes) == 1452 and sizes.count(1452) >= 100  # the data rides in them
+    assert _received(client) == 204_000
 
 
 def test_a_lost_probe_leaves_the_configured_size(certs):
     client, server, now = _pair(certs, probe_size=1452, drop_above=1350)
-    assert server._mtu_probe_pending == 1452  # sent, and lost on this narrow path
     now, sizes = _download(client, server, now, 100_000, drop_above=1350)
-    assert sizes and max(sizes) <= 1350
+    assert sizes.count(1452) == 1  # the probe, lost on this narrow path
+    assert max(s for s in sizes if s != 1452) <= 1350
     assert server._max_datagram_size == 1350 and server._mtu_probe_pending is None
-    got = b""
-    while (event := client.next_event()) is not None:
-        if getattr(event, "stream_id", None) is not None and hasattr(event, "data"):
-            got += event.data
-    assert len(got) == 100_000
+    assert _received(client) == 100_000
 
 
 def test_without_probe_size_nothing_is_probed(certs):
     client, server, now = _pair(certs)
-    now, sizes = _shuttle(client, server, now)
     now, sizes = _download(client, server, now, 100_000)
     assert sizes and max(sizes) <= 1350
 
 
 def test_a_new_client_address_starts_over_from_the_configured_size(certs):
     """Migration: the new path may be narrower. Until the client acknowledges a probe
-    on it, nothing larger than the configured size goes there; then the probe wins again."""
+    on it, nothing larger than the configured size goes there."""
     client, server, now = _pair(certs, probe_size=1452)
-    now, _ = _shuttle(client, server, now)
+    now, _ = _download(client, server, now, 100_000)
     assert server._max_datagram_size == 1452
     # the client's NAT rebinds: same connection, new address, and this path drops > 1350
     now, sizes = _download(client, server, now + 0.1, 100_000, addr=AWAY, drop_above=1350)
-    data_sizes = [s for s in sizes if s != 1452]
-    assert max(data_sizes) <= 1350 and sizes.count(1452) <= 2  # probes only, never data
+    assert max(s for s in sizes if s != 1452) <= 1350 and sizes.count(1452) <= 1  # a probe
     assert server._max_datagram_size == 1350
-    got = b""
-    while (event := client.next_event()) is not None:
-        if hasattr(event, "data") and getattr(event, "stream_id", None) is not None:
-            got += event.data
-    assert len(got) >= 100_000  # the transfer completed on the narrow path
+    assert _received(client) == 200_000  # the transfer completed on the narrow path
 
 
 def test_a_late_ack_for_a_probe_sent_on_the_old_path_is_not_taken_for_the_new_one(certs):
     client, server, now = _pair(certs, probe_size=1452)
-    old = server._mtu_probe_pending  # left with the handshake, not acknowledged yet
+    sid = client.get_next_available_stream_id()
+    client.send_stream_data(sid, b"GET", end_stream=True)
+    now, _ = _shuttle(client, server, now)
+    server.send_stream_data(sid, b"x" * 100_000, end_stream=True)
+    # a bulk transfer starts; stop as soon as the probe is out (and not acknowledged)
+    probing = lambda: server._mtu_probe_pending is not None  # noqa: E731
+    now, _ = _shuttle(client, server, now, drop_above=1350, until=probing)
+    old = server._mtu_probe_pending
     assert old == 1452
-    server.receive_datagram(client.datagrams_to_send(now=now + 1.0)[0][0], AWAY, now=now + 1.0)
-    server._on_mtu_probe_delivery(QuicDeliveryState.ACKED, old)  # its ACK, late
+    client.send_ping(1)
+    for data, _ in client.datagrams_to_send(now=now):
+        server.receive_datagram(data, AWAY, now=now)  # the client moved
+    server._on_mtu_probe_delivery(QuicDeliveryState.ACKED, old)  # the old probe's ACK, late
     assert server._max_datagram_size == 1350
     now, _ = _shuttle(client, server, now + 1.0, addr=AWAY)  # the new path's own probe
     assert server._max_datagram_size == 1452
+    assert _received(client) == 100_000
 
 
 @pytest.mark.parametrize("algorithm", [256, 384])

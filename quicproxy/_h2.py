@@ -80,7 +80,14 @@ class H2Connection:
         self.handler = handler
         self.reader = reader
         self.writer = writer
-        config = jh2.config.H2Configuration(client_side=False, header_encoding=None)
+        # response headers leave normalised by response_headers (as on h3): jh2's second
+        # pass over them (lower-casing, trimming, checking) is skipped
+        config = jh2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = jh2.connection.H2Connection(config)
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
@@ -96,10 +103,7 @@ class H2Connection:
     # ------------------------------------------------------------------ StreamOps
 
     def send_head(self, sid: int, status: int, headers: Headers) -> None:
-        encoded = [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers(status, headers)
-        ]
-        self.h2.send_headers(sid, encoded)
+        self.h2.send_headers(sid, response_headers(status, headers))
 
     async def send_data(self, sid: int, data: bytes) -> None:
         view = memoryview(data)

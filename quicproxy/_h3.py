@@ -164,10 +164,7 @@ class H3Conn:
     # ------------------------------------------------------------------ StreamOps
 
     def send_head(self, sid: int, status: int, headers: Headers) -> None:
-        encoded = [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in response_headers(status, headers)
-        ]
-        self.h3.send_headers(sid, encoded)
+        self.h3.send_headers(sid, response_headers(status, headers))
         self.transmit()
 
     async def send_data(self, sid: int, data: bytes) -> None:

@@ -66,6 +66,11 @@ def request_from_pseudo(
     )
 
 
-def response_headers(status: int, headers: Headers) -> list[tuple[str, str]]:
-    """Response header list for h2/h3: :status first, connection-specific ones removed."""
-    return [(":status", str(status))] + strip_hop_by_hop(headers)
+def response_headers(status: int, headers: Headers) -> list[tuple[bytes, bytes]]:
+    """The response's field list for h2 and h3, encoded: ``:status`` first, names in lower
+    case, values without surrounding whitespace, connection-specific fields dropped
+    (RFC 9113 8.2, RFC 9114 4.2). The only normalisation they get on either protocol."""
+    fields = strip_hop_by_hop([(k.lower(), v.strip(" \t")) for k, v in headers])
+    return [(b":status", b"%d" % status)] + [
+        (k.encode("latin-1"), v.encode("latin-1")) for k, v in fields
+    ]

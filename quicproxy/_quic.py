@@ -20,7 +20,7 @@ loudly when an upgrade removes one):
   stream's window as data arrives (and on every STREAM_DATA_BLOCKED), whether or
   not anyone read it. ``QuicConnection._streams_dirty_limits``: where a raised
   window is queued for qh3 to announce. Its ``is_blocked`` also holds a reset
-  stream's data back (see ``ProxyStream.is_blocked``); ``_handle_stop_sending_frame``
+  stream's data back (see ``CreditedConnection._reset_sent``); ``_handle_stop_sending_frame``
   is overridden to know when the peer's STOP_SENDING reset one.
 - ``QuicConnection._streams`` and the sender's ``_pending``: bytes written to a
   stream and not sent yet (send back-pressure). ``_streams_queue``: streams qh3
@@ -164,7 +164,7 @@ class ProxyStream(QuicStream):
     (the peer's HTTP/3 control and QPACK streams, read as they arrive) keep qh3's rule.
     """
 
-    __slots__ = ("limit", "_local", "_blocked", "reset_sent")
+    __slots__ = ("limit", "_local")
 
     def __init__(
         self,
@@ -176,8 +176,6 @@ class ProxyStream(QuicStream):
     ) -> None:
         self.limit: int | None = None
         self._local = 0
-        self._blocked = False
-        self.reset_sent = False
         super().__init__(
             stream_id, max_stream_data_local, max_stream_data_remote, readable, writable
         )
@@ -194,17 +192,6 @@ class ProxyStream(QuicStream):
         if limit is not None and value > limit:
             value = max(self._local, limit)
         self._local = value
-
-    @property
-    def is_blocked(self) -> bool:
-        """As qh3's flag, and always once the stream's sending part was reset: qh3's sender
-        puts data lost in flight back in its queue even after a reset, and would send it
-        (and data never sent before) past the final size the RESET_STREAM announced."""
-        return self._blocked or self.reset_sent
-
-    @is_blocked.setter
-    def is_blocked(self, value: bool) -> None:
-        self._blocked = value
 
 
 quic_connection_module.QuicStream = ProxyStream  # type: ignore[misc]
@@ -562,9 +549,13 @@ class CreditedConnection(QuicConnection):
         self._reset_sent(stream_id)
 
     def _reset_sent(self, stream_id: int) -> None:
+        """A request stream's sending part was reset: it is blocked for good. qh3's sender
+        puts data lost in flight back in its queue even after a reset, and would send it
+        (and data never sent before) past the final size the RESET_STREAM announced.
+        (qh3 itself sets ``is_blocked`` only on streams it opens, held by MAX_STREAMS.)"""
         stream = self._streams.get(stream_id)
-        if isinstance(stream, ProxyStream):
-            stream.reset_sent = True
+        if stream is not None and stream_id % 4 == 0:
+            stream.is_blocked = True
 
     def shed_handshake_buffers(self) -> None:
         """Once the handshake is complete: qh3 keeps a 16 KiB TLS output buffer per

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from ._model import Headers, decimal
-from ._streamio import READ_SIZE, read_within
+from ._streamio import READ_SIZE, buffered, read_within
 
 __all__ = [
     "Invalid",
@@ -277,9 +277,7 @@ class _Head:
         """Judge the whole lines the reader holds already, up to the head's end: (bytes
         to consume, whether the head ended). A head usually comes in one segment, so
         it is judged here, without a wait per line."""
-        buffer = getattr(reader, "_buffer", None)
-        if not buffer:
-            return 0, False
+        buffer = buffered(reader)
         pos = 0
         while (end := buffer.find(b"\n", pos)) >= 0:
             line = bytes(buffer[pos : end - 1 if end > pos and buffer[end - 1] == 13 else end])

@@ -450,9 +450,8 @@ class CreditedConnection(QuicConnection):
         self.credit: dict[int, int] = _Credit(self)
         self._unacked = 0
         self.worker = worker
-        self._probe_path: Any = None
+        self._probe_path: Any = None  # set up by the first datagram (its path)
         self._probe: _Probe | None = None
-        self._probe_datagram_size()
         if worker is not None:
             first = self._host_cids[0]
             self._stamp(first)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-__all__ = ["read_within", "write_within", "READ_SIZE"]
+__all__ = ["buffered", "read_within", "write_within", "READ_SIZE"]
 
 READ_SIZE = 65536
 
@@ -20,10 +20,16 @@ async def read_within(reader: asyncio.StreamReader, size: int, seconds: float | 
         return await reader.read(size)
 
 
+def buffered(reader: asyncio.StreamReader) -> bytes | bytearray:
+    """The bytes the reader holds already (asyncio has no public way to see them; this is
+    the one place that looks)."""
+    return getattr(reader, "_buffer", None) or b""
+
+
 def _ready(reader: asyncio.StreamReader) -> bool:
     """A read would return at once (bytes buffered, or the end seen): no timer needed.
     A response's body usually arrives with its head, so most body reads are these."""
-    return bool(getattr(reader, "_buffer", None)) or reader.at_eof()
+    return bool(buffered(reader)) or reader.at_eof()
 
 
 async def write_within(

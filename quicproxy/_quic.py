@@ -45,10 +45,15 @@ loudly when an upgrade removes one):
   over on each new path (see ``CreditedConnection._probe_datagram_size``).
 - ``qh3.tls`` / ``qh3.quic.crypto`` ``hkdf_expand_label`` and ``hkdf_extract``: replaced
   by one-shot HMAC versions (same bytes, a fraction of the cost).
+- ``qh3.quic.connection.EPOCHS``: memoised (it returns frozensets: immutable, shareable).
+- ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_quicpacket.PacketBuilder``,
+  which builds 1-RTT packets on a short path (the builder attributes it uses are in
+  ``_quicpacket.PRIVATE``).
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import os
@@ -77,6 +82,9 @@ from qh3.quic.packet import (
 from qh3.quic.stream import QuicStream
 from qh3.tls import SessionTicket
 
+from quicproxy import _quicpacket
+from quicproxy._quicpacket import PacketBuilder
+
 __all__ = [
     "PRIVATE",
     "MIN_INITIAL_SIZE",
@@ -104,6 +112,9 @@ MIN_INITIAL_SIZE = 1200
 
 PRIVATE = [
     (quic_connection_module, "QuicStream"),
+    (quic_connection_module, "EPOCHS"),
+    (quic_connection_module, "QuicPacketBuilder"),
+    *((_quicpacket.packet_builder.QuicPacketBuilder, name) for name in _quicpacket.PRIVATE),
     (tls, "hkdf_expand_label"),
     (tls, "hkdf_extract"),
     (quic_crypto_module, "hkdf_expand_label"),
@@ -223,6 +234,13 @@ def hkdf_extract(algorithm: int, salt: bytes, key_material: bytes) -> bytes:
 for _module in (tls, quic_crypto_module):
     _module.hkdf_expand_label = hkdf_expand_label  # type: ignore[attr-defined]
     _module.hkdf_extract = hkdf_extract  # type: ignore[attr-defined]
+
+# 1-RTT packets are built on a short path (see _quicpacket.py).
+quic_connection_module.QuicPacketBuilder = PacketBuilder  # type: ignore[misc]
+
+# qh3 builds its frame-handler table per connection, with a fresh frozenset of epochs
+# for each of its ~33 entries: the same few sets, built once (~20 us per connection).
+quic_connection_module.EPOCHS = functools.cache(quic_connection_module.EPOCHS)
 
 
 class _Credit(dict[int, int]):

@@ -339,3 +339,53 @@ def test_retry_tokens_bind_address_cids_and_age_and_refuse_forgeries():
     for bad in forged:
         header = _quic.Header(**{**answer.__dict__, "token": bad})
         assert tokens.validate(header, client_addr, 2.0) is None
+
+
+def test_idle_streams_wait_outside_the_send_queue_and_still_send_later(certs, monkeypatch):
+    """While a response is sent in bulk, qh3 builds packets with only the streams that
+    have something to send in its queue (not the six idle HTTP/3 control and QPACK
+    streams); afterwards every stream is back, and an idle one that gets data (a GOAWAY
+    on the control stream) sends it in the next flush."""
+    client, server, now = _pair(certs)
+    ClientH3(client)  # the client's control and QPACK streams
+    h3_server = H3(server)
+
+    def exchange(rounds: int = 1) -> list[Any]:
+        nonlocal now
+        got = []
+        for _ in range(rounds):
+            for a, b in ((client, server), (server, client)):
+                for data, _ in a.datagrams_to_send(now=now):
+                    b.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+            got += list(iter(client.next_event, None))
+            list(iter(server.next_event, None))
+            now += 0.01
+        return got
+
+    exchange(3)  # settings and their ACKs: six idle unidirectional streams on each side
+    assert len(server._streams) == 6
+    seen: list[int] = []
+    write = type(server).__mro__[1]._write_application
+
+    def spy(self: Any, *args: Any, **kw: Any) -> None:
+        seen.append(len(self._streams_queue))
+        write(self, *args, **kw)
+
+    monkeypatch.setattr(type(server).__mro__[1], "_write_application", spy)
+    sid = server.get_next_available_stream_id(is_unidirectional=True)
+    server.send_stream_data(sid, b"\x21" + b"x" * 200_000, end_stream=True)  # reserved type
+    received = sum(
+        len(e.data)
+        for e in exchange(60)
+        if isinstance(e, client_events.StreamDataReceived) and e.stream_id == sid
+    )
+    assert received == 200_001
+    assert seen and max(seen) == 1  # only the stream with data was in qh3's queue
+    assert set(map(id, server._streams_queue)) == set(map(id, server._streams.values()))
+    goaway = _quic.control_stream(h3_server)
+    assert goaway is not None
+    server.send_stream_data(goaway, b"\x07\x01\x00")  # GOAWAY(0) on the idle control stream
+    events = exchange(1)
+    assert any(
+        isinstance(e, client_events.StreamDataReceived) and e.stream_id == goaway for e in events
+    )

@@ -389,3 +389,23 @@ def test_idle_streams_wait_outside_the_send_queue_and_still_send_later(certs, mo
     assert any(
         isinstance(e, client_events.StreamDataReceived) and e.stream_id == goaway for e in events
     )
+
+
+def test_only_the_quic_core_imports_the_quic_library():
+    """Swapping the QUIC library means rewriting the core (``_quic.py`` and its packet
+    builder ``_quicpacket.py``) and the HTTP/3 framing in ``_h3.py``, nothing else."""
+    import ast
+    from pathlib import Path
+
+    package = Path(_quic.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module]
+            if any(name == "qh3" or name.startswith("qh3.") for name in names):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"_quic.py", "_quicpacket.py", "_h3.py"}

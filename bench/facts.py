@@ -6,10 +6,11 @@ import datetime as dt
 import os
 import platform
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
-from bench.targets import CADDY_VERSION, caddy_version, find_caddy
+from bench.targets import CADDY_VERSION, IMAGE_VENV, caddy_version, find_caddy, proxy_python
 
 
 def _cmd(*args: str) -> str:
@@ -47,7 +48,8 @@ def machine(oha: str, qp: list[str] | None) -> dict[str, str]:
         "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "kernel": platform.release(),
         "os": _os(),
-        "python": platform.python_version(),
+        "python (quicproxy)": _interpreter(qp),
+        "python (bench, clients)": f"{platform.python_version()} ({sys.executable})",
         "oha": _cmd(oha, "--version"),
         "caddy": _caddy(),
         "go (backend)": _cmd("go" if _has("go") else "/usr/local/go/bin/go", "version"),
@@ -59,6 +61,20 @@ def machine(oha: str, qp: list[str] | None) -> dict[str, str]:
             else "not available (no `quicproxy serve`): quicproxy targets skipped"
         ),
     }
+
+
+def _interpreter(qp: list[str] | None) -> str:
+    """Version and real path of the interpreter the quicproxy targets run on."""
+    if not qp:
+        return "-"
+    py = proxy_python(qp)
+    code = "import os, sys; print(sys.version.split()[0], os.path.realpath(sys.executable))"
+    got = _cmd(py, "-c", code).split()
+    if len(got) != 2:
+        return f"unknown ({py})"
+    version, real = got
+    where = " (bench/install.sh's venv of it)" if str(IMAGE_VENV) in py else ""
+    return f"{version}, {real}{where}"
 
 
 def _caddy() -> str:

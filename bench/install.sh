@@ -5,6 +5,9 @@
 # - Caddy (the peer), pinned release built from its Go module with `go install` into
 #   bench/.tools/bin (gitignored); Go must be there already (it also builds the backend)
 # - matplotlib and py-spy from PyPI into the current Python
+# - bench/.tools/image-python: a venv of the interpreter the container image ships (Debian
+#   bookworm's python3, what the Dockerfile's base provides) with this project installed
+#   editable; the quicproxy targets run on it (bench/targets.py IMAGE_VENV)
 set -euo pipefail
 OHA_VERSION=1.16.0
 # Newest v2.11.x the Go module proxy served when pinned:
@@ -31,4 +34,20 @@ if ! "$oha_bin" --version 2>/dev/null | grep -q " $OHA_VERSION"; then
 fi
 
 "$py" -m pip install -q -r "$here/requirements.txt"
-echo "bench install done: $("$oha_bin" --version), Caddy $CADDY_VERSION ($caddy_bin)"
+
+image_py=/usr/bin/python3
+venv="$here/.tools/image-python"
+if ! "$image_py" -c "import ensurepip, venv" 2>/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q python3-venv >/dev/null
+  fi
+fi
+if "$image_py" -c "import ensurepip, venv" 2>/dev/null; then
+  [ -x "$venv/bin/python" ] || "$image_py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q -e "$here/.."
+  image_note="quicproxy on $("$venv/bin/python" -c 'import sys; print(sys.version.split()[0])') ($image_py)"
+else
+  image_note="no $image_py with venv (apt-get install python3-venv): quicproxy runs on $py"
+  echo "$image_note" >&2
+fi
+echo "bench install done: $("$oha_bin" --version), Caddy $CADDY_VERSION ($caddy_bin), $image_note"

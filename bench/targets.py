@@ -24,6 +24,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # The peer: pinned Caddy release, built by bench/install.sh with `go install` into CADDY_BIN.
 CADDY_VERSION = "v2.11.9"
 CADDY_BIN = HERE / ".tools" / "bin" / "caddy"
+# quicproxy runs on the interpreter the container image ships (Debian bookworm's python3):
+# bench/install.sh makes this venv of it, with the project installed editable.
+IMAGE_VENV = HERE / ".tools" / "image-python"
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Target:
     urls: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     note: str = ""
+    python: str = ""  # quicproxy targets: the interpreter the proxy runs on
     server_pids: list[int] = field(default_factory=list)  # set when a server is not in procs
     metrics_url: str = ""  # quicproxy's /metrics (plain HTTP port)
 
@@ -252,16 +256,37 @@ def caddy_version(exe: str) -> str:
 
 
 def quicproxy_cmd() -> list[str] | None:
-    """How to run `quicproxy`, or None if its `serve` command is not there yet."""
-    exe = Path(sys.executable).parent / "quicproxy"
-    cmd = [str(exe)] if exe.exists() else ([w] if (w := shutil.which("quicproxy")) else None)
-    if cmd is None:
-        return None
-    try:
-        r = subprocess.run(cmd + ["serve", "--help"], capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return cmd if r.returncode == 0 else None
+    """How to run `quicproxy`, or None if its `serve` command is not there yet.
+
+    `QUICPROXY=/path/to/quicproxy` if set; else the one in IMAGE_VENV (the container
+    image's interpreter, built by bench/install.sh); else the one beside this Python;
+    else `quicproxy` on PATH."""
+    if os.environ.get("QUICPROXY"):
+        found: list[str] = [os.environ["QUICPROXY"]]
+    else:
+        found = [
+            str(exe)
+            for exe in (IMAGE_VENV / "bin" / "quicproxy", Path(sys.executable).parent / "quicproxy")
+            if exe.exists()
+        ]
+        found += [w] if (w := shutil.which("quicproxy")) else []
+    for exe in found:
+        try:
+            r = subprocess.run([exe, "serve", "--help"], capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if r.returncode == 0:
+            return [exe]
+    return None
+
+
+def proxy_python(qp: list[str] | None) -> str:
+    """The interpreter `quicproxy` runs on: the venv's python beside it, else this one."""
+    if qp:
+        beside = Path(qp[0]).parent / "python"
+        if beside.exists():
+            return str(beside)
+    return sys.executable
 
 
 class Lab:
@@ -308,6 +333,7 @@ class Lab:
             t.procs = [self._caddy(port, http_port)]
             wait_http(base + "/_gwhealthz", t.procs)
         else:
+            t.python = proxy_python(self.qp)
             t.procs = self._quicproxy(t, port, http_port, waf_port)
             wait_http(base + "/_gwhealthz", t.procs)
             t.metrics_url = f"http://{HOST}:{http_port}/metrics"

@@ -418,10 +418,10 @@ ENGINE = "quicproxy_waf_engine_seconds"
 
 def waf_engine(t: Target, s: Settings) -> dict[str, float]:
     """The target's WAF engine alone on the latency test's request at its rate, in a child
-    process."""
+    process on the interpreter the proxy runs on."""
     rounds = max(100, int(s.rate * s.duration))
     out = subprocess.run(
-        [sys.executable, "-m", "bench.waf_engine", t.engine, str(rounds), str(s.rate)],
+        [t.python or sys.executable, "-m", "bench.waf_engine", t.engine, str(rounds), str(s.rate)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-from bench.targets import free_ports, proc_tree_rss_kib
+import pytest
+
+from bench import facts
+from bench.targets import free_ports, proc_tree_rss_kib, proxy_python, quicproxy_cmd
 
 
 def test_free_ports_are_distinct() -> None:
@@ -14,3 +19,27 @@ def test_free_ports_are_distinct() -> None:
 
 def test_rss_of_own_process_tree() -> None:
     assert proc_tree_rss_kib(os.getpid()) > 1000
+
+
+def test_quicproxy_named_by_env_runs_on_the_python_beside_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exe = Path(sys.executable).parent / "quicproxy"  # the project's own install
+    monkeypatch.setenv("QUICPROXY", str(exe))
+    qp = quicproxy_cmd()
+    assert qp == [str(exe)]
+    assert proxy_python(qp) == str(exe.parent / "python")
+    version = sys.version.split()[0]
+    assert facts._interpreter(qp).startswith(f"{version}, ")
+
+
+def test_a_quicproxy_without_serve_is_not_taken(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = tmp_path / "quicproxy"
+    fake.write_text("#!/bin/sh\nexit 2\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("QUICPROXY", str(fake))
+    assert quicproxy_cmd() is None
+    assert proxy_python(None) == sys.executable
+    assert facts._interpreter(None) == "-"

@@ -24,9 +24,19 @@ from tests.backend import Backend
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free for TCP and for UDP: the https port serves both (h1/h2 and
+    h3), and a TCP-only check can hand out a number an ephemeral UDP socket (any QUIC
+    client's) holds, so the proxy cannot bind it."""
+    for _ in range(100):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no loopback port free for both TCP and UDP")
 
 
 def need_tool(name: str, install: str) -> str:

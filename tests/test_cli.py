@@ -177,12 +177,20 @@ async def cli_proxy(tmp_path: Path, *extra: str) -> AsyncIterator[tuple[Any, int
         env={**os.environ, "HOME": str(tmp_path)},
     )
     try:
-        await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+        try:
+            await _wait_h3(f"https://localhost:{https}/json", time.monotonic() + 30)
+        except AssertionError as exc:
+            if proc.poll() is None:
+                raise
+            proc.output = proc.communicate()[0]
+            tail = proc.output[-2000:]
+            raise AssertionError(f"{exc}; quicproxy exited {proc.returncode}: {tail}") from None
         yield proc, http, https, backend
     finally:
         if proc.poll() is None:
             proc.kill()
-        proc.output = proc.communicate()[0]  # what it printed, for checks after the block
+        if not hasattr(proc, "output"):
+            proc.output = proc.communicate()[0]  # what it printed, for checks after the block
         await backend.stop()
 
 

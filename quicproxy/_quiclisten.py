@@ -22,6 +22,9 @@
   Initials delays established connections and handshakes in progress by one
   turn's admissions at most, and the burst's connections come up a few at a
   time instead of all at its end.
+- Before the socket is bound, one HTTP/3 request runs over an in-memory
+  handshake on the listener's configuration (``_h3.warm_up``), so the first
+  client of a fresh worker does not wait for first use of the QUIC and TLS code.
 - With several workers on one port (SO_REUSEPORT hashes the 4-tuple), every
   connection ID carries its worker's index; a datagram for another worker's
   connection (the client's address changed) is handed to that worker over a
@@ -43,7 +46,7 @@ from typing import Any
 from ._caps import AddressCounter
 from ._certwatch import TlsStore
 from ._config import Config
-from ._h3 import H3Conn
+from ._h3 import H3Conn, warm_up
 from ._handler import Handler
 from ._metrics import metrics
 from ._quic import (
@@ -166,6 +169,8 @@ class QuicListener:
         self._waiting_cids: dict[bytes, int] = {}
         "Destination IDs of the queued datagrams, and how many each."
         self._admit: asyncio.Handle | None = None
+        self.warmed = False
+        "Whether an in-memory HTTP/3 exchange ran first (see ``_h3.warm_up``)."
 
     def bind(self, sock: Any) -> None:
         self.socket = DatagramSocket(
@@ -540,5 +545,9 @@ async def start_quic_listener(
     workers: Workers | None = None,
 ) -> QuicListener:
     listener = QuicListener(cfg, handler, cert, key, workers)
+    try:  # before the socket is bound: no client waits for it
+        listener.warmed = warm_up(listener.configuration)
+    except Exception:  # never stops the start: the first client pays, as before
+        log.debug("QUIC warm-up failed", exc_info=True)
     listener.bind(bind_socket(host, port, socket.SOCK_DGRAM, reuse_port))
     return listener

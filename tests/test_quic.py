@@ -196,3 +196,32 @@ async def test_a_clienthello_split_over_two_datagrams_gets_one_flight_not_an_ack
     assert len(first) >= 1200  # Initial (ServerHello) + Handshake, padded: the flight
     quic.receive_datagram(first, addr, now=time.monotonic())
     assert quic._cryptos[Epoch.HANDSHAKE].recv.is_valid()  # it carried the ServerHello
+
+
+async def test_the_listener_runs_an_http3_exchange_in_memory_before_it_binds(proxy):
+    assert proxy._quic.warmed  # the first client of a fresh worker does not pay for first use
+
+
+def test_warm_up_completes_a_request_on_the_listeners_configuration(certs):
+    from quicproxy._h3 import warm_up
+    from quicproxy._quic import server_configuration
+
+    cert, key = certs
+    configuration = server_configuration(
+        cert=cert, key=key, idle_timeout=30, max_datagram_size=1350, stream_window=65536
+    )
+    assert warm_up(configuration)
+
+
+async def test_a_failing_warm_up_does_not_stop_the_start(make_proxy, backend, certs, monkeypatch):
+    """A test double: no real input makes the in-memory exchange raise, so one is put in."""
+    import quicproxy._quiclisten as quiclisten
+
+    def broken(configuration):
+        raise RuntimeError("warm-up broke")
+
+    monkeypatch.setattr(quiclisten, "warm_up", broken)
+    proxy = await make_proxy(backend)
+    assert not proxy._quic.warmed
+    status, _, _ = await fetch(proxy, certs, "h3", "GET", "/json")
+    assert status == 200

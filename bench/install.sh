@@ -39,7 +39,7 @@ image_py=/usr/bin/python3
 venv="$here/.tools/image-python"
 if ! "$image_py" -c "import ensurepip, venv" 2>/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get install -y -q python3-venv >/dev/null
+    apt-get install -y -q python3-venv >/dev/null 2>&1 || true  # no apt lists: see below
   fi
 fi
 if "$image_py" -c "import ensurepip, venv" 2>/dev/null; then

@@ -17,6 +17,7 @@ from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
+from bench.targets import free_ports
 from quicproxy import Proxy, load_config
 from quicproxy._client import H3Client, h3_client
 from quicproxy._client import _Protocol as H3Protocol
@@ -26,17 +27,8 @@ from tests.backend import Backend
 def free_port() -> int:
     """A loopback port free for TCP and for UDP: the https port serves both (h1/h2 and
     h3), and a TCP-only check can hand out a number an ephemeral UDP socket (any QUIC
-    client's) holds, so the proxy cannot bind it."""
-    for _ in range(100):
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no loopback port free for both TCP and UDP")
+    client's) holds, so the proxy cannot bind it. The bench's picker does exactly that."""
+    return free_ports(1)[0]
 
 
 def need_tool(name: str, install: str) -> str:

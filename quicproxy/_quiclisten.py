@@ -17,11 +17,12 @@
   handled as it is read, an Initial that would start a handshake (the
   costly part: key exchange, signature) goes to a bounded queue, and so do
   the datagrams that follow it before it is admitted (0-RTT, the rest of a
-  ClientHello). 16 queued datagrams are admitted per event-loop turn (8 to
-  16 handshakes), each server flight leaving at once. A burst or a flood of
-  Initials delays established connections and handshakes in progress by one
-  turn's admissions at most, and the burst's connections come up a few at a
-  time instead of all at its end.
+  ClientHello). 16 handshakes are started per event-loop turn, each with the
+  datagrams queued behind it (a post-quantum ClientHello takes two; 64
+  datagrams per turn at most), each server flight leaving at once. A burst
+  or a flood of Initials delays established connections and handshakes in
+  progress by one turn's admissions at most, and the burst's connections
+  come up a few at a time instead of all at its end.
 - Before the socket is bound, one HTTP/3 request runs over an in-memory
   handshake on the listener's configuration (``_h3.warm_up``), so the first
   client of a fresh worker does not wait for first use of the QUIC and TLS code.
@@ -73,7 +74,9 @@ _WAITING_INITIALS = 256
 _WAITING_BYTES = 1 << 20
 "Bytes of queued Initials at most."
 _ADMIT_PER_TURN = 16
-"Queued datagrams handled per event-loop turn (a ClientHello may take two)."
+"Handshakes started per event-loop turn (the costly part: key exchange, signature)."
+_ADMIT_DATAGRAMS = 64
+"Queued datagrams handled per event-loop turn at most (the rest of a ClientHello, 0-RTT)."
 
 
 class _Tickets:
@@ -270,15 +273,21 @@ class QuicListener:
         sent at once, once the datagrams queued behind it (the rest of a ClientHello
         too large for one) are in: else the first answer is a lone ACK."""
         self._admit = None
-        for _ in range(_ADMIT_PER_TURN):
+        started = 0
+        for _ in range(_ADMIT_DATAGRAMS):
             if not self._waiting:
                 return
-            header, data, addr, source = self._waiting.popleft()
+            header, data, addr, source = self._waiting[0]
+            conn = self.by_cid.get(header.dcid)  # admitted since (a resent or split Initial)
+            if conn is None:
+                if started == _ADMIT_PER_TURN:
+                    break  # the next handshake waits for the next turn
+                started += 1
+            self._waiting.popleft()
             self._waiting_bytes -= len(data)
             left = self._waiting_cids.pop(header.dcid) - 1
             if left:
                 self._waiting_cids[header.dcid] = left
-            conn = self.by_cid.get(header.dcid)  # admitted since (a resent or split Initial)
             if conn is not None:
                 conn.source = source
                 self._receive(conn, data, addr)

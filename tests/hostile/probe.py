@@ -69,6 +69,25 @@ def client_initial(port: int, host: str = "127.0.0.1") -> bytes:
     return data
 
 
+def split_client_hello(port: int, host: str = "127.0.0.1") -> list[bytes]:
+    """The first datagrams of a real qh3 client: its post-quantum key share
+    (X25519MLKEM768) makes the ClientHello span two padded Initials."""
+    from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
+    from qh3.quic.connection import QuicConnection as Qh3Connection
+
+    cfg = Qh3Configuration(is_client=True, alpn_protocols=["h3"], server_name="localhost")
+    cfg.verify_mode = ssl.CERT_NONE
+    conn = Qh3Connection(configuration=cfg)
+    now = time.monotonic()
+    conn.connect((host, port), now=now)
+    datagrams: list[bytes] = []
+    for step in range(100):  # qh3 paces the second datagram a few ms behind the first
+        datagrams += [data for data, _ in conn.datagrams_to_send(now=now + step * 0.01)]
+        if len(datagrams) > 1:
+            break
+    return datagrams
+
+
 def udp_socket(host: str = "127.0.0.1") -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((host, 0))

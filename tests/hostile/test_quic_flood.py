@@ -17,6 +17,7 @@ from tests.hostile.probe import (
     in_process,
     in_thread,
     rss_kib,
+    split_client_hello,
     udp_socket,
 )
 
@@ -184,6 +185,60 @@ async def test_new_initials_wait_their_turn_behind_known_connections(make_proxy,
     assert listener.stats["handshakes"] == 1 + 16
     await _admitted(listener, 41)
     assert listener.stats["shed"] == 0
+
+
+def _drain(sock) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(65535))
+        except BlockingIOError:
+            return got
+
+
+async def test_admission_counts_handshakes_not_datagrams(make_proxy, backend):
+    """A post-quantum ClientHello spans two Initials. Admission counts handshakes: in one
+    event-loop turn 16 clients (32 datagrams) are admitted, and each gets its whole
+    server flight at once (not a lone ACK); the others wait for the next turn."""
+    proxy = await make_proxy(backend, quic={"retry_above": 10000})
+    listener = proxy._quic
+    hellos = [await in_thread(split_client_hello, proxy.https_port) for _ in range(20)]
+    assert all(len(pair) == 2 for pair in hellos), [list(map(len, p)) for p in hellos]
+    clients = [udp_socket() for _ in hellos]
+    try:
+        for sock in clients:
+            sock.setblocking(False)
+        for sock, pair in zip(clients, hellos, strict=True):  # one batch, as read
+            for data in pair:
+                listener.datagram_received(data, sock.getsockname())
+        await asyncio.sleep(0)  # one event-loop turn
+        assert listener.stats["handshakes"] == 16
+        flights = [_drain(sock) for sock in clients]
+        for got in flights[:16]:  # Initial + Handshake: ServerHello, certificate, Finished
+            assert got and got[0][0] & 0xF0 == 0xC0, got
+            assert sum(map(len, got)) > 1500, [len(d) for d in got]
+        assert flights[16:] == [[]] * 4
+        await _admitted(listener, 20)
+        assert all(_drain(sock) for sock in clients[16:])
+    finally:
+        for sock in clients:
+            sock.close()
+
+
+async def test_admission_handles_64_queued_datagrams_per_turn_at_most(make_proxy, backend):
+    """The datagrams queued behind an Initial (the rest of a ClientHello, 0-RTT, here
+    resends) are bounded per turn too: 64, the rest wait for the next turn."""
+    proxy = await make_proxy(backend, quic={"retry_above": 10000, "max_handshake_bytes": 1 << 20})
+    listener = proxy._quic
+    initial = await in_thread(client_initial, proxy.https_port)
+    for _ in range(100):
+        listener.datagram_received(initial, ("127.0.0.1", 9))
+    await asyncio.sleep(0)  # one event-loop turn
+    assert listener.stats["handshakes"] == 1
+    assert len(listener._waiting) == 100 - 64
+    await asyncio.sleep(0)
+    assert not listener._waiting
+    assert listener.stats["handshakes"] == 1
 
 
 async def test_the_queue_of_new_initials_is_bounded(make_proxy, backend):

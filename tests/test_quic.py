@@ -165,23 +165,14 @@ async def test_a_clienthello_split_over_two_datagrams_gets_one_flight_not_an_ack
     two Initials; the server answers once both are in: its first datagram is the flight
     (ServerHello, certificate), not an ACK-only packet and a second send."""
     import socket
-    import ssl
 
-    from aioquic.h3.connection import H3_ALPN
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
-    from aioquic.tls import Epoch
+    from qh3.tls import Epoch
+
+    from tests.hostile.probe import split_client_hello
 
     proxy = await make_proxy(backend)
-    config = QuicConfiguration(
-        is_client=True, alpn_protocols=H3_ALPN + [f"x-padding-{n:03}" for n in range(120)]
-    )
-    config.server_name = "localhost"
-    config.verify_mode = ssl.CERT_NONE
-    quic = QuicConnection(configuration=config)
     addr = ("127.0.0.1", proxy.https_port)
-    quic.connect(addr, now=time.monotonic())
-    datagrams = [data for data, _ in quic.datagrams_to_send(now=time.monotonic())]
+    quic, datagrams = split_client_hello(proxy.https_port)
     assert len(datagrams) == 2  # the ClientHello did not fit in one
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)

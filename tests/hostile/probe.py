@@ -69,8 +69,8 @@ def client_initial(port: int, host: str = "127.0.0.1") -> bytes:
     return data
 
 
-def split_client_hello(port: int, host: str = "127.0.0.1") -> list[bytes]:
-    """The first datagrams of a real qh3 client: its post-quantum key share
+def split_client_hello(port: int, host: str = "127.0.0.1") -> tuple[Any, list[bytes]]:
+    """A real qh3 client and its first datagrams: its post-quantum key share
     (X25519MLKEM768) makes the ClientHello span two padded Initials."""
     from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
     from qh3.quic.connection import QuicConnection as Qh3Connection
@@ -85,7 +85,18 @@ def split_client_hello(port: int, host: str = "127.0.0.1") -> list[bytes]:
         datagrams += [data for data, _ in conn.datagrams_to_send(now=now + step * 0.01)]
         if len(datagrams) > 1:
             break
-    return datagrams
+    return conn, datagrams
+
+
+def received(sock: socket.socket) -> list[bytes]:
+    """Every datagram waiting on ``sock``: until a non-blocking read would block, or a
+    socket with a timeout has waited that long for the next one."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(65535))
+        except (BlockingIOError, TimeoutError):
+            return got
 
 
 def udp_socket(host: str = "127.0.0.1") -> socket.socket:

@@ -16,6 +16,7 @@ from tests.hostile.probe import (
     flood,
     in_process,
     in_thread,
+    received,
     rss_kib,
     split_client_hello,
     udp_socket,
@@ -141,16 +142,7 @@ async def test_garbage_and_unknown_versions_get_nothing_or_version_negotiation(m
     initial = bytearray(client_initial(port))
     initial[1:5] = (0x1A2A3A4A).to_bytes(4, "big")  # a version we do not speak
     sock.sendto(bytes(initial), ("127.0.0.1", port))
-
-    def receive_all() -> list[bytes]:
-        answers = []
-        try:
-            while True:
-                answers.append(sock.recv(65535))
-        except TimeoutError:
-            return answers
-
-    answers = await in_thread(receive_all)  # the proxy runs in this thread's event loop
+    answers = await in_thread(received, sock)  # the proxy runs in this thread's event loop
     sock.close()
     assert len(answers) == 1 and answers[0][1:5] == b"\0\0\0\0"  # Version Negotiation
     assert len(proxy._quic.connections) == 0
@@ -187,22 +179,13 @@ async def test_new_initials_wait_their_turn_behind_known_connections(make_proxy,
     assert listener.stats["shed"] == 0
 
 
-def _drain(sock) -> list[bytes]:
-    got = []
-    while True:
-        try:
-            got.append(sock.recv(65535))
-        except BlockingIOError:
-            return got
-
-
 async def test_admission_counts_handshakes_not_datagrams(make_proxy, backend):
     """A post-quantum ClientHello spans two Initials. Admission counts handshakes: in one
     event-loop turn 16 clients (32 datagrams) are admitted, and each gets its whole
     server flight at once (not a lone ACK); the others wait for the next turn."""
     proxy = await make_proxy(backend, quic={"retry_above": 10000})
     listener = proxy._quic
-    hellos = [await in_thread(split_client_hello, proxy.https_port) for _ in range(20)]
+    hellos = [(await in_thread(split_client_hello, proxy.https_port))[1] for _ in range(20)]
     assert all(len(pair) == 2 for pair in hellos), [list(map(len, p)) for p in hellos]
     clients = [udp_socket() for _ in hellos]
     try:
@@ -213,13 +196,13 @@ async def test_admission_counts_handshakes_not_datagrams(make_proxy, backend):
                 listener.datagram_received(data, sock.getsockname())
         await asyncio.sleep(0)  # one event-loop turn
         assert listener.stats["handshakes"] == 16
-        flights = [_drain(sock) for sock in clients]
+        flights = [received(sock) for sock in clients]
         for got in flights[:16]:  # Initial + Handshake: ServerHello, certificate, Finished
             assert got and got[0][0] & 0xF0 == 0xC0, got
             assert sum(map(len, got)) > 1500, [len(d) for d in got]
         assert flights[16:] == [[]] * 4
         await _admitted(listener, 20)
-        assert all(_drain(sock) for sock in clients[16:])
+        assert all(received(sock) for sock in clients[16:])
     finally:
         for sock in clients:
             sock.close()

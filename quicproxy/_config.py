@@ -133,6 +133,10 @@ class LimitsConfig:
     "Request header fields (Host / :authority included); more gets 431."
     max_connections_per_address: int = 256
     "Open TCP connections per client address (IPv6: per /64); more are closed at once."
+    max_tunnels: int = 10000
+    "WebSocket tunnels open at once; more get 503."
+    max_tunnels_per_client: int = 256
+    "WebSocket tunnels open at once from one client address; more get 429."
 
 
 @dataclass
@@ -147,6 +151,8 @@ class TimeoutsConfig:
     "Seconds a client may leave our response unread (send buffer full) before we drop it."
     h2_preface: float = 10.0
     "Seconds for an h2 client to send its preface and SETTINGS after the TLS handshake."
+    tunnel_idle: float = 300.0
+    "Seconds a WebSocket tunnel may carry no byte either way before it is closed."
 
 
 @dataclass
@@ -442,7 +448,7 @@ def _validate(cfg: Config) -> None:
     _check_positive(cfg, "quic", "max_connections", "max_connections_per_address")
     _check_positive(cfg, "quic", "max_handshakes", "max_handshakes_per_address")
     _check_positive(cfg, "quic", "handshake_timeout", "max_handshake_bytes", "max_new_per_second")
-    _check_positive(cfg, "limits", "abuse_window")
+    _check_positive(cfg, "limits", "abuse_window", "max_tunnels", "max_tunnels_per_client")
     _check_positive(cfg, "upstream", "max_connections", "max_connections_per_member")
     _check_positive(cfg, "upstream", "queue_timeout")
     if cfg.listen.bind_wait < 0:
@@ -459,7 +465,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.max_connections_per_address", "must be at least 1", "e.g. 256")
     if not 1 <= cfg.listen.backlog <= 65535:
         raise ConfigError("listen.backlog", "out of range", "use 1 to 65535, e.g. 1024")
-    for name in ("header", "idle", "body", "send", "h2_preface"):
+    for name in ("header", "idle", "body", "send", "h2_preface", "tunnel_idle"):
         if getattr(cfg.timeouts, name) <= 0:
             raise ConfigError(f"timeouts.{name}", "must be positive", "give seconds, e.g. 10")
     if cfg.upstream.connect_timeout <= 0 or cfg.upstream.timeout <= 0:

@@ -14,6 +14,7 @@ from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, head
 from ._sockets import plain_addr
 from ._streamio import READ_SIZE, read_within, write_within
 from ._target import origin_form
+from ._tunnel import WEBSOCKET, wants_websocket
 
 __all__ = ["H1Connection"]
 
@@ -21,18 +22,25 @@ log = logging.getLogger("quicproxy")
 _HIGH_WATER = 1 << 20
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FRAMING = frozenset(("content-length", "transfer-encoding", "connection"))
+_TUNNEL_HIGH_WATER = READ_SIZE
+"A WebSocket's client bytes held while the backend lags (per tunnel)."
 
 
 class _Writer:
     """A response's bytes to the connection, framed by Content-Length, chunked (an
-    HTTP/1.1 client) or by closing (HTTP/1.0). The head is held until the first body
+    HTTP/1.1 client) or by closing (HTTP/1.0); after a 101 to a WebSocket handshake, raw
+    (the connection is a tunnel until one side closes). The head is held until the first body
     bytes (or the end) so a small response leaves in one write, one TLS record and one
     system call; it is written at the end of the event-loop turn if nothing follows."""
 
-    def __init__(self, conn: H1Connection, head: wire.RequestHead, body: Body) -> None:
+    def __init__(
+        self, conn: H1Connection, head: wire.RequestHead, body: Body, upgrade: bool = False
+    ) -> None:
         self.conn = conn
         self.head = head
         self.body = body
+        self.upgrade = upgrade
+        "The request is a WebSocket handshake (its body: the client's bytes after a 101)."
         self.framing = "none"
         self.left = 0
         "Body bytes still owed under Content-Length."
@@ -43,6 +51,11 @@ class _Writer:
 
     async def send_head(self, status: int, headers: Headers) -> None:
         conn = self.conn
+        if self.upgrade:
+            if status == 101:
+                self._switch(headers)
+                return
+            self.body.end()  # refused: no tunnel, and nothing more comes from the client
         if not self.body.ended:
             # Answering before the whole body came: no keep-alive, and a lingering close.
             conn.closing = conn.linger = True
@@ -70,6 +83,17 @@ class _Writer:
             raise ProxyError(str(exc)) from None
         self._flush = asyncio.get_running_loop().call_soon(self._write_held)
 
+    def _switch(self, headers: Headers) -> None:
+        """101: the head, then the connection carries the tunnel's bytes both ways."""
+        conn = self.conn
+        conn.closing = True
+        self.framing = "raw"
+        fields = [(k, v) for k, v in headers if k not in _FRAMING]
+        fields += [("connection", "upgrade"), ("upgrade", WEBSOCKET)]
+        self._held = wire.response_head(101, fields)
+        self._flush = asyncio.get_running_loop().call_soon(self._write_held)
+        conn.tunnel = asyncio.ensure_future(conn.pump_raw(self.body))
+
     def _write_held(self) -> None:
         self._flush = None
         held, self._held = self._held, b""
@@ -87,7 +111,9 @@ class _Writer:
     async def send_data(self, data: bytes) -> None:
         if not data or self.framing == "none":
             return
-        if self.framing == "chunked":
+        if self.framing == "raw":
+            pass
+        elif self.framing == "chunked":
             data = b"%x\r\n%b\r\n" % (len(data), data)
         elif self.framing == "length":
             if len(data) > self.left:
@@ -131,6 +157,8 @@ class H1Connection:
         self.linger = False
         "Discard unread request data before closing, so the client can read our answer."
         self.busy = False
+        self.tunnel: asyncio.Task[None] | None = None
+        "Reads a WebSocket's client bytes once a 101 was sent."
         self._room = asyncio.Event()
         self._room.set()
 
@@ -254,7 +282,12 @@ class H1Connection:
             await self._refuse(exc.status, exc.reason)
             return False
         pump: asyncio.Task[None] | None = None
-        if head.framing == "none":
+        upgrade = head.version == "1.1" and wants_websocket(
+            head.method, head.headers, head.framing == "none"
+        )
+        if upgrade:
+            body = Body(on_consumed=self._consumed)  # fed once a 101 was sent
+        elif head.framing == "none":
             body = Body.empty()
         else:
             body = Body(on_consumed=self._consumed)
@@ -270,11 +303,15 @@ class H1Connection:
             server=self.server,
             body=body,
             content_length=head.length,
+            upgrade=WEBSOCKET if upgrade else None,
         )
-        writer = _Writer(self, head, body)
+        writer = _Writer(self, head, body, upgrade)
         try:
             await self.handler.exchange(req, writer)
         finally:
+            if self.tunnel is not None:
+                self.tunnel.cancel()
+                await asyncio.wait([self.tunnel])
             if pump is not None and not pump.done():
                 pump.cancel()
                 self.closing = True  # body left unread: the connection cannot be reused
@@ -283,6 +320,19 @@ class H1Connection:
 
     def _consumed(self, size: int) -> None:
         self._room.set()
+
+    async def pump_raw(self, body: Body) -> None:
+        """A WebSocket's client bytes after the 101, as they come (the tunnel's idle timeout
+        bounds the wait), held to ``_TUNNEL_HIGH_WATER`` while the backend lags."""
+        try:
+            while data := await self.reader.read(READ_SIZE):
+                body.feed(data)
+                while body.buffered > _TUNNEL_HIGH_WATER:
+                    self._room.clear()
+                    await self._room.wait()
+            body.end()
+        except (ConnectionError, OSError):
+            body.abort(ConnectionError("client connection lost"))
 
     async def _pump(self, head: wire.RequestHead, body: Body) -> None:
         """Read the request body into ``body``, pausing while the consumer lags."""

@@ -310,11 +310,14 @@ async def _head(
             return head.start_line, head.headers
 
 
-async def read_head(reader: asyncio.StreamReader, method: str) -> ResponseHead:
-    """The next response head, 1xx interim responses skipped."""
+async def read_head(
+    reader: asyncio.StreamReader, method: str, upgrade: bool = False
+) -> ResponseHead:
+    """The next response head, 1xx interim responses skipped; a 101 is returned when the
+    request asked for an upgrade (``upgrade``), else refused."""
     while True:
         head = parse_head(*await _head(reader, _STATUS), method)
-        if head.status >= 200:
+        if head.status >= 200 or (head.status == 101 and upgrade):
             return head
         if head.status == 101:
             raise Invalid("101 Switching Protocols: no upgrade was asked for")

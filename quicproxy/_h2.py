@@ -212,6 +212,7 @@ class H2Connection:
                 jh2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
                 jh2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
                 jh2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 4,
+                jh2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL: 1,  # WebSocket (RFC 8441)
             },
         )
         self.h2.initiate_connection()

@@ -53,11 +53,13 @@ _RESET_CODES = {
 class _H3(H3Connection):
     """qh3's HTTP/3 layer without its H3_DATAGRAM setting: qh3 always announces it,
     and RFC 9297 lets clients (aioquic, for one) close a connection that announces it
-    without QUIC datagram support, which the proxy does not offer."""
+    without QUIC datagram support, which the proxy does not offer. It announces extended
+    CONNECT instead (WebSocket over HTTP/3, RFC 9220)."""
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
         settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
+        settings[0x08] = 1  # SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket (RFC 9220)
         return settings
 
     def _decode_headers(

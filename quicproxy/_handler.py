@@ -35,6 +35,7 @@ from ._model import Body, Headers, Request, Response
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Pool, Router
 from ._target import check_request, options_response
+from ._tunnel import TunnelCaps, open_websocket
 from ._upstream import UpstreamPool
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
@@ -76,6 +77,8 @@ class Handler:
         self.router = router
         self.waf = waf
         self.upstream = UpstreamPool(cfg.upstream)
+        self.tunnels = TunnelCaps(cfg.limits.max_tunnels, cfg.limits.max_tunnels_per_client)
+        "Open WebSocket tunnels, in total and per client address."
         self.trusted = TrustedProxies(cfg.trusted_proxies)
         self.access = AccessLog(cfg.log.access)
         "Access log; its ``sink`` (a callable taking one line) can be replaced."
@@ -266,7 +269,7 @@ class Handler:
         limit = self.cfg.limits.max_body_bytes
         if limit and req.content_length is not None and req.content_length > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
-        if req.early_data and req.method not in _SAFE_METHODS:
+        if req.early_data and (req.method not in _SAFE_METHODS or req.upgrade):
             raise TooEarly("retry after the handshake completes")
 
     def _target(self, req: Request, pool: Pool | None) -> tuple[tuple[str, int], Headers]:
@@ -279,6 +282,8 @@ class Handler:
         self, req: Request, rec: AccessRecord, target: tuple[tuple[str, int], Headers]
     ) -> Response:
         member, headers = target
+        if req.upgrade:
+            return await self._tunnel(req, rec, member, headers)
         limit = self.cfg.limits.max_body_bytes
         if req.content_length is None and not req.body.ended:
             await self._measure_small_body(req, limit)
@@ -297,6 +302,21 @@ class Handler:
         )
         rec.upstream_time = time.monotonic() - sent
         resp.headers = strip_hop_by_hop(resp.headers)
+        return resp
+
+    async def _tunnel(
+        self, req: Request, rec: AccessRecord, member: tuple[str, int], headers: Headers
+    ) -> Response:
+        """A WebSocket handshake: the backend's answer, whose body is the tunnel."""
+        if member == DEMO:
+            return error_response(501, "Not Implemented: no WebSocket backend on this route")
+        rec.upstream = f"{member[0]}:{member[1]}"
+        sent = time.monotonic()
+        resp = await open_websocket(
+            self.cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client
+        )
+        rec.upstream_time = time.monotonic() - sent
+        resp.headers = strip_hop_by_hop(resp.headers)  # h1's 101 gets its own Upgrade back
         return resp
 
     async def _measure_small_body(self, req: Request, limit: int) -> None:
@@ -347,7 +367,7 @@ class Handler:
             remote_port=req.client[1],
             server_addr=req.server[0],
             server_port=req.server[1],
-            has_body=not req.body.ended,
+            has_body=not req.body.ended and req.upgrade is None,
         )
 
     async def _decide(self, req: Request, rec: AccessRecord, tx: WafTransaction) -> Response | None:
@@ -392,8 +412,8 @@ class Handler:
     async def _inspect_body(self, req: Request, tx: WafTransaction) -> None:
         """Stream up to body_limit bytes into the engine; the body is left unread."""
         wcfg = self.cfg.waf
-        if not wcfg.body_access or req.body.ended:
-            return
+        if not wcfg.body_access or req.body.ended or req.upgrade:
+            return  # a WebSocket's body is its tunnel: only the handshake is inspected
         limit = wcfg.body_limit
         too_large = BodyTooLarge(f"request body over the WAF inspection limit ({limit} bytes)")
         if wcfg.over_limit == "reject" and (req.content_length or 0) > limit:

@@ -110,6 +110,19 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livesum",
         )
+        self.tunnels_open = Gauge(
+            p + "tunnels_open",
+            "WebSocket tunnels open, by the client's protocol.",
+            ["protocol"],
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
+        self.tunnel_bytes = Counter(
+            p + "tunnel_bytes",
+            "Bytes carried by WebSocket tunnels, by protocol and direction (in: from clients).",
+            ["protocol", "direction"],
+            registry=reg,
+        )
         self.quic_handshakes = Counter(
             p + "quic_handshakes", "QUIC handshakes completed.", registry=reg
         )

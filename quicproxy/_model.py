@@ -230,6 +230,9 @@ class Request:
     "Declared body length, when known."
     early_data: bool = False
     "True when received as QUIC 0-RTT data (replayable)."
+    upgrade: str | None = None
+    """'websocket' for a WebSocket handshake (h1 Upgrade, h2/h3 extended CONNECT, which
+    arrives here as a GET); the body is then the client's tunnel bytes."""
 
     @property
     def path(self) -> str:

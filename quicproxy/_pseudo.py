@@ -5,6 +5,7 @@ from __future__ import annotations
 from ._errors import BadRequest
 from ._forward import strip_hop_by_hop
 from ._model import Body, Headers, Request, decimal
+from ._tunnel import WEBSOCKET
 
 __all__ = ["request_from_pseudo", "response_headers"]
 
@@ -21,7 +22,10 @@ def request_from_pseudo(
     Semantics (CONNECT, target form, authority syntax, header bytes and count)
     are judged by the handler through ``_target.check_request``, as for h1, so
     every protocol answers them with the same status. CONNECT has no :scheme or
-    :path (RFC 9113 8.5) and goes through to be refused there with 501."""
+    :path (RFC 9113 8.5) and goes through to be refused there with 501. Extended
+    CONNECT with ``:protocol: websocket`` (RFC 8441, RFC 9220) becomes a GET whose
+    ``upgrade`` is 'websocket', as an HTTP/1.1 handshake does; another ``:protocol``
+    stays a CONNECT (501)."""
     pseudo: dict[str, str] = {}
     headers: Headers = []
     cookies: list[str] = []
@@ -41,6 +45,15 @@ def request_from_pseudo(
     method = pseudo.get(":method")
     if not method:
         raise BadRequest("missing :method")
+    protocol_token = pseudo.get(":protocol")
+    upgrade = None
+    if protocol_token is not None:
+        if method != "CONNECT":
+            raise BadRequest(":protocol on a request that is not CONNECT")
+        if not pseudo.get(":scheme") or not pseudo.get(":path"):
+            raise BadRequest("extended CONNECT without :scheme or :path")
+        if protocol_token.lower() == WEBSOCKET:
+            method, upgrade = "GET", WEBSOCKET
     for required in (":scheme", ":path"):
         if not pseudo.get(required) and method != "CONNECT":
             raise BadRequest(f"missing {required}")
@@ -63,6 +76,7 @@ def request_from_pseudo(
         server=server,
         body=body,
         content_length=length,
+        upgrade=upgrade,
     )
 
 

@@ -173,6 +173,14 @@ class UpstreamPool:
                 conn.close()
         self._idle.clear()
 
+    async def dial(
+        self, member: tuple[str, int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection of its own to ``member``, never pooled and outside the connection
+        caps (a WebSocket tunnel's: ``_tunnel.py`` caps those)."""
+        conn = await self._open(member)
+        return conn.reader, conn.writer
+
     async def request(
         self,
         member: tuple[str, int],

@@ -1,0 +1,299 @@
+"""WebSocket tunnels: the handshake to the backend and the bytes both ways after it.
+
+Whatever the client spoke — HTTP/1.1 ``Upgrade: websocket`` (RFC 6455), HTTP/2 extended
+CONNECT (RFC 8441) or HTTP/3 extended CONNECT (RFC 9220) — the backend sees an HTTP/1.1
+Upgrade on a connection of its own (never a pooled one), so it never needs to know the
+client's protocol. The adapters turn their protocol's form into a :class:`Request` whose
+``upgrade`` is ``"websocket"``; the handshake goes through routing, rate limits and the
+WAF like any GET; then :func:`open_websocket` returns the response to send (101 on h1,
+200 on h2/h3) whose body is the backend's bytes, while a task copies the client's bytes
+(the request body: raw bytes after the 101 on h1, DATA on h2/h3) to the backend.
+
+Bounds: each direction moves at most ``READ_SIZE`` bytes at a time and waits for the
+other side to take them (a reader that stops reading stops the other side; nothing
+grows), a tunnel with no byte either way for ``timeouts.tunnel_idle`` is closed, and
+``limits.max_tunnels`` / ``limits.max_tunnels_per_client`` cap how many are open.
+A backend that closes ends the client's stream cleanly; a backend reset resets it; a
+client reset or close closes the backend connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+
+from . import _h1wire as wire
+from ._config import Config
+from ._errors import ProxyError, UpstreamConnectError, UpstreamTimeout, UpstreamTruncated
+from ._metrics import metrics
+from ._model import Body, Headers, Request, Response, header_value
+from ._streamio import READ_SIZE, read_within, write_within
+
+__all__ = ["WEBSOCKET", "TunnelCaps", "open_websocket", "wants_websocket"]
+
+log = logging.getLogger("quicproxy")
+
+WEBSOCKET = "websocket"
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_REPLACED = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-accept"})
+
+Dial = Callable[[tuple[str, int]], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+def _tokens(headers: Headers, name: str) -> set[str]:
+    return {t.strip().lower() for k, v in headers if k == name for t in v.split(",")}
+
+
+def wants_websocket(method: str, headers: Headers, bodiless: bool) -> bool:
+    """An HTTP/1.1 request asking to become a WebSocket (RFC 6455 §4.1): GET without a body,
+    ``Upgrade: websocket`` and ``Connection: upgrade``. Other upgrades (h2c) are not
+    honoured: their headers are dropped as hop-by-hop, as before."""
+    return (
+        method == "GET"
+        and bodiless
+        and WEBSOCKET in _tokens(headers, "upgrade")
+        and "upgrade" in _tokens(headers, "connection")
+    )
+
+
+def accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a Sec-WebSocket-Key (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.encode("latin-1") + _GUID).digest()).decode()
+
+
+class TunnelCaps:
+    """Open tunnels, in total and per client address."""
+
+    def __init__(self, total: int, per_client: int) -> None:
+        self.total = total
+        self.per_client = per_client
+        self.open = 0
+        self._by_client: dict[str, int] = {}
+
+    def take(self, client: str) -> str | None:
+        """None when a tunnel may open (and it is counted), else why not."""
+        if self.open >= self.total:
+            return "total"
+        if self._by_client.get(client, 0) >= self.per_client:
+            return "client"
+        self.open += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        return None
+
+    def give(self, client: str) -> None:
+        self.open -= 1
+        left = self._by_client.get(client, 1) - 1
+        if left:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
+
+
+class TooManyTunnels(ProxyError):
+    status = 429
+    reason = "Too Many Requests"
+
+
+class TunnelsFull(ProxyError):
+    status = 503
+    reason = "Service Unavailable"
+
+
+async def open_websocket(
+    cfg: Config,
+    dial: Dial,
+    member: tuple[str, int],
+    req: Request,
+    headers: Headers,
+    caps: TunnelCaps,
+    client: str,
+) -> Response:
+    """The backend's answer to the WebSocket handshake of ``req``. On a 101 the response
+    is the one to send the client (101 on HTTP/1.1, 200 on h2/h3) and its body carries
+    the backend's bytes; any other answer is passed on as a plain response."""
+    refused = caps.take(client)
+    if refused == "client":
+        raise TooManyTunnels(f"over {caps.per_client} open tunnels from this client")
+    if refused == "total":
+        raise TunnelsFull(f"over {caps.total} open tunnels")
+    try:
+        reader, writer = await dial(member)
+    except BaseException:
+        caps.give(client)
+        raise
+    try:
+        head, key_sent = await _handshake(cfg, reader, writer, req, headers)
+    except BaseException:
+        writer.transport.abort()
+        caps.give(client)
+        raise
+    if head.status != 101:
+        caps.give(client)
+        body = Body.from_iter(_plain_body(reader, writer, head, cfg.upstream.timeout))
+        return Response(head.status, head.headers, body, head.length)
+    accept = header_value(head.headers, "sec-websocket-accept")
+    if WEBSOCKET not in _tokens(head.headers, "upgrade") or accept != accept_key(key_sent):
+        writer.transport.abort()
+        caps.give(client)
+        raise UpstreamConnectError("backend's 101 is not a WebSocket handshake")
+    tunnel = Body.from_iter(_Tunnel(cfg, reader, writer, req, caps, client))
+    if req.protocol == "HTTP/1.1":
+        # The client's own key went to the backend: its Accept answers the client.
+        return Response(101, head.headers, tunnel)
+    return Response(200, [(k, v) for k, v in head.headers if k not in _REPLACED], tunnel)
+
+
+async def _handshake(
+    cfg: Config,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    req: Request,
+    headers: Headers,
+) -> tuple[wire.ResponseHead, str]:
+    """Send the HTTP/1.1 Upgrade; the backend's answer and the key it must accept."""
+    key = header_value(req.headers, "sec-websocket-key") if req.protocol == "HTTP/1.1" else None
+    if key is None:  # h2/h3 clients send no key (RFC 8441 §5): the proxy makes one
+        key = base64.b64encode(os.urandom(16)).decode()
+    fields = [(k, v) for k, v in headers if k not in _REPLACED and k != "content-length"]
+    fields += [
+        ("connection", "upgrade"),
+        ("upgrade", WEBSOCKET),
+        ("sec-websocket-key", key),
+        ("sec-websocket-version", header_value(req.headers, "sec-websocket-version") or "13"),
+    ]
+    try:
+        await write_within(writer, wire.request_head("GET", req.target, fields), cfg.timeouts.send)
+        async with asyncio.timeout(cfg.upstream.timeout):
+            head = await wire.read_head(reader, "GET", upgrade=True)
+    except TimeoutError:
+        raise UpstreamTimeout("upstream did not answer the WebSocket handshake in time") from None
+    except wire.Invalid as exc:
+        raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
+    except (asyncio.IncompleteReadError, ConnectionError, OSError):
+        raise UpstreamConnectError("upstream closed the WebSocket handshake") from None
+    return head, key
+
+
+async def _plain_body(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    head: wire.ResponseHead,
+    timeout: float,
+) -> AsyncIterator[bytes]:
+    """A refused handshake's answer (the connection is not reused)."""
+    try:
+        async for data in wire.read_body(reader, head, timeout):
+            yield data
+    except (wire.Invalid, asyncio.IncompleteReadError, ConnectionError, OSError, TimeoutError):
+        raise UpstreamTruncated("upstream response ended early or was malformed") from None
+    finally:
+        writer.transport.abort()
+
+
+class _Tunnel:
+    """One open WebSocket: the backend's bytes out as the response body (it iterates
+    them), the client's in. ``aclose`` releases it, iterated or not."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        req: Request,
+        caps: TunnelCaps,
+        client: str,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.req = req
+        self.caps = caps
+        self.client = client
+        self.idle = cfg.timeouts.tunnel_idle
+        self.send_timeout = cfg.timeouts.send
+        self.label = _LABELS.get(req.protocol, "h1")
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self._bytes = self._run()
+        self._released = False
+        metrics.tunnels_open.labels(protocol=self.label).inc()
+
+    def __aiter__(self) -> _Tunnel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._bytes.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._bytes.aclose()
+        finally:
+            self._release(clean=False)
+
+    def _release(self, clean: bool) -> None:
+        if self._released:
+            return
+        self._released = True
+        if clean:
+            self.writer.close()
+        else:
+            self.writer.transport.abort()
+        metrics.tunnels_open.labels(protocol=self.label).dec()
+        self.caps.give(self.client)
+
+    async def _run(self) -> AsyncGenerator[bytes, None]:
+        upload = asyncio.ensure_future(self._client_to_backend())
+        try:
+            while True:
+                left = self.last + self.idle - self.loop.time()
+                if left <= 0:
+                    log.info("WebSocket from %s idle for %.0f s: closed", self.client, self.idle)
+                    return
+                try:
+                    data = await read_within(self.reader, READ_SIZE, left)
+                except TimeoutError:
+                    continue  # the client may have sent meanwhile: look again
+                except (ConnectionError, OSError):
+                    raise UpstreamTruncated("upstream reset the WebSocket") from None
+                if not data:
+                    return  # the backend closed: the client's stream ends cleanly
+                self.last = self.loop.time()
+                metrics.tunnel_bytes.labels(protocol=self.label, direction="out").inc(len(data))
+                yield data
+        finally:
+            upload.cancel()
+            try:
+                await asyncio.wait([upload])
+            finally:
+                self._release(clean=upload_ended(upload))
+
+    async def _client_to_backend(self) -> bool:
+        """Copy the client's bytes to the backend; True when the client ended cleanly."""
+        body = self.req.body
+        try:
+            async for chunk in body:
+                self.last = self.loop.time()
+                metrics.tunnel_bytes.labels(protocol=self.label, direction="in").inc(len(chunk))
+                await write_within(self.writer, chunk, self.send_timeout)
+        except (ConnectionError, OSError, TimeoutError, ProxyError):
+            # the client reset (or the backend stopped reading): the backend goes too
+            self.writer.transport.abort()
+            return False
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+        return True
+
+
+def upload_ended(upload: asyncio.Future[bool]) -> bool:
+    """The client's side ended cleanly (not reset, not cut short)."""
+    if not upload.done() or upload.cancelled() or upload.exception() is not None:
+        return False
+    return upload.result()
+
+
+_LABELS = {"HTTP/1.1": "h1", "HTTP/2": "h2", "HTTP/3": "h3"}

@@ -1,0 +1,457 @@
+"""WebSocket through the proxy: HTTP/1.1 Upgrade (RFC 6455), HTTP/2 extended CONNECT
+(RFC 8441) and HTTP/3 extended CONNECT (RFC 9220), each to a real WebSocket server (the
+`websockets` library) that sees an HTTP/1.1 Upgrade whatever the client spoke."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+import websockets
+from aioquic.asyncio.client import connect as quic_connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import StreamReset
+from websockets.asyncio.server import serve
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader as FrameBytes
+
+from quicproxy._metrics import metrics
+
+
+class WsBackend:
+    """A real WebSocket echo server; it records each handshake's request headers."""
+
+    def __init__(self) -> None:
+        self.handshakes: list[Any] = []
+        self.closes: list[tuple[int | None, str | None]] = []
+        self.connected = 0
+        self.flood = False
+        self.sent = 0
+        self.server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handler(self, ws: Any) -> None:
+        self.connected += 1
+        self.handshakes.append(ws.request.headers)
+        path = ws.request.path
+        try:
+            if path.startswith("/flood"):
+                chunk = os.urandom(65536)
+                while True:
+                    await ws.send(chunk)
+                    self.sent += len(chunk)
+            if path.startswith("/close"):
+                await ws.close(4002, "backend says bye")
+                return
+            if path.startswith("/mute"):
+                await asyncio.sleep(30)  # reads nothing
+                return
+            async for message in ws:
+                await ws.send(message)
+        finally:
+            self.closes.append((ws.close_code, ws.close_reason))
+
+    async def start(self) -> WsBackend:
+        self.server = await serve(self.handler, "127.0.0.1", 0, max_size=None)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.server.wait_closed(), 5)
+
+
+@pytest.fixture
+async def ws_backend() -> AsyncIterator[WsBackend]:
+    b = await WsBackend().start()
+    yield b
+    await b.stop()
+
+
+@pytest.fixture
+async def ws_proxy(make_proxy: Any, ws_backend: WsBackend) -> Any:
+    return await make_proxy(ws_backend)
+
+
+def _client_ssl(certs: tuple[str, str], alpn: list[str] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=certs[0])
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+def wss(proxy: Any, path: str) -> str:
+    return f"wss://localhost:{proxy.https_port}{path}"
+
+
+# ---------------------------------------------------------------- HTTP/1.1
+
+
+async def test_h1_websocket_text_binary_large_ping_and_close_codes(ws_proxy, ws_backend, certs):
+    async with websockets.connect(
+        wss(ws_proxy, "/echo"), ssl=_client_ssl(certs), max_size=None
+    ) as ws:
+        await ws.send("hello ✓")
+        assert await ws.recv() == "hello ✓"
+        await ws.send(b"\x00\x01binary\xff")
+        assert await ws.recv() == b"\x00\x01binary\xff"
+        big = os.urandom(16 << 20)
+        await ws.send(big)
+        assert await asyncio.wait_for(ws.recv(), 60) == big
+        pong = await ws.ping(b"are you there")
+        await asyncio.wait_for(pong, 10)
+        await ws.close(4001, "client says bye")
+    assert ws.close_code == 4001
+    for _ in range(50):
+        if ws_backend.closes:
+            break
+        await asyncio.sleep(0.05)
+    assert ws_backend.closes == [(4001, "client says bye")]
+    seen = ws_backend.handshakes[0]
+    assert seen["Upgrade"].lower() == "websocket"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+
+
+async def test_h1_backend_close_code_reaches_the_client(ws_proxy, certs):
+    async with websockets.connect(wss(ws_proxy, "/close"), ssl=_client_ssl(certs)) as ws:
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    assert ws.close_code == 4002 and ws.close_reason == "backend says bye"
+
+
+async def test_h1_websocket_access_log_and_metrics(ws_proxy, certs):
+    lines: list[str] = []
+    ws_proxy.handler.access.sink = lines.append
+    async with websockets.connect(wss(ws_proxy, "/echo"), ssl=_client_ssl(certs)) as ws:
+        assert metrics.tunnels_open.labels(protocol="h1")._value.get() == 1
+        await ws.send(os.urandom(1000))  # random: permessage-deflate cannot shrink it
+        await ws.recv()
+    for _ in range(50):
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    assert len(lines) == 1 and (" 101 " in lines[0] or '"status":101' in lines[0]), lines
+    assert metrics.tunnels_open.labels(protocol="h1")._value.get() == 0
+    assert metrics.tunnel_bytes.labels(protocol="h1", direction="in")._value.get() > 1000
+    assert metrics.tunnel_bytes.labels(protocol="h1", direction="out")._value.get() > 1000
+
+
+async def test_h1_refused_handshake_is_passed_on(make_proxy, certs, backend):
+    """A backend that answers the Upgrade with a plain response: the client gets it."""
+    proxy = await make_proxy(backend)
+    with pytest.raises(websockets.InvalidStatus) as info:
+        async with websockets.connect(wss(proxy, "/status/403"), ssl=_client_ssl(certs)):
+            pass
+    assert info.value.response.status_code == 403
+
+
+async def test_tunnels_per_client_are_capped(make_proxy, ws_backend, certs):
+    proxy = await make_proxy(ws_backend, limits={"max_tunnels_per_client": 2})
+    ctx = _client_ssl(certs)
+    async with websockets.connect(wss(proxy, "/echo"), ssl=ctx) as a:
+        async with websockets.connect(wss(proxy, "/echo"), ssl=ctx) as b:
+            with pytest.raises(websockets.InvalidStatus) as info:
+                async with websockets.connect(wss(proxy, "/echo"), ssl=ctx):
+                    pass
+            assert info.value.response.status_code == 429
+            await a.send("still")
+            assert await a.recv() == "still"
+            await b.send("here")
+            assert await b.recv() == "here"
+    # both closed: the places are free again
+    for _ in range(50):
+        if proxy.handler.tunnels.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert proxy.handler.tunnels.open == 0
+    async with websockets.connect(wss(proxy, "/echo"), ssl=ctx) as c:
+        await c.send("again")
+        assert await c.recv() == "again"
+
+
+async def test_a_client_that_stops_reading_holds_the_backend_back(ws_proxy, ws_backend, certs):
+    """The backend floods; the client reads nothing: what the backend manages to send is
+    bounded by the socket buffers and one read, not by the proxy's memory."""
+    ws = await websockets.connect(
+        wss(ws_proxy, "/flood"), ssl=_client_ssl(certs), max_size=None, max_queue=1
+    )
+    try:
+        ws.transport.pause_reading()
+        await asyncio.sleep(2.0)
+        first = ws_backend.sent
+        await asyncio.sleep(2.0)
+        assert ws_backend.sent == first, "the backend kept sending to a client that reads nothing"
+        assert first < 48 << 20, first
+    finally:
+        ws.transport.abort()
+
+
+async def test_a_client_reset_closes_the_backend(ws_proxy, ws_backend, certs):
+    ws = await websockets.connect(wss(ws_proxy, "/echo"), ssl=_client_ssl(certs))
+    await ws.send("hi")
+    assert await ws.recv() == "hi"
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    ws.transport.abort()
+    for _ in range(100):
+        if ws_backend.closes:
+            break
+        await asyncio.sleep(0.05)
+    assert len(ws_backend.closes) == 1
+    assert ws_proxy.handler.tunnels.open == 0
+
+
+# ---------------------------------------------------------------- frames by hand
+
+
+def frame(opcode: Opcode, data: bytes) -> bytes:
+    """One masked client frame."""
+    return Frame(opcode, data).serialize(mask=True)
+
+
+class Frames:
+    """Server frames out of a byte stream."""
+
+    def __init__(self) -> None:
+        self.bytes = FrameBytes()
+        self.parser: Any = None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self.bytes.feed_data(data)
+        out = []
+        while True:
+            if self.parser is None:
+                self.parser = Frame.parse(self.bytes.read_exact, mask=False)
+            try:
+                next(self.parser)
+            except StopIteration as done:
+                out.append(done.value)
+                self.parser = None
+                continue
+            return out
+
+
+# ---------------------------------------------------------------- HTTP/2
+
+
+class H2Client:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.events: list[Any] = []
+
+    async def start(self) -> None:
+        self.conn.initiate_connection()
+        await self.flush()
+        while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in self.events):
+            await self.read()
+
+    async def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+        await self.writer.drain()
+
+    async def send(self, sid: int, data: bytes) -> None:
+        """DATA within the peer's frame size and flow-control windows."""
+        while data:
+            room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if room <= 0:
+                await self.read()
+                continue
+            self.conn.send_data(sid, data[:room])
+            data = data[room:]
+            await self.flush()
+
+    async def read(self) -> list[Any]:
+        data = await asyncio.wait_for(self.reader.read(65536), 10)
+        if not data:
+            raise ConnectionError("closed")
+        events = self.conn.receive_data(data)
+        for e in events:
+            if isinstance(e, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        self.events += events
+        await self.flush()
+        return events
+
+
+async def _h2_client(proxy: Any, certs: tuple[str, str]) -> H2Client:
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1",
+        proxy.https_port,
+        ssl=_client_ssl(certs, ["h2"]),
+        server_hostname="localhost",
+    )
+    client = H2Client(reader, writer)
+    await client.start()
+    return client
+
+
+def _connect_headers(port: int, path: str) -> list[tuple[str, str]]:
+    return [
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "https"),
+        (":path", path),
+        (":authority", f"localhost:{port}"),
+        ("sec-websocket-version", "13"),
+    ]
+
+
+async def test_h2_extended_connect_websocket(ws_proxy, ws_backend, certs):
+    c = await _h2_client(ws_proxy, certs)
+    try:
+        assert c.conn.remote_settings.enable_connect_protocol == 1
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, _connect_headers(ws_proxy.https_port, "/echo"))
+        await c.flush()
+        status = None
+        while status is None:
+            for e in await c.read():
+                if isinstance(e, h2.events.ResponseReceived):
+                    status = dict(e.headers)[b":status"]
+                    assert b"sec-websocket-accept" not in dict(e.headers)
+        assert status == b"200"
+        frames = Frames()
+        payload = os.urandom(200_000)
+        await c.send(sid, frame(Opcode.TEXT, b"over h2") + frame(Opcode.BINARY, payload))
+        got: list[Frame] = []
+        while len(got) < 2:
+            for e in await c.read():
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                    got += frames.feed(e.data)
+        assert (got[0].opcode, got[0].data) == (Opcode.TEXT, b"over h2")
+        assert (got[1].opcode, got[1].data) == (Opcode.BINARY, payload)
+        # a close from the client: the backend answers it and closes; the stream ends cleanly
+        await c.send(sid, frame(Opcode.CLOSE, b"\x0f\xa1bye"))
+        ended = False
+        while not ended:
+            for e in await c.read():
+                assert not isinstance(e, h2.events.StreamReset), e
+                ended |= isinstance(e, h2.events.StreamEnded) and e.stream_id == sid
+        assert ws_backend.closes == [(4001, "bye")]
+        seen = ws_backend.handshakes[0]
+        assert seen["Upgrade"].lower() == "websocket" and seen["Sec-WebSocket-Key"]
+    finally:
+        c.writer.close()
+
+
+async def test_h2_backend_reset_resets_the_stream(make_proxy, certs):
+    """A backend that accepts the Upgrade and then resets the connection."""
+    resets = asyncio.Event()
+
+    async def rude(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        from quicproxy._tunnel import accept_key
+
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        writer.transport.abort()
+        resets.set()
+
+    server = await asyncio.start_server(rude, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    class Origin:
+        url = f"http://127.0.0.1:{port}"
+
+    proxy = await make_proxy(Origin())
+    c = await _h2_client(proxy, certs)
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, _connect_headers(proxy.https_port, "/x"))
+        await c.flush()
+        reset = None
+        while reset is None:
+            for e in await c.read():
+                if isinstance(e, h2.events.StreamReset) and e.stream_id == sid:
+                    reset = e
+                assert not isinstance(e, h2.events.StreamEnded), "a reset must not end cleanly"
+        assert resets.is_set()
+    finally:
+        c.writer.close()
+        server.close()
+
+
+# ---------------------------------------------------------------- HTTP/3
+
+
+class _H3Client(QuicConnectionProtocol):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.h3 = H3Connection(self._quic)
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+
+    def quic_event_received(self, event: Any) -> None:
+        if isinstance(event, StreamReset):
+            self.events.put_nowait(event)
+        for e in self.h3.handle_event(event):
+            self.events.put_nowait(e)
+
+
+async def test_h3_extended_connect_websocket(ws_proxy, ws_backend, certs):
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.load_verify_locations(certs[0])
+    config.server_name = "localhost"
+    async with quic_connect(
+        "127.0.0.1", ws_proxy.https_port, configuration=config, create_protocol=_H3Client
+    ) as client:
+        assert isinstance(client, _H3Client)
+        sid = client._quic.get_next_available_stream_id()
+        headers = [(k.encode(), v.encode()) for k, v in _connect_headers(0, "/echo")]
+        client.h3.send_headers(sid, headers)
+        client.transmit()
+        first = await asyncio.wait_for(client.events.get(), 10)
+        while not isinstance(first, HeadersReceived):
+            first = await asyncio.wait_for(client.events.get(), 10)
+        assert dict(first.headers)[b":status"] == b"200"
+        assert client.h3._received_settings.get(0x08) == 1  # ENABLE_CONNECT_PROTOCOL
+        payload = os.urandom(300_000)
+        client.h3.send_data(sid, frame(Opcode.BINARY, payload) + frame(Opcode.TEXT, b"h3"), False)
+        client.transmit()
+        frames, got = Frames(), []
+        while len(got) < 2:
+            e = await asyncio.wait_for(client.events.get(), 10)
+            if isinstance(e, DataReceived) and e.stream_id == sid:
+                got += frames.feed(e.data)
+        assert got[0].data == payload and got[1].data == b"h3"
+        client.h3.send_data(sid, frame(Opcode.CLOSE, b"\x03\xe8"), False)
+        client.transmit()
+        ended = False
+        while not ended:
+            e = await asyncio.wait_for(client.events.get(), 10)
+            assert not isinstance(e, StreamReset), e
+            ended = isinstance(e, DataReceived) and e.stream_id == sid and e.stream_ended
+    for _ in range(50):
+        if ws_backend.closes:
+            break
+        await asyncio.sleep(0.05)
+    assert ws_backend.closes == [(1000, "")]
+    assert ws_proxy.handler.tunnels.open == 0

@@ -455,3 +455,80 @@ async def test_h3_extended_connect_websocket(ws_proxy, ws_backend, certs):
         await asyncio.sleep(0.05)
     assert ws_backend.closes == [(1000, "")]
     assert ws_proxy.handler.tunnels.open == 0
+
+
+# ---------------------------------------------------------------- a real browser
+
+_PAGE = b"""<!doctype html><html><body><p id="out">waiting</p><script>
+const ws = new WebSocket("wss://" + location.host + "/echo");
+ws.onopen = () => ws.send("echo through the proxy");
+ws.onmessage = (e) => { ws.close(1000); location = "/done?" + encodeURIComponent(e.data); };
+ws.onerror = () => { location = "/done?error"; };
+</script></body></html>"""
+
+
+@pytest.mark.parametrize("quic", [False, True], ids=["page-over-h2", "page-over-h3"])
+async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, tmp_path, quic):
+    """Headless Chromium loads a page through the proxy (h2, or h3 when QUIC is forced)
+    and the page's WebSocket echoes through it; the access log says which protocol the
+    tunnel used (Chromium takes RFC 8441 on an h2 connection that advertises it)."""
+    from websockets.datastructures import Headers as WsHeaders
+    from websockets.http11 import Response as WsResponse
+
+    from quicproxy._tls import spki_sha256_b64
+    from tests.helpers import need_tool
+
+    chromium = need_tool("chromium", "apt-get install chromium (or run bash .ci/setup)")
+
+    done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def page(connection: Any, request: Any) -> Any:
+        if request.path.startswith("/done?") and not done.done():
+            done.set_result(request.path.split("?", 1)[1])
+        if request.path != "/echo":
+            body = _PAGE if request.path == "/" else b"ok"
+            headers = WsHeaders([("Content-Type", "text/html"), ("Content-Length", str(len(body)))])
+            return WsResponse(200, "OK", headers, body)
+        return None
+
+    backend = WsBackend()
+    backend.server = await serve(backend.handler, "127.0.0.1", 0, process_request=page)
+    backend.port = backend.server.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(backend, listen={"host": ""})
+        lines: list[str] = []
+        proxy.handler.access.sink = lines.append
+        origin = f"localhost:{proxy.https_port}"
+        args = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path}",
+            f"--ignore-certificate-errors-spki-list={spki_sha256_b64(proxy.cert)}",
+            f"https://{origin}/",
+        ]
+        if quic:
+            args.insert(-1, f"--origin-to-force-quic-on={origin}")
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            result = await asyncio.wait_for(asyncio.shield(done), 60)
+        finally:
+            proc.kill()
+            _, err = await proc.communicate()
+        assert result == "echo%20through%20the%20proxy", (result, lines, err.decode()[-2000:])
+        page_line = next(line for line in lines if '"path":"/"' in line)
+        tunnel = next(line for line in lines if '"path":"/echo"' in line)
+        assert ('"protocol":"h3"' in page_line) == quic, page_line
+        if quic:  # Chromium has no WebSocket over HTTP/3 (RFC 9220) by default: h1 or h3
+            assert '"protocol":"h1"' in tunnel or '"protocol":"h3"' in tunnel, tunnel
+        else:  # RFC 8441 on the page's h2 connection
+            assert '"protocol":"h2"' in tunnel and '"status":200' in tunnel, tunnel
+    finally:
+        await backend.stop()

@@ -14,6 +14,7 @@ from quicproxy._tls import self_signed
 from quicproxy.waf._coraza_lib import BUILD_HINT, library_path
 from tests.backend import Backend
 from tests.helpers import proxy_config
+from tests.ws import WsBackend
 
 WAF_ENGINES = ["coraza", "modsecurity"]
 
@@ -73,3 +74,15 @@ async def make_proxy(certs: tuple[str, str]) -> AsyncIterator[Any]:
 @pytest.fixture
 async def proxy(make_proxy: Any, backend: Backend) -> Proxy:
     return await make_proxy(backend)
+
+
+@pytest.fixture
+async def ws_backend() -> AsyncIterator[WsBackend]:
+    b = await WsBackend().start()
+    yield b
+    await b.stop()
+
+
+@pytest.fixture
+async def ws_proxy(make_proxy: Any, ws_backend: WsBackend) -> Any:
+    return await make_proxy(ws_backend)

@@ -5,11 +5,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
-import ssl
-from collections.abc import AsyncIterator
 from typing import Any
 
 import h2.config
@@ -26,87 +23,16 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import StreamReset
 from websockets.asyncio.server import serve
 from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader as FrameBytes
 
 from quicproxy._metrics import metrics
-
-
-class WsBackend:
-    """A real WebSocket echo server; it records each handshake's request headers."""
-
-    def __init__(self) -> None:
-        self.handshakes: list[Any] = []
-        self.closes: list[tuple[int | None, str | None]] = []
-        self.connected = 0
-        self.flood = False
-        self.sent = 0
-        self.server: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def handler(self, ws: Any) -> None:
-        self.connected += 1
-        self.handshakes.append(ws.request.headers)
-        path = ws.request.path
-        try:
-            if path.startswith("/flood"):
-                chunk = os.urandom(65536)
-                while True:
-                    await ws.send(chunk)
-                    self.sent += len(chunk)
-            if path.startswith("/close"):
-                await ws.close(4002, "backend says bye")
-                return
-            if path.startswith("/mute"):
-                await asyncio.sleep(30)  # reads nothing
-                return
-            async for message in ws:
-                await ws.send(message)
-        finally:
-            self.closes.append((ws.close_code, ws.close_reason))
-
-    async def start(self) -> WsBackend:
-        self.server = await serve(self.handler, "127.0.0.1", 0, max_size=None)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        self.server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.server.wait_closed(), 5)
-
-
-@pytest.fixture
-async def ws_backend() -> AsyncIterator[WsBackend]:
-    b = await WsBackend().start()
-    yield b
-    await b.stop()
-
-
-@pytest.fixture
-async def ws_proxy(make_proxy: Any, ws_backend: WsBackend) -> Any:
-    return await make_proxy(ws_backend)
-
-
-def _client_ssl(certs: tuple[str, str], alpn: list[str] | None = None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=certs[0])
-    if alpn:
-        ctx.set_alpn_protocols(alpn)
-    return ctx
-
-
-def wss(proxy: Any, path: str) -> str:
-    return f"wss://localhost:{proxy.https_port}{path}"
-
+from tests.ws import Frames, WsBackend, client_ssl, connect_headers, frame, h2_client, wss
 
 # ---------------------------------------------------------------- HTTP/1.1
 
 
 async def test_h1_websocket_text_binary_large_ping_and_close_codes(ws_proxy, ws_backend, certs):
     async with websockets.connect(
-        wss(ws_proxy, "/echo"), ssl=_client_ssl(certs), max_size=None
+        wss(ws_proxy, "/echo"), ssl=client_ssl(certs), max_size=None
     ) as ws:
         await ws.send("hello ✓")
         assert await ws.recv() == "hello ✓"
@@ -130,7 +56,7 @@ async def test_h1_websocket_text_binary_large_ping_and_close_codes(ws_proxy, ws_
 
 
 async def test_h1_backend_close_code_reaches_the_client(ws_proxy, certs):
-    async with websockets.connect(wss(ws_proxy, "/close"), ssl=_client_ssl(certs)) as ws:
+    async with websockets.connect(wss(ws_proxy, "/close"), ssl=client_ssl(certs)) as ws:
         with pytest.raises(websockets.ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
     assert ws.close_code == 4002 and ws.close_reason == "backend says bye"
@@ -139,7 +65,7 @@ async def test_h1_backend_close_code_reaches_the_client(ws_proxy, certs):
 async def test_h1_websocket_access_log_and_metrics(ws_proxy, certs):
     lines: list[str] = []
     ws_proxy.handler.access.sink = lines.append
-    async with websockets.connect(wss(ws_proxy, "/echo"), ssl=_client_ssl(certs)) as ws:
+    async with websockets.connect(wss(ws_proxy, "/echo"), ssl=client_ssl(certs)) as ws:
         assert metrics.tunnels_open.labels(protocol="h1")._value.get() == 1
         await ws.send(os.urandom(1000))  # random: permessage-deflate cannot shrink it
         await ws.recv()
@@ -157,14 +83,14 @@ async def test_h1_refused_handshake_is_passed_on(make_proxy, certs, backend):
     """A backend that answers the Upgrade with a plain response: the client gets it."""
     proxy = await make_proxy(backend)
     with pytest.raises(websockets.InvalidStatus) as info:
-        async with websockets.connect(wss(proxy, "/status/403"), ssl=_client_ssl(certs)):
+        async with websockets.connect(wss(proxy, "/status/403"), ssl=client_ssl(certs)):
             pass
     assert info.value.response.status_code == 403
 
 
 async def test_tunnels_per_client_are_capped(make_proxy, ws_backend, certs):
     proxy = await make_proxy(ws_backend, limits={"max_tunnels_per_client": 2})
-    ctx = _client_ssl(certs)
+    ctx = client_ssl(certs)
     async with websockets.connect(wss(proxy, "/echo"), ssl=ctx) as a:
         async with websockets.connect(wss(proxy, "/echo"), ssl=ctx) as b:
             with pytest.raises(websockets.InvalidStatus) as info:
@@ -190,7 +116,7 @@ async def test_a_client_that_stops_reading_holds_the_backend_back(ws_proxy, ws_b
     """The backend floods; the client reads nothing: what the backend manages to send is
     bounded by the socket buffers and one read, not by the proxy's memory."""
     ws = await websockets.connect(
-        wss(ws_proxy, "/flood"), ssl=_client_ssl(certs), max_size=None, max_queue=1
+        wss(ws_proxy, "/flood"), ssl=client_ssl(certs), max_size=None, max_queue=1
     )
     try:
         ws.transport.pause_reading()
@@ -204,7 +130,7 @@ async def test_a_client_that_stops_reading_holds_the_backend_back(ws_proxy, ws_b
 
 
 async def test_a_client_reset_closes_the_backend(ws_proxy, ws_backend, certs):
-    ws = await websockets.connect(wss(ws_proxy, "/echo"), ssl=_client_ssl(certs))
+    ws = await websockets.connect(wss(ws_proxy, "/echo"), ssl=client_ssl(certs))
     await ws.send("hi")
     assert await ws.recv() == "hi"
     sock = ws.transport.get_extra_info("socket")
@@ -218,108 +144,15 @@ async def test_a_client_reset_closes_the_backend(ws_proxy, ws_backend, certs):
     assert ws_proxy.handler.tunnels.open == 0
 
 
-# ---------------------------------------------------------------- frames by hand
-
-
-def frame(opcode: Opcode, data: bytes) -> bytes:
-    """One masked client frame."""
-    return Frame(opcode, data).serialize(mask=True)
-
-
-class Frames:
-    """Server frames out of a byte stream."""
-
-    def __init__(self) -> None:
-        self.bytes = FrameBytes()
-        self.parser: Any = None
-
-    def feed(self, data: bytes) -> list[Frame]:
-        self.bytes.feed_data(data)
-        out = []
-        while True:
-            if self.parser is None:
-                self.parser = Frame.parse(self.bytes.read_exact, mask=False)
-            try:
-                next(self.parser)
-            except StopIteration as done:
-                out.append(done.value)
-                self.parser = None
-                continue
-            return out
-
-
 # ---------------------------------------------------------------- HTTP/2
 
 
-class H2Client:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        self.events: list[Any] = []
-
-    async def start(self) -> None:
-        self.conn.initiate_connection()
-        await self.flush()
-        while not any(isinstance(e, h2.events.RemoteSettingsChanged) for e in self.events):
-            await self.read()
-
-    async def flush(self) -> None:
-        self.writer.write(self.conn.data_to_send())
-        await self.writer.drain()
-
-    async def send(self, sid: int, data: bytes) -> None:
-        """DATA within the peer's frame size and flow-control windows."""
-        while data:
-            room = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
-            if room <= 0:
-                await self.read()
-                continue
-            self.conn.send_data(sid, data[:room])
-            data = data[room:]
-            await self.flush()
-
-    async def read(self) -> list[Any]:
-        data = await asyncio.wait_for(self.reader.read(65536), 10)
-        if not data:
-            raise ConnectionError("closed")
-        events = self.conn.receive_data(data)
-        for e in events:
-            if isinstance(e, h2.events.DataReceived):
-                self.conn.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
-        self.events += events
-        await self.flush()
-        return events
-
-
-async def _h2_client(proxy: Any, certs: tuple[str, str]) -> H2Client:
-    reader, writer = await asyncio.open_connection(
-        "127.0.0.1",
-        proxy.https_port,
-        ssl=_client_ssl(certs, ["h2"]),
-        server_hostname="localhost",
-    )
-    client = H2Client(reader, writer)
-    await client.start()
-    return client
-
-
-def _connect_headers(port: int, path: str) -> list[tuple[str, str]]:
-    return [
-        (":method", "CONNECT"),
-        (":protocol", "websocket"),
-        (":scheme", "https"),
-        (":path", path),
-        (":authority", f"localhost:{port}"),
-        ("sec-websocket-version", "13"),
-    ]
-
-
 async def test_h2_extended_connect_websocket(ws_proxy, ws_backend, certs):
-    c = await _h2_client(ws_proxy, certs)
+    c = await h2_client(ws_proxy, certs)
     try:
         assert c.conn.remote_settings.enable_connect_protocol == 1
         sid = c.conn.get_next_available_stream_id()
-        c.conn.send_headers(sid, _connect_headers(ws_proxy.https_port, "/echo"))
+        c.conn.send_headers(sid, connect_headers(ws_proxy.https_port, "/echo"))
         await c.flush()
         status = None
         while status is None:
@@ -383,10 +216,10 @@ async def test_h2_backend_reset_resets_the_stream(make_proxy, certs):
         url = f"http://127.0.0.1:{port}"
 
     proxy = await make_proxy(Origin())
-    c = await _h2_client(proxy, certs)
+    c = await h2_client(proxy, certs)
     try:
         sid = c.conn.get_next_available_stream_id()
-        c.conn.send_headers(sid, _connect_headers(proxy.https_port, "/x"))
+        c.conn.send_headers(sid, connect_headers(proxy.https_port, "/x"))
         await c.flush()
         reset = None
         while reset is None:
@@ -425,7 +258,7 @@ async def test_h3_extended_connect_websocket(ws_proxy, ws_backend, certs):
     ) as client:
         assert isinstance(client, _H3Client)
         sid = client._quic.get_next_available_stream_id()
-        headers = [(k.encode(), v.encode()) for k, v in _connect_headers(0, "/echo")]
+        headers = [(k.encode(), v.encode()) for k, v in connect_headers(0, "/echo")]
         client.h3.send_headers(sid, headers)
         client.transmit()
         first = await asyncio.wait_for(client.events.get(), 10)

@@ -47,6 +47,7 @@ class Settings:
     idle_conns: int = 1000
     warm: float = 1.0  # seconds of warm-up per protocol (and settle time after idle memory)
     aioquic_upload: bool = True  # the h3 upload row by aioquic's client (see upload_aioquic)
+    ws_conns: int = 16  # WebSocket connections in the echo test
 
     @classmethod
     def quick(cls) -> Settings:
@@ -96,6 +97,10 @@ FIGURES = {
             for p in ("h1", "h2", "h3")
         ),
         Figure("ul_10m_aq/h3", "10 MiB upload, 1 stream, h3, aioquic client", "MiB/s", "higher"),
+        Figure("ws_echo/h1", "WebSocket echo, 1 KiB messages, c=16, h1", "msg/s", "higher"),
+        Figure("ws_p50/h1", "WebSocket echo round trip p50, c=16, h1", "ms", "lower"),
+        Figure("ws_p99/h1", "WebSocket echo round trip p99, c=16, h1", "ms", "lower"),
+        Figure("cpu_ws/h1", "server CPU per WebSocket message echoed, h1", "µs/msg", "lower"),
         Figure("handshake/h3", "new h3 connections/s", "conn/s", "higher"),
         Figure("handshake_slow/h3", "new h3 connections slower than 0.5 s", "%", "lower"),
         Figure("rss_base/h3", "RSS at start", "MiB", "lower"),
@@ -347,6 +352,38 @@ def upload_aioquic(t: Target, s: Settings) -> dict[str, float]:
     return {"ul_10m_aq/h3": int(done) * BIG / float(spent) / MIB}
 
 
+def ws_echo(t: Target, s: Settings) -> dict[str, float]:
+    """WebSocket echo through the target (h1 Upgrade; `direct`: the backend's own /ws):
+    ``s.ws_conns`` connections, 1 KiB messages back to back for the window, by the
+    `websockets` client in a child process. Server CPU per message: the target's CPU over
+    the client's run / messages echoed (each is one message each way)."""
+    base = t.urls["h1"]
+    url = ("wss" if base.startswith("https") else "ws") + base.split(":", 1)[1] + "/ws"
+    pids = t.cpu_pids
+    before = proc_tree_cpu_s(pids) if pids else float("nan")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.ws_echo", url, str(s.ws_conns), str(s.duration)],
+        capture_output=True,
+        text=True,
+        timeout=s.duration + 60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    after = proc_tree_cpu_s(pids) if pids else float("nan")
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if not got["messages"]:
+        raise RuntimeError("no WebSocket message echoed")
+    res = {
+        "ws_echo/h1": got["messages"] / got["seconds"],
+        "ws_p50/h1": got["p50_ms"],
+        "ws_p99/h1": got["p99_ms"],
+    }
+    if before == before:  # not nan
+        res["cpu_ws/h1"] = cpu_per_unit(before, after, got["messages"])
+    return res
+
+
 def handshake(oha: Oha, t: Target, s: Settings) -> dict[str, float]:
     """New h3 connections/s: the median of `s.bursts` bursts (one burst's figure swung
     ±50 % between runs on a shared 2-core machine)."""
@@ -497,6 +534,7 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
             else:
                 step(f"latency {p}", keys, latency, oha, t, p, s)
     if full:
+        step("ws echo h1", ["ws_echo/h1", "ws_p50/h1", "ws_p99/h1", "cpu_ws/h1"], ws_echo, t, s)
         for p in protos:
             if p in s.big_protos or t.kind == "direct":
                 step(f"download {p}", [f"dl_10m/{p}", f"cpu_dl_10m/{p}"], download, oha, t, p, s)

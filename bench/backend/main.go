@@ -4,19 +4,106 @@
 //	GET  /10m  10 MiB body
 //	POST /up   reads and discards the whole request body, answers "ok"
 //	GET  /slow 1 KiB body after 1 s (holds each connection of the handshake test busy)
+//	GET  /ws   WebSocket echo (RFC 6455, stdlib only): every message sent back as it came
 //
 // Usage: backend -addr 127.0.0.1:PORT
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"crypto/sha1"
+	"encoding/base64"
+	"encoding/binary"
 	"flag"
 	"io"
 	"log"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 )
+
+const wsGUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+// wsEcho answers the WebSocket handshake, then echoes every frame back (unmasked), a close
+// frame included (then it closes). Messages stay whole: frames are echoed one by one.
+func wsEcho(w http.ResponseWriter, r *http.Request) {
+	key := r.Header.Get("Sec-WebSocket-Key")
+	if !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") || key == "" {
+		http.Error(w, "not a WebSocket handshake", http.StatusBadRequest)
+		return
+	}
+	conn, rw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return
+	}
+	defer conn.Close()
+	sum := sha1.Sum([]byte(key + wsGUID))
+	rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+		"Sec-WebSocket-Accept: " + base64.StdEncoding.EncodeToString(sum[:]) + "\r\n\r\n")
+	if rw.Flush() != nil {
+		return
+	}
+	echoFrames(rw.Reader, rw.Writer)
+}
+
+func echoFrames(in *bufio.Reader, out *bufio.Writer) {
+	head := make([]byte, 14)
+	for {
+		if _, err := io.ReadFull(in, head[:2]); err != nil {
+			return
+		}
+		fin, op, masked := head[0]&0x80, head[0]&0x0f, head[1]&0x80 != 0
+		n := uint64(head[1] & 0x7f)
+		switch n {
+		case 126:
+			if _, err := io.ReadFull(in, head[2:4]); err != nil {
+				return
+			}
+			n = uint64(binary.BigEndian.Uint16(head[2:4]))
+		case 127:
+			if _, err := io.ReadFull(in, head[2:10]); err != nil {
+				return
+			}
+			n = binary.BigEndian.Uint64(head[2:10])
+		}
+		var mask [4]byte
+		if masked {
+			if _, err := io.ReadFull(in, mask[:]); err != nil {
+				return
+			}
+		}
+		if n > 64<<20 {
+			return
+		}
+		payload := make([]byte, n)
+		if _, err := io.ReadFull(in, payload); err != nil {
+			return
+		}
+		for i := range payload {
+			payload[i] ^= mask[i%4]
+		}
+		reply := []byte{fin | op}
+		switch {
+		case n < 126:
+			reply = append(reply, byte(n))
+		case n < 1<<16:
+			reply = append(reply, 126, byte(n>>8), byte(n))
+		default:
+			reply = append(reply, 127)
+			reply = binary.BigEndian.AppendUint64(reply, n)
+		}
+		if op == 0x9 { // ping: pong
+			reply[0] = fin | 0xA
+		}
+		out.Write(reply)
+		out.Write(payload)
+		if out.Flush() != nil || op == 0x8 {
+			return
+		}
+	}
+}
 
 func body(n int) []byte {
 	return bytes.Repeat([]byte("x"), n)
@@ -51,6 +138,7 @@ func main() {
 		w.Header().Set("X-Received", strconv.FormatInt(n, 10))
 		w.Write([]byte("ok"))
 	})
+	mux.HandleFunc("/ws", wsEcho)
 	mux.HandleFunc("/_gwhealthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok"))
 	})

@@ -43,3 +43,32 @@ def test_a_quicproxy_without_serve_is_not_taken(
     assert quicproxy_cmd() is None
     assert proxy_python(None) == sys.executable
     assert facts._interpreter(None) == "-"
+
+
+def test_ws_echo_client_against_the_go_backend(tmp_path: Path) -> None:
+    """The bench's WebSocket row: the Go backend's stdlib /ws echo and the client that
+    loads it agree (messages echoed whole, round trips measured)."""
+    import json
+    import subprocess
+
+    from bench.targets import _spawn, build_backend, stop, wait_http
+    from tests.helpers import need_tool
+
+    need_tool("go", "install Go (https://go.dev/dl/ or your distribution's golang package)")
+    exe = build_backend(tmp_path / "backend")
+    (port,) = free_ports(1)
+    proc = _spawn([str(exe), "-addr", f"127.0.0.1:{port}"], tmp_path / "backend.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_gwhealthz", [proc])
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.ws_echo", f"ws://127.0.0.1:{port}/ws", "4", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["messages"] > 100 and 0 < got["p50_ms"] <= got["p99_ms"]
+    finally:
+        stop([proc])

@@ -291,7 +291,7 @@ class MetricsConfig:
 @dataclass
 class Config:
     backend: str | None = None
-    "Default upstream (http://host:port); the built-in demo backend when unset."
+    "Default upstream (http://host:port or https://host:port); the demo backend when unset."
     routes: list[Route] = field(default_factory=list)
     "Host/path routes tried before the default backend."
     listen: ListenConfig = field(default_factory=ListenConfig)

@@ -48,14 +48,20 @@ class _Conn:
         self.label = label
         "The member, as logs show it."
         self.reused = False
+        self.wrote = False
         self.slot: Callable[[], None] | None = None
         "Releases this connection's place under the connection caps."
 
     async def write(self, data: bytes) -> None:
+        first, self.wrote = not self.wrote, True
         try:
             await write_within(self.writer, data)
         except ssl.SSLError as exc:
             raise self.tls_error(exc) from None
+        except (ConnectionError, OSError):
+            if first and self.tls is not None and not self.reused:
+                raise self.unanswered() from None  # reset right after the handshake
+            raise
 
     def tls_error(self, exc: ssl.SSLError) -> UpstreamTlsError:
         """A TLS alert after the handshake (TLS 1.3 refuses a client certificate here)."""

@@ -11,6 +11,8 @@ import datetime
 import json
 import logging
 import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +105,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 class TlsBackend(Backend):
     """The test backend behind TLS; counts handshakes and resumed sessions."""
 
-    def __init__(self, pair: tuple[str, str], client_ca: str | None = None) -> None:
+    def __init__(
+        self, pair: tuple[str, str], client_ca: str | None = None, version: str = "TLSv1_3"
+    ) -> None:
         super().__init__("tls-backend")
         self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.maximum_version = ssl.TLSVersion[version]
         self.ctx.load_cert_chain(*pair)
         self.ctx.set_alpn_protocols(["http/1.1"])
         if client_ca is not None:
@@ -136,8 +141,10 @@ class TlsBackend(Backend):
 async def tls_backend(pki: dict[str, Any]) -> Any:
     started: list[TlsBackend] = []
 
-    async def make(cert: str = "good", client_ca: str | None = None) -> TlsBackend:
-        backend = await TlsBackend(pki[cert], client_ca).start()
+    async def make(
+        cert: str = "good", client_ca: str | None = None, version: str = "TLSv1_3"
+    ) -> TlsBackend:
+        backend = await TlsBackend(pki[cert], client_ca, version).start()
         started.append(backend)
         return backend
 
@@ -272,6 +279,68 @@ async def test_an_mtls_backend_refuses_a_proxy_without_a_client_certificate(
     assert len(backend.requests) == 3
 
 
+class ThreadedTlsBackend:
+    """http.server behind blocking ssl sockets (a thread): a refused handshake sends its
+    alert before closing, which the asyncio backend's abort may not."""
+
+    def __init__(self, pair: tuple[str, str], client_ca: str) -> None:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(*pair)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(client_ca)
+        self.requests: list[str] = []
+        seen = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                seen.append(self.path)
+                self.send_response(200)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+async def test_a_threaded_mtls_backend_is_refused_and_accepted_the_same_way(
+    make_proxy, pki, certs, caplog
+):
+    backend = ThreadedTlsBackend(pki["good"], pki["ca"])
+    try:
+        without = await make_proxy(backend, upstream=_upstream(pki))
+        with caplog.at_level(logging.WARNING, logger="quicproxy"):
+            for _ in range(3):
+                assert (await fetch(without, certs, "h1", "GET", "/"))[0] == 502
+        records = _quicproxy_records(caplog)
+        assert len(records) == 3
+        assert all("client certificate required" in r.getMessage() for r in records)
+        assert backend.requests == []
+        cert, key = pki["client"]
+        with_cert = await make_proxy(backend, upstream=_upstream(pki, cert=cert, key=key))
+        status, _, body = await fetch(with_cert, certs, "h2", "GET", "/in")
+        assert (status, body) == (200, b"ok") and backend.requests == ["/in"]
+    finally:
+        await asyncio.to_thread(backend.stop)
+
+
 async def test_a_routes_tls_goes_over_the_global_one(make_proxy, tls_backend, pki, certs):
     backend = await tls_backend()
     routes = [{"path_prefix": "/own", "backends": [backend.url], "tls": {"ca": pki["ca"]}}]
@@ -296,10 +365,11 @@ async def test_pooled_connections_carry_20_requests_over_one_handshake(
     assert len(backend.requests) == 20
 
 
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
 async def test_a_new_connection_resumes_the_members_last_session(
-    make_proxy, tls_backend, pki, certs
+    make_proxy, tls_backend, pki, certs, version
 ):
-    backend = await tls_backend()
+    backend = await tls_backend(version=version)
     proxy = await make_proxy(backend, upstream={**_upstream(pki), "pool_size": 0})
     async with tcp_client(certs, http2=False) as client:
         for i in range(5):

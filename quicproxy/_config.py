@@ -73,6 +73,18 @@ class UpstreamTlsConfig:
     def profile(self) -> TlsProfile:
         return TlsProfile(self.ca, self.cert, self.key, self.server_name, self.verify is not False)
 
+    def check(self, section: str) -> None:
+        """This section's own files load (readable, PEM, cert with its key) and its
+        server_name is a host name; ConfigError naming ``section``'s key otherwise."""
+        if self.server_name is not None and not _HOSTNAME.match(self.server_name):
+            raise ConfigError(
+                f"{section}.server_name",
+                f"{self.server_name!r} is not a host name",
+                "give the name the upstream's certificate holds, e.g. api.internal",
+            )
+        if self.ca is not None or self.cert is not None or self.key is not None:
+            client_context(TlsProfile(self.ca, self.cert, self.key), section)
+
 
 @dataclass
 class Route:
@@ -452,18 +464,6 @@ def _check_readable(key: str, path: str | None) -> None:
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$|^[0-9a-fA-F:.]+$")
 
 
-def _check_upstream_tls(section: str, tls: UpstreamTlsConfig) -> None:
-    """The section's own files load (read, PEM, cert with its key) and its name is a host."""
-    if tls.server_name is not None and not _HOSTNAME.match(tls.server_name):
-        raise ConfigError(
-            f"{section}.server_name",
-            f"{tls.server_name!r} is not a host name",
-            "give the name the upstream's certificate holds, e.g. api.internal",
-        )
-    if tls.ca is not None or tls.cert is not None or tls.key is not None:
-        client_context(TlsProfile(tls.ca, tls.cert, tls.key), section)
-
-
 def _check_positive(cfg: Config, section: str, *names: str) -> None:
     for name in names:
         if getattr(getattr(cfg, section), name) <= 0:
@@ -481,7 +481,7 @@ def _validate(cfg: Config) -> None:
     _check_readable("tls.key", cfg.tls.key)
     if cfg.backend is not None:
         parse_upstream("backend", cfg.backend)
-    _check_upstream_tls("upstream.tls", cfg.upstream.tls)
+    cfg.upstream.tls.check("upstream.tls")
     for i, route in enumerate(cfg.routes):
         if not route.backends:
             raise ConfigError(f"routes[{i}].backends", "empty", "list at least one upstream URL")
@@ -490,7 +490,7 @@ def _validate(cfg: Config) -> None:
         for j, url in enumerate(route.backends):
             parse_upstream(f"routes[{i}].backends[{j}]", url)
         if route.tls is not None:
-            _check_upstream_tls(f"routes[{i}].tls", route.tls)
+            route.tls.check(f"routes[{i}].tls")
     _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("cubic",))
     if not 1200 <= cfg.quic.max_datagram_size <= 65527:
         raise ConfigError("quic.max_datagram_size", "out of range", "use 1200 to 65527")

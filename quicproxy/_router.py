@@ -75,6 +75,8 @@ class Router:
     def add(self, route: Route) -> None:
         """Add a route (also at run time, from library code)."""
         key = f"route {route.path_prefix}"
+        if route.tls is not None:
+            route.tls.check(f"{key} tls")
         members = [self.member(key, url, route.tls) for url in route.backends]
         pool = Pool(f"{route.host or '*'}{route.path_prefix}", members)
         host = route.host.lower() if route.host else None

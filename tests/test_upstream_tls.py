@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from quicproxy import ConfigError, Proxy
+from quicproxy import ConfigError, Proxy, Route, UpstreamTlsConfig
 from quicproxy._config import load_config, parse_upstream
 from quicproxy._member import Member, TlsProfile
 from tests.backend import Backend, pattern_bytes
@@ -445,11 +445,17 @@ def test_the_cli_reports_a_missing_ca_file_in_one_line(tmp_path: Path, certs):
         load_config(str(config), env={})
 
 
-async def test_routes_added_at_run_time_take_the_global_tls(make_proxy, tls_backend, pki, certs):
-    from quicproxy import Route
-
+async def test_routes_added_at_run_time_take_the_global_tls_or_their_own(
+    make_proxy, tls_backend, pki, certs
+):
     backend = await tls_backend()
-    proxy: Proxy = await make_proxy(None, upstream=_upstream(pki))
-    proxy.add_route(Route(backends=[backend.url], path_prefix="/late"))
+    proxy: Proxy = await make_proxy(None, upstream={"tls": {"ca": pki["other_ca"]}})
+    proxy.add_route(Route(backends=[backend.url], path_prefix="/global"))
+    own = UpstreamTlsConfig(ca=pki["ca"])
+    proxy.add_route(Route(backends=[backend.url], path_prefix="/own", tls=own))
+    with pytest.raises(ConfigError, match=r"route /bad tls\.ca: cannot read"):
+        bad = UpstreamTlsConfig(ca="/nonexistent/ca.pem")
+        proxy.add_route(Route(backends=[backend.url], path_prefix="/bad", tls=bad))
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=certs[0])) as client:
-        assert (await client.get(https_url(proxy, "/late"))).status_code == 200
+        assert (await client.get(https_url(proxy, "/global"))).status_code == 502
+        assert (await client.get(https_url(proxy, "/own"))).status_code == 200

@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from quicproxy import ConfigError, Proxy, Route, UpstreamTlsConfig
-from quicproxy._config import load_config, parse_upstream
+from quicproxy._config import parse_upstream
 from quicproxy._member import Member, TlsProfile
 from tests.backend import Backend, pattern_bytes
 from tests.helpers import fetch, https_url, proxy_config, tcp_client
+from tests.test_cli import assert_one_line_error, run_cli
 
 PROTOCOLS = ["h1", "h2", "h3"]
 NOW = datetime.datetime.now(datetime.UTC)
@@ -438,11 +439,11 @@ def test_bad_upstream_tls_settings_fail_at_start_in_one_line(certs, pki, extra, 
     assert f"config error: {key}:" in message and words in message and "\n" not in message
 
 
-def test_the_cli_reports_a_missing_ca_file_in_one_line(tmp_path: Path, certs):
+def test_the_cli_stops_on_a_missing_ca_file_with_one_line(tmp_path: Path):
     config = tmp_path / "config.yaml"
     config.write_text("backend: https://api.internal\nupstream: {tls: {ca: /nonexistent/ca.pem}}\n")
-    with pytest.raises(ConfigError, match=r"upstream\.tls\.ca: cannot read"):
-        load_config(str(config), env={})
+    proc = run_cli("serve", "--config", str(config))
+    assert_one_line_error(proc, "upstream.tls.ca", "cannot read /nonexistent/ca.pem", "fix:")
 
 
 async def test_routes_added_at_run_time_take_the_global_tls_or_their_own(

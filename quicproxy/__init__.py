@@ -14,8 +14,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from ._config import Config, Route, WafConfig, load_config
+from ._config import Config, Route, UpstreamTlsConfig, WafConfig, load_config
 from ._errors import ConfigError
 from ._server import Proxy
 
-__all__ = ["Config", "ConfigError", "Proxy", "Route", "WafConfig", "load_config", "__version__"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Proxy",
+    "Route",
+    "UpstreamTlsConfig",
+    "WafConfig",
+    "load_config",
+    "__version__",
+]

@@ -76,7 +76,7 @@ class AccessRecord:
     bytes_out: int = 0
     duration: float = 0.0
     upstream: str | None = None
-    "host:port of the upstream member that answered."
+    "The upstream member that answered: host:port, or https://host:port."
     upstream_time: float | None = None
     "Seconds until the upstream's response headers."
     route: str | None = None

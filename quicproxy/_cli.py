@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help="YAML config file")
-    serve.add_argument("--backend", help="default upstream, http://HOST:PORT")
+    serve.add_argument("--backend", help="default upstream, http(s)://HOST:PORT")
     serve.add_argument("--host", help="address to listen on")
     serve.add_argument("--http-port", help="plain HTTP port")
     serve.add_argument("--https-port", help="TLS TCP and QUIC UDP port")

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ._errors import ConfigError
+from ._member import TlsProfile, client_context
 
 __all__ = [
     "Config",
@@ -31,6 +32,7 @@ __all__ = [
     "LimitsConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
+    "UpstreamTlsConfig",
     "WafConfig",
     "RateLimitConfig",
     "LogConfig",
@@ -38,7 +40,50 @@ __all__ = [
     "Route",
     "load_config",
     "parse_backend",
+    "parse_upstream",
 ]
+
+
+@dataclass
+class UpstreamTlsConfig:
+    """TLS to https:// upstreams (``upstream.tls``, or ``routes[].tls`` over it key by key)."""
+
+    ca: str | None = None
+    "PEM CA bundle upstream certificates must chain to; unset: the system store."
+    cert: str | None = None
+    "PEM client certificate chain presented to upstreams (mTLS), with key."
+    key: str | None = None
+    "PEM private key of cert (unencrypted)."
+    server_name: str | None = None
+    "Name sent in SNI and verified in the certificate; unset: the URL's host."
+    verify: bool | None = None
+    "false skips certificate verification (a warning at start); unset: true."
+
+    def over(self, base: UpstreamTlsConfig) -> UpstreamTlsConfig:
+        """These settings with ``base``'s where unset (cert and key go together)."""
+        pair = (self.cert, self.key) if self.cert or self.key else (base.cert, base.key)
+        return UpstreamTlsConfig(
+            ca=self.ca if self.ca is not None else base.ca,
+            cert=pair[0],
+            key=pair[1],
+            server_name=self.server_name if self.server_name is not None else base.server_name,
+            verify=self.verify if self.verify is not None else base.verify,
+        )
+
+    def profile(self) -> TlsProfile:
+        return TlsProfile(self.ca, self.cert, self.key, self.server_name, self.verify is not False)
+
+    def check(self, section: str) -> None:
+        """This section's own files load (readable, PEM, cert with its key) and its
+        server_name is a host name; ConfigError naming ``section``'s key otherwise."""
+        if self.server_name is not None and not _HOSTNAME.match(self.server_name):
+            raise ConfigError(
+                f"{section}.server_name",
+                f"{self.server_name!r} is not a host name",
+                "give the name the upstream's certificate holds, e.g. api.internal",
+            )
+        if self.ca is not None or self.cert is not None or self.key is not None:
+            client_context(TlsProfile(self.ca, self.cert, self.key), section)
 
 
 @dataclass
@@ -46,11 +91,13 @@ class Route:
     """Send requests matching ``host`` (optional) and ``path_prefix`` to ``backends``."""
 
     backends: list[str] = field(default_factory=list)
-    "Upstream URLs (http://host:port), balanced round-robin."
+    "Upstream URLs (http://host:port or https://host:port), balanced round-robin."
     host: str | None = None
     "Exact host to match (case-insensitive, port ignored); None matches any."
     path_prefix: str = "/"
     "Path prefix to match; the longest matching prefix wins."
+    tls: UpstreamTlsConfig | None = None
+    "TLS to this route's https backends, over upstream.tls key by key."
 
 
 @dataclass
@@ -169,6 +216,8 @@ class UpstreamConfig:
     "Upstream connections open at once to one member."
     queue_timeout: float = 5.0
     "Seconds a request waits for a free upstream connection before a 503."
+    tls: UpstreamTlsConfig = field(default_factory=UpstreamTlsConfig)
+    "TLS to https:// upstreams: CA, client certificate, server name."
 
 
 @dataclass
@@ -260,7 +309,7 @@ class MetricsConfig:
 @dataclass
 class Config:
     backend: str | None = None
-    "Default upstream (http://host:port); the built-in demo backend when unset."
+    "Default upstream (http://host:port or https://host:port); the demo backend when unset."
     routes: list[Route] = field(default_factory=list)
     "Host/path routes tried before the default backend."
     listen: ListenConfig = field(default_factory=ListenConfig)
@@ -365,27 +414,35 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_backend(key: str, url: str) -> tuple[str, int]:
-    """Split an upstream URL into (host, port); ConfigError naming ``key`` if unusable."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def parse_upstream(
+    key: str, url: str, schemes: tuple[str, ...] = ("http", "https")
+) -> tuple[str, str, int]:
+    """Split an upstream URL into (scheme, host, port); ConfigError naming ``key`` if unusable."""
     text = url.strip()
     if "://" not in text:
         text = "http://" + text
+    use = " or ".join(f"{s}://HOST:PORT" for s in schemes)
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(
-            key, f"cannot parse backend URL {url!r} ({exc})", "use http://HOST:PORT"
-        ) from None
-    if parts.scheme != "http":
-        raise ConfigError(
-            key, f"unsupported scheme in {url!r}", "upstreams are plain http://HOST:PORT"
-        )
+        raise ConfigError(key, f"cannot parse backend URL {url!r} ({exc})", f"use {use}") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(key, f"unsupported scheme in {url!r}", f"use {use}")
     if not parts.hostname:
-        raise ConfigError(key, f"no host in backend URL {url!r}", "use http://HOST:PORT")
+        raise ConfigError(key, f"no host in backend URL {url!r}", f"use {use}")
     if parts.path not in ("", "/") or parts.query:
-        raise ConfigError(key, f"backend URL {url!r} has a path", "use http://HOST:PORT only")
-    return parts.hostname, port or 80
+        raise ConfigError(key, f"backend URL {url!r} has a path", f"use {use} only")
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+
+
+def parse_backend(key: str, url: str) -> tuple[str, int]:
+    """Split a plain http URL (the WAF service's) into (host, port)."""
+    _, host, port = parse_upstream(key, url, ("http",))
+    return host, port
 
 
 def _check_port(key: str, value: int | None) -> None:
@@ -410,6 +467,9 @@ def _check_readable(key: str, path: str | None) -> None:
         ) from None
 
 
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$|^[0-9a-fA-F:.]+$")
+
+
 def _check_positive(cfg: Config, section: str, *names: str) -> None:
     for name in names:
         if getattr(getattr(cfg, section), name) <= 0:
@@ -426,14 +486,17 @@ def _validate(cfg: Config) -> None:
     _check_readable("tls.cert", cfg.tls.cert)
     _check_readable("tls.key", cfg.tls.key)
     if cfg.backend is not None:
-        parse_backend("backend", cfg.backend)
+        parse_upstream("backend", cfg.backend)
+    cfg.upstream.tls.check("upstream.tls")
     for i, route in enumerate(cfg.routes):
         if not route.backends:
             raise ConfigError(f"routes[{i}].backends", "empty", "list at least one upstream URL")
         if not route.path_prefix.startswith("/"):
             raise ConfigError(f"routes[{i}].path_prefix", "must start with /", "e.g. /api")
         for j, url in enumerate(route.backends):
-            parse_backend(f"routes[{i}].backends[{j}]", url)
+            parse_upstream(f"routes[{i}].backends[{j}]", url)
+        if route.tls is not None:
+            route.tls.check(f"routes[{i}].tls")
     _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("cubic",))
     if not 1200 <= cfg.quic.max_datagram_size <= 65527:
         raise ConfigError("quic.max_datagram_size", "out of range", "use 1200 to 65527")

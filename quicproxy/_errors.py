@@ -14,6 +14,7 @@ The tree::
         │   ├── MethodNotSupported (501)   CONNECT: this is not a forward proxy
         │   └── VersionNotSupported (505)
         ├── UpstreamConnectError (502)
+        │   ├── UpstreamTlsError       TLS to an https upstream failed (verification, handshake)
         │   └── UpstreamTruncated      died mid-response: the client's stream is reset
         ├── UpstreamBusy (503)          no upstream connection free in time (caps)
         └── UpstreamTimeout (504)
@@ -38,6 +39,7 @@ __all__ = [
     "VersionNotSupported",
     "UpstreamConnectError",
     "UpstreamTimeout",
+    "UpstreamTlsError",
     "UpstreamTruncated",
     "UpstreamBusy",
 ]
@@ -107,6 +109,11 @@ class VersionNotSupported(RequestError):
 class UpstreamConnectError(ProxyError):
     status = 502
     reason = "Bad Gateway"
+
+
+class UpstreamTlsError(UpstreamConnectError):
+    """TLS to an https upstream failed: certificate not verified, handshake refused.
+    Never retried, never downgraded to plaintext."""
 
 
 class UpstreamTruncated(UpstreamConnectError):

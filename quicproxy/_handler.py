@@ -28,8 +28,10 @@ from ._errors import (
     UpstreamBusy,
     UpstreamConnectError,
     UpstreamTimeout,
+    UpstreamTlsError,
 )
 from ._forward import TrustedProxies, real_client, strip_hop_by_hop, upstream_headers
+from ._member import Member
 from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response
 from ._ratelimit import RateLimiter
@@ -272,14 +274,14 @@ class Handler:
         if req.early_data and (req.method not in _SAFE_METHODS or req.upgrade):
             raise TooEarly("retry after the handshake completes")
 
-    def _target(self, req: Request, pool: Pool | None) -> tuple[tuple[str, int], Headers]:
+    def _target(self, req: Request, pool: Pool | None) -> tuple[Member, Headers]:
         """Where the request goes and the headers it goes with."""
         if pool is None:
             return DEMO, []
         return pool.pick(), upstream_headers(req, self.trusted)
 
     async def _forward(
-        self, req: Request, rec: AccessRecord, target: tuple[tuple[str, int], Headers]
+        self, req: Request, rec: AccessRecord, target: tuple[Member, Headers]
     ) -> Response:
         member, headers = target
         if req.upgrade:
@@ -295,7 +297,7 @@ class Handler:
         if member == DEMO:
             req.body = body
             return await demo_response(req)
-        rec.upstream = f"{member[0]}:{member[1]}"
+        rec.upstream = member.label
         sent = time.monotonic()
         resp = await self.upstream.request(
             member, req.method, req.target, headers, body, req.content_length
@@ -457,6 +459,8 @@ def _error_kind(exc: ProxyError) -> str:
         return "timeout"
     if isinstance(exc, UpstreamBusy):
         return "busy"
+    if isinstance(exc, UpstreamTlsError):
+        return "tls"
     if isinstance(exc, UpstreamConnectError):
         return "closed" if "closed" in exc.detail else "connect"
     return "other"

@@ -14,7 +14,7 @@ from typing import Protocol
 
 from ._caps import AddressCounter
 from ._certwatch import TlsStore
-from ._config import Config, Route, parse_backend
+from ._config import Config, Route
 from ._errors import ConfigError
 from ._h1 import H1Connection
 from ._h2 import H2Connection
@@ -80,9 +80,9 @@ class Proxy:
         self.reuse_port = reuse_port
         self.workers = workers
         "This worker's index among several sharing the ports (QUIC hands datagrams over)."
-        self.router = Router()
+        self.router = Router(tls=config.upstream.tls)
         if config.backend:
-            self.router.default = Pool("default", [parse_backend("backend", config.backend)])
+            self.router.default = Pool("default", [self.router.member("backend", config.backend)])
         for route in config.routes:
             self.router.add(route)
         self.handler: Handler | None = None

@@ -1,9 +1,14 @@
-"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways."""
+"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways.
+
+Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
+https members are reached over verified TLS with one client context per member,
+which offers the member's last session ticket to each new connection."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -11,12 +16,15 @@ from . import _h1wire as wire
 from ._config import UpstreamConfig
 from ._errors import (
     BadRequest,
+    ConfigError,
     ProxyError,
     UpstreamBusy,
     UpstreamConnectError,
     UpstreamTimeout,
+    UpstreamTlsError,
     UpstreamTruncated,
 )
+from ._member import Member, ResumingContext, client_context, tls_failure
 from ._model import Body, Headers, Response
 from ._streamio import READ_SIZE, write_within
 
@@ -26,15 +34,48 @@ __all__ = ["UpstreamPool"]
 class _Conn:
     """One upstream connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ResumingContext | None = None,
+        label: str = "",
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.tls = tls
+        "The member's TLS context (https), which keeps the session for the next connect."
+        self.label = label
+        "The member, as logs show it."
         self.reused = False
+        self.wrote = False
         self.slot: Callable[[], None] | None = None
         "Releases this connection's place under the connection caps."
 
     async def write(self, data: bytes) -> None:
-        await write_within(self.writer, data)
+        first, self.wrote = not self.wrote, True
+        try:
+            await write_within(self.writer, data)
+        except ssl.SSLError as exc:
+            raise self.tls_error(exc) from None
+        except (ConnectionError, OSError):
+            if first and self.tls is not None and not self.reused:
+                raise self.unanswered() from None  # reset right after the handshake
+            raise
+
+    def tls_error(self, exc: ssl.SSLError) -> UpstreamTlsError:
+        """A TLS alert after the handshake (TLS 1.3 refuses a client certificate here)."""
+        return UpstreamTlsError(f"TLS to {self.label} failed: {tls_failure(exc)}")
+
+    def unanswered(self) -> Exception:
+        """Closed before any answer: a stale keep-alive, or, on a fresh TLS connection,
+        a TLS 1.3 refusal whose alert was lost to the close (the usual mTLS failure)."""
+        if self.tls is None or self.reused:
+            return _Stale()
+        return UpstreamTlsError(
+            f"TLS to {self.label} failed: closed after the handshake without answering"
+            " (client certificate required or refused?)"
+        )
 
     def release_slot(self) -> None:
         """Give the connection's place under the caps back (once)."""
@@ -42,7 +83,12 @@ class _Conn:
         if slot is not None:
             slot()
 
+    def remember_session(self) -> None:
+        if self.tls is not None:
+            self.tls.remember(self.writer.get_extra_info("ssl_object"))
+
     def close(self) -> None:
+        self.remember_session()
         self.writer.close()
         self.release_slot()
 
@@ -81,7 +127,7 @@ class _Slots:
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per (host, port), up to ``pool_size`` each.
+    """Idle keep-alive connections per member, up to ``pool_size`` each.
 
     Open connections are capped per member and in total; a request that finds
     no free place waits up to ``queue_timeout`` (an idle connection closed to
@@ -89,13 +135,16 @@ class UpstreamPool:
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.cfg = cfg
-        self._idle: dict[tuple[str, int], list[_Conn]] = {}
+        self._idle: dict[Member, list[_Conn]] = {}
         self.connections_opened = 0
         "Upstream TCP connections opened so far (for metrics and tests)."
+        self.tls_resumed = 0
+        "TLS connections that resumed the member's previous session (for tests)."
         self.total = _Slots(cfg.max_connections)
-        self.members: dict[tuple[str, int], _Slots] = {}
+        self.members: dict[Member, _Slots] = {}
+        self._tls: dict[Member, ResumingContext] = {}
 
-    async def _take_slot(self, member: tuple[str, int]) -> Callable[[], None]:
+    async def _take_slot(self, member: Member) -> Callable[[], None]:
         slots = self.members.get(member)
         if slots is None:
             slots = self.members[member] = _Slots(self.cfg.max_connections_per_member)
@@ -118,7 +167,7 @@ class UpstreamPool:
 
         return release
 
-    def _close_an_idle(self, member: tuple[str, int] | None) -> bool:
+    def _close_an_idle(self, member: Member | None) -> bool:
         """Close one idle connection (of ``member``, or of any) to free a place."""
         for key, idle in self._idle.items():
             if idle and (member is None or key == member):
@@ -126,7 +175,7 @@ class UpstreamPool:
                 return True
         return False
 
-    async def _connect(self, member: tuple[str, int]) -> _Conn:
+    async def _connect(self, member: Member) -> _Conn:
         release = await self._take_slot(member)
         try:
             conn = await self._open(member)
@@ -136,20 +185,48 @@ class UpstreamPool:
         conn.slot = release
         return conn
 
-    async def _open(self, member: tuple[str, int]) -> _Conn:
-        host, port = member
+    def _tls_context(self, member: Member) -> ResumingContext | None:
+        """The member's client context (one per member: it holds its session)."""
+        if member.tls is None:
+            return None
+        ctx = self._tls.get(member)
+        if ctx is None:
+            try:
+                ctx = self._tls[member] = client_context(member.tls)
+            except ConfigError as exc:  # loaded at start; a file gone since
+                raise UpstreamTlsError(f"TLS to {member.label}: {exc}") from None
+        return ctx
+
+    async def _open(self, member: Member) -> _Conn:
+        host, port = member.host, member.port
+        tls = self._tls_context(member)
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port, limit=READ_SIZE * 4), self.cfg.connect_timeout
+                asyncio.open_connection(
+                    host,
+                    port,
+                    limit=READ_SIZE * 4,
+                    ssl=tls,
+                    server_hostname=member.server_name if tls else None,
+                    ssl_handshake_timeout=self.cfg.connect_timeout if tls else None,
+                ),
+                self.cfg.connect_timeout,
             )
         except TimeoutError:
-            raise UpstreamConnectError(f"connect to {host}:{port} timed out") from None
+            raise UpstreamConnectError(f"connect to {member.label} timed out") from None
+        except ssl.SSLError as exc:
+            raise UpstreamTlsError(f"TLS to {member.label} failed: {tls_failure(exc)}") from None
         except OSError as exc:
-            raise UpstreamConnectError(f"connect to {host}:{port} failed: {exc.strerror}") from None
+            why = exc.strerror or ("closed in the TLS handshake" if tls else "closed")
+            raise UpstreamConnectError(f"connect to {member.label} failed: {why}") from None
         self.connections_opened += 1
-        return _Conn(reader, writer)
+        if tls is not None:
+            tls_object = writer.get_extra_info("ssl_object")
+            if tls_object is not None and tls_object.session_reused:
+                self.tls_resumed += 1
+        return _Conn(reader, writer, tls, member.label)
 
-    async def _acquire(self, member: tuple[str, int]) -> _Conn:
+    async def _acquire(self, member: Member) -> _Conn:
         idle = self._idle.get(member)
         while idle:
             conn = idle.pop()
@@ -159,8 +236,9 @@ class UpstreamPool:
             conn.close()
         return await self._connect(member)
 
-    def _keep(self, member: tuple[str, int], conn: _Conn) -> None:
+    def _keep(self, member: Member, conn: _Conn) -> None:
         """A connection whose exchange ended cleanly: idle in the pool, or closed if full."""
+        conn.remember_session()
         idle = self._idle.setdefault(member, [])
         if len(idle) < self.cfg.pool_size and conn.usable:
             idle.append(conn)
@@ -183,7 +261,7 @@ class UpstreamPool:
 
     async def request(
         self,
-        member: tuple[str, int],
+        member: Member,
         method: str,
         target: str,
         headers: Headers,
@@ -208,7 +286,7 @@ class UpstreamPool:
 
     async def _exchange(
         self,
-        member: tuple[str, int],
+        member: Member,
         conn: _Conn,
         head: tuple[str, str, Headers],
         body: Body,
@@ -251,7 +329,7 @@ class UpstreamPool:
 
     def _response(
         self,
-        member: tuple[str, int],
+        member: Member,
         conn: _Conn,
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
@@ -288,14 +366,16 @@ class UpstreamPool:
             raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
-                raise _Stale() from None  # closed before answering: a stale keep-alive
+                raise conn.unanswered() from None  # closed before answering: a stale keep-alive
             raise UpstreamConnectError("invalid upstream response: closed mid-head") from None
+        except ssl.SSLError as exc:
+            raise conn.tls_error(exc) from None
         except (ConnectionError, OSError):
-            raise _Stale() from None
+            raise conn.unanswered() from None
 
     async def _read_body(
         self,
-        member: tuple[str, int],
+        member: Member,
         conn: _Conn,
         head: wire.ResponseHead,
         sender: asyncio.Future[None],

@@ -20,6 +20,7 @@ def test_public_surface_is_small():
         "ConfigError",
         "Proxy",
         "Route",
+        "UpstreamTlsConfig",
         "WafConfig",
         "load_config",
         "__version__",

@@ -8,6 +8,7 @@ import pytest
 
 from quicproxy._config import UpstreamConfig
 from quicproxy._errors import BadRequest
+from quicproxy._member import Member
 from quicproxy._model import Body
 from quicproxy._upstream import UpstreamPool
 
@@ -31,7 +32,7 @@ async def pool():
 
 
 async def test_keep_alive_carries_the_next_request(pool, backend):
-    member = ("127.0.0.1", backend.port)
+    member = Member("127.0.0.1", backend.port)
     for _ in range(3):
         resp = await pool.request(member, "GET", "/hello", HEADERS, Body.empty(), None)
         assert resp.status == 200 and await _all(resp.body)
@@ -39,7 +40,7 @@ async def test_keep_alive_carries_the_next_request(pool, backend):
 
 
 async def test_a_body_of_unknown_length_goes_chunked_and_whole(pool, backend):
-    member = ("127.0.0.1", backend.port)
+    member = Member("127.0.0.1", backend.port)
     body = Body.from_iter(_stream(b"abc", b"defgh" * 1000))
     resp = await pool.request(member, "POST", "/echo", HEADERS, body, None)
     assert resp.status == 200
@@ -50,7 +51,7 @@ async def test_a_body_of_unknown_length_goes_chunked_and_whole(pool, backend):
 async def test_a_body_against_its_content_length_is_the_clients_400(pool, backend, declared):
     """Defence in depth: every listener's parser already holds bodies to their declared
     length; the upstream writer checks again instead of forwarding a mismatch."""
-    member = ("127.0.0.1", backend.port)
+    member = Member("127.0.0.1", backend.port)
     body = Body.from_iter(_stream(b"01234", b"56789"))
     with pytest.raises(BadRequest):
         await pool.request(member, "POST", "/echo", HEADERS, body, declared)

@@ -131,6 +131,11 @@ spec:
         - name: tls-self-signed
           mountPath: /var/run/quicproxy/tls
         {{- end }}
+        {{- if .Values.proxy.upstreamTls.secretName }}
+        - name: upstream-tls
+          mountPath: /etc/quicproxy/upstream-tls
+          readOnly: true
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -164,6 +169,11 @@ spec:
     {{- else }}
     - name: tls-self-signed
       emptyDir: {}
+    {{- end }}
+    {{- with .Values.proxy.upstreamTls.secretName }}
+    - name: upstream-tls
+      secret:
+        secretName: {{ . }}
     {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:

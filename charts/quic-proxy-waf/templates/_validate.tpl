@@ -14,6 +14,9 @@
 {{- if or (eq $m (int (include "quic-proxy-waf.proxy.containerHttp" .))) (eq $m (int (include "quic-proxy-waf.proxy.containerHttps" .))) }}
 {{- fail (printf "metrics.port: %d is also the proxy's http or https container port; give the metrics listener a port of its own" $m) }}
 {{- end }}
+{{- if and $p.upstreamTls.clientCertificate (not $p.upstreamTls.secretName) }}
+{{- fail "proxy.upstreamTls.clientCertificate: the client certificate comes from a Secret; set proxy.upstreamTls.secretName" }}
+{{- end }}
 {{- if and $p.tls.certManager.enabled (not $p.tls.secretName) }}
 {{- fail "proxy.tls.certManager.enabled: cert-manager needs a Secret to write to; set proxy.tls.secretName" }}
 {{- end }}

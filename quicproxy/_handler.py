@@ -307,12 +307,12 @@ class Handler:
         return resp
 
     async def _tunnel(
-        self, req: Request, rec: AccessRecord, member: tuple[str, int], headers: Headers
+        self, req: Request, rec: AccessRecord, member: Member, headers: Headers
     ) -> Response:
         """A WebSocket handshake: the backend's answer, whose body is the tunnel."""
         if member == DEMO:
             return error_response(501, "Not Implemented: no WebSocket backend on this route")
-        rec.upstream = f"{member[0]}:{member[1]}"
+        rec.upstream = member.label
         sent = time.monotonic()
         resp = await open_websocket(
             self.cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client

@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from . import _h1wire as wire
 from ._config import Config
 from ._errors import ProxyError, UpstreamConnectError, UpstreamTimeout, UpstreamTruncated
+from ._member import Member
 from ._metrics import metrics
 from ._model import Body, Headers, Request, Response, header_value
 from ._streamio import READ_SIZE, read_within, write_within
@@ -42,7 +43,7 @@ WEBSOCKET = "websocket"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _REPLACED = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-accept"})
 
-Dial = Callable[[tuple[str, int]], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+Dial = Callable[[Member], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
 def _tokens(headers: Headers, name: str) -> set[str]:
@@ -107,7 +108,7 @@ class TunnelsFull(ProxyError):
 async def open_websocket(
     cfg: Config,
     dial: Dial,
-    member: tuple[str, int],
+    member: Member,
     req: Request,
     headers: Headers,
     caps: TunnelCaps,

@@ -251,9 +251,7 @@ class UpstreamPool:
                 conn.close()
         self._idle.clear()
 
-    async def dial(
-        self, member: tuple[str, int]
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    async def dial(self, member: Member) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection of its own to ``member``, never pooled and outside the connection
         caps (a WebSocket tunnel's: ``_tunnel.py`` caps those)."""
         conn = await self._open(member)

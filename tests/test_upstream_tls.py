@@ -463,3 +463,34 @@ async def test_routes_added_at_run_time_take_the_global_tls_or_their_own(
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=certs[0])) as client:
         assert (await client.get(https_url(proxy, "/global"))).status_code == 502
         assert (await client.get(https_url(proxy, "/own"))).status_code == 200
+
+
+async def test_a_websocket_reaches_a_verified_tls_backend(make_proxy, pki, certs):
+    """wss through the proxy to a WebSocket server that speaks TLS: the tunnel's backend
+    connection is verified like any other (and a wrong name is a 502, never plaintext)."""
+    import websockets
+
+    from tests.ws import WsBackend, client_ssl, wss
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*pki["good"])
+    backend = WsBackend()
+    backend.server = await websockets.serve(backend.handler, "127.0.0.1", 0, ssl=ctx)
+    backend.port = backend.server.sockets[0].getsockname()[1]
+
+    class Origin:
+        url = f"https://localhost:{backend.port}"
+
+    try:
+        proxy = await make_proxy(Origin(), upstream=_upstream(pki))
+        async with websockets.connect(wss(proxy, "/echo"), ssl=client_ssl(certs)) as ws:
+            await ws.send("over verified TLS")
+            assert await ws.recv() == "over verified TLS"
+        wrong = await make_proxy(Origin(), upstream=_upstream(pki, server_name="wrong.example"))
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(wss(wrong, "/echo"), ssl=client_ssl(certs)):
+                pass
+        assert info.value.response.status_code == 502
+        assert backend.connected == 1
+    finally:
+        await backend.stop()

@@ -54,6 +54,15 @@ loudly when an upgrade removes one):
 - ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_quicpacket.PacketBuilder``,
   which builds 1-RTT packets on a short path (the builder attributes it uses are in
   ``_quicpacket.PRIVATE``).
+- The frame handlers ``_handle_ping_frame``, ``_handle_padding_frame``,
+  ``_handle_data_blocked_frame``, ``_handle_stream_data_blocked_frame``,
+  ``_handle_streams_blocked_frame``, ``_handle_path_challenge_frame``,
+  ``_handle_path_response_frame`` and ``_handle_retire_connection_id_frame`` (qh3 binds
+  them into its per-connection dispatch table, so overriding them costs nothing on other
+  frames), ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``
+  and ``_find_network_path``: frames that cost work and produce nothing are budgeted,
+  *_BLOCKED frames never raise a window, and a connection keeps a few network paths (see
+  ``FrameGuard``).
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -70,14 +80,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from qh3 import tls
 from qh3._hazmat import AeadAes128Gcm, Buffer, BufferReadError, QUICHeaderProtection
-from qh3.h3.connection import H3_ALPN, H3Connection
+from qh3.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from qh3.quic import connection as quic_connection_module
 from qh3.quic import crypto as quic_crypto_module
 from qh3.quic import events as quic_events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.crypto import INITIAL_SALT_VERSION_1, INITIAL_SALT_VERSION_2
 from qh3.quic.packet import (
+    QuicErrorCode,
     QuicPacketType,
     QuicProtocolVersion,
     encode_quic_retry,
@@ -109,11 +120,25 @@ __all__ = [
     "version_negotiation",
 ]
 
+log = logging.getLogger("quicproxy")
+
 events = quic_events
 "The QUIC event classes (ConnectionTerminated, StreamReset, HandshakeCompleted, ...)."
 
 MIN_INITIAL_SIZE = 1200
 "A client's first datagram is padded to at least this size (RFC 9000 §14.1)."
+
+_GUARDED_FRAMES = (
+    "ping",
+    "padding",
+    "data_blocked",
+    "stream_data_blocked",
+    "streams_blocked",
+    "path_challenge",
+    "path_response",
+    "retire_connection_id",
+)
+"Frame types whose qh3 handlers ``FrameGuard`` overrides."
 
 PRIVATE = [
     (quic_connection_module, "QuicStream"),
@@ -148,6 +173,11 @@ PRIVATE = [
     ("space", "ack_at"),
     ("sender", "_pending"),
     ("h3", "_local_control_stream_id"),
+    *((QuicConnection, f"_handle_{name}_frame") for name in _GUARDED_FRAMES),
+    (QuicConnection, "_assert_stream_can_receive"),
+    (QuicConnection, "_get_or_create_stream"),
+    (QuicConnection, "_find_network_path"),
+    ("connection", "_local_max_data"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
@@ -457,7 +487,160 @@ class _Probe(int):
         return probe
 
 
-class CreditedConnection(QuicConnection):
+FRAME_BURST = 256
+"""Frames that cost work and produce nothing a connection may send at once (see
+``FrameBudget``); a hostile datagram is cut off after this many such frames."""
+
+FRAME_RATE = 64.0
+"""Such frames per second on top, plus one per datagram the connection is sent."""
+
+MAX_PATHS = 4
+"""Network paths (client addresses) a connection keeps: the current one and the three
+latest others, pending validation first to go (qh3 keeps every address ever seen)."""
+
+EXCESSIVE_LOAD = ErrorCode.H3_EXCESSIVE_LOAD
+"HTTP/3's H3_EXCESSIVE_LOAD: the application error a frame flood is closed with."
+
+
+class FrameBudget:
+    """Token bucket for the frames that cost work and produce nothing: PING, padding runs
+    past the first in a packet and padding-only packets, DATA_BLOCKED, STREAM_DATA_BLOCKED,
+    STREAMS_BLOCKED, PATH_CHALLENGE, PATH_RESPONSE, RETIRE_CONNECTION_ID: one token each.
+
+    ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second and by one for each datagram
+    the connection sends (a client acknowledging a download may make an ACK-only packet
+    ack-eliciting with a PING: Chrome every 20th, ngtcp2 every 3rd; that rate follows
+    what it is sent). Real clients (browsers, quinn, ngtcp2, qh3, aioquic) send a few such
+    frames a second, PINGs for keep-alive or loss probes, a PATH_CHALLENGE on migrating,
+    one *_BLOCKED per limit reached."""
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self) -> None:
+        self.tokens = float(FRAME_BURST)
+        self.at = 0.0
+
+    def spend(self, now: float) -> bool:
+        """One frame received at ``now``; False once the budget is exhausted."""
+        tokens = self.tokens + (now - self.at) * FRAME_RATE
+        self.at = now
+        self.tokens = tokens = min(tokens, FRAME_BURST) - 1
+        return tokens >= 0
+
+    def earn(self, count: int) -> None:
+        if count:
+            self.tokens = min(self.tokens + count, FRAME_BURST)
+
+
+class FrameGuard(QuicConnection):
+    """qh3's connection, bounded against frames that cost work and produce nothing and
+    against a client that writes from ever new addresses.
+
+    - Frames of the types ``FrameBudget`` lists spend its tokens; over budget, the
+      connection is closed with ``EXCESSIVE_LOAD`` (an application CONNECTION_CLOSE, as
+      HTTP/2's flood guard answers ENHANCE_YOUR_CALM): a datagram of 1,240 PINGs costs a
+      few hundred frames' work once, not 1,240 for every datagram of a flood.
+    - DATA_BLOCKED and STREAM_DATA_BLOCKED never raise a window (qh3 doubled it for each,
+      until MAX_DATA no longer fitted a varint and building packets raised): the proxy
+      grants request streams credit as it consumes, qh3 the others as data arrives. A limit
+      above the one we advertised is a lie: PROTOCOL_VIOLATION.
+    - At most ``MAX_PATHS`` network paths: qh3 scans its list of every address ever seen
+      for each datagram (5,000 addresses: 80 -> 400 us a datagram).
+
+    Only the guarded frame types' handlers are overridden: STREAM and ACK frames, the
+    bulk of the traffic, go through qh3's table untouched."""
+
+    __slots__ = ("_frame_budget", "_padded")
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._frame_budget = FrameBudget()
+        self._padded: Any = None  # the receive context (packet) of the last padding run
+
+    def _spend(self, context: Any, frame_type: int) -> None:
+        if self._frame_budget.spend(context.time):
+            return
+        if self._close_event is None:
+            log.warning(
+                "QUIC frame flood (type 0x%x) from %s: closing",
+                frame_type,
+                context.network_path.addr[0],
+            )
+        raise QuicConnectionError(
+            error_code=EXCESSIVE_LOAD, frame_type=None, reason_phrase="excessive load"
+        )
+
+    def _handle_ping_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        super()._handle_ping_frame(context, frame_type, buf)
+
+    def _handle_padding_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        """A packet's first padding run is free; later runs, and a packet of nothing but
+        padding, spend the budget."""
+        start = buf.tell()
+        super()._handle_padding_frame(context, frame_type, buf)
+        if context is self._padded or (start == 1 and buf.eof()):
+            self._spend(context, frame_type)
+        self._padded = context
+
+    def _handle_data_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        if buf.pull_uint_var() > self._local_max_data.value:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=frame_type,
+                reason_phrase="DATA_BLOCKED above MAX_DATA",
+            )
+
+    def _handle_stream_data_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        stream_id = buf.pull_uint_var()
+        limit = buf.pull_uint_var()
+        self._assert_stream_can_receive(frame_type, stream_id)
+        stream = self._get_or_create_stream(frame_type, stream_id)
+        if limit > stream.max_stream_data_local:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=frame_type,
+                reason_phrase="STREAM_DATA_BLOCKED above MAX_STREAM_DATA",
+            )
+
+    def _handle_streams_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        super()._handle_streams_blocked_frame(context, frame_type, buf)
+
+    def _handle_path_challenge_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        super()._handle_path_challenge_frame(context, frame_type, buf)
+
+    def _handle_path_response_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        super()._handle_path_response_frame(context, frame_type, buf)
+
+    def _handle_retire_connection_id_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        super()._handle_retire_connection_id_frame(context, frame_type, buf)
+
+    def _find_network_path(self, addr: Any) -> Any:
+        """As qh3, over at most ``MAX_PATHS`` paths: a new address makes room first (qh3
+        appends it once its packet is handled)."""
+        paths = self._network_paths
+        for path in paths:
+            if path.addr == addr:
+                return path
+        if len(paths) >= MAX_PATHS:
+            others = paths[1:]  # the first is the current path
+            pending = [path for path in others if not path.is_validated]
+            paths.remove(pending[0] if pending else others[0])
+        return super()._find_network_path(addr)
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
+        out = super().datagrams_to_send(now=now)
+        self._frame_budget.earn(len(out))
+        return out
+
+
+class CreditedConnection(FrameGuard):
     """qh3's QuicConnection whose request-stream receive windows follow what the proxy
     consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
 

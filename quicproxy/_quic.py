@@ -60,7 +60,8 @@ loudly when an upgrade removes one):
   ``_handle_path_response_frame`` and ``_handle_retire_connection_id_frame`` (qh3 binds
   them into its per-connection dispatch table, so overriding them costs nothing on other
   frames), ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``
-  and ``_find_network_path``: frames that cost work and produce nothing are budgeted,
+  ``_find_network_path`` and the 1-RTT space's ``packet_number`` (packets sent, which
+  refill the budget): frames that cost work and produce nothing are budgeted,
   *_BLOCKED frames never raise a window, and a connection keeps a few network paths (see
   ``FrameGuard``).
 """
@@ -171,6 +172,7 @@ PRIVATE = [
     ("connection", "_loss"),
     ("recovery", "bytes_in_flight"),
     ("space", "ack_at"),
+    ("space", "packet_number"),
     ("sender", "_pending"),
     ("h3", "_local_control_stream_id"),
     *((QuicConnection, f"_handle_{name}_frame") for name in _GUARDED_FRAMES),
@@ -492,7 +494,7 @@ FRAME_BURST = 256
 ``FrameBudget``); a hostile datagram is cut off after this many such frames."""
 
 FRAME_RATE = 64.0
-"""Such frames per second on top, plus one per datagram the connection is sent."""
+"""Such frames per second on top, plus one per packet the connection sends."""
 
 MAX_PATHS = 4
 """Network paths (client addresses) a connection keeps: the current one and the three
@@ -507,29 +509,29 @@ class FrameBudget:
     past the first in a packet and padding-only packets, DATA_BLOCKED, STREAM_DATA_BLOCKED,
     STREAMS_BLOCKED, PATH_CHALLENGE, PATH_RESPONSE, RETIRE_CONNECTION_ID: one token each.
 
-    ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second and by one for each datagram
-    the connection sends (a client acknowledging a download may make an ACK-only packet
-    ack-eliciting with a PING: Chrome every 20th, ngtcp2 every 3rd; that rate follows
-    what it is sent). Real clients (browsers, quinn, ngtcp2, qh3, aioquic) send a few such
-    frames a second, PINGs for keep-alive or loss probes, a PATH_CHALLENGE on migrating,
-    one *_BLOCKED per limit reached."""
+    ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second and by one for each 1-RTT
+    packet the connection sends (a client acknowledging a download makes an ACK-only packet
+    ack-eliciting now and then with a PING: Chrome after 19 ACK-only ones, ngtcp2 after 3
+    or 10; that rate follows what it is sent). Real clients (browsers, quinn, ngtcp2, qh3,
+    aioquic) otherwise send a few such frames a second: PINGs for keep-alive or loss
+    probes, a PATH_CHALLENGE on migrating, one *_BLOCKED per limit reached. Only the
+    frames themselves touch the bucket: nothing is counted on the normal path."""
 
-    __slots__ = ("tokens", "at")
+    __slots__ = ("tokens", "at", "sent")
 
     def __init__(self) -> None:
         self.tokens = float(FRAME_BURST)
         self.at = 0.0
+        self.sent = 0
 
-    def spend(self, now: float) -> bool:
-        """One frame received at ``now``; False once the budget is exhausted."""
-        tokens = self.tokens + (now - self.at) * FRAME_RATE
+    def spend(self, now: float, sent: int) -> bool:
+        """One frame received at ``now``, the connection having sent ``sent`` packets;
+        False once the budget is exhausted."""
+        tokens = self.tokens + (now - self.at) * FRAME_RATE + (sent - self.sent)
         self.at = now
+        self.sent = sent
         self.tokens = tokens = min(tokens, FRAME_BURST) - 1
         return tokens >= 0
-
-    def earn(self, count: int) -> None:
-        if count:
-            self.tokens = min(self.tokens + count, FRAME_BURST)
 
 
 class FrameGuard(QuicConnection):
@@ -558,7 +560,8 @@ class FrameGuard(QuicConnection):
         self._padded: Any = None  # the receive context (packet) of the last padding run
 
     def _spend(self, context: Any, frame_type: int) -> None:
-        if self._frame_budget.spend(context.time):
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if self._frame_budget.spend(context.time, space.packet_number if space else 0):
             return
         if self._close_event is None:
             log.warning(
@@ -633,11 +636,6 @@ class FrameGuard(QuicConnection):
             pending = [path for path in others if not path.is_validated]
             paths.remove(pending[0] if pending else others[0])
         return super()._find_network_path(addr)
-
-    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        out = super().datagrams_to_send(now=now)
-        self._frame_budget.earn(len(out))
-        return out
 
 
 class CreditedConnection(FrameGuard):

@@ -94,9 +94,9 @@ async def closed_with(client: Any, within: float = 3.0) -> Any:
     return quic._close_event
 
 
-def server_side(proxy: Any) -> Any:
-    (conn,) = proxy._quic.connections
-    return conn
+def server_side(proxy: Any, client: Any) -> Any:
+    """The proxy's end of ``client``'s connection (by the connection ID it writes to)."""
+    return proxy._quic.by_cid[client.proto._quic._peer_cid.cid]
 
 
 def errors(caplog: Any) -> list[str]:
@@ -121,12 +121,13 @@ async def test_blocked_frames_claiming_limits_never_granted_close_with_protocol_
     ):
         async with h3_from("127.0.0.1", proxy, certs) as client:
             assert (await client.request("GET", "/before")).status == 200
-            window = server_side(proxy).quic._local_max_data.value
+            server = server_side(proxy, client).quic
+            window = server._local_max_data.value
             send(client, [frames] * 64)
             close = await closed_with(client)
             assert close is not None, "still open"
             assert close.error_code == PROTOCOL_VIOLATION and close.frame_type == frames[0]
-            assert window == server_side(proxy).quic._local_max_data.value
+            assert server._local_max_data.value == window
     status, _, _ = await fetch(proxy, certs, "h3", "GET", "/after")
     assert status == 200
     assert errors(caplog) == []
@@ -142,7 +143,7 @@ async def test_blocked_frames_at_our_limits_raise_nothing_and_the_connection_ans
     async with h3_from("127.0.0.1", proxy, certs) as client:
         assert (await client.request("GET", "/before")).status == 200
         quic = client.proto._quic
-        server = server_side(proxy).quic
+        server = server_side(proxy, client).quic
         window = server._local_max_data.value
         control = server._streams[2].max_stream_data_local
         assert quic._remote_max_data == window
@@ -182,7 +183,7 @@ async def test_ping_flood_closes_with_excessive_load_and_another_client_is_serve
         datagrams = [craft(quic, _pings(1240)) for _ in range(int(seconds * rate))]
         assert 1250 < len(datagrams[0]) < 1300
         fd = client.proto._transport.get_extra_info("socket").fileno()
-        conn = server_side(proxy)
+        conn = server_side(proxy, client)
         received = conn.received_bytes
         cpu, wall = time.process_time(), time.monotonic()
         flooding = asyncio.ensure_future(in_process(flood_from, fd, port, datagrams, seconds))
@@ -304,7 +305,7 @@ async def test_a_connection_seen_from_5000_addresses_keeps_a_short_path_list_and
         quic = client.proto._quic
         # MAX_DATA 0: a no-op frame that is not a probing one (the path is taken up)
         plan = [[craft(quic, varints(0x10, 0)) for _ in range(size)] for _ in range(batches)]
-        conn = server_side(proxy)
+        conn = server_side(proxy, client)
         paths: list[int] = []
         costs: list[float] = []
         ctx = multiprocessing.get_context("fork")

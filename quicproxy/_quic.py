@@ -57,7 +57,8 @@ loudly when an upgrade removes one):
 - The frame handlers ``_handle_ping_frame``, ``_handle_padding_frame``,
   ``_handle_data_blocked_frame``, ``_handle_stream_data_blocked_frame``,
   ``_handle_streams_blocked_frame``, ``_handle_path_challenge_frame``,
-  ``_handle_path_response_frame`` and ``_handle_retire_connection_id_frame`` (qh3 binds
+  ``_handle_path_response_frame``, ``_handle_new_connection_id_frame`` and
+  ``_handle_retire_connection_id_frame`` (qh3 binds
   them into its per-connection dispatch table, so overriding them costs nothing on other
   frames), ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``
   ``_find_network_path`` and the 1-RTT space's ``packet_number`` (packets sent, which
@@ -137,6 +138,7 @@ _GUARDED_FRAMES = (
     "streams_blocked",
     "path_challenge",
     "path_response",
+    "new_connection_id",
     "retire_connection_id",
 )
 "Frame types whose qh3 handlers ``FrameGuard`` overrides."
@@ -507,7 +509,8 @@ EXCESSIVE_LOAD = ErrorCode.H3_EXCESSIVE_LOAD
 class FrameBudget:
     """Token bucket for the frames that cost work and produce nothing: PING, padding runs
     past the first in a packet and padding-only packets, DATA_BLOCKED, STREAM_DATA_BLOCKED,
-    STREAMS_BLOCKED, PATH_CHALLENGE, PATH_RESPONSE, RETIRE_CONNECTION_ID: one token each.
+    STREAMS_BLOCKED, PATH_CHALLENGE, PATH_RESPONSE, NEW_CONNECTION_ID, RETIRE_CONNECTION_ID:
+    one token each.
 
     ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second and by one for each 1-RTT
     packet the connection sends (a client acknowledging a download makes an ACK-only packet
@@ -619,6 +622,10 @@ class FrameGuard(QuicConnection):
     def _handle_path_response_frame(self, context: Any, frame_type: int, buf: Any) -> None:
         self._spend(context, frame_type)
         super()._handle_path_response_frame(context, frame_type, buf)
+
+    def _handle_new_connection_id_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        super()._handle_new_connection_id_frame(context, frame_type, buf)
 
     def _handle_retire_connection_id_frame(self, context: Any, frame_type: int, buf: Any) -> None:
         self._spend(context, frame_type)

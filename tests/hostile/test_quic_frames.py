@@ -5,10 +5,11 @@ addresses: a real aioquic HTTP/3 client whose 1-RTT packets carry frames written
 What is asserted: *_BLOCKED frames claiming limits we never granted close the connection
 with PROTOCOL_VIOLATION (no ERROR log, no traceback, the proxy's windows unchanged); at our
 limits they are hints the connection answers through; floods of PING, PATH_CHALLENGE,
-padding, STREAMS_BLOCKED, RETIRE_CONNECTION_ID close it with H3_EXCESSIVE_LOAD (a 1,240-PING
-datagram after a few hundred frames, not all of them), while a second client is served; a
-connection fed from 5,000 source addresses keeps a short path list and a flat cost per
-datagram."""
+padding, STREAMS_BLOCKED, NEW/RETIRE_CONNECTION_ID close it with H3_EXCESSIVE_LOAD (a
+1,240-PING datagram after a few hundred frames, not all of them), while a second client is
+served; every frame type at extreme values is answered through or closed with a code, never
+an ERROR log; a connection fed from 5,000 source addresses keeps a short path list and a
+flat cost per datagram."""
 
 from __future__ import annotations
 
@@ -211,6 +212,7 @@ FLOODS = {
     "PATH_CHALLENGE": varints(0x1A) + bytes(range(8)),
     "STREAMS_BLOCKED": varints(0x17, 3),
     "RETIRE_CONNECTION_ID": varints(0x19, 1),
+    "NEW_CONNECTION_ID": varints(0x18, 1, 0, 8) + bytes(range(8)) + bytes(16),
     "PADDING between PINGs": b"\x01\x00",
 }
 
@@ -224,7 +226,7 @@ async def test_floods_of_useless_frames_close_with_excessive_load(
         async with h3_from("127.0.0.1", proxy, certs) as client:
             assert (await client.request("GET", "/before")).status == 200
             per_packet = 1000 // len(frame)
-            send(client, [frame * per_packet] * 3)
+            send(client, [frame * per_packet] * 10)
             close = await closed_with(client)
             assert close is not None, f"{name}: still open"
             assert close.error_code == H3_EXCESSIVE_LOAD, (name, close)
@@ -271,6 +273,63 @@ async def test_what_real_clients_send_stays_far_under_the_budget(make_proxy, bac
         for _ in range(5):
             assert (await client.request("GET", "/after", timeout=5)).status == 200
         assert quic._close_event is None
+
+
+EXTREMES = {
+    "ACK of packets never sent": varints(0x02, MAX_VARINT, MAX_VARINT, 0, 0),
+    "RESET_STREAM past the window": varints(0x04, 0, MAX_VARINT, MAX_VARINT),
+    "RESET_STREAM, stream ID past MAX_STREAMS": varints(0x04, MAX_VARINT - 3, 0, 0),
+    "STOP_SENDING, a request stream": varints(0x05, 0, MAX_VARINT),
+    "STOP_SENDING, our control stream": varints(0x05, 3, MAX_VARINT),
+    "STOP_SENDING, a stream of ours never opened": varints(0x05, 4, 0),
+    "CRYPTO at the last offset": varints(0x06, MAX_VARINT, 1) + b"x",
+    "CRYPTO far ahead": varints(0x06, 1 << 20, 4) + b"abcd",
+    "STREAM at the last offset": varints(0x0E, 0, MAX_VARINT, 1) + b"x",
+    "STREAM with FIN past the window": varints(0x0F, 0, MAX_VARINT - 1, 1) + b"x",
+    "MAX_DATA": varints(0x10, MAX_VARINT),
+    "MAX_STREAM_DATA": varints(0x11, 0, MAX_VARINT),
+    "MAX_STREAM_DATA, our control stream": varints(0x11, 3, MAX_VARINT),
+    "MAX_STREAMS bidi": varints(0x12, 1 << 60),
+    "MAX_STREAMS uni past 2^60": varints(0x13, MAX_VARINT),
+    "DATA_BLOCKED at 0": varints(0x14, 0),
+    "STREAM_DATA_BLOCKED, a stream of ours": varints(0x15, 3, 0),
+    "STREAMS_BLOCKED past 2^60": varints(0x16, MAX_VARINT),
+    "NEW_CONNECTION_ID": varints(0x18, 5, 0, 8) + bytes(range(8)) + bytes(16),
+    "RETIRE_CONNECTION_ID unknown": varints(0x19, MAX_VARINT),
+    "RETIRE_CONNECTION_ID current": varints(0x19, 0),
+    "HANDSHAKE_DONE": varints(0x1E),
+    "DATAGRAM": varints(0x30) + b"xx",
+    "unknown type": varints(0x21),
+}
+
+
+async def test_every_frame_type_at_extreme_values_is_answered_or_closed_with_a_code(
+    make_proxy, backend, certs, caplog
+):
+    """No frame a client can send reaches an ERROR log or stops the connection's output:
+    50 of it, then the connection either answers a request or was closed with a code."""
+    caplog.set_level(logging.WARNING)
+    proxy = await make_proxy(
+        backend, quic={"max_connections_per_address": 100, "max_handshakes_per_address": 100}
+    )
+    outcomes = {}
+    for name, frame in EXTREMES.items():
+        async with h3_from("127.0.0.1", proxy, certs) as client:
+            send(client, [frame] * 50)
+            close = await closed_with(client, 0.3)
+            if close is None:
+                answer = await client.request("GET", "/after", timeout=5)
+                outcomes[name] = answer.status
+            else:
+                outcomes[name] = hex(close.error_code)
+    print(outcomes)
+    # 200, or a transport error (FLOW_CONTROL, STREAM_LIMIT, STREAM_STATE, FRAME_ENCODING,
+    # CONNECTION_ID_LIMIT, PROTOCOL_VIOLATION, CRYPTO_BUFFER_EXCEEDED), H3_CLOSED_CRITICAL_STREAM
+    codes = {200, "0x3", "0x4", "0x5", "0x7", "0x9", "0xa", "0xd", "0x104"}
+    assert set(outcomes.values()) <= codes, outcomes
+    assert outcomes["ACK of packets never sent"] == "0xa"
+    assert outcomes["MAX_DATA"] == outcomes["DATA_BLOCKED at 0"] == 200
+    assert errors(caplog) == []
 
 
 # ------------------------------------------------------------------ paths

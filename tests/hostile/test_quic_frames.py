@@ -1,15 +1,15 @@
-"""QUIC frames that cost work and produce nothing, and one connection seen from many
-addresses: a real aioquic HTTP/3 client whose 1-RTT packets carry frames written by hand
-(sealed with the client's own keys, sent from its own socket or from new addresses).
+"""QUIC frames that cost work and produce nothing, and one connection seen from many addresses:
+a real aioquic HTTP/3 client whose 1-RTT packets carry frames written by hand (sealed with
+the client's own keys, sent from its own socket or from new addresses).
 
 What is asserted: *_BLOCKED frames claiming limits we never granted close the connection
 with PROTOCOL_VIOLATION (no ERROR log, no traceback, the proxy's windows unchanged); at our
 limits they are hints the connection answers through; floods of PING, PATH_CHALLENGE,
-padding, STREAMS_BLOCKED, NEW/RETIRE_CONNECTION_ID close it with H3_EXCESSIVE_LOAD (a
-1,240-PING datagram after a few hundred frames, not all of them), while a second client is
-served; every frame type at extreme values is answered through or closed with a code, never
-an ERROR log; a connection fed from 5,000 source addresses keeps a short path list and a
-flat cost per datagram."""
+padding, repeated ACK frames, STREAMS_BLOCKED, NEW/RETIRE_CONNECTION_ID close it with
+H3_EXCESSIVE_LOAD (a 1,240-PING datagram after a few hundred frames, not all of them), while
+a second client is served; every frame type at extreme values is answered through or closed
+with a code, never an ERROR log; a connection fed from 5,000 source addresses keeps a short
+path list and a flat cost per datagram."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ async def test_blocked_frames_claiming_limits_never_granted_close_with_protocol_
     for frames in (
         varints(0x14, MAX_VARINT),  # DATA_BLOCKED
         varints(0x15, 2, MAX_VARINT),  # STREAM_DATA_BLOCKED, the client's control stream
-        varints(0x15, 0, 1 << 40),  # STREAM_DATA_BLOCKED, a request stream
+        varints(0x15, 4, 1 << 40),  # STREAM_DATA_BLOCKED, the next request stream (opens it)
     ):
         async with h3_from("127.0.0.1", proxy, certs) as client:
             assert (await client.request("GET", "/before")).status == 200
@@ -126,7 +126,7 @@ async def test_blocked_frames_claiming_limits_never_granted_close_with_protocol_
             window = server._local_max_data.value
             send(client, [frames] * 64)
             close = await closed_with(client)
-            assert close is not None, "still open"
+            assert close is not None, f"{frames.hex()}: still open"
             assert close.error_code == PROTOCOL_VIOLATION and close.frame_type == frames[0]
             assert server._local_max_data.value == window
     status, _, _ = await fetch(proxy, certs, "h3", "GET", "/after")
@@ -230,10 +230,19 @@ async def test_floods_of_useless_frames_close_with_excessive_load(
             close = await closed_with(client)
             assert close is not None, f"{name}: still open"
             assert close.error_code == H3_EXCESSIVE_LOAD, (name, close)
+    # ACK frames: one a packet is what clients send; 200 copies of it (~2 us each for qh3)
+    async with h3_from("127.0.0.1", proxy, certs) as client:
+        assert (await client.request("GET", "/before")).status == 200
+        largest = client.proto._quic._spaces[Epoch.ONE_RTT].ack_queue.bounds().stop - 1
+        send(client, [varints(0x02, largest, 0, 0, 0) * 200] * 3)
+        close = await closed_with(client)
+        assert close is not None and close.error_code == H3_EXCESSIVE_LOAD, close
     # padding-only packets (no frame but PADDING), one a datagram: the budget's refill
     async with h3_from("127.0.0.1", proxy, certs) as client:
         assert (await client.request("GET", "/before")).status == 200
         for _ in range(10):
+            if client.proto._quic._close_event is not None:
+                break  # the client has dropped its keys
             send(client, [b"\x00" * 100] * 100)
             await asyncio.sleep(0.01)
         close = await closed_with(client)

@@ -56,9 +56,10 @@ loudly when an upgrade removes one):
   ``_quicpacket.PRIVATE``).
 - The frame handlers ``_handle_<type>_frame`` of every frame type a client may send
   (``_GUARDED_FRAMES``; qh3 binds them into its per-connection dispatch table),
-  ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``
-  ``_find_network_path`` and the 1-RTT space's ``packet_number`` (packets sent, which
-  refill the budget): frames that cost work and produce nothing are budgeted,
+  ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``,
+  ``_find_network_path``, the 1-RTT space's ``packet_number`` and
+  ``_local_max_streams_bidi`` / ``_uni`` (``used``: packets sent and streams opened refill
+  the budget): frames that cost work and produce nothing are budgeted,
   *_BLOCKED frames never raise a window, and a connection keeps a few network paths (see
   ``FrameGuard``).
 """
@@ -135,7 +136,6 @@ _BUDGETED_FRAMES = (
     "max_stream_data",
     "max_streams_bidi",
     "max_streams_uni",
-    "streams_blocked",
     "new_connection_id",
     "retire_connection_id",
     "path_challenge",
@@ -148,6 +148,7 @@ _GUARDED_FRAMES = (
     "ack",
     "padding",
     "stream",
+    "streams_blocked",
     "data_blocked",
     "stream_data_blocked",
 )
@@ -192,6 +193,8 @@ PRIVATE = [
     (QuicConnection, "_get_or_create_stream"),
     (QuicConnection, "_find_network_path"),
     ("connection", "_local_max_data"),
+    ("connection", "_local_max_streams_bidi"),
+    ("connection", "_local_max_streams_uni"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
@@ -501,16 +504,25 @@ class _Probe(int):
         return probe
 
 
-FRAME_BURST = 256
+FRAME_BURST = 512
 """Frames that cost work and produce nothing a connection may send at once (see
 ``FrameBudget``); a hostile datagram is cut off after this many such frames."""
 
 FRAME_RATE = 64.0
-"""Such frames per second on top, plus one per packet the connection sends."""
+"""Such frames per second on top (and more per packet sent, per stream opened)."""
 
-STREAM_FRAMES = 16
-"""STREAM frames a packet carries before each further one spends the budget (a browser
-packs a few requests' HEADERS in one; 220 one-byte STREAM frames cost ~700 us)."""
+FRAMES_PER_STREAM = 4
+"""Budget earned by each stream the client opens: its request may end in a RESET_STREAM
+and a STOP_SENDING, be blocked on flow control, be granted credit."""
+
+STREAM_FRAMES = 4
+"""STREAM frames a packet carries before one for a stream it already wrote to spends the
+budget (a browser packs dozens of requests' HEADERS in a packet, one frame each; 150
+one-byte STREAM frames on one stream cost ~900 us)."""
+
+REPEAT_COST = 1 / 16
+"""What a STREAMS_BLOCKED repeating the previous one costs: Chrome sends one for every
+request it queues behind MAX_STREAMS (402 for a page of 600 resources, 64 a packet)."""
 
 MAX_PATHS = 4
 """Network paths (client addresses) a connection keeps: the current one and the three
@@ -524,32 +536,35 @@ class FrameBudget:
     """Token bucket for the frames that cost work and produce nothing by themselves: each
     costs qh3 0.3-3 us, and a datagram holds hundreds of them (PING, MAX_DATA, an empty
     STREAM frame: 400-950 us a datagram, for ever). One token each: every frame but STREAM,
-    ACK and PADDING (``_BUDGETED_FRAMES``, and DATA_BLOCKED, STREAM_DATA_BLOCKED), an ACK
-    frame or padding run past a packet's first, a packet of nothing but padding, a STREAM
-    frame past a packet's ``STREAM_FRAMES``-th.
+    ACK and PADDING (``_BUDGETED_FRAMES``, and DATA_BLOCKED, STREAM_DATA_BLOCKED,
+    STREAMS_BLOCKED: ``REPEAT_COST`` when it repeats the previous one), an ACK frame or
+    padding run past a packet's first, a packet of nothing but padding, a STREAM frame for
+    a stream the packet already wrote to past its ``STREAM_FRAMES``-th.
 
-    ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second and by one for each 1-RTT
-    packet the connection sends (a client acknowledging a download makes an ACK-only packet
-    ack-eliciting now and then with a PING: Chrome after 19 ACK-only ones, ngtcp2 after 3
-    or 10; that rate follows what it is sent). Real clients (browsers, quinn, ngtcp2, qh3,
-    aioquic) otherwise send a few such frames a second: PINGs for keep-alive or loss
-    probes, a PATH_CHALLENGE on migrating, one *_BLOCKED per limit reached, credit
-    (MAX_*) as they read what they are sent, a reset per cancelled request."""
+    ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second, by one for each 1-RTT
+    packet the connection sends and by ``FRAMES_PER_STREAM`` for each stream the client
+    opens. Real clients send such frames in proportion to what they are sent or ask for:
+    a PING in every 4th to 20th packet acknowledging a download (ngtcp2 after 3 or 10
+    ACK-only packets, Chrome after 19), credit (MAX_*) as they read, a reset or a
+    STREAM_DATA_BLOCKED per request, STREAMS_BLOCKED per request queued; otherwise a few:
+    PINGs for keep-alive and loss probes, a PATH_CHALLENGE on migrating, a dozen CRYPTO
+    fragments and PINGs in Chrome's first flight. Chrome loading a page of 600 resources
+    over one connection stays above half the burst."""
 
-    __slots__ = ("tokens", "at", "sent")
+    __slots__ = ("tokens", "at", "earned")
 
     def __init__(self) -> None:
         self.tokens = float(FRAME_BURST)
         self.at = 0.0
-        self.sent = 0
+        self.earned = 0
 
-    def spend(self, now: float, sent: int) -> bool:
-        """One frame received at ``now``, the connection having sent ``sent`` packets;
-        False once the budget is exhausted."""
-        tokens = self.tokens + (now - self.at) * FRAME_RATE + (sent - self.sent)
+    def spend(self, now: float, earned: int, cost: float = 1.0) -> bool:
+        """One frame received at ``now``, ``earned`` being packets sent and streams opened
+        (weighted) so far; False once the budget is exhausted."""
+        tokens = self.tokens + (now - self.at) * FRAME_RATE + (earned - self.earned)
         self.at = now
-        self.sent = sent
-        self.tokens = tokens = min(tokens, FRAME_BURST) - 1
+        self.earned = earned
+        self.tokens = tokens = min(tokens, FRAME_BURST) - cost
         return tokens >= 0
 
 
@@ -576,7 +591,15 @@ class FrameGuard(QuicConnection):
     (~0.15 us, against qh3's 2-6 us for the frame); the other kinds are a few a connection.
     The budgeted handlers are made by ``_budgeted`` below the class."""
 
-    __slots__ = ("_frame_budget", "_padded", "_acked", "_streamed", "_stream_frames")
+    __slots__ = (
+        "_frame_budget",
+        "_padded",
+        "_acked",
+        "_streamed",
+        "_stream_frames",
+        "_packet_streams",
+        "_streams_blocked",
+    )
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -585,10 +608,14 @@ class FrameGuard(QuicConnection):
         self._acked: Any = None  # ... of the last ACK frame
         self._streamed: Any = None  # ... of the last STREAM frame
         self._stream_frames = 0  # STREAM frames in that packet
+        self._packet_streams: set[int] = set()  # streams written to past STREAM_FRAMES
+        self._streams_blocked: tuple[int, int] = (0, -1)  # the last (type, limit)
 
-    def _spend(self, context: Any, frame_type: int) -> None:
+    def _spend(self, context: Any, frame_type: int, cost: float = 1.0) -> None:
         space = self._spaces.get(tls.Epoch.ONE_RTT)
-        if self._frame_budget.spend(context.time, space.packet_number if space else 0):
+        earned = space.packet_number if space else 0
+        opened = self._local_max_streams_bidi.used + self._local_max_streams_uni.used
+        if self._frame_budget.spend(context.time, earned + FRAMES_PER_STREAM * opened, cost):
             return
         if self._close_event is None:
             log.warning(
@@ -612,11 +639,34 @@ class FrameGuard(QuicConnection):
         if context is self._streamed:
             self._stream_frames += 1
             if self._stream_frames > STREAM_FRAMES:
-                self._spend(context, frame_type)
+                self._stream_again(context, frame_type, buf)
         else:
             self._streamed = context
             self._stream_frames = 1
         _handle_stream_frame(self, context, frame_type, buf)
+
+    def _stream_again(self, context: Any, frame_type: int, buf: Any) -> None:
+        """Past a packet's ``STREAM_FRAMES``-th STREAM frame: one for a stream this part
+        of the packet already wrote to spends the budget (clients write a stream's data in
+        one frame a packet; a flood of tiny frames on one stream costs ~6 us each)."""
+        seen = self._packet_streams
+        if self._stream_frames == STREAM_FRAMES + 1:
+            seen.clear()
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        if stream_id in seen:
+            self._spend(context, frame_type)
+        else:
+            seen.add(stream_id)
+
+    def _handle_streams_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        """Spends the budget, only ``REPEAT_COST`` when it repeats the previous one."""
+        start = buf.tell()
+        last, self._streams_blocked = self._streams_blocked, (frame_type, buf.pull_uint_var())
+        buf.seek(start)
+        self._spend(context, frame_type, REPEAT_COST if last == self._streams_blocked else 1.0)
+        super()._handle_streams_blocked_frame(context, frame_type, buf)
 
     def _handle_padding_frame(self, context: Any, frame_type: int, buf: Any) -> None:
         """A packet's first padding run is free; later runs, and a packet of nothing but

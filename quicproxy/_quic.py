@@ -2,8 +2,9 @@
 
 Everything the listener and the HTTP/3 adapter need from the QUIC library goes
 through here: reading a packet header, checking that an Initial decrypts,
-Retry and Version Negotiation packets, the connection object and the few
-private attributes the proxy relies on. Swapping the QUIC library means
+Retry and Version Negotiation packets, the connection object (with a budget for
+the frames a client sends that cost work and produce nothing, ``FrameGuard``) and
+the few private attributes the proxy relies on. Swapping the QUIC library means
 rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
 
 qh3 1.9 is aioquic's design (the connection's state machine in Python) with the

@@ -9,7 +9,8 @@ padding, repeated ACK frames, STREAMS_BLOCKED, NEW/RETIRE_CONNECTION_ID close it
 H3_EXCESSIVE_LOAD (a 1,240-PING datagram after a few hundred frames, not all of them), while
 a second client is served; every frame type at extreme values is answered through or closed
 with a code, never an ERROR log; a connection fed from 5,000 source addresses keeps a short
-path list and a flat cost per datagram."""
+path list and a flat cost per datagram; Chromium loading a page of 600 resources stays well
+inside the budget."""
 
 from __future__ import annotations
 

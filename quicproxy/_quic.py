@@ -2,8 +2,9 @@
 
 Everything the listener and the HTTP/3 adapter need from the QUIC library goes
 through here: reading a packet header, checking that an Initial decrypts,
-Retry and Version Negotiation packets, the connection object and the few
-private attributes the proxy relies on. Swapping the QUIC library means
+Retry and Version Negotiation packets, the connection object (with a budget for
+the frames a client sends that cost work and produce nothing, ``FrameGuard``) and
+the few private attributes the proxy relies on. Swapping the QUIC library means
 rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
 
 qh3 1.9 is aioquic's design (the connection's state machine in Python) with the
@@ -54,6 +55,14 @@ loudly when an upgrade removes one):
 - ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_quicpacket.PacketBuilder``,
   which builds 1-RTT packets on a short path (the builder attributes it uses are in
   ``_quicpacket.PRIVATE``).
+- The frame handlers ``_handle_<type>_frame`` of every frame type a client may send
+  (``_GUARDED_FRAMES``; qh3 binds them into its per-connection dispatch table),
+  ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``,
+  ``_find_network_path``, the 1-RTT space's ``packet_number`` and
+  ``_local_max_streams_bidi`` / ``_uni`` (``used``: packets sent and streams opened refill
+  the budget): frames that cost work and produce nothing are budgeted,
+  *_BLOCKED frames never raise a window, and a connection keeps a few network paths (see
+  ``FrameGuard``).
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ from __future__ import annotations
 import functools
 import hmac
 import ipaddress
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -70,14 +80,15 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from qh3 import tls
 from qh3._hazmat import AeadAes128Gcm, Buffer, BufferReadError, QUICHeaderProtection
-from qh3.h3.connection import H3_ALPN, H3Connection
+from qh3.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from qh3.quic import connection as quic_connection_module
 from qh3.quic import crypto as quic_crypto_module
 from qh3.quic import events as quic_events
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.crypto import INITIAL_SALT_VERSION_1, INITIAL_SALT_VERSION_2
 from qh3.quic.packet import (
+    QuicErrorCode,
     QuicPacketType,
     QuicProtocolVersion,
     encode_quic_retry,
@@ -109,11 +120,40 @@ __all__ = [
     "version_negotiation",
 ]
 
+log = logging.getLogger("quicproxy")
+
 events = quic_events
 "The QUIC event classes (ConnectionTerminated, StreamReset, HandshakeCompleted, ...)."
 
 MIN_INITIAL_SIZE = 1200
 "A client's first datagram is padded to at least this size (RFC 9000 §14.1)."
+
+_BUDGETED_FRAMES = (
+    "ping",
+    "crypto",
+    "reset_stream",
+    "stop_sending",
+    "max_data",
+    "max_stream_data",
+    "max_streams_bidi",
+    "max_streams_uni",
+    "new_connection_id",
+    "retire_connection_id",
+    "path_challenge",
+    "path_response",
+)
+"Frame types of which every one spends ``FrameGuard``'s budget."
+
+_GUARDED_FRAMES = (
+    *_BUDGETED_FRAMES,
+    "ack",
+    "padding",
+    "stream",
+    "streams_blocked",
+    "data_blocked",
+    "stream_data_blocked",
+)
+"Frame types whose qh3 handlers ``FrameGuard`` overrides."
 
 PRIVATE = [
     (quic_connection_module, "QuicStream"),
@@ -146,8 +186,16 @@ PRIVATE = [
     ("connection", "_loss"),
     ("recovery", "bytes_in_flight"),
     ("space", "ack_at"),
+    ("space", "packet_number"),
     ("sender", "_pending"),
     ("h3", "_local_control_stream_id"),
+    *((QuicConnection, f"_handle_{name}_frame") for name in _GUARDED_FRAMES),
+    (QuicConnection, "_assert_stream_can_receive"),
+    (QuicConnection, "_get_or_create_stream"),
+    (QuicConnection, "_find_network_path"),
+    ("connection", "_local_max_data"),
+    ("connection", "_local_max_streams_bidi"),
+    ("connection", "_local_max_streams_uni"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
@@ -457,7 +505,232 @@ class _Probe(int):
         return probe
 
 
-class CreditedConnection(QuicConnection):
+FRAME_BURST = 512
+"""Frames that cost work and produce nothing a connection may send at once (see
+``FrameBudget``); a hostile datagram is cut off after this many such frames."""
+
+FRAME_RATE = 64.0
+"""Such frames per second on top (and more per packet sent, per stream opened)."""
+
+FRAMES_PER_STREAM = 4
+"""Budget earned by each stream the client opens: its request may end in a RESET_STREAM
+and a STOP_SENDING, be blocked on flow control, be granted credit."""
+
+STREAM_FRAMES = 4
+"""STREAM frames a packet carries before one for a stream it already wrote to spends the
+budget (a browser packs dozens of requests' HEADERS in a packet, one frame each; 150
+one-byte STREAM frames on one stream cost ~900 us)."""
+
+REPEAT_COST = 1 / 16
+"""What a STREAMS_BLOCKED repeating the previous one costs: Chrome sends one for every
+request it queues behind MAX_STREAMS (402 for a page of 600 resources, 64 a packet)."""
+
+MAX_PATHS = 4
+"""Network paths (client addresses) a connection keeps: the current one and the three
+latest others, pending validation first to go (qh3 keeps every address ever seen)."""
+
+EXCESSIVE_LOAD = ErrorCode.H3_EXCESSIVE_LOAD
+"HTTP/3's H3_EXCESSIVE_LOAD: the application error a frame flood is closed with."
+
+
+class FrameBudget:
+    """Token bucket for the frames that cost work and produce nothing by themselves: each
+    costs qh3 0.3-3 us, and a datagram holds hundreds of them (PING, MAX_DATA, an empty
+    STREAM frame: 400-950 us a datagram, for ever). One token each: every frame but STREAM,
+    ACK and PADDING (``_BUDGETED_FRAMES``, and DATA_BLOCKED, STREAM_DATA_BLOCKED,
+    STREAMS_BLOCKED: ``REPEAT_COST`` when it repeats the previous one), an ACK frame or
+    padding run past a packet's first, a packet of nothing but padding, a STREAM frame for
+    a stream the packet already wrote to past its ``STREAM_FRAMES``-th.
+
+    ``FRAME_BURST`` tokens, refilled at ``FRAME_RATE`` a second, by one for each 1-RTT
+    packet the connection sends and by ``FRAMES_PER_STREAM`` for each stream the client
+    opens. Real clients send such frames in proportion to what they are sent or ask for:
+    a PING in every 4th to 20th packet acknowledging a download (ngtcp2 after 3 or 10
+    ACK-only packets, Chrome after 19), credit (MAX_*) as they read, a reset or a
+    STREAM_DATA_BLOCKED per request, STREAMS_BLOCKED per request queued; otherwise a few:
+    PINGs for keep-alive and loss probes, a PATH_CHALLENGE on migrating, a dozen CRYPTO
+    fragments and PINGs in Chrome's first flight. Chrome loading a page of 600 resources
+    over one connection stays above half the burst."""
+
+    __slots__ = ("tokens", "at", "earned")
+
+    def __init__(self) -> None:
+        self.tokens = float(FRAME_BURST)
+        self.at = 0.0
+        self.earned = 0
+
+    def spend(self, now: float, earned: int, cost: float = 1.0) -> bool:
+        """One frame received at ``now``, ``earned`` being packets sent and streams opened
+        (weighted) so far; False once the budget is exhausted."""
+        tokens = self.tokens + (now - self.at) * FRAME_RATE + (earned - self.earned)
+        self.at = now
+        self.earned = earned
+        self.tokens = tokens = min(tokens, FRAME_BURST) - cost
+        return tokens >= 0
+
+
+_handle_ack_frame = QuicConnection._handle_ack_frame
+_handle_stream_frame = QuicConnection._handle_stream_frame
+
+
+class FrameGuard(QuicConnection):
+    """qh3's connection, bounded against frames that cost work and produce nothing and
+    against a client that writes from ever new addresses.
+
+    - Frames of the kinds ``FrameBudget`` lists spend its tokens; over budget, the
+      connection is closed with ``EXCESSIVE_LOAD`` (an application CONNECTION_CLOSE, as
+      HTTP/2's flood guard answers ENHANCE_YOUR_CALM): a datagram of 1,240 PINGs costs a
+      few hundred frames' work once, not 1,240 for every datagram of a flood.
+    - DATA_BLOCKED and STREAM_DATA_BLOCKED never raise a window (qh3 doubled it for each,
+      until MAX_DATA no longer fitted a varint and building packets raised): the proxy
+      grants request streams credit as it consumes, qh3 the others as data arrives. A limit
+      above the one we advertised is a lie: PROTOCOL_VIOLATION.
+    - At most ``MAX_PATHS`` network paths: qh3 scans its list of every address ever seen
+      for each datagram (5,000 addresses: 80 -> 400 us a datagram).
+
+    On the normal path a STREAM or ACK frame costs one comparison and a store more
+    (~0.15 us, against qh3's 2-6 us for the frame); the other kinds are a few a connection.
+    The budgeted handlers are made by ``_budgeted`` below the class."""
+
+    __slots__ = (
+        "_frame_budget",
+        "_padded",
+        "_acked",
+        "_streamed",
+        "_stream_frames",
+        "_packet_streams",
+        "_streams_blocked",
+    )
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._frame_budget = FrameBudget()
+        self._padded: Any = None  # the receive context (packet) of the last padding run
+        self._acked: Any = None  # ... of the last ACK frame
+        self._streamed: Any = None  # ... of the last STREAM frame
+        self._stream_frames = 0  # STREAM frames in that packet
+        self._packet_streams: set[int] = set()  # streams written to past STREAM_FRAMES
+        self._streams_blocked: tuple[int, int] = (0, -1)  # the last (type, limit)
+
+    def _spend(self, context: Any, frame_type: int, cost: float = 1.0) -> None:
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        earned = space.packet_number if space else 0
+        opened = self._local_max_streams_bidi.used + self._local_max_streams_uni.used
+        if self._frame_budget.spend(context.time, earned + FRAMES_PER_STREAM * opened, cost):
+            return
+        if self._close_event is None:
+            log.warning(
+                "QUIC frame flood (type 0x%x) from %s: closing",
+                frame_type,
+                context.network_path.addr[0],
+            )
+        raise QuicConnectionError(
+            error_code=EXCESSIVE_LOAD, frame_type=None, reason_phrase="excessive load"
+        )
+
+    def _handle_ack_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        """As qh3; a packet's second and later ACK frames (clients send one) spend the
+        budget: each costs qh3 ~2 us, hundreds fit in a datagram."""
+        if context is self._acked:
+            self._spend(context, frame_type)
+        self._acked = context
+        _handle_ack_frame(self, context, frame_type, buf)
+
+    def _handle_stream_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        if context is self._streamed:
+            self._stream_frames += 1
+            if self._stream_frames > STREAM_FRAMES:
+                self._stream_again(context, frame_type, buf)
+        else:
+            self._streamed = context
+            self._stream_frames = 1
+        _handle_stream_frame(self, context, frame_type, buf)
+
+    def _stream_again(self, context: Any, frame_type: int, buf: Any) -> None:
+        """Past a packet's ``STREAM_FRAMES``-th STREAM frame: one for a stream this part
+        of the packet already wrote to spends the budget (clients write a stream's data in
+        one frame a packet; a flood of tiny frames on one stream costs ~6 us each)."""
+        seen = self._packet_streams
+        if self._stream_frames == STREAM_FRAMES + 1:
+            seen.clear()
+        start = buf.tell()
+        stream_id = buf.pull_uint_var()
+        buf.seek(start)
+        if stream_id in seen:
+            self._spend(context, frame_type)
+        else:
+            seen.add(stream_id)
+
+    def _handle_streams_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        """Spends the budget, only ``REPEAT_COST`` when it repeats the previous one."""
+        start = buf.tell()
+        last, self._streams_blocked = self._streams_blocked, (frame_type, buf.pull_uint_var())
+        buf.seek(start)
+        self._spend(context, frame_type, REPEAT_COST if last == self._streams_blocked else 1.0)
+        super()._handle_streams_blocked_frame(context, frame_type, buf)
+
+    def _handle_padding_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        """A packet's first padding run is free; later runs, and a packet of nothing but
+        padding, spend the budget."""
+        start = buf.tell()
+        super()._handle_padding_frame(context, frame_type, buf)
+        if context is self._padded or (start == 1 and buf.eof()):
+            self._spend(context, frame_type)
+        self._padded = context
+
+    def _handle_data_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        if buf.pull_uint_var() > self._local_max_data.value:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=frame_type,
+                reason_phrase="DATA_BLOCKED above MAX_DATA",
+            )
+
+    def _handle_stream_data_blocked_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        stream_id = buf.pull_uint_var()
+        limit = buf.pull_uint_var()
+        self._assert_stream_can_receive(frame_type, stream_id)
+        stream = self._get_or_create_stream(frame_type, stream_id)
+        if limit > stream.max_stream_data_local:
+            raise QuicConnectionError(
+                error_code=QuicErrorCode.PROTOCOL_VIOLATION,
+                frame_type=frame_type,
+                reason_phrase="STREAM_DATA_BLOCKED above MAX_STREAM_DATA",
+            )
+
+    def _find_network_path(self, addr: Any) -> Any:
+        """As qh3, over at most ``MAX_PATHS`` paths: a new address makes room first (qh3
+        appends it once its packet is handled)."""
+        paths = self._network_paths
+        for path in paths:
+            if path.addr == addr:
+                return path
+        if len(paths) >= MAX_PATHS:
+            others = paths[1:]  # the first is the current path
+            pending = [path for path in others if not path.is_validated]
+            paths.remove(pending[0] if pending else others[0])
+        return super()._find_network_path(addr)
+
+
+def _budgeted(name: str) -> Any:
+    """qh3's handler of frame type ``name``, spending ``FrameGuard``'s budget first."""
+    handler = getattr(QuicConnection, name)
+
+    def guarded(self: FrameGuard, context: Any, frame_type: int, buf: Any) -> None:
+        self._spend(context, frame_type)
+        handler(self, context, frame_type, buf)
+
+    guarded.__name__ = guarded.__qualname__ = name
+    return guarded
+
+
+for _name in _BUDGETED_FRAMES:
+    setattr(FrameGuard, f"_handle_{_name}_frame", _budgeted(f"_handle_{_name}_frame"))
+
+
+class CreditedConnection(FrameGuard):
     """qh3's QuicConnection whose request-stream receive windows follow what the proxy
     consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
 

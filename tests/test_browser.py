@@ -32,7 +32,12 @@ async def test_chromium_gets_the_page_over_http3(make_proxy, tmp_path):
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:  # a timed-out browser must not outlive the test
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert '<b id="protocol">HTTP/3</b>' in out.decode(), out.decode()[:2000]
     labels = {"protocol": "h3", "status_class": "2xx", "route": "demo"}

@@ -466,7 +466,12 @@ async def test_a_browser_loading_600_resources_stays_well_inside_the_budget(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+    finally:  # a timed-out browser must not outlive the test
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode == 0, err.decode()[-2000:]
     answered = metrics.value(
         "quicproxy_requests_total", protocol="h3", status_class="2xx", route="default"

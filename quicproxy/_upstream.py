@@ -1,5 +1,8 @@
 """Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways.
 
+The request head carries exactly one framing field, computed here (Content-Length when
+the length is known, else chunked); the client's own are dropped (``_forward.FRAMING``).
+
 A request is delivered at most once unless it is safe to repeat. An idle connection
 is checked before it carries a request (closed, or readable: a FIN or stray bytes the
 event loop has not taken yet) and dropped if the check fails: nothing was written, so
@@ -34,6 +37,7 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
+from ._forward import without_framing
 from ._model import Body, Headers, Response
 from ._streamio import READ_SIZE, write_within
 
@@ -244,7 +248,8 @@ class UpstreamPool:
         body: Body,
         content_length: int | None,
     ) -> Response:
-        method, target, headers = head
+        method, target, fields = head
+        headers = without_framing(fields)  # the framing is ours alone, never the client's
         framing: Headers = []
         if content_length is not None:
             framing = [("content-length", str(content_length))]

@@ -225,6 +225,10 @@ class UpstreamPool:
 
         A request whose reused connection failed under it is sent once more on another
         connection when the error says that is safe (see the module's docstring)."""
+        if content_length and body.ended and not body.buffered:
+            # h3 (qh3) lets a stream end short of its Content-Length: never send a head
+            # that promises bytes which will not come.
+            raise BadRequest("request body shorter than its Content-Length")
         for attempt in (1, 2):
             conn = await self._acquire(member)
             try:

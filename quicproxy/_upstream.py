@@ -230,7 +230,8 @@ class UpstreamPool:
             # that promises bytes which will not come.
             raise BadRequest("request body shorter than its Content-Length")
         for attempt in (1, 2):
-            conn = await self._acquire(member)
+            # a retry takes a new connection: another idle one may be as stale
+            conn = await (self._acquire(member) if attempt == 1 else self._connect(member))
             try:
                 return await self._exchange(
                     member, conn, (method, target, headers), body, content_length

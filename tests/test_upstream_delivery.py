@@ -242,3 +242,25 @@ async def test_the_error_says_whether_a_retry_is_safe() -> None:
     finally:
         await pool.aclose()
         await backend.stop()
+
+
+async def test_the_retry_takes_a_new_connection_not_another_idle_one(
+    backend_reset_2nd: ResettingBackend,
+) -> None:
+    """Two idle connections, both about to fail their next request: the retry of a GET
+    goes on a new connection, so it is not lost to the second stale one."""
+    backend = backend_reset_2nd
+    pool = UpstreamPool(UpstreamConfig(timeout=5.0))
+    member = ("127.0.0.1", backend.port)
+    try:
+        first = await pool.request(member, "GET", "/w1", [("host", "x")], Body.empty(), None)
+        second = await pool.request(member, "GET", "/w2", [("host", "x")], Body.empty(), None)
+        for resp in (first, second):  # read to the end: both connections go idle
+            assert b"".join([c async for c in resp.body]) == b"ok"
+        assert len(pool._idle[member]) == 2
+        resp = await pool.request(member, "GET", "/page", [("host", "x")], Body.empty(), None)
+        assert resp.status == 200 and b"".join([c async for c in resp.body]) == b"ok"
+        assert backend.deliveries[("GET", "/page")] == 2
+        assert backend.connections == 3
+    finally:
+        await pool.aclose()

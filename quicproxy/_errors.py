@@ -20,8 +20,11 @@ The tree::
         └── UpstreamTimeout (504)
 
 ``detail`` says what went wrong for the log; the answer to the client carries
-only ``status`` and ``reason``. :class:`RequestError` subclasses ValueError so
-adapters that catch ValueError from request parsing keep working.
+only ``status`` and ``reason``. ``retry_safe`` (Pingora's RetryType) says whether the
+request may be sent upstream again after this error without being delivered twice
+where that would matter; the upstream pool decides on it, never on the message.
+:class:`RequestError` subclasses ValueError so adapters that catch ValueError from
+request parsing keep working.
 """
 
 from __future__ import annotations
@@ -59,9 +62,12 @@ class ProxyError(Exception):
     status = 500
     reason = "Internal Server Error"
 
-    def __init__(self, detail: str = "") -> None:
+    def __init__(self, detail: str = "", *, retry_safe: bool = False) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail or self.reason
+        self.retry_safe = retry_safe
+        """Sending the request again cannot deliver it twice where that matters: nothing of
+        it was written, or it is a bodiless request with a safe method (``_upstream``)."""
 
 
 class RequestError(ProxyError, ValueError):

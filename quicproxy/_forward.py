@@ -1,10 +1,21 @@
-"""Header rewriting between client and upstream: hop-by-hop removal, X-Forwarded-*."""
+"""Header rewriting between client and upstream: hop-by-hop removal, X-Forwarded-*,
+and the framing fields, which are the proxy's.
+
+Framing is decided per hop: a request goes upstream with exactly one framing field the
+upstream pool computes (Content-Length or chunked, ``_upstream``), never the client's
+beside it; a response leaves with the one Content-Length :func:`response_fields`
+stands for, or none (h1 then chunks or closes, h2/h3 end the stream). Hop-by-hop fields
+(Connection and the fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade,
+Transfer-Encoding, ...) stop here both ways; TE goes too, "trailers" included: trailers
+are not carried through.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 
-from ._model import Headers, Request
+from ._h1wire import length_of
+from ._model import Headers, Request, header_value
 
 __all__ = [
     "HOP_BY_HOP",
@@ -12,6 +23,9 @@ __all__ = [
     "TrustedProxies",
     "upstream_headers",
     "real_client",
+    "FRAMING",
+    "without_framing",
+    "response_fields",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -28,6 +42,8 @@ HOP_BY_HOP = frozenset(
         "http2-settings",
     }
 )
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+"Fields that frame a message on HTTP/1.1: the sender of each hop writes its own."
 _FORWARDED = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip", "forwarded"}
 )
@@ -42,6 +58,32 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
         for token in value.split(",")
     }
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+def without_framing(headers: Headers) -> Headers:
+    """``headers`` without Content-Length and Transfer-Encoding."""
+    return [(k, v) for k, v in headers if k not in FRAMING]
+
+
+def response_fields(method: str, status: int, headers: Headers, length: int | None) -> Headers:
+    """A response's fields as the proxy sends them, on any protocol: hop-by-hop fields
+    dropped, and one Content-Length that agrees with what follows, or none:
+
+    - none on 1xx and 204 (RFC 9110 8.6: never sent there) and on 304 (a MAY there, and
+      an h2/h3 client may hold it against the empty DATA);
+    - on an answer to HEAD, the upstream's value when it is a number (the length a GET
+      would have), as one field: no body follows on any protocol;
+    - otherwise ``length``, the body's length when known (the upstream's framing, checked
+      as the body is read), else none.
+    """
+    fields = [(k, v) for k, v in strip_hop_by_hop(headers) if k != "content-length"]
+    if status < 200 or status in (204, 304):
+        return fields
+    declared = length_of(header_value(headers, "content-length"))
+    value = declared if method == "HEAD" else length if length is not None else declared
+    if value is not None:
+        fields.append(("content-length", str(value)))
+    return fields
 
 
 class TrustedProxies:

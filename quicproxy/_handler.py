@@ -30,7 +30,13 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamTlsError,
 )
-from ._forward import TrustedProxies, real_client, strip_hop_by_hop, upstream_headers
+from ._forward import (
+    TrustedProxies,
+    real_client,
+    response_fields,
+    strip_hop_by_hop,
+    upstream_headers,
+)
 from ._member import Member
 from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response
@@ -111,7 +117,8 @@ class Handler:
         resp: Response | None = None
         try:
             resp = await self.handle(req, rec)
-            headers = [(k, v) for k, v in resp.headers if k != "x-request-id"]
+            headers = response_fields(req.method, resp.status, resp.headers, resp.content_length)
+            headers = [(k, v) for k, v in headers if k != "x-request-id"]
             headers.append(("x-request-id", rec.request_id))
             if self.alt_svc:
                 headers.append(("alt-svc", self.alt_svc))

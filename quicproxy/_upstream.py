@@ -2,12 +2,32 @@
 
 Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
 https members are reached over verified TLS with one client context per member,
-which offers the member's last session ticket to each new connection."""
+which offers the member's last session ticket to each new connection.
+
+The request head carries exactly one framing field, computed here (Content-Length when
+the length is known, else chunked); the client's own are dropped (``_forward.FRAMING``).
+
+A request is delivered at most once unless it is safe to repeat. An idle connection
+is checked before it carries a request (closed, or readable: a FIN or stray bytes the
+event loop has not taken yet) and dropped if the check fails: nothing was written, so
+the next one is taken. Once a byte of the request was written, a connection that then
+fails (a write error, or closed or reset before any byte of a response) may have
+delivered it: a write to a socket the peer already closed can "succeed". The request is
+then sent again, once, on a new connection, only when it is replayable: a safe method
+(GET, HEAD, OPTIONS, TRACE; RFC 9110 9.2.1) without a body, on a reused keep-alive
+connection (the race of a keep-alive the upstream closed as the request left). POST,
+PATCH, PUT, DELETE, any other method, and every request with a body are never sent
+twice: the client gets 502. PUT and DELETE are idempotent in RFC 9110 but are left out
+on purpose, as nginx leaves POST/PATCH/LOCK: a second DELETE answers 404 for a delete
+that happened, and backends commonly attach side effects to both. Errors carry the
+decision as ``retry_safe`` (``_errors``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -24,11 +44,15 @@ from ._errors import (
     UpstreamTlsError,
     UpstreamTruncated,
 )
+from ._forward import without_framing
 from ._member import Member, ResumingContext, client_context, tls_failure
 from ._model import Body, Headers, Response
 from ._streamio import READ_SIZE, write_within
 
-__all__ = ["UpstreamPool"]
+__all__ = ["UpstreamPool", "REPLAYABLE_METHODS"]
+
+REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+"Methods whose bodiless request may be sent again after a keep-alive failed under it."
 
 
 class _Conn:
@@ -60,18 +84,19 @@ class _Conn:
             raise self.tls_error(exc) from None
         except (ConnectionError, OSError):
             if first and self.tls is not None and not self.reused:
-                raise self.unanswered() from None  # reset right after the handshake
+                raise self.unanswered(UpstreamConnectError("upstream closed")) from None
             raise
 
     def tls_error(self, exc: ssl.SSLError) -> UpstreamTlsError:
         """A TLS alert after the handshake (TLS 1.3 refuses a client certificate here)."""
         return UpstreamTlsError(f"TLS to {self.label} failed: {tls_failure(exc)}")
 
-    def unanswered(self) -> Exception:
-        """Closed before any answer: a stale keep-alive, or, on a fresh TLS connection,
-        a TLS 1.3 refusal whose alert was lost to the close (the usual mTLS failure)."""
+    def unanswered(self, closed: UpstreamConnectError) -> UpstreamConnectError:
+        """Closed before any answer: ``closed`` (maybe a stale keep-alive), or, on a fresh
+        TLS connection, a TLS 1.3 refusal whose alert was lost to the close (the usual
+        mTLS failure)."""
         if self.tls is None or self.reused:
-            return _Stale()
+            return closed
         return UpstreamTlsError(
             f"TLS to {self.label} failed: closed after the handshake without answering"
             " (client certificate required or refused?)"
@@ -95,6 +120,21 @@ class _Conn:
     @property
     def usable(self) -> bool:
         return not self.reader.at_eof() and not self.writer.is_closing()
+
+    def idle_intact(self) -> bool:
+        """An idle connection still open, with nothing to read: a FIN, a reset or stray
+        bytes already in the kernel (not yet seen by the event loop) make it unusable."""
+        if not self.usable or self.reader.exception() is not None:
+            return False
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:
+            return True
+        poll = select.poll()  # not select.select: descriptors above 1023 are common here
+        try:
+            poll.register(sock.fileno(), select.POLLIN)
+            return not poll.poll(0)
+        except (OSError, ValueError):
+            return False
 
 
 class _Slots:
@@ -230,7 +270,7 @@ class UpstreamPool:
         idle = self._idle.get(member)
         while idle:
             conn = idle.pop()
-            if conn.usable:
+            if conn.idle_intact():
                 conn.reused = True
                 return conn
             conn.close()
@@ -266,17 +306,25 @@ class UpstreamPool:
         body: Body,
         content_length: int | None,
     ) -> Response:
-        """Send one request; return the response with its body still streaming."""
+        """Send one request; return the response with its body still streaming.
+
+        A request whose reused connection failed under it is sent once more on another
+        connection when the error says that is safe (see the module's docstring)."""
+        if content_length and body.ended and not body.buffered:
+            # h3 (qh3) lets a stream end short of its Content-Length: never send a head
+            # that promises bytes which will not come.
+            raise BadRequest("request body shorter than its Content-Length")
         for attempt in (1, 2):
-            conn = await self._acquire(member)
+            # a retry takes a new connection: another idle one may be as stale
+            conn = await (self._acquire(member) if attempt == 1 else self._connect(member))
             try:
                 return await self._exchange(
                     member, conn, (method, target, headers), body, content_length
                 )
-            except _Stale:
+            except UpstreamConnectError as exc:
                 conn.close()
-                if attempt == 2:
-                    raise UpstreamConnectError("upstream closed the connection") from None
+                if attempt == 2 or not (exc.retry_safe and conn.reused):
+                    raise
             except BaseException:
                 conn.close()
                 raise
@@ -290,38 +338,39 @@ class UpstreamPool:
         body: Body,
         content_length: int | None,
     ) -> Response:
-        method, target, headers = head
+        method, target, fields = head
+        headers = without_framing(fields)  # the framing is ours alone, never the client's
         framing: Headers = []
         if content_length is not None:
             framing = [("content-length", str(content_length))]
         elif not body.ended or body.buffered:
             framing = [("transfer-encoding", "chunked")]
         empty_body = content_length == 0 or (body.ended and not body.buffered)
+        replay = empty_body and method in REPLAYABLE_METHODS
         try:
             await conn.write(wire.request_head(method, target, headers + framing))
         except (ConnectionError, OSError):
-            if conn.reused and empty_body:
-                raise _Stale() from None
-            raise UpstreamConnectError("upstream connection failed") from None
+            # Some of the head may have left: only a replayable request goes again.
+            closed = UpstreamConnectError("upstream closed the connection", retry_safe=replay)
+            raise closed from None
         if empty_body:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
-            return self._response(member, conn, await self._read_head(conn, method), done)
+            answer = await self._read_head(conn, method, replay)
+            return self._response(member, conn, answer, done)
         sender = asyncio.ensure_future(self._send_body(conn, body, content_length))
-        reading = asyncio.ensure_future(self._read_head(conn, method))
+        reading = asyncio.ensure_future(self._read_head(conn, method, False))
         try:
             await asyncio.wait([sender, reading], return_when=asyncio.FIRST_COMPLETED)
             failed = sender.exception() if sender.done() else None
             if isinstance(failed, ProxyError):
                 raise failed  # the client's body went wrong (too large, aborted)
             response = await reading  # an upstream that stopped reading may still answer
-        except BaseException as exc:
+        except BaseException:
             reading.cancel()
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
-            if isinstance(exc, _Stale) and not (conn.reused and empty_body):
-                raise UpstreamConnectError("upstream closed the connection") from None
             raise
         return self._response(member, conn, response, sender)
 
@@ -354,7 +403,10 @@ class UpstreamPool:
         elif sent != content_length:
             raise BadRequest("request body shorter than its Content-Length")
 
-    async def _read_head(self, conn: _Conn, method: str) -> wire.ResponseHead:
+    async def _read_head(self, conn: _Conn, method: str, replay: bool) -> wire.ResponseHead:
+        """The response head; a connection closed or reset before any byte of it is an
+        error that is ``retry_safe`` when ``replay`` (the request may go again)."""
+        closed = UpstreamConnectError("upstream closed the connection", retry_safe=replay)
         try:
             async with asyncio.timeout(self.cfg.timeout):
                 return await wire.read_head(conn.reader, method)
@@ -364,12 +416,12 @@ class UpstreamPool:
             raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
-                raise conn.unanswered() from None  # closed before answering: a stale keep-alive
+                raise conn.unanswered(closed) from None  # maybe a stale keep-alive
             raise UpstreamConnectError("invalid upstream response: closed mid-head") from None
         except ssl.SSLError as exc:
             raise conn.tls_error(exc) from None
         except (ConnectionError, OSError):
-            raise conn.unanswered() from None
+            raise conn.unanswered(closed) from None
 
     async def _read_body(
         self,
@@ -400,7 +452,3 @@ class UpstreamPool:
 
 def _sent(sender: asyncio.Future[None]) -> bool:
     return sender.done() and not sender.cancelled() and sender.exception() is None
-
-
-class _Stale(Exception):
-    """A kept-alive connection turned out closed before any answer."""

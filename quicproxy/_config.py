@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import yaml
@@ -38,6 +38,7 @@ __all__ = [
     "Route",
     "load_config",
     "parse_backend",
+    "Backend",
 ]
 
 
@@ -46,7 +47,7 @@ class Route:
     """Send requests matching ``host`` (optional) and ``path_prefix`` to ``backends``."""
 
     backends: list[str] = field(default_factory=list)
-    "Upstream URLs (http://host:port), balanced round-robin."
+    "Upstream URLs (http://host:port, or h2c://host:port for HTTP/2), balanced round-robin."
     host: str | None = None
     "Exact host to match (case-insensitive, port ignored); None matches any."
     path_prefix: str = "/"
@@ -359,8 +360,18 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_backend(key: str, url: str) -> tuple[str, int]:
-    """Split an upstream URL into (host, port); ConfigError naming ``key`` if unusable."""
+class Backend(NamedTuple):
+    """An upstream member: where, and how it is spoken to."""
+
+    host: str
+    port: int
+    scheme: str = "http"
+    "'http' (HTTP/1.1) or 'h2c' (HTTP/2 with prior knowledge, no TLS)."
+
+
+def parse_backend(key: str, url: str, schemes: tuple[str, ...] = ("http", "h2c")) -> Backend:
+    """Split an upstream URL (http://HOST:PORT or h2c://HOST:PORT) into a Backend;
+    ConfigError naming ``key`` if unusable."""
     text = url.strip()
     if "://" not in text:
         text = "http://" + text
@@ -371,15 +382,17 @@ def parse_backend(key: str, url: str) -> tuple[str, int]:
         raise ConfigError(
             key, f"cannot parse backend URL {url!r} ({exc})", "use http://HOST:PORT"
         ) from None
-    if parts.scheme != "http":
+    if parts.scheme not in schemes:
         raise ConfigError(
-            key, f"unsupported scheme in {url!r}", "upstreams are plain http://HOST:PORT"
+            key,
+            f"unsupported scheme in {url!r}",
+            f"use {' or '.join(s + '://HOST:PORT' for s in schemes)}",
         )
     if not parts.hostname:
         raise ConfigError(key, f"no host in backend URL {url!r}", "use http://HOST:PORT")
     if parts.path not in ("", "/") or parts.query:
         raise ConfigError(key, f"backend URL {url!r} has a path", "use http://HOST:PORT only")
-    return parts.hostname, port or 80
+    return Backend(parts.hostname, port or 80, parts.scheme)
 
 
 def _check_port(key: str, value: int | None) -> None:
@@ -511,7 +524,7 @@ def _validate(cfg: Config) -> None:
                 "waf.url", "mode is 'service' but no URL", "set --waf-url or WAF_HOST/WAF_PORT"
             )
         try:
-            parse_backend("waf.url", waf.url)
+            parse_backend("waf.url", waf.url, ("http",))
         except ConfigError as exc:
             raise ConfigError(
                 "waf.url", str(exc).split(": ", 2)[-1], "use http://HOST:PORT"

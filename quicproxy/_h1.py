@@ -41,7 +41,12 @@ class _Writer:
         self._held = b""
         self._flush: asyncio.Handle | None = None
 
-    async def send_head(self, status: int, headers: Headers) -> None:
+    async def send_head(self, status: int, headers: Headers, end: bool = False) -> None:
+        await self._head(status, headers)
+        if end:
+            await self.send_end()
+
+    async def _head(self, status: int, headers: Headers) -> None:
         conn = self.conn
         if not self.body.ended:
             # Answering before the whole body came: no keep-alive, and a lingering close.
@@ -95,11 +100,27 @@ class _Writer:
             self.left -= len(data)
         await self._send(data)
 
-    async def send_end(self) -> None:
+    async def send_end(self, trailers: Headers | None = None) -> None:
         if self.framing == "length" and self.left:
             raise ProxyError("response body shorter than its Content-Length")
-        await self._send(b"0\r\n\r\n" if self.framing == "chunked" else b"")
+        end = b""
+        if self.framing == "chunked":
+            end = b"0\r\n" + self._trailers(trailers) + b"\r\n"
+        await self._send(end)
         self.done = True
+
+    def _trailers(self, trailers: Headers | None) -> bytes:
+        """Trailer fields in the last chunk, for a client that said ``TE: trailers``
+        (others would not expect them); a field with a line break is left out."""
+        te = header_value(self.head.headers, "te") or ""
+        if not trailers or "trailers" not in te.lower():
+            return b""
+        lines = [
+            f"{k}: {v}\r\n".encode("latin-1")
+            for k, v in trailers
+            if not k.startswith(":") and not any(c in k + v for c in "\r\n\0")
+        ]
+        return b"".join(lines)
 
     def abort(self) -> None:
         if self._flush is not None:

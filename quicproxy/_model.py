@@ -68,6 +68,12 @@ class Body:
         self._source: AsyncIterator[bytes] | None = None
         self.idle_timeout: float | None = None
         """Longest wait for the producer's next chunk; then RequestTimeout (408)."""
+        self.trailers: Headers | None = None
+        """Trailer fields (lower-case names) that came after the body, set by the producer
+        before :meth:`end`; read by the consumer once the body has ended."""
+        self.on_close: Callable[[], None] | None = None
+        """Called once by :meth:`aclose`: the consumer is done (e.g. an upstream stream is
+        reset if it had not ended)."""
 
     @classmethod
     def from_iter(cls, source: AsyncIterator[bytes]) -> Body:
@@ -112,6 +118,9 @@ class Body:
     async def aclose(self) -> None:
         """Stop a pulled body early (closes its source, e.g. an upstream connection)."""
         source, self._source = self._source, None
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -256,9 +265,11 @@ class Response:
     "Response body stream."
     content_length: int | None = None
     "Body length when known, for HTTP/1.1 framing."
+    generated: bool = False
+    "Made by the proxy itself (an error, a redirect), not by an upstream."
 
     @classmethod
     def text(cls, status: int, text: str, headers: Headers | None = None) -> Response:
         data = text.encode()
         hdrs = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(data)))]
-        return cls(status, hdrs + list(headers or []), Body.of(data), len(data))
+        return cls(status, hdrs + list(headers or []), Body.of(data), len(data), generated=True)

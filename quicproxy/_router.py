@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from ._config import Route, parse_backend
+from ._config import Backend, Route, parse_backend
 
 __all__ = ["Pool", "Router", "DEMO"]
 
-DEMO = ("demo", 0)
+DEMO = Backend("demo", 0)
 """Member address that stands for the built-in demo backend."""
 
 
@@ -19,14 +19,14 @@ class Pool:
 
     name: str
     "Readable name (for logs)."
-    members: list[tuple[str, int]]
-    "(host, port) of each member."
-    _cycle: itertools.cycle[tuple[str, int]] = field(init=False, repr=False)
+    members: list[Backend]
+    "Host, port and scheme of each member."
+    _cycle: itertools.cycle[Backend] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._cycle = itertools.cycle(self.members)
 
-    def pick(self) -> tuple[str, int]:
+    def pick(self) -> Backend:
         return next(self._cycle)
 
 

@@ -82,7 +82,7 @@ class WafClient:
     """The ``Waf`` for mode 'service'."""
 
     def __init__(self, config: WafConfig) -> None:
-        self.host, self.port = parse_backend("waf.url", config.url or "")
+        self.host, self.port, _ = parse_backend("waf.url", config.url or "", ("http",))
         self.timeout = config.timeout_ms / 1000
         self.pool_size = max(1, config.pool_size)
         self._authority = f"{self.host}:{self.port}"

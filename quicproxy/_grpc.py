@@ -14,7 +14,7 @@ import re
 
 from ._model import Body, Headers, Request, Response, header_value
 
-__all__ = ["is_grpc", "grpc_timeout", "grpc_error", "GRPC_STATUS"]
+__all__ = ["is_grpc", "grpc_timeout", "grpc_error", "grpc_trailers", "GRPC_STATUS"]
 
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
@@ -45,15 +45,15 @@ def grpc_timeout(value: str | None) -> float | None:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+def grpc_trailers(status: int, reason: str) -> Headers:
+    """``grpc-status`` and ``grpc-message`` for the proxy's error ``status``."""
+    code = GRPC_STATUS.get(status, 13)
+    return [("grpc-status", str(code)), ("grpc-message", _percent(f"{status} {reason}"))]
+
+
 def grpc_error(status: int, reason: str) -> Response:
     """The proxy's error ``status`` as a gRPC trailers-only response."""
-    code = GRPC_STATUS.get(status, 13)
-    message = f"{status} {reason}"
-    headers: Headers = [
-        ("content-type", "application/grpc"),
-        ("grpc-status", str(code)),
-        ("grpc-message", _percent(message)),
-    ]
+    headers: Headers = [("content-type", "application/grpc"), *grpc_trailers(status, reason)]
     return Response(200, headers, Body.empty(), 0, generated=True)
 
 

@@ -30,7 +30,7 @@ from ._errors import (
     UpstreamTimeout,
 )
 from ._forward import TrustedProxies, real_client, strip_hop_by_hop, upstream_headers
-from ._grpc import grpc_error, grpc_timeout, is_grpc
+from ._grpc import grpc_error, grpc_timeout, grpc_trailers, is_grpc
 from ._h1wire import reason as wire_reason
 from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response, header_value
@@ -128,10 +128,7 @@ class Handler:
                 await writer.send_head(resp.status, headers, end=True)  # e.g. gRPC trailers-only
             else:
                 await writer.send_head(resp.status, headers)
-                async for chunk in resp.body:
-                    rec.bytes_out += len(chunk)
-                    await writer.send_data(chunk)
-                await writer.send_end(resp.body.trailers)
+                await self._send_body(req, resp, writer, rec)
         except (ProxyError, OSError, ConnectionError) as exc:
             _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
             log.info("response to %s %s aborted: %s", req.method, req.path, exc)
@@ -151,6 +148,26 @@ class Handler:
             # and h3 send once per loop turn): the answer does not wait for bookkeeping.
             asyncio.get_running_loop().call_soon(self._settle, rec)
         return resp
+
+    async def _send_body(
+        self, req: Request, resp: Response, writer: ResponseWriter, rec: AccessRecord
+    ) -> None:
+        """The body and its end. A gRPC response whose upstream failed mid-way (died,
+        reset, over its grpc-timeout) ends with that failure as gRPC status trailers
+        (UNAVAILABLE, DEADLINE_EXCEEDED): what a gRPC client understands, where a
+        stream reset would read as INTERNAL or CANCELLED."""
+        try:
+            async for chunk in resp.body:
+                rec.bytes_out += len(chunk)
+                await writer.send_data(chunk)
+        except ProxyError as exc:
+            if not is_grpc(req):
+                raise
+            _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
+            log.info("gRPC response to %s ended early: %s", req.path, exc)
+            await writer.send_end(grpc_trailers(exc.status, exc.reason))
+            return
+        await writer.send_end(resp.body.trailers)
 
     def _settle(self, rec: AccessRecord) -> None:
         try:

@@ -171,6 +171,8 @@ class _H2Conn:
         bodiless = body.ended and trailers_of.trailers is None
         try:
             self.h2.send_headers(sid, pseudo + fields, end_stream=bodiless)
+        except jh2.exceptions.TooManyStreamsError:
+            raise _Refused() from None  # the backend lowered its limit meanwhile
         except jh2.exceptions.ProtocolError as exc:
             raise BadRequest(f"request not valid on HTTP/2: {exc}") from None
         stream = self.streams[sid] = _Stream(self, sid)

@@ -27,7 +27,25 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamReset
 
+from quicproxy._grpc import grpc_timeout, is_grpc
+from quicproxy._model import Request
 from tests.grpc_backend import grpc_backend
+
+
+def test_grpc_timeout_and_content_type_parsing():
+    assert grpc_timeout("300m") == pytest.approx(0.3)
+    assert grpc_timeout("2H") == 7200 and grpc_timeout("99999999n") == pytest.approx(0.1, 1e-3)
+    for bad in ("123456789S", "1x", "", "-1S", "1 S", None):
+        assert grpc_timeout(bad) is None
+
+    def req(ctype: str) -> Request:
+        return Request(
+            "POST", "https", "a", "/", [("content-type", ctype)], "HTTP/2", ("", 0), ("", 0)
+        )
+
+    assert is_grpc(req("application/grpc")) and is_grpc(req("Application/gRPC+proto"))
+    assert is_grpc(req("application/grpc;charset=utf-8"))
+    assert not is_grpc(req("application/grpcx")) and not is_grpc(req("application/json"))
 
 
 @pytest.fixture(scope="module")

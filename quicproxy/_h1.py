@@ -310,11 +310,13 @@ class H1Connection:
         try:
             if head.expect_continue:
                 await self.write(_CONTINUE)
-            async for data in wire.read_body(self.reader, head, self.timeouts.body):
+            trailers: Headers = []
+            async for data in wire.read_body(self.reader, head, self.timeouts.body, trailers):
                 body.feed(data)
                 while body.buffered > _HIGH_WATER:
                     self._room.clear()
                     await self._room.wait()
+            body.trailers = trailers or None
             body.end()
             return
         except wire.Invalid as exc:

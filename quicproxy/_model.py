@@ -66,6 +66,7 @@ class Body:
         self.received = 0
         """Bytes received in total."""
         self._source: AsyncIterator[bytes] | None = None
+        self._source_trailers: Headers | None = None
         self.idle_timeout: float | None = None
         """Longest wait for the producer's next chunk; then RequestTimeout (408)."""
         self.trailers: Headers | None = None
@@ -76,10 +77,12 @@ class Body:
         reset if it had not ended)."""
 
     @classmethod
-    def from_iter(cls, source: AsyncIterator[bytes]) -> Body:
-        """A body pulled from an async iterator (back-pressure comes for free)."""
+    def from_iter(cls, source: AsyncIterator[bytes], trailers: Headers | None = None) -> Body:
+        """A body pulled from an async iterator (back-pressure comes for free); the
+        source may fill ``trailers``, which become the body's once it is exhausted."""
         body = cls()
         body._source = source
+        body._source_trailers = trailers
         return body
 
     @classmethod
@@ -137,6 +140,8 @@ class Body:
                 except StopAsyncIteration:
                     self._source = None
                     self._ended = True
+                    if self._source_trailers:
+                        self.trailers = self._source_trailers
                     return b""
             if self._chunks:
                 chunk = self._take()

@@ -248,7 +248,8 @@ class UpstreamPool:
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
     ) -> Response:
-        stream = Body.from_iter(self._read_body(member, conn, head, sender))
+        trailers: Headers = []
+        stream = Body.from_iter(self._read_body(member, conn, head, sender, trailers), trailers)
         return Response(head.status, head.headers, stream, head.length)
 
     async def _send_body(self, conn: _Conn, body: Body, content_length: int | None) -> None:
@@ -291,11 +292,12 @@ class UpstreamPool:
         conn: _Conn,
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
+        trailers: Headers,
     ) -> AsyncIterator[bytes]:
         done = False
         try:
             try:
-                async for data in wire.read_body(conn.reader, head, self.cfg.timeout):
+                async for data in wire.read_body(conn.reader, head, self.cfg.timeout, trailers):
                     yield data
             except TimeoutError:
                 raise UpstreamTimeout("upstream did not answer in time") from None

@@ -36,6 +36,7 @@ from ._config import Backend, UpstreamConfig
 from ._errors import (
     BadRequest,
     ProxyError,
+    UpstreamBusy,
     UpstreamConnectError,
     UpstreamTimeout,
     UpstreamTruncated,
@@ -420,6 +421,8 @@ class H2Pool:
         self.cfg: UpstreamConfig = slots.cfg
         self._conns: dict[Backend, list[_H2Conn]] = {}
         self._opening: dict[Backend, asyncio.Future[None]] = {}
+        self._freed = asyncio.Event()
+        "Set when a stream ends (room on a connection at the caps)."
         self.connections_opened = 0
         "Upstream HTTP/2 connections opened so far (for tests)."
 
@@ -451,6 +454,10 @@ class H2Pool:
         raise AssertionError("unreachable")
 
     async def _conn(self, member: Backend) -> _H2Conn:
+        """A connection with room for one more stream: one of the member's, else a new
+        one; at the connection caps, the first stream to end (up to queue_timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.queue_timeout
         while True:
             for conn in self._conns.get(member, ()):
                 if conn.room():
@@ -458,6 +465,13 @@ class H2Pool:
             opening = self._opening.get(member)
             if opening is not None:
                 await asyncio.shield(opening)
+                continue
+            if self._conns.get(member) and not self._may_open(member):
+                self._freed.clear()
+                try:
+                    await asyncio.wait_for(self._freed.wait(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    raise UpstreamBusy("too many upstream connections") from None
                 continue
             done = self._opening[member] = asyncio.get_running_loop().create_future()
             try:
@@ -467,6 +481,10 @@ class H2Pool:
                 done.set_result(None)
             self._conns.setdefault(member, []).append(conn)
             return conn
+
+    def _may_open(self, member: Backend) -> bool:
+        slots = self.slots.members.get((member.host, member.port))
+        return (slots is None or slots.free()) and self.slots.total.free()
 
     async def _open(self, member: Backend) -> _H2Conn:
         release = await self.slots._take_slot((member.host, member.port))
@@ -500,6 +518,7 @@ class H2Pool:
 
     def stream_done(self, conn: _H2Conn) -> None:
         """A stream of ``conn`` ended: close a connection no longer needed."""
+        self._freed.set()
         if conn.streams or conn.closed:
             return
         if conn.goaway:

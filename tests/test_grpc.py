@@ -186,6 +186,20 @@ async def test_proxy_honours_grpc_timeout(grpc_proxy, certs):
     assert took < 2.5
 
 
+async def test_grpc_timeout_mid_stream_ends_with_deadline_exceeded_trailers(grpc_proxy, certs):
+    out = await asyncio.to_thread(
+        _raw_h2_grpc,
+        grpc_proxy,
+        certs,
+        "/test.Echo/ServerStream",
+        frame(b"100:0.1"),
+        [("grpc-timeout", "600m")],
+    )
+    assert out["headers"][":status"] == "200" and "grpc-status" not in out["headers"]
+    assert 0 < len(messages(out["data"])) < 100
+    assert out["trailers"]["grpc-status"] == "4"  # the stream ends cleanly, with the status
+
+
 async def test_backend_killed_mid_stream_is_unavailable(make_proxy, certs):
     with grpc_backend() as proc:
         proxy = await make_proxy(None, backend=f"h2c://127.0.0.1:{proc.port}")  # type: ignore[attr-defined]

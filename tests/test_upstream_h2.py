@@ -80,6 +80,21 @@ async def test_max_concurrent_streams_respected(make_proxy, certs):
         await backend.stop()
 
 
+async def test_at_the_connection_cap_requests_wait_for_a_stream(make_proxy, certs):
+    backend = await H2Backend(max_streams=4).start()
+    try:
+        upstream = {"max_connections_per_member": 1}
+        proxy = await make_proxy(None, backend=backend.url, upstream=upstream)
+        async with tcp_client(certs, http2=True) as client:
+            results = await asyncio.gather(
+                *(client.get(https_url(proxy, f"/slow/{i}")) for i in range(12))
+            )
+        assert [r.status_code for r in results] == [200] * 12
+        assert backend.connections == 1 and backend.max_concurrent <= 4
+    finally:
+        await backend.stop()
+
+
 async def test_slow_client_holds_back_the_backend(make_proxy, h2backend, certs):
     """Credit goes back to the backend only as the client reads: a client that grants
     no window beyond h2's default 64 KiB holds the backend to about the proxy's
@@ -246,3 +261,28 @@ async def test_trailers_to_h3_client(make_proxy, h2backend, certs):
         r = await client.request("GET", "/trailers")
     assert (r.status, r.body) == (200, b"body")  # the trailing HEADERS ended it cleanly
     assert not r.reset and r.trailers == [("x-checksum", "abc")]
+
+
+async def test_h1_client_request_trailers_reach_an_h2_backend(make_proxy, h2backend, certs):
+    proxy = await make_proxy(None, backend=h2backend.url)
+
+    def post() -> bytes:
+        ctx = ssl.create_default_context(cafile=certs[0])
+        raw = socket.create_connection(("127.0.0.1", proxy.https_port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(
+                b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTE: trailers\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\nX-Sum: 7\r\n\r\n"
+            )
+            out = b""
+            while not out.endswith(b"\r\n\r\n") or b"\r\n0\r\n" not in out:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+            return out
+
+    out = await asyncio.to_thread(post)
+    assert h2backend.request_trailers == [[("x-sum", "7")]]
+    assert b"hello" in out and out.endswith(b"0\r\nx-echoed: 1\r\nx-sum: 7\r\n\r\n")

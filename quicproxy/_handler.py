@@ -319,23 +319,26 @@ class Handler:
         grpc = is_grpc(req)
         if req.content_length is None and not req.body.ended and not grpc:
             await self._measure_small_body(req, limit)  # a gRPC stream may wait for answers
-        body = req.body
-        if body.ended:
-            body = Body.empty()
-        elif limit and (req.content_length is None or req.content_length > limit):
-            body = Body.from_iter(_limited(body, limit))
-        if member == DEMO:
-            req.body = body
-            return await demo_response(req)
         rec.upstream = f"{member[0]}:{member[1]}"
         sent = time.monotonic()
         if member.scheme == "h2c":
+            # The client's body itself (the h2 pool applies the limit): it carries the
+            # trailers, and a read from it can be stopped and the request sent again.
             deadline = grpc_timeout(header_value(req.headers, "grpc-timeout")) if grpc else None
             te = "trailers" in (header_value(req.headers, "te") or "").lower()
+            head = (req.method, req.scheme, req.target)
             resp = await self.upstream_h2.request(
-                member, (req.method, req.scheme, req.target), headers, body, req.body, deadline, te
+                member, head, headers, req.body, limit, deadline, te
             )
         else:
+            body = req.body
+            if body.ended:
+                body = Body.empty()
+            elif limit and (req.content_length is None or req.content_length > limit):
+                body = Body.from_iter(_limited(body, limit))
+            if member == DEMO:
+                req.body = body
+                return await demo_response(req)
             address = (member.host, member.port)
             resp = await self.upstream.request(
                 address, req.method, req.target, headers, body, req.content_length

@@ -35,6 +35,7 @@ from jh2.errors import ErrorCodes
 from ._config import Backend, UpstreamConfig
 from ._errors import (
     BadRequest,
+    BodyTooLarge,
     ProxyError,
     UpstreamBusy,
     UpstreamConnectError,
@@ -54,6 +55,8 @@ _CONN_WINDOW = 4 << 20
 "Response bytes a backend may send on one connection ahead of the clients' reading."
 _MAX_STREAMS = 256
 "Streams per upstream connection at most, whatever the backend allows."
+_REPLAY = 65536
+"Request body bytes kept until the response head, to send again a request the backend refused."
 _MAX_FRAME = 16384
 _READ = 65536
 _GOAWAY = 0x7
@@ -74,6 +77,8 @@ class _Stream:
         self.sender: asyncio.Task[None] | None = None
         self.sent = 0
         "Request body bytes taken from the client."
+        self.replay: list[bytes] | None = []
+        "What was taken, while at most _REPLAY bytes and no response head came; else None."
         self.request_ended = False
         self.response_ended = False
         self.deadline: asyncio.TimerHandle | None = None
@@ -84,6 +89,8 @@ class _Stream:
             self.head.set_exception(exc)
             self.head.exception()  # retrieved here: the waiter may be gone already
         elif not self.response_ended:
+            if isinstance(exc, _Refused):  # after a response head: it was processed
+                exc = UpstreamTruncated("upstream refused the stream mid-response")
             self.body.abort(exc)
         if self.sender is not None:
             self.sender.cancel()
@@ -147,7 +154,7 @@ class _H2Conn:
         head: tuple[str, str, str],
         headers: Headers,
         body: Body,
-        trailers_of: Body,
+        limit: int,
         timeouts: tuple[float, float | None],
         te_trailers: bool,
     ) -> Response:
@@ -169,7 +176,7 @@ class _H2Conn:
             (b":path", target.encode("latin-1")),
         ]
         sid = self.h2.get_next_available_stream_id()
-        bodiless = body.ended and trailers_of.trailers is None
+        bodiless = body.ended and body.trailers is None
         try:
             self.h2.send_headers(sid, pseudo + fields, end_stream=bodiless)
         except jh2.exceptions.TooManyStreamsError:
@@ -183,7 +190,7 @@ class _H2Conn:
         if deadline is not None:
             stream.deadline = asyncio.get_running_loop().call_later(deadline, self._expire, sid)
         if not bodiless:
-            stream.sender = asyncio.ensure_future(self._send_body(stream, body, trailers_of))
+            stream.sender = asyncio.ensure_future(self._send_body(stream, body, limit))
         try:
             async with asyncio.timeout(head_timeout):
                 status, response_headers = await stream.head
@@ -192,21 +199,32 @@ class _H2Conn:
             raise UpstreamTimeout("upstream did not answer in time") from None
         except _Refused:
             self.close_stream(sid)
-            if stream.sent:
+            if stream.replay is None:
                 raise UpstreamConnectError("upstream refused the request") from None
+            body.unread(b"".join(stream.replay))  # sent again, from the start
             raise
         except BaseException:
             self.close_stream(sid)
             raise
+        stream.replay = None
         length = next((decimal(v) for k, v in response_headers if k == "content-length"), None)
         return Response(status, response_headers, stream.body, length)
 
-    async def _send_body(self, stream: _Stream, body: Body, trailers_of: Body) -> None:
-        """The request body, as the backend's windows allow; then its trailers or END_STREAM."""
+    async def _send_body(self, stream: _Stream, body: Body, limit: int) -> None:
+        """The request body, as the backend's windows allow; then its trailers or END_STREAM.
+        A read is only ever stopped while waiting (the Body keeps what it holds), so a
+        refused request can be sent again with its body whole."""
         sid = stream.sid
         try:
-            async for chunk in body:
+            while chunk := await body.read():
                 stream.sent += len(chunk)
+                if stream.replay is not None:
+                    if stream.sent <= _REPLAY and not stream.head.done():
+                        stream.replay.append(chunk)
+                    else:
+                        stream.replay = None
+                if limit and stream.sent > limit:
+                    raise BodyTooLarge(f"request body over {limit} bytes")
                 view = memoryview(chunk)
                 while view:
                     if sid not in self.streams:
@@ -224,7 +242,7 @@ class _H2Conn:
                     await self.writer.drain()
             if sid not in self.streams:
                 return
-            trailers = trailers_of.trailers
+            trailers = body.trailers
             if trailers:
                 self.h2.send_headers(sid, _encode(trailers), end_stream=True)
             else:
@@ -432,21 +450,25 @@ class H2Pool:
         head: tuple[str, str, str],
         headers: Headers,
         body: Body,
-        trailers_of: Body,
+        limit: int = 0,
         deadline: float | None = None,
         te_trailers: bool = False,
     ) -> Response:
         """Send one request (method, scheme, target); the response with its body streaming.
 
+        ``body`` is the client's, read as the backend's window allows (a body over
+        ``limit`` bytes, when set, fails with 413 before more goes), then its trailers.
         ``deadline``: the request's own time limit (its grpc-timeout), over the whole
         exchange; the wait for the response head is also bounded by ``upstream.timeout``.
-        Request trailers are read from ``trailers_of`` once ``body`` has ended."""
+        A request the backend refused unprocessed (REFUSED_STREAM, above a GOAWAY's
+        last stream) is sent again on another connection, if at most 64 KiB of its
+        body had been taken (kept until the response head for this)."""
         head_timeout = self.cfg.timeout if deadline is None else min(deadline, self.cfg.timeout)
         for attempt in range(3):
             conn = await self._conn(member)
             try:
                 return await conn.exchange(
-                    head, headers, body, trailers_of, (head_timeout, deadline), te_trailers
+                    head, headers, body, limit, (head_timeout, deadline), te_trailers
                 )
             except _Refused:
                 if attempt == 2:

@@ -31,6 +31,8 @@ class H2Backend:
         "Most streams open at once on one connection."
         self.sent = 0
         "Response body bytes sent (as flow control allowed)."
+        self.ignored = 0
+        "Streams left unprocessed after a GOAWAY (the client must send them again)."
         self.goaway_after: int | None = None
         "Send GOAWAY once this many streams were received on a connection."
         self.request_trailers: list[list[tuple[str, str]]] = []
@@ -110,6 +112,7 @@ class _Conn:
         if isinstance(event, h2.events.RequestReceived):
             sid = event.stream_id
             if self.goaway_last is not None and sid > self.goaway_last:
+                self.b.ignored += 1
                 return  # not processed: the client must send it again elsewhere
             self.received += 1
             self.b.streams_seen += 1

@@ -155,11 +155,16 @@ async def test_goaway_during_load_fails_no_request(make_proxy, h2backend, certs)
     h2backend.goaway_after = 15
     proxy = await make_proxy(None, backend=h2backend.url)
     async with tcp_client(certs, http2=True) as client:
-        results = await asyncio.gather(
-            *(client.get(https_url(proxy, f"/slow/{i}")) for i in range(60))
-        )
+        gets = [client.get(https_url(proxy, f"/slow/{i}")) for i in range(40)]
+        posts = [
+            client.post(https_url(proxy, f"/echo/{i}"), content=b"%d" % i * 1000) for i in range(20)
+        ]
+        results = await asyncio.gather(*gets, *posts)
     assert [r.status_code for r in results] == [200] * 60
+    assert [r.content for r in results[40:]] == [b"%d" % i * 1000 for i in range(20)]
     assert h2backend.connections >= 2
+    print(f"GOAWAY under load: {h2backend.ignored} refused streams sent again")
+    assert h2backend.ignored > 0  # some were above the last stream id, and sent again
 
 
 async def test_backend_dying_mid_body_resets_the_client_stream(make_proxy, h2backend, certs):

@@ -1,8 +1,9 @@
 """The one internal request/response model that every protocol adapter feeds.
 
 HTTP/1.1 (``_h1wire``), HTTP/2 (jh2) and HTTP/3 (qh3) adapters all turn their
-protocol events into a :class:`Request` whose body is a :class:`Body` stream,
-hand it to the handler, and write back the :class:`Response` it returns.
+protocol events into a :class:`Request` whose body is a :class:`Body` stream
+(with its trailer fields, if any), hand it to the handler, and write back the
+:class:`Response` it returns.
 """
 
 from __future__ import annotations

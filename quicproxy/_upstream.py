@@ -1,4 +1,6 @@
-"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways."""
+"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways (a
+chunked response's trailers kept). Its connection caps also count the HTTP/2 upstream
+connections of ``_upstream_h2.py``."""
 
 from __future__ import annotations
 

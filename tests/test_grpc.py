@@ -96,6 +96,17 @@ async def test_the_four_call_kinds_over_h2(grpc_proxy, certs):
     assert got["bidi"] == [b"a", b"bb", b"ccc"]
 
 
+async def test_backend_status_passes_through(grpc_proxy, certs):
+    """The backend's own trailers-only answer (unknown method) reaches the client as is."""
+
+    def unknown() -> grpc.RpcError:
+        with channel(grpc_proxy, certs) as ch, pytest.raises(grpc.RpcError) as failure:
+            ch.unary_unary("/test.Echo/Nope")(b"x", timeout=10)
+        return failure.value
+
+    assert (await asyncio.to_thread(unknown)).code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 def _bidi_many(proxy: Any, certs: tuple[str, str], count: int) -> tuple[int, dict[str, str], float]:
     with channel(proxy, certs) as ch:
         bidi = ch.stream_stream("/test.Echo/Bidi")

@@ -40,6 +40,8 @@ class H3Response:
     "Body bytes received."
     reset: bool = False
     "True when the server reset the stream."
+    trailers: list[tuple[str, str]] = field(default_factory=list)
+    "Trailer fields, if the response had some."
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -55,6 +57,7 @@ class _Pending:
     keep: bool = True
     reset: bool = False
     hasher: Any = None
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
 
 class _Protocol(QuicConnectionProtocol):
@@ -83,9 +86,9 @@ class _Protocol(QuicConnectionProtocol):
         p = self.pending.get(ev.stream_id)
         if p is None:
             return
-        if isinstance(ev, HeadersReceived):
-            if p.status:
-                return  # trailers
+        if isinstance(ev, HeadersReceived) and p.status:
+            p.trailers = [(k.decode(), v.decode()) for k, v in ev.headers]
+        elif isinstance(ev, HeadersReceived):
             for k, v in ev.headers:
                 if k == b":status":
                     p.status = int(v)
@@ -151,7 +154,7 @@ class H3Client:
                 proto.h3.send_data(sid, b"", end_stream=True)
                 proto.transmit()
         await asyncio.wait_for(p.done, timeout)
-        return H3Response(p.status, p.headers, b"".join(p.chunks), p.size, p.reset)
+        return H3Response(p.status, p.headers, b"".join(p.chunks), p.size, p.reset, p.trailers)
 
 
 @asynccontextmanager

@@ -414,11 +414,11 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS = {"http": 80, "https": 443, "h2c": 80}
 
 
 def parse_upstream(
-    key: str, url: str, schemes: tuple[str, ...] = ("http", "https")
+    key: str, url: str, schemes: tuple[str, ...] = ("http", "https", "h2c")
 ) -> tuple[str, str, int]:
     """Split an upstream URL into (scheme, host, port); ConfigError naming ``key`` if unusable."""
     text = url.strip()

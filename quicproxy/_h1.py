@@ -49,7 +49,12 @@ class _Writer:
         self._held = b""
         self._flush: asyncio.Handle | None = None
 
-    async def send_head(self, status: int, headers: Headers) -> None:
+    async def send_head(self, status: int, headers: Headers, end: bool = False) -> None:
+        await self._head(status, headers)
+        if end:
+            await self.send_end()
+
+    async def _head(self, status: int, headers: Headers) -> None:
         conn = self.conn
         if self.upgrade:
             if status == 101:
@@ -121,11 +126,27 @@ class _Writer:
             self.left -= len(data)
         await self._send(data)
 
-    async def send_end(self) -> None:
+    async def send_end(self, trailers: Headers | None = None) -> None:
         if self.framing == "length" and self.left:
             raise ProxyError("response body shorter than its Content-Length")
-        await self._send(b"0\r\n\r\n" if self.framing == "chunked" else b"")
+        end = b""
+        if self.framing == "chunked":
+            end = b"0\r\n" + self._trailers(trailers) + b"\r\n"
+        await self._send(end)
         self.done = True
+
+    def _trailers(self, trailers: Headers | None) -> bytes:
+        """Trailer fields in the last chunk, for a client that said ``TE: trailers``
+        (others would not expect them); a field with a line break is left out."""
+        te = header_value(self.head.headers, "te") or ""
+        if not trailers or "trailers" not in te.lower():
+            return b""
+        lines = [
+            f"{k}: {v}\r\n".encode("latin-1")
+            for k, v in trailers
+            if not k.startswith(":") and not any(c in k + v for c in "\r\n\0")
+        ]
+        return b"".join(lines)
 
     def abort(self) -> None:
         if self._flush is not None:
@@ -339,11 +360,13 @@ class H1Connection:
         try:
             if head.expect_continue:
                 await self.write(_CONTINUE)
-            async for data in wire.read_body(self.reader, head, self.timeouts.body):
+            trailers: Headers = []
+            async for data in wire.read_body(self.reader, head, self.timeouts.body, trailers):
                 body.feed(data)
                 while body.buffered > _HIGH_WATER:
                     self._room.clear()
                     await self._room.wait()
+            body.trailers = trailers or None
             body.end()
             return
         except wire.Invalid as exc:

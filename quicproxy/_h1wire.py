@@ -56,7 +56,7 @@ HEAD_LIMIT = 65536
 LINE_LIMIT = 8192
 "Bytes of a chunk-size line or a trailer field."
 TRAILER_LIMIT = 100
-"Trailer fields read (and dropped) after a chunked body."
+"Trailer fields read after a chunked body."
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _REQUEST = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])")
@@ -330,10 +330,13 @@ async def read_request(reader: asyncio.StreamReader, limit: int, first: bytes) -
 
 
 async def read_body(
-    reader: asyncio.StreamReader, head: RequestHead | ResponseHead, timeout: float
+    reader: asyncio.StreamReader,
+    head: RequestHead | ResponseHead,
+    timeout: float,
+    trailers: Headers | None = None,
 ) -> AsyncIterator[bytes]:
     """The body's bytes as they come; each wait for bytes is bounded by ``timeout``
-    (TimeoutError)."""
+    (TimeoutError). A chunked body's trailer fields are appended to ``trailers``."""
     if head.framing == "length":
         assert head.length is not None
         async for data in _exactly(reader, head.length, timeout):
@@ -357,7 +360,9 @@ async def read_body(
                 line = await _line(reader, LINE_LIMIT, crlf=True)
             if line == b"":
                 return
-            _field(line)  # dropped, but it must be one
+            field = _field(line)
+            if trailers is not None:
+                trailers.append(field)
         raise Invalid("too many trailer fields")
     elif head.framing == "close":
         while data := await read_within(reader, READ_SIZE, timeout):

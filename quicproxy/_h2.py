@@ -25,7 +25,7 @@ from jh2.hyperframe.frame import GoAwayFrame
 
 from ._handler import Handler
 from ._model import Headers
-from ._pseudo import response_headers
+from ._pseudo import response_headers, trailer_fields
 from ._sockets import plain_addr
 from ._streamio import read_within
 from ._streams import RateWindow, Streams
@@ -99,11 +99,13 @@ class H2Connection:
         self._goaway_sent = False
         self._abusive = False
         self._flush_soon: asyncio.Handle | None = None
+        self._trailers: dict[int, Headers] = {}
+        "Request trailers, until their stream's end (the same event batch)."
 
     # ------------------------------------------------------------------ StreamOps
 
-    def send_head(self, sid: int, status: int, headers: Headers) -> None:
-        self.h2.send_headers(sid, response_headers(status, headers))
+    def send_head(self, sid: int, status: int, headers: Headers, end: bool = False) -> None:
+        self.h2.send_headers(sid, response_headers(status, headers), end_stream=end)
 
     async def send_data(self, sid: int, data: bytes) -> None:
         view = memoryview(data)
@@ -119,8 +121,11 @@ class H2Connection:
             view = view[window:]
             await self.flush()
 
-    def send_end(self, sid: int) -> None:
-        self.h2.end_stream(sid)
+    def send_end(self, sid: int, trailers: Headers | None = None) -> None:
+        if trailers:
+            self.h2.send_headers(sid, trailer_fields(trailers), end_stream=True)
+        else:
+            self.h2.end_stream(sid)
 
     async def flush(self) -> None:
         """Write what h2 has at the end of this event-loop turn, once: a response's
@@ -282,8 +287,10 @@ class H2Connection:
                     self.h2.acknowledge_received_data(padding, sid)
             if not event.data:
                 self.control.hit()
+        elif isinstance(event, jh2.events.TrailersReceived):
+            self._trailers[event.stream_id] = [(_text(k), _text(v)) for k, v in event.headers]
         elif isinstance(event, jh2.events.StreamEnded):
-            self.streams.end(event.stream_id)
+            self.streams.end(event.stream_id, self._trailers.pop(event.stream_id, None))
         elif isinstance(event, jh2.events.StreamReset):
             self.streams.peer_reset(event.stream_id)
             self._window.set()

@@ -29,7 +29,7 @@ from qh3.quic.connection import QuicConnection
 
 from ._handler import Handler
 from ._model import Headers
-from ._pseudo import response_headers
+from ._pseudo import response_headers, trailer_fields
 from ._quic import CreditedConnection, control_stream, events, parse_header, unsent_bytes
 from ._sockets import plain_addr
 from ._streams import Streams
@@ -152,7 +152,12 @@ class H3Conn:
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
             if event.stream_id in self.streams.tasks:
-                return  # trailers: ignored
+                if event.stream_ended:  # trailers: they end the request body
+                    trailers = [
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+                    ]
+                    self.streams.end(event.stream_id, trailers)
+                return
             self._request(event)
         elif isinstance(event, DataReceived):
             self.streams.data(event.stream_id, event.data, event.stream_ended)
@@ -175,8 +180,8 @@ class H3Conn:
 
     # ------------------------------------------------------------------ StreamOps
 
-    def send_head(self, sid: int, status: int, headers: Headers) -> None:
-        self.h3.send_headers(sid, response_headers(status, headers))
+    def send_head(self, sid: int, status: int, headers: Headers, end: bool = False) -> None:
+        self.h3.send_headers(sid, response_headers(status, headers), end_stream=end)
         self.transmit()
 
     async def send_data(self, sid: int, data: bytes) -> None:
@@ -190,8 +195,11 @@ class H3Conn:
             self._acked.clear()
             await self._acked.wait()
 
-    def send_end(self, sid: int) -> None:
-        self.h3.send_data(sid, b"", end_stream=True)
+    def send_end(self, sid: int, trailers: Headers | None = None) -> None:
+        if trailers:
+            self.h3.send_headers(sid, trailer_fields(trailers), end_stream=True)
+        else:
+            self.h3.send_data(sid, b"", end_stream=True)
         self.transmit()
 
     async def flush(self) -> None:

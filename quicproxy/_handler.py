@@ -37,14 +37,17 @@ from ._forward import (
     strip_hop_by_hop,
     upstream_headers,
 )
+from ._grpc import grpc_error, grpc_timeout, grpc_trailers, is_grpc
+from ._h1wire import reason as wire_reason
 from ._member import Member
 from ._metrics import CONTENT_TYPE, metrics
-from ._model import Body, Headers, Request, Response
+from ._model import Body, Headers, Request, Response, header_value
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Pool, Router
 from ._target import check_request, options_response
 from ._tunnel import TunnelCaps, open_websocket
 from ._upstream import UpstreamPool
+from ._upstream_h2 import H2Pool
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
 __all__ = ["Handler", "ResponseWriter", "error_response"]
@@ -57,9 +60,13 @@ _PREFETCH = 65536
 class ResponseWriter(Protocol):
     """How an adapter writes one response back on its protocol."""
 
-    async def send_head(self, status: int, headers: Headers) -> None: ...
+    async def send_head(self, status: int, headers: Headers, end: bool = False) -> None:
+        """The head; ``end``: there is no body (h2/h3: one HEADERS frame with END_STREAM)."""
+
     async def send_data(self, data: bytes) -> None: ...
-    async def send_end(self) -> None: ...
+    async def send_end(self, trailers: Headers | None = None) -> None:
+        """The end of the body, with trailer fields if the response has some."""
+
     def abort(self) -> None: ...
 
 
@@ -77,6 +84,11 @@ def error_response(status: int, reason: str) -> Response:
     return Response.text(status, f"{status} {reason}\n")
 
 
+def _error(req: Request, status: int, reason: str) -> Response:
+    """The error answer in the request's form: gRPC's for a gRPC request."""
+    return grpc_error(status, reason) if is_grpc(req) else error_response(status, reason)
+
+
 class Handler:
     """Answers requests from every listener; one per worker process."""
 
@@ -87,6 +99,8 @@ class Handler:
         self.upstream = UpstreamPool(cfg.upstream)
         self.tunnels = TunnelCaps(cfg.limits.max_tunnels, cfg.limits.max_tunnels_per_client)
         "Open WebSocket tunnels, in total and per client address."
+        self.upstream_h2 = H2Pool(self.upstream)
+        "HTTP/2 (h2c://) upstream connections, under the same connection caps."
         self.trusted = TrustedProxies(cfg.trusted_proxies)
         self.access = AccessLog(cfg.log.access)
         "Access log; its ``sink`` (a callable taking one line) can be replaced."
@@ -122,12 +136,11 @@ class Handler:
             headers.append(("x-request-id", rec.request_id))
             if self.alt_svc:
                 headers.append(("alt-svc", self.alt_svc))
-            await writer.send_head(resp.status, headers)
-            if req.method != "HEAD":
-                async for chunk in resp.body:
-                    rec.bytes_out += len(chunk)
-                    await writer.send_data(chunk)
-            await writer.send_end()
+            if req.method == "HEAD" or (resp.body.ended and resp.body.trailers is None):
+                await writer.send_head(resp.status, headers, end=True)  # e.g. gRPC trailers-only
+            else:
+                await writer.send_head(resp.status, headers)
+                await self._send_body(req, resp, writer, rec)
         except (ProxyError, OSError, ConnectionError) as exc:
             _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
             log.info("response to %s %s aborted: %s", req.method, req.path, exc)
@@ -147,6 +160,26 @@ class Handler:
             # and h3 send once per loop turn): the answer does not wait for bookkeeping.
             asyncio.get_running_loop().call_soon(self._settle, rec)
         return resp
+
+    async def _send_body(
+        self, req: Request, resp: Response, writer: ResponseWriter, rec: AccessRecord
+    ) -> None:
+        """The body and its end. A gRPC response whose upstream failed mid-way (died,
+        reset, over its grpc-timeout) ends with that failure as gRPC status trailers
+        (UNAVAILABLE, DEADLINE_EXCEEDED): what a gRPC client understands, where a
+        stream reset would read as INTERNAL or CANCELLED."""
+        try:
+            async for chunk in resp.body:
+                rec.bytes_out += len(chunk)
+                await writer.send_data(chunk)
+        except ProxyError as exc:
+            if not is_grpc(req):
+                raise
+            _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
+            log.info("gRPC response to %s ended early: %s", req.path, exc)
+            await writer.send_end(grpc_trailers(exc.status, exc.reason))
+            return
+        await writer.send_end(resp.body.trailers)
 
     def _settle(self, rec: AccessRecord) -> None:
         try:
@@ -193,7 +226,10 @@ class Handler:
         if rec is None:
             rec = self.access.start(req, req.client[0], "-")
         try:
-            return await self._handle(req, rec)
+            resp = await self._handle(req, rec)
+            if resp.generated and resp.status >= 400 and is_grpc(req):
+                return grpc_error(resp.status, wire_reason(resp.status))
+            return resp
         except ProxyError as exc:
             if isinstance(exc, RequestError):
                 log.info("%r %r -> %d: %s", req.method, req.path[:200], exc.status, exc.detail)
@@ -201,15 +237,15 @@ class Handler:
                 kind = _error_kind(exc)
                 _safe(lambda: metrics.upstream_errors.labels(kind=kind).inc())
                 log.warning("%s %s -> %d: %s", req.method, req.path, exc.status, exc.detail)
-            return error_response(exc.status, exc.reason)
+            return _error(req, exc.status, exc.reason)
         except (ConnectionError, OSError) as exc:
             _safe(lambda: metrics.upstream_errors.labels(kind="connect").inc())
             log.warning("%s %s -> 502: %r", req.method, req.path, exc)
-            return error_response(502, "Bad Gateway")
+            return _error(req, 502, "Bad Gateway")
         except Exception:
             _safe(lambda: metrics.upstream_errors.labels(kind="internal").inc())
             log.exception("internal error on %s %s", req.method, req.path)
-            return Response.text(500, "500 Internal Server Error\n")
+            return _error(req, 500, "Internal Server Error")
 
     # ------------------------------------------------------------------ steps
 
@@ -294,8 +330,9 @@ class Handler:
         if req.upgrade:
             return await self._tunnel(req, rec, member, headers)
         limit = self.cfg.limits.max_body_bytes
-        if req.content_length is None and not req.body.ended:
-            await self._measure_small_body(req, limit)
+        grpc = is_grpc(req)
+        if req.content_length is None and not req.body.ended and not grpc:
+            await self._measure_small_body(req, limit)  # a gRPC stream may wait for answers
         body = req.body
         if body.ended:
             body = Body.empty()
@@ -306,9 +343,19 @@ class Handler:
             return await demo_response(req)
         rec.upstream = member.label
         sent = time.monotonic()
-        resp = await self.upstream.request(
-            member, req.method, req.target, headers, body, req.content_length
-        )
+        if member.scheme == "h2c":
+            # The client's body itself (the h2 pool applies the limit): it carries the
+            # trailers, and a read from it can be stopped and the request sent again.
+            deadline = grpc_timeout(header_value(req.headers, "grpc-timeout")) if grpc else None
+            te = "trailers" in (header_value(req.headers, "te") or "").lower()
+            head = (req.method, req.scheme, req.target)
+            resp = await self.upstream_h2.request(
+                member, head, headers, req.body, limit, deadline, te
+            )
+        else:
+            resp = await self.upstream.request(
+                member, req.method, req.target, headers, body, req.content_length
+            )
         rec.upstream_time = time.monotonic() - sent
         resp.headers = strip_hop_by_hop(resp.headers)
         return resp
@@ -421,8 +468,10 @@ class Handler:
     async def _inspect_body(self, req: Request, tx: WafTransaction) -> None:
         """Stream up to body_limit bytes into the engine; the body is left unread."""
         wcfg = self.cfg.waf
-        if not wcfg.body_access or req.body.ended or req.upgrade:
-            return  # a WebSocket's body is its tunnel: only the handshake is inspected
+        if not wcfg.body_access or req.body.ended or req.upgrade or is_grpc(req):
+            # a WebSocket's body is its tunnel (only the handshake is inspected); a gRPC
+            # body is protobuf, and a stream that may wait for answers
+            return
         limit = wcfg.body_limit
         too_large = BodyTooLarge(f"request body over the WAF inspection limit ({limit} bytes)")
         if wcfg.over_limit == "reject" and (req.content_length or 0) > limit:

@@ -1,8 +1,9 @@
 """The one internal request/response model that every protocol adapter feeds.
 
 HTTP/1.1 (``_h1wire``), HTTP/2 (jh2) and HTTP/3 (qh3) adapters all turn their
-protocol events into a :class:`Request` whose body is a :class:`Body` stream,
-hand it to the handler, and write back the :class:`Response` it returns.
+protocol events into a :class:`Request` whose body is a :class:`Body` stream
+(with its trailer fields, if any), hand it to the handler, and write back the
+:class:`Response` it returns.
 """
 
 from __future__ import annotations
@@ -66,14 +67,23 @@ class Body:
         self.received = 0
         """Bytes received in total."""
         self._source: AsyncIterator[bytes] | None = None
+        self._source_trailers: Headers | None = None
         self.idle_timeout: float | None = None
         """Longest wait for the producer's next chunk; then RequestTimeout (408)."""
+        self.trailers: Headers | None = None
+        """Trailer fields (lower-case names) that came after the body, set by the producer
+        before :meth:`end`; read by the consumer once the body has ended."""
+        self.on_close: Callable[[], None] | None = None
+        """Called once by :meth:`aclose`: the consumer is done (e.g. an upstream stream is
+        reset if it had not ended)."""
 
     @classmethod
-    def from_iter(cls, source: AsyncIterator[bytes]) -> Body:
-        """A body pulled from an async iterator (back-pressure comes for free)."""
+    def from_iter(cls, source: AsyncIterator[bytes], trailers: Headers | None = None) -> Body:
+        """A body pulled from an async iterator (back-pressure comes for free); the
+        source may fill ``trailers``, which become the body's once it is exhausted."""
         body = cls()
         body._source = source
+        body._source_trailers = trailers
         return body
 
     @classmethod
@@ -112,6 +122,9 @@ class Body:
     async def aclose(self) -> None:
         """Stop a pulled body early (closes its source, e.g. an upstream connection)."""
         source, self._source = self._source, None
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -128,6 +141,8 @@ class Body:
                 except StopAsyncIteration:
                     self._source = None
                     self._ended = True
+                    if self._source_trailers:
+                        self.trailers = self._source_trailers
                     return b""
             if self._chunks:
                 chunk = self._take()
@@ -259,9 +274,11 @@ class Response:
     "Response body stream."
     content_length: int | None = None
     "Body length when known, for HTTP/1.1 framing."
+    generated: bool = False
+    "Made by the proxy itself (an error, a redirect), not by an upstream."
 
     @classmethod
     def text(cls, status: int, text: str, headers: Headers | None = None) -> Response:
         data = text.encode()
         hdrs = [("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(data)))]
-        return cls(status, hdrs + list(headers or []), Body.of(data), len(data))
+        return cls(status, hdrs + list(headers or []), Body.of(data), len(data), generated=True)

@@ -7,7 +7,7 @@ from ._forward import strip_hop_by_hop
 from ._model import Body, Headers, Request, decimal
 from ._tunnel import WEBSOCKET
 
-__all__ = ["request_from_pseudo", "response_headers"]
+__all__ = ["request_from_pseudo", "response_headers", "trailer_fields"]
 
 
 def request_from_pseudo(
@@ -88,3 +88,8 @@ def response_headers(status: int, headers: Headers) -> list[tuple[bytes, bytes]]
     return [(b":status", b"%d" % status)] + [
         (k.encode("latin-1"), v.encode("latin-1")) for k, v in fields
     ]
+
+
+def trailer_fields(trailers: Headers) -> list[tuple[bytes, bytes]]:
+    """Trailer fields for h2 and h3, normalised as response fields, without pseudo-headers."""
+    return response_headers(0, [(k, v) for k, v in trailers if not k.startswith(":")])[1:]

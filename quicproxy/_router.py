@@ -65,8 +65,8 @@ class Router:
     def member(self, key: str, url: str, tls: UpstreamTlsConfig | None = None) -> Member:
         """The member for backend ``url``; ConfigError naming ``key`` if unusable."""
         scheme, host, port = parse_upstream(key, url)
-        if scheme == "http":
-            return Member(host, port)
+        if scheme in ("http", "h2c"):
+            return Member(host, port, scheme)
         profile = (tls.over(self.tls) if tls is not None else self.tls).profile()
         if not profile.verify:
             log.warning("%s: certificate verification is off (tls.verify: false)", url)

@@ -309,6 +309,7 @@ class Proxy:
                 writer.close()
         await self._end_connections()
         await self.handler.upstream.aclose()
+        await self.handler.upstream_h2.aclose()
         if self.tls_store is not None:
             self.tls_store.close()
         if self._metrics_server is not None:

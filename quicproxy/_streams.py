@@ -32,9 +32,9 @@ log = logging.getLogger("quicproxy")
 class StreamOps(Protocol):
     """What a multiplexed protocol does for :class:`Streams`."""
 
-    def send_head(self, sid: int, status: int, headers: Headers) -> None: ...
+    def send_head(self, sid: int, status: int, headers: Headers, end: bool = False) -> None: ...
     async def send_data(self, sid: int, data: bytes) -> None: ...
-    def send_end(self, sid: int) -> None: ...
+    def send_end(self, sid: int, trailers: Headers | None = None) -> None: ...
     async def flush(self) -> None: ...
     def reset(self, sid: int, why: str) -> None:
         """Reset a stream: 'refused', 'internal', 'protocol', 'done' or 'cancelled'."""
@@ -71,15 +71,15 @@ class _Writer:
         self.ops = ops
         self.sid = sid
 
-    async def send_head(self, status: int, headers: Headers) -> None:
-        self.ops.send_head(self.sid, status, headers)
+    async def send_head(self, status: int, headers: Headers, end: bool = False) -> None:
+        self.ops.send_head(self.sid, status, headers, end)
         await self.ops.flush()
 
     async def send_data(self, data: bytes) -> None:
         await self.ops.send_data(self.sid, data)
 
-    async def send_end(self) -> None:
-        self.ops.send_end(self.sid)
+    async def send_end(self, trailers: Headers | None = None) -> None:
+        self.ops.send_end(self.sid, trailers)
         await self.ops.flush()
 
     def abort(self) -> None:
@@ -159,9 +159,12 @@ class Streams:
             body.end()
         return True
 
-    def end(self, sid: int) -> None:
+    def end(self, sid: int, trailers: Headers | None = None) -> None:
+        """The request body ended, with its trailer fields if it had some."""
         body = self.bodies.get(sid)
         if body is not None:
+            if trailers:
+                body.trailers = [(k, v) for k, v in trailers if not k.startswith(":")]
             body.end()
 
     def peer_reset(self, sid: int) -> bool:

@@ -1,4 +1,6 @@
-"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways.
+"""Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways (a
+chunked response's trailers kept). Its connection caps also count the HTTP/2 upstream
+connections of ``_upstream_h2.py``.
 
 Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
 https members are reached over verified TLS with one client context per member,
@@ -381,7 +383,8 @@ class UpstreamPool:
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
     ) -> Response:
-        stream = Body.from_iter(self._read_body(member, conn, head, sender))
+        trailers: Headers = []
+        stream = Body.from_iter(self._read_body(member, conn, head, sender, trailers), trailers)
         return Response(head.status, head.headers, stream, head.length)
 
     async def _send_body(self, conn: _Conn, body: Body, content_length: int | None) -> None:
@@ -429,11 +432,12 @@ class UpstreamPool:
         conn: _Conn,
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
+        trailers: Headers,
     ) -> AsyncIterator[bytes]:
         done = False
         try:
             try:
-                async for data in wire.read_body(conn.reader, head, self.cfg.timeout):
+                async for data in wire.read_body(conn.reader, head, self.cfg.timeout, trailers):
                     yield data
             except TimeoutError:
                 raise UpstreamTimeout("upstream did not answer in time") from None

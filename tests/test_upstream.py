@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -56,3 +57,24 @@ async def test_a_body_against_its_content_length_is_the_clients_400(pool, backen
     with pytest.raises(BadRequest):
         await pool.request(member, "POST", "/echo", HEADERS, body, declared)
     assert not any(r[1] == "/echo" for r in backend.requests if len(r) > 3)
+
+
+async def test_chunked_response_trailers_are_kept(pool):
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"4\r\nbody\r\n0\r\nX-Sum: 42\r\nX-Other: b\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        member = Member("127.0.0.1", server.sockets[0].getsockname()[1])
+        resp = await pool.request(member, "GET", "/", HEADERS, Body.empty(), None)
+        assert resp.body.trailers is None  # not before the body was read
+        assert await _all(resp.body) == b"body"
+        assert resp.body.trailers == [("x-sum", "42"), ("x-other", "b")]
+    finally:
+        server.close()

@@ -178,6 +178,12 @@ def base_directives(config: WafConfig) -> str:
         f'SecRule REQUEST_HEADERS:Content-Type "@rx ^application/(?:[a-z0-9.-]+\\+)?json" '
         f'"id:{_ID_BASE + 1},phase:1,t:none,t:lowercase,pass,nolog,'
         f'ctl:requestBodyProcessor=JSON"',
+        # gRPC (application/grpc, +proto, +json): a known content type (CRS 920420 would
+        # refuse it); headers and metadata are inspected, the length-prefixed protobuf
+        # body is not (the proxy feeds none: ctl:requestBodyAccess=Off would also skip
+        # phase 2 in libmodsecurity, where the CRS decides).
+        f'SecRule REQUEST_HEADERS:Content-Type "@rx ^application/grpc(?:[+;]|$)" '
+        f'"id:{_ID_BASE + 5},phase:1,t:none,t:lowercase,pass,nolog,ctl:ruleRemoveById=920420"',
     ]
     if config.body_access:
         # A body that fails to parse is refused, unless it was cut at the limit

@@ -346,6 +346,22 @@ async def test_binary_upload_allowed_on_one_path_only(make_waf: Any) -> None:
     assert not refused.allowed and "920420" in refused.rule_ids
 
 
+async def test_grpc_is_a_known_content_type_its_headers_inspected(make_waf: Any) -> None:
+    grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+    message = b""  # the proxy feeds no gRPC body to the engine
+    assert_clean(
+        await evaluate(waf := make_waf(), "POST", "/pkg.Svc/Call", grpc, message, "HTTP/2")
+    )
+    proto = [("content-type", "application/grpc+proto")]
+    assert_clean(await evaluate(waf, "POST", "/pkg.Svc/Call", proto, message, "HTTP/2"))
+    attack = grpc + [("user-agent", "sqlmap/1.7")]
+    decision = await evaluate(waf, "POST", "/pkg.Svc/Call", attack, message, "HTTP/2")
+    assert not decision.allowed  # metadata still goes through the CRS
+    lookalike = [("content-type", "application/grpcx")]
+    refused = await evaluate(waf, "POST", "/pkg.Svc/Call", lookalike, message, "HTTP/2")
+    assert not refused.allowed and "920420" in refused.rule_ids
+
+
 async def test_allowed_content_types(make_waf: Any) -> None:
     waf = make_waf(allowed_content_types=["application/json", "application/octet-stream"])
     binary = [("content-type", "application/octet-stream")]

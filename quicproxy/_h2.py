@@ -2,7 +2,8 @@
 
 The stream life cycle (admit, credit, cancel on reset, abuse, truncation)
 lives in ``_streams.py``, shared with HTTP/3; this module translates h2's
-events and frames. Connection-level defences: a deadline for the client's
+events and frames; field blocks pass ``_hpack``'s strictness check before jh2
+decodes them. Connection-level defences: a deadline for the client's
 preface and SETTINGS, an idle timeout while no request is in flight, and a
 budget of control frames (SETTINGS, PING, PRIORITY, empty DATA) per window.
 """
@@ -24,6 +25,7 @@ from jh2.errors import ErrorCodes
 from jh2.hyperframe.frame import GoAwayFrame
 
 from ._handler import Handler
+from ._hpack import StrictDecoder
 from ._model import Headers
 from ._pseudo import response_headers
 from ._sockets import plain_addr
@@ -39,6 +41,8 @@ _SLICE = 4096
 _STREAM_WINDOW = 1 << 20
 _CONN_WINDOW = 16 << 20
 _MAX_STREAMS = 128
+_HEADER_TABLE = 4096
+"SETTINGS_HEADER_TABLE_SIZE: the RFC's default (jh2 offers 64 KiB of HPACK table per connection)."
 _RESET_CODES = {
     "refused": ErrorCodes.REFUSED_STREAM,
     "internal": ErrorCodes.INTERNAL_ERROR,
@@ -89,6 +93,7 @@ class H2Connection:
             normalize_outbound_headers=False,
         )
         self.h2 = jh2.connection.H2Connection(config)
+        self.h2.decoder = StrictDecoder(self.h2.decoder, _HEADER_TABLE)
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
         self.server = plain_addr(writer.get_extra_info("sockname"))
@@ -209,6 +214,7 @@ class H2Connection:
         self.h2.local_settings = jh2.settings.Settings(
             client=False,
             initial_values={
+                jh2.settings.SettingCodes.HEADER_TABLE_SIZE: _HEADER_TABLE,
                 jh2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
                 jh2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
                 jh2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 4,

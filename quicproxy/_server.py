@@ -24,6 +24,7 @@ from ._metrics_http import start_metrics_listener
 from ._quiclisten import QuicListener, Workers, start_quic_listener
 from ._router import Pool, Router
 from ._sockets import bind_socket, plain_addr
+from ._sslbuf import install as share_tls_buffers
 from ._tls import ensure_certificate
 
 __all__ = ["Proxy", "default_ports"]
@@ -116,6 +117,7 @@ class Proxy:
     async def start(self) -> None:
         cfg = self.config
         self.cert, self.key, self.self_signed = ensure_certificate(cfg)
+        share_tls_buffers()
         self.tls_store = TlsStore(self.cert, self.key)
         tls = self.tls_store.context
         waf = None

@@ -44,6 +44,8 @@ class ServedProxy:
         self.cert, self.key = cert, key
         self.https = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.stderr = ""
+        "What it wrote to stderr (once stopped)."
         self._dir = tempfile.TemporaryDirectory()
 
     @property
@@ -68,12 +70,14 @@ class ServedProxy:
         args += ["--backend", self.backend_url]
         if self.cert:
             args += ["--cert", self.cert, "--key", self.key]
+        errors = open(os.path.join(self._dir.name, "stderr"), "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "quicproxy", *args],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=errors,
             env={**os.environ, "HOME": self._dir.name},
         )
+        errors.close()  # the child has its copy
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -93,12 +97,9 @@ class ServedProxy:
                 await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        with open(os.path.join(self._dir.name, "stderr"), "rb") as fh:
+            self.stderr = fh.read().decode(errors="replace")
         self._dir.cleanup()
-
-    def errors(self) -> str:
-        """What it wrote to stderr (once stopped)."""
-        assert self.proc is not None and self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
 
 
 _CTX: dict[str, ssl.SSLContext] = {}
@@ -135,7 +136,7 @@ async def _idle_one(port: int, alpn: str) -> asyncio.StreamWriter:
     if alpn == "h2":
         writer.write(PREFACE + SETTINGS)
         await writer.drain()
-        await asyncio.wait_for(reader.read(65536), 10)  # the server's SETTINGS
+        await asyncio.wait_for(reader.read(65536), 30)  # the server's SETTINGS
     writer.reader = reader  # type: ignore[attr-defined]
     return writer
 
@@ -171,7 +172,7 @@ async def _h2_used(port: int, requests: int) -> asyncio.StreamWriter:
         writer.write(conn.data_to_send())
         done = False
         while not done:
-            data = await asyncio.wait_for(reader.read(65536), 10)
+            data = await asyncio.wait_for(reader.read(65536), 30)
             if not data:
                 raise ConnectionError("closed")
             for event in conn.receive_data(data):
@@ -188,7 +189,7 @@ async def _h1_used(port: int, requests: int) -> asyncio.StreamWriter:
     reader, writer = await open_tls(port, "http/1.1")
     for _ in range(requests):
         writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
         length = 0
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
@@ -201,7 +202,29 @@ async def _h1_used(port: int, requests: int) -> asyncio.StreamWriter:
 async def used(port: int, alpn: str, n: int, requests: int) -> list[asyncio.StreamWriter]:
     """n connections, each having made ``requests`` requests, still open."""
     one = _h2_used if alpn == "h2" else _h1_used
-    return await _gather_bounded([one(port, requests) for _ in range(n)])
+    return await _gather_bounded([one(port, requests) for _ in range(n)], 32)
+
+
+async def churn(proxy: ServedProxy, n: int, seconds: float) -> list[int]:
+    """n clients (half h1, half h2) for ``seconds``, each opening a connection, making 3
+    requests, closing it, over again; the proxy's RSS (MiB) every 5 s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+
+    async def client(alpn: str) -> None:
+        while loop.time() < end:
+            with contextlib.suppress(Exception):
+                writer = await (_h2_used if alpn == "h2" else _h1_used)(proxy.https, 3)
+                await close_all([writer])
+
+    tasks = [asyncio.ensure_future(client(("h2", "http/1.1")[i % 2])) for i in range(n)]
+    levels = [proxy.rss() // 1024]
+    while loop.time() < end:
+        await asyncio.sleep(5)
+        levels.append(proxy.rss() // 1024)
+    await asyncio.gather(*tasks)
+    levels.append(await settle(proxy, 5) // 1024)
+    return levels
 
 
 async def settle(proxy: ServedProxy, seconds: float = 2.0) -> int:
@@ -232,6 +255,8 @@ async def scenario(name: str, n: int) -> None:
                 f"{name} x{n}: {before / 1024:.0f} MiB, +{(held - before) / n:.0f} KiB/conn,"
                 f" {after / 1024:.0f} MiB 5 s after closing"
             )
+        elif kind == "churn":
+            print(f"{name} x{n}: MiB every 5 s:", await churn(proxy, n, 40.0))
         else:
             levels = [before // 1024]
             for _ in range(n // 200):

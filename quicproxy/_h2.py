@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import jh2.config
@@ -97,7 +98,10 @@ class H2Connection:
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
         self.server = plain_addr(writer.get_extra_info("sockname"))
-        self.streams = Streams(handler, self, "HTTP/2", self.client, self.server)
+        # Streams holds this connection weakly: no reference cycle, so the connection
+        # (its transport, TLS and h2 state) is freed as its task ends, not at the next
+        # full garbage collection. A stream task keeps it alive through its body's grant.
+        self.streams = Streams(handler, weakref.proxy(self), "HTTP/2", self.client, self.server)
         limits = handler.cfg.limits
         self.control = RateWindow(limits.max_control_frames, limits.abuse_window)
         self._settings_seen = False
@@ -243,6 +247,9 @@ class H2Connection:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+            # jh2's frame handlers are bound methods in a dict of its own (a cycle);
+            # nothing is received after this
+            self.h2._frame_dispatch_table.clear()
 
     def _feed(self, data: bytes) -> bool:
         """Hand received bytes to h2 a slice at a time, so a flood of small frames is

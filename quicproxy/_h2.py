@@ -76,6 +76,28 @@ jh2.utilities._check_pseudo_header_field_acceptability = _connect_without_path(
 )
 
 
+class _Values(list[Any]):
+    """A setting's current value and those in flight: what jh2 keeps in a deque (a
+    64-slot block, ~600 bytes, for one or two values; ~20 of them per connection)."""
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class _Settings(jh2.settings.Settings):
+    """jh2's settings with lists for their value queues."""
+
+    def __init__(self, client: bool = True, initial_values: Any = None) -> None:
+        super().__init__(client, initial_values)
+        values: dict[Any, Any] = self._settings  # type: ignore[has-type]
+        self._settings = {k: _Values(v) for k, v in values.items()}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self._settings:
+            self._settings[key] = _Values([None])  # jh2: a setting first heard of
+        super().__setitem__(key, value)
+
+
 class H2Connection:
     """One HTTP/2 client connection inside TLS."""
 
@@ -94,6 +116,7 @@ class H2Connection:
             normalize_outbound_headers=False,
         )
         self.h2 = jh2.connection.H2Connection(config)
+        self.h2.remote_settings = _Settings(client=True)  # the defaults, as jh2's own
         self.h2.decoder = StrictDecoder(self.h2.decoder, _HEADER_TABLE)
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
@@ -215,7 +238,7 @@ class H2Connection:
 
     async def run(self) -> None:
         limits = self.handler.cfg.limits
-        self.h2.local_settings = jh2.settings.Settings(
+        self.h2.local_settings = _Settings(
             client=False,
             initial_values={
                 jh2.settings.SettingCodes.HEADER_TABLE_SIZE: _HEADER_TABLE,

@@ -4,8 +4,8 @@ gives each TLS connection; connections opened, used and closed in batches leave 
 flat, not growing with every batch.
 
 Measured on a loaded 2-core box (tests/hostile/memprobe.py): idle h1 +31 KiB, idle h2
-+42 KiB per connection (both ~290 before one receive buffer per thread); batches of
-200 h2 connections: 60, 63, 67, 65, 69 MiB (first batch 50 -> 60, was 50 -> 110).
++37 KiB per connection (both ~290 before one receive buffer per thread); batches of
+200 h2 connections: 63, 56, 63, 62, 63 MiB (a first batch alone: 50 -> 60, was 50 -> 110).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tests.hostile import memprobe
 
 IDLE = 300
 PER_IDLE_KIB = 90
-"About 2x what an idle connection costs (31 h1, 42 h2); 290 before the fix."
+"About 2x what an idle connection costs (31 h1, 37 h2); 290 before the fix."
 BATCH = 200
 BATCHES = 5
 FIRST_BATCH_KIB = 120

@@ -45,6 +45,8 @@ class Settings:
     burst: int = 64  # simultaneous new h3 connections in the handshake test
     bursts: int = 5  # handshake bursts per run; the figure is their median
     idle_conns: int = 1000
+    churn_conns: int = 10_000  # TLS connections opened, used once and closed (memory after)
+    churn_conc: int = 64
     warm: float = 1.0  # seconds of warm-up per protocol (and settle time after idle memory)
     aioquic_upload: bool = True  # the h3 upload row by aioquic's client (see upload_aioquic)
     ws_conns: int = 16  # WebSocket connections in the echo test
@@ -56,6 +58,7 @@ class Settings:
             big_protos=("h3",),
             lat_protos=("h3",),
             idle_conns=100,
+            churn_conns=500,
             warm=0.5,
             aioquic_upload=False,
             bursts=2,
@@ -106,6 +109,13 @@ FIGURES = {
         Figure("rss_base/h3", "RSS at start", "MiB", "lower"),
         Figure("rss_idle/h3", "RSS with idle h3 conns", "MiB", "lower"),
         Figure("rss_per_conn/h3", "RSS per idle h3 conn", "KiB", "lower"),
+        *(
+            Figure(f"rss_per_conn/{p}", f"RSS per idle {p} conn (TLS)", "KiB", "lower")
+            for p in ("h1", "h2")
+        ),
+        Figure(
+            "rss_churn/h2", "RSS after 10,000 h2 conns opened, used once, closed", "MiB", "lower"
+        ),
         *(
             Figure(f"waf_{q}/h3", f"latency the WAF adds, {q}, h3", "ms", "lower")
             for q in ("p50", "p99")
@@ -451,6 +461,67 @@ def idle_memory(t: Target, s: Settings) -> dict[str, float]:
     }
 
 
+def _tcp_client(t: Target, *args: str) -> subprocess.Popen:
+    port = t.urls["h2"].rsplit(":", 1)[1]
+    mode, proto, *rest = args
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.idle_tcp", mode, HOST, port, proto, *rest, NAME],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def _report(client: subprocess.Popen, word: str, wanted: int, what: str) -> int:
+    """The count of connections a client reports ("WORD ok failed"), at least 99 % of them."""
+    assert client.stdout is not None
+    line = client.stdout.readline().split()
+    if len(line) != 3 or line[0] != word:
+        raise RuntimeError(f"{what} client did not report {word}")
+    ok = int(line[1])
+    if ok < 0.99 * wanted:
+        raise RuntimeError(f"only {ok}/{wanted} {what} connections")
+    return ok
+
+
+def idle_tcp_memory(t: Target, s: Settings, proto: str) -> dict[str, float]:
+    """RSS per idle TLS connection (h1: after the handshake; h2: after the preface and
+    SETTINGS), N of them held by ``bench/idle_tcp.py`` in a separate process; VmRSS of the
+    target's process tree with them less before them."""
+    base = proc_tree_rss_kib(t.pid)
+    client = _tcp_client(t, "hold", proto, str(s.idle_conns), "300")
+    try:
+        ok = _report(client, "READY", s.idle_conns, f"idle {proto}")
+        time.sleep(1.0)
+        idle = proc_tree_rss_kib(t.pid)
+        assert client.stdin is not None
+        client.stdin.close()
+        client.wait(timeout=30)
+        time.sleep(2 * s.warm)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    return {f"rss_per_conn/{proto}": (idle - base) / ok}
+
+
+def churn_memory(t: Target, s: Settings) -> dict[str, float]:
+    """VmRSS of the target's process tree (MiB) once ``churn_conns`` h2 connections were
+    opened, made one request each and closed (64 at a time), and 5 s passed: memory a
+    server keeps from connections that are gone."""
+    client = _tcp_client(t, "churn", "h2", str(s.churn_conns), str(s.churn_conc))
+    try:
+        _report(client, "DONE", s.churn_conns, "churned h2")
+        client.wait(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    time.sleep(5.0)
+    return {"rss_churn/h2": proc_tree_rss_kib(t.pid) / 1024}
+
+
 def waf_inside(t: Target, keys: dict[str, str], fn, *args) -> dict[str, float]:
     """``fn(*args)``'s figures plus, for an inline WAF target, the p50 (ms) of the proxy's
     own WAF histograms over the same window: ``keys`` maps histogram name to figure key."""
@@ -506,6 +577,10 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
     if full and "h3" in t.urls:
         keys = ["rss_base/h3", "rss_idle/h3", "rss_per_conn/h3"]
         step("idle h3 mem", keys, idle_memory, t, s)
+    if full and "h2" in t.urls and t.urls["h2"].startswith("https:"):
+        for p in ("h1", "h2"):
+            step(f"idle {p} mem", [f"rss_per_conn/{p}"], idle_tcp_memory, t, s, p)
+        step("churn h2 mem", ["rss_churn/h2"], churn_memory, t, s)
     protos = warmup(oha, t, s)
     for p in t.urls:
         if p not in protos:

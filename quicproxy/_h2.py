@@ -2,7 +2,8 @@
 
 The stream life cycle (admit, credit, cancel on reset, abuse, truncation)
 lives in ``_streams.py``, shared with HTTP/3; this module translates h2's
-events and frames. Connection-level defences: a deadline for the client's
+events and frames; field blocks pass ``_hpack``'s strictness check before jh2
+decodes them. Connection-level defences: a deadline for the client's
 preface and SETTINGS, an idle timeout while no request is in flight, and a
 budget of control frames (SETTINGS, PING, PRIORITY, empty DATA) per window.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from typing import Any
 
 import jh2.config
@@ -24,6 +26,7 @@ from jh2.errors import ErrorCodes
 from jh2.hyperframe.frame import GoAwayFrame
 
 from ._handler import Handler
+from ._hpack import StrictDecoder
 from ._model import Headers
 from ._pseudo import response_headers, trailer_fields
 from ._sockets import plain_addr
@@ -39,6 +42,8 @@ _SLICE = 4096
 _STREAM_WINDOW = 1 << 20
 _CONN_WINDOW = 16 << 20
 _MAX_STREAMS = 128
+_HEADER_TABLE = 4096
+"SETTINGS_HEADER_TABLE_SIZE: the RFC's default (jh2 offers 64 KiB of HPACK table per connection)."
 _RESET_CODES = {
     "refused": ErrorCodes.REFUSED_STREAM,
     "internal": ErrorCodes.INTERNAL_ERROR,
@@ -71,6 +76,28 @@ jh2.utilities._check_pseudo_header_field_acceptability = _connect_without_path(
 )
 
 
+class _Values(list[Any]):
+    """A setting's current value and those in flight: what jh2 keeps in a deque (a
+    64-slot block, ~600 bytes, for one or two values; ~20 of them per connection)."""
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class _Settings(jh2.settings.Settings):
+    """jh2's settings with lists for their value queues."""
+
+    def __init__(self, client: bool = True, initial_values: Any = None) -> None:
+        super().__init__(client, initial_values)
+        values: dict[Any, Any] = self._settings  # type: ignore[has-type]
+        self._settings = {k: _Values(v) for k, v in values.items()}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key not in self._settings:
+            self._settings[key] = _Values([None])  # jh2: a setting first heard of
+        super().__setitem__(key, value)
+
+
 class H2Connection:
     """One HTTP/2 client connection inside TLS."""
 
@@ -89,10 +116,15 @@ class H2Connection:
             normalize_outbound_headers=False,
         )
         self.h2 = jh2.connection.H2Connection(config)
+        self.h2.remote_settings = _Settings(client=True)  # the defaults, as jh2's own
+        self.h2.decoder = StrictDecoder(self.h2.decoder, _HEADER_TABLE)
         self._window = asyncio.Event()
         self.client = plain_addr(writer.get_extra_info("peername"))
         self.server = plain_addr(writer.get_extra_info("sockname"))
-        self.streams = Streams(handler, self, "HTTP/2", self.client, self.server)
+        # Streams holds this connection weakly: no reference cycle, so the connection
+        # (its transport, TLS and h2 state) is freed as its task ends, not at the next
+        # full garbage collection. A stream task keeps it alive through its body's grant.
+        self.streams = Streams(handler, weakref.proxy(self), "HTTP/2", self.client, self.server)
         limits = handler.cfg.limits
         self.control = RateWindow(limits.max_control_frames, limits.abuse_window)
         self._settings_seen = False
@@ -211,9 +243,10 @@ class H2Connection:
 
     async def run(self) -> None:
         limits = self.handler.cfg.limits
-        self.h2.local_settings = jh2.settings.Settings(
+        self.h2.local_settings = _Settings(
             client=False,
             initial_values={
+                jh2.settings.SettingCodes.HEADER_TABLE_SIZE: _HEADER_TABLE,
                 jh2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAMS,
                 jh2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
                 jh2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes * 4,
@@ -243,6 +276,9 @@ class H2Connection:
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
+            # jh2's frame handlers are bound methods in a dict of its own (a cycle);
+            # nothing is received after this
+            self.h2._frame_dispatch_table.clear()
 
     def _feed(self, data: bytes) -> bool:
         """Hand received bytes to h2 a slice at a time, so a flood of small frames is

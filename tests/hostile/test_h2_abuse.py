@@ -11,6 +11,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import hpack
 import pytest
 
 from tests.helpers import fetch
@@ -133,3 +134,70 @@ async def test_an_idle_h2_connection_is_closed(make_proxy, backend, certs):
     code, took = await read_goaway(reader, 5)
     writer.close()
     assert 0.8 < took < 3.0
+
+
+def _size_update(size: int) -> bytes:
+    """A dynamic table size update (RFC 7541 6.3): 001xxxxx, an integer with a 5-bit prefix."""
+    if size < 31:
+        return bytes([0x20 | size])
+    out, size = [0x3F], size - 31
+    while size >= 128:
+        out.append(size & 0x7F | 0x80)
+        size >>= 7
+    return bytes(out + [size])
+
+
+_GET = bytes([0x82, 0x87, 0x84])  # :method GET, :scheme https, :path / (static table)
+_AUTHORITY = bytes([0x41, 9]) + b"localhost"  # :authority, literal with indexing
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        _size_update(4097) + _GET + _AUTHORITY,
+        _size_update(1 << 20) + _GET + _AUTHORITY,
+        _GET + _size_update(100) + _AUTHORITY,
+        _GET + _AUTHORITY + _size_update(0),
+        _GET + bytes([0x41, 20]) + b"localhost",  # a string running past the block
+        _GET + bytes([0xFF]),  # an index whose integer never ends
+    ],
+    ids=["above-setting", "far-above", "after-field", "at-end", "truncated-string", "open-int"],
+)
+async def test_a_bad_field_block_is_a_compression_error(make_proxy, backend, certs, block):
+    """RFC 7541 4.2 / RFC 9113 4.3: a size update above SETTINGS_HEADER_TABLE_SIZE or
+    after a field line, or a block that cannot be decoded, closes the connection with
+    COMPRESSION_ERROR; nothing reaches the backend and the next client is served."""
+    proxy = await make_proxy(backend)
+    reader, writer = await open_h2(proxy, certs)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send() + frame(0x1, 0x5, 1, block))  # END_STREAM|END_HEADERS
+    code, took = await read_goaway(reader, 5)
+    writer.close()
+    status, _, _ = await fetch(proxy, certs, "h2", "GET", "/after")
+    assert code == h2.errors.ErrorCodes.COMPRESSION_ERROR and took < 3
+    assert status == 200
+    assert [r[1] for r in backend.requests] == ["/after"]
+
+
+async def test_a_size_update_at_the_start_is_accepted(make_proxy, backend, certs):
+    """The allowed form: updates (down, then back up to the setting) before the fields."""
+    proxy = await make_proxy(backend)
+    reader, writer = await open_h2(proxy, certs)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    block = _size_update(0) + _size_update(4096) + _GET + _AUTHORITY
+    writer.write(conn.data_to_send() + frame(0x1, 0x5, 1, block))
+    status = None
+    buf = b""
+    async with asyncio.timeout(5):
+        while status is None and (data := await reader.read(65536)):
+            buf += data
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                size = int.from_bytes(buf[:3], "big")
+                if buf[3] == 0x1:  # HEADERS: the response's
+                    status = dict(hpack.Decoder().decode(buf[9 : 9 + size]))[":status"]
+                assert buf[3] != 0x7, "GOAWAY"
+                buf = buf[9 + size :]
+    writer.close()
+    assert status == "200"

@@ -1,0 +1,84 @@
+"""Memory given back to the system after connections close (glibc's ``malloc_trim``).
+
+A closed connection's memory (its TLS state, buffers, Python objects) goes back to the
+C allocator, which keeps most of it: the heap's free pages sit between blocks still
+in use and are not returned on their own. 500 h2 connections that made ten requests
+each left RSS 30 MiB above its start after they closed; ``malloc_trim(0)`` gave back
+13 MiB of it in 5 ms. So every few seconds, if enough connections closed since the last
+time, the heap is trimmed (a no-op costs ~0.2 ms). Where the C library has no
+``malloc_trim`` (musl, macOS) this does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+
+__all__ = ["Trimmer"]
+
+log = logging.getLogger("quicproxy")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+        trim.argtypes = [ctypes.c_size_t]
+        trim.restype = ctypes.c_int
+        return trim
+    return None
+
+
+class Trimmer:
+    """Trims the heap every ``interval`` seconds once ``threshold`` connections closed.
+
+    TCP connections report their end (:meth:`closed`); ``open_count`` is sampled too,
+    so connections that only go away (QUIC) count by how far the number open fell."""
+
+    def __init__(
+        self, open_count: Callable[[], int], interval: float = 5.0, threshold: int = 64
+    ) -> None:
+        self.open_count = open_count
+        self.interval = interval
+        self.threshold = threshold
+        self.pending = 0
+        "Connections closed since the last trim."
+        self.trims = 0
+        self._trim = _malloc_trim()
+        self._task: asyncio.Task[None] | None = None
+
+    def closed(self, count: int = 1) -> None:
+        self.pending += count
+
+    def start(self) -> None:
+        if self._trim is not None and self._task is None:
+            self._task = asyncio.ensure_future(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _run(self) -> None:
+        last = self.open_count()
+        while True:
+            await asyncio.sleep(self.interval)
+            now = self.open_count()
+            self.pending += max(0, last - now)  # what went without saying (QUIC)
+            last = now
+            if self.pending >= self.threshold:
+                self.trim()
+
+    def trim(self) -> None:
+        self.pending = 0
+        if self._trim is None:
+            return
+        try:
+            self._trim(0)
+            self.trims += 1
+        except Exception:  # never worth stopping for
+            log.debug("malloc_trim failed", exc_info=True)

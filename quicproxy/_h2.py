@@ -23,6 +23,7 @@ import jh2.utilities
 from jh2.errors import ErrorCodes
 from jh2.hyperframe.frame import GoAwayFrame
 
+from ._errors import ClientGone
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
@@ -109,7 +110,7 @@ class H2Connection:
         view = memoryview(data)
         while view:
             if sid not in self.streams.tasks:
-                raise ConnectionError("stream reset by peer")
+                raise ClientGone("stream reset by client")
             window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             if window <= 0:
                 self._window.clear()

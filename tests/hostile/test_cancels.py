@@ -1,0 +1,249 @@
+"""A client cancel is normal traffic: browsers reset streams when a page is left or a video
+is seeked. On every protocol a cancel mid-response ends the exchange quietly: no ERROR line,
+no traceback, the upstream connection closed (not pooled mid-body), one access-log line
+with status 499, ``quicproxy_client_cancels_total`` counts it, the connection keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+
+from quicproxy._client import _Pending
+from quicproxy._metrics import metrics
+from tests.helpers import fetch, h3
+from tests.hostile.raw import tls_context
+
+H3_REQUEST_CANCELLED = 0x10C
+BIG = "/bytes/8000000"  # 8 MB streamed by the backend: a cancel always lands mid-body
+CANCELS = 300
+
+
+def noisy(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Log records a cancel must never cause: ERROR or worse, or any with a traceback."""
+    return [
+        f"{r.name} {r.levelname} {r.getMessage()[:200]}"
+        for r in caplog.records
+        if r.levelno >= logging.ERROR or r.exc_info or r.exc_text
+    ]
+
+
+def capture(proxy: Any) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = []
+    proxy.handler.access.sink = lambda line: entries.append(json.loads(line))
+    return entries
+
+
+def in_use(proxy: Any) -> int:
+    """Upstream connections open and not idle in the pool."""
+    pool = proxy.handler.upstream
+    return pool.total.used - sum(len(idle) for idle in pool._idle.values())
+
+
+async def settled(proxy: Any, backend: Any, entries: list[dict[str, Any]], count: int) -> None:
+    """Wait (bounded) until the proxy has logged ``count`` lines and let go of upstreams."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        idle = sum(len(idle) for idle in proxy.handler.upstream._idle.values())
+        if len(entries) >= count and in_use(proxy) == 0 and backend.open_now <= idle:
+            return
+        await asyncio.sleep(0.05)
+
+
+def assert_quiet_cancels(
+    caplog: pytest.LogCaptureFixture,
+    proxy: Any,
+    backend: Any,
+    entries: list[dict[str, Any]],
+    protocol: str,
+    count: int,
+) -> None:
+    cancelled = [e for e in entries if e["path"] == BIG]
+    statuses = {e["status"] for e in cancelled}
+    assert noisy(caplog) == []
+    assert len(cancelled) == count and statuses == {499}, statuses
+    assert all(0 < e["bytes_out"] < 8_000_000 for e in cancelled)
+    assert metrics.value("quicproxy_client_cancels_total", protocol=protocol) == count
+    assert in_use(proxy) == 0, "upstream connections still held"
+    idle = sum(len(idle) for idle in proxy.handler.upstream._idle.values())
+    assert backend.open_now <= idle, "cancelled upstream connections left open"
+
+
+# ------------------------------------------------------------------ HTTP/3
+
+
+def _head(method: str, path: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", method.encode()),
+        (b":scheme", b"https"),
+        (b":authority", b"localhost"),
+        (b":path", path.encode()),
+    ]
+
+
+class _FirstBytes:
+    """Stands in for the client's body hasher: resolves at the first response bytes."""
+
+    def __init__(self) -> None:
+        self.seen = asyncio.get_running_loop().create_future()
+
+    def update(self, data: bytes) -> None:
+        if data and not self.seen.done():
+            self.seen.set_result(None)
+
+
+async def h3_cancel(client: Any, how: str) -> None:
+    """GET a large response on a new stream; at its first bytes, cancel it ``how``:
+    'reset+stop' (RESET_STREAM and STOP_SENDING: the request side is left open, with
+    ``content-length: 0`` so the proxy forwards it at once, or aioquic would not send a
+    RESET_STREAM after its FIN was acknowledged) or 'stop' (STOP_SENDING alone after a
+    complete GET: what a browser's cancel amounts to once its FIN was acknowledged)."""
+    proto = client.proto
+    quic = proto._quic
+    sid = quic.get_next_available_stream_id()
+    first = _FirstBytes()
+    proto.pending[sid] = _Pending(asyncio.get_running_loop().create_future(), keep=False)
+    proto.pending[sid].hasher = first
+    head = _head("GET", BIG)
+    if how == "reset+stop":
+        head.append((b"content-length", b"0"))
+    proto.h3.send_headers(sid, head, end_stream=how == "stop")
+    proto.transmit()
+    await asyncio.wait_for(first.seen, 10)
+    proto.pending.pop(sid, None)
+    if how == "reset+stop":
+        quic.reset_stream(sid, H3_REQUEST_CANCELLED)
+    quic.stop_stream(sid, H3_REQUEST_CANCELLED)
+    proto.transmit()
+
+
+@pytest.mark.parametrize("how", ["reset+stop", "stop"])
+async def test_h3_cancels_mid_response_are_quiet(make_proxy, backend, certs, caplog, how):
+    proxy = await make_proxy(backend)
+    entries = capture(proxy)
+    count = CANCELS if how == "reset+stop" else 50
+    started = time.monotonic()
+    async with h3(proxy, certs) as client:
+        for _ in range(count // 10):
+            await asyncio.gather(*(h3_cancel(client, how) for _ in range(10)))
+        took = time.monotonic() - started
+        after = await client.request("GET", "/after", timeout=10)
+        closed = client.proto._quic._close_event
+    await settled(proxy, backend, entries, count + 1)
+    assert closed is None and after.status == 200  # the connection kept serving
+    assert_quiet_cancels(caplog, proxy, backend, entries, "h3", count)
+    print(f"h3 {how}: {count} cancels in {took:.2f}s, upstreams opened {backend.connections}")
+
+
+async def test_h3_reset_during_the_upload_is_quiet(make_proxy, backend, certs, caplog):
+    proxy = await make_proxy(backend)
+    entries = capture(proxy)
+    async with h3(proxy, certs) as client:
+        proto, quic = client.proto, client.proto._quic
+        for i in range(20):
+            sid = quic.get_next_available_stream_id()
+            proto.h3.send_headers(sid, _head("POST", "/sha256"), end_stream=False)
+            proto.h3.send_data(sid, b"x" * 100_000, end_stream=False)
+            proto.transmit()
+            for _ in range(100):  # until the upstream has the request
+                if len(backend.requests) > i:
+                    break
+                await asyncio.sleep(0.01)
+            quic.reset_stream(sid, H3_REQUEST_CANCELLED)  # RESET_STREAM alone
+            proto.transmit()
+            await asyncio.sleep(0.02)
+        after = await client.request("GET", "/after", timeout=10)
+    await settled(proxy, backend, entries, 21)
+    uploads = [e for e in entries if e["path"] == "/sha256"]
+    assert after.status == 200
+    assert noisy(caplog) == []
+    assert len(uploads) == 20 and {e["status"] for e in uploads} == {499}
+    assert metrics.value("quicproxy_client_cancels_total", protocol="h3") == 20
+    assert in_use(proxy) == 0 and backend.open_now <= 1
+
+
+# ------------------------------------------------------------------ HTTP/2
+
+
+async def test_h2_cancels_mid_response_are_quiet(make_proxy, backend, certs, caplog):
+    proxy = await make_proxy(backend)
+    entries = capture(proxy)
+    reader, writer = await asyncio.open_connection(
+        "localhost", proxy.https_port, ssl=tls_context(certs, "h2")
+    )
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.increment_flow_control_window(1 << 30)
+    head = [(":method", "GET"), (":scheme", "https"), (":authority", "localhost")]
+    started = time.monotonic()
+    goaway = None
+    after = 0
+
+    async def until(sid: int, want: type) -> h2.events.Event:
+        nonlocal goaway
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, f"connection closed (GOAWAY {goaway}) waiting on stream {sid}"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    goaway = event.error_code
+                if isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if isinstance(event, want) and event.stream_id == sid:
+                    return event
+            writer.write(conn.data_to_send())
+
+    try:
+        for i in range(CANCELS):
+            sid = 1 + 2 * i
+            conn.send_headers(sid, [*head, (":path", BIG)], end_stream=True)
+            writer.write(conn.data_to_send())
+            await until(sid, h2.events.DataReceived)
+            conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            writer.write(conn.data_to_send())
+        took = time.monotonic() - started
+        sid = 1 + 2 * CANCELS
+        conn.send_headers(sid, [*head, (":path", "/after")], end_stream=True)
+        writer.write(conn.data_to_send())
+        response = await until(sid, h2.events.ResponseReceived)
+        after = int(dict(response.headers)[b":status"])
+    finally:
+        writer.transport.abort()
+    await settled(proxy, backend, entries, CANCELS + 1)
+    assert goaway is None and after == 200
+    assert_quiet_cancels(caplog, proxy, backend, entries, "h2", CANCELS)
+    print(f"h2: {CANCELS} cancels in {took:.2f}s, upstreams opened {backend.connections}")
+
+
+# ------------------------------------------------------------------ HTTP/1.1
+
+
+async def test_h1_client_closing_mid_response_is_quiet(make_proxy, backend, certs, caplog):
+    proxy = await make_proxy(backend)
+    entries = capture(proxy)
+    count = 100
+    request = f"GET {BIG} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    started = time.monotonic()
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection(
+            "localhost", proxy.https_port, ssl=tls_context(certs)
+        )
+        writer.write(request)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) == 0:
+            got += await asyncio.wait_for(reader.read(65536), 10)
+        writer.transport.abort()  # gone mid-body (RST: the kernel had unread bytes)
+    took = time.monotonic() - started
+    status, _, _ = await fetch(proxy, certs, "h1", "GET", "/after")
+    await settled(proxy, backend, entries, count + 1)
+    assert status == 200
+    assert_quiet_cancels(caplog, proxy, backend, entries, "h1", count)
+    print(f"h1: {count} cancels in {took:.2f}s, upstreams opened {backend.connections}")

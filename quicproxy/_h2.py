@@ -129,7 +129,10 @@ class H2Connection:
         write instead of one each. Waits while the socket's buffer is full."""
         if self._flush_soon is None:
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush_nowait)
-        await self.writer.drain()
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ClientGone(f"client connection lost: {exc!r}") from None
 
     def reset(self, sid: int, why: str) -> None:
         with contextlib.suppress(jh2.exceptions.H2Error):
@@ -293,6 +296,10 @@ class H2Connection:
         elif isinstance(event, jh2.events.WindowUpdated):
             self._window.set()
         elif isinstance(event, jh2.events.ConnectionTerminated):
+            # The client's GOAWAY: jh2 sends nothing more on this connection (its state
+            # is CLOSED), so the streams in progress cannot be answered: they end as
+            # cancels (499), quietly, and the connection closes.
+            self.streams.close_all("client sent GOAWAY")
             self.streams.drain()
 
     def _request(self, event: jh2.events.RequestReceived) -> None:

@@ -248,7 +248,9 @@ class UpstreamPool:
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
     ) -> Response:
-        stream = Body.from_iter(self._read_body(member, conn, head, sender))
+        stream = Body.from_iter(
+            self._read_body(member, conn, head, sender), on_close=lambda: _drop(conn, sender)
+        )
         return Response(head.status, head.headers, stream, head.length)
 
     async def _send_body(self, conn: _Conn, body: Body, content_length: int | None) -> None:
@@ -310,6 +312,13 @@ class UpstreamPool:
             else:
                 sender.cancel()
                 conn.close()
+
+
+def _drop(conn: _Conn, sender: asyncio.Future[None]) -> None:
+    """A response body closed before its end (the client went away, possibly before its
+    first byte was read): the connection is closed, never pooled mid-body."""
+    sender.cancel()
+    conn.close()
 
 
 def _sent(sender: asyncio.Future[None]) -> bool:

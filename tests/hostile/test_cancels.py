@@ -30,11 +30,11 @@ CANCELS = 300
 
 
 def noisy(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """Log records a cancel must never cause: ERROR or worse, or any with a traceback."""
+    """Log records a cancel must never cause: WARNING or worse, or any with a traceback."""
     return [
         f"{r.name} {r.levelname} {r.getMessage()[:200]}"
         for r in caplog.records
-        if r.levelno >= logging.ERROR or r.exc_info or r.exc_text
+        if r.levelno >= logging.WARNING or r.exc_info or r.exc_text
     ]
 
 
@@ -231,7 +231,7 @@ async def test_h2_cancels_mid_response_are_quiet(make_proxy, backend, certs, cap
 async def test_h1_client_closing_mid_response_is_quiet(make_proxy, backend, certs, caplog):
     proxy = await make_proxy(backend)
     entries = capture(proxy)
-    count = 100
+    count = CANCELS
     request = f"GET {BIG} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
     started = time.monotonic()
     for _ in range(count):

@@ -6,6 +6,7 @@ with status 499, ``quicproxy_client_cancels_total`` counts it, the connection ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -401,4 +402,48 @@ async def test_reset_while_the_waf_waits_for_the_body_is_quiet(
     assert after.status == 200 and noisy(caplog) == []
     assert [e["status"] for e in entries if e["path"] == "/sha256"] == [499] * 5
     assert [r[1] for r in backend.requests] == ["/after"]  # nothing unchecked went on
+    assert metrics.value("quicproxy_client_cancels_total", protocol="h3") == 5
+
+
+async def test_reset_while_the_upstream_connect_hangs_is_quiet(make_proxy, certs, caplog):
+    """An upstream whose listen backlog is full: the proxy's connect hangs. Cancels then
+    give the connection's place under the caps back at once."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(0)
+    port = silent.getsockname()[1]
+    fillers = []
+    for _ in range(8):  # the backlog is full; later SYNs are dropped, connects hang
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        proxy = await make_proxy(None, backend=f"http://127.0.0.1:{port}")
+        entries = capture(proxy)
+        pool = proxy.handler.upstream
+        async with h3(proxy, certs) as client:
+            proto, quic = client.proto, client.proto._quic
+            sids: list[int] = []
+            for _ in range(5):
+                sid = quic.get_next_available_stream_id()
+                sids.append(sid)
+                proto.h3.send_headers(sid, _head("GET", "/x"), end_stream=True)
+                proto.transmit()
+            await asyncio.sleep(0.5)
+            connecting = pool.total.used
+            for sid in sids:
+                quic.reset_stream(sid, H3_REQUEST_CANCELLED)
+                quic.stop_stream(sid, H3_REQUEST_CANCELLED)
+            proto.transmit()
+            for _ in range(100):
+                if len(entries) == 5:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        for sock in [silent, *fillers]:
+            sock.close()
+    assert connecting == 5 and pool.total.used == 0
+    assert noisy(caplog) == [] and [e["status"] for e in entries] == [499] * 5
     assert metrics.value("quicproxy_client_cancels_total", protocol="h3") == 5

@@ -6,8 +6,8 @@ request at once when the client cancels the stream (a reset, or an h3
 STOP_SENDING: normal traffic, see ``Handler.exchange``), count resets of streams
 not yet answered and answer abuse (CVE-2023-44487, "rapid reset") by closing the
 connection, signal a truncated response with a stream reset, and drain an unread
-body after an early answer. The h2 and h3 adapters only translate their protocol's events
-into calls on :class:`Streams` and implement :class:`StreamOps`.
+body after an early answer. The h2 and h3 adapters only translate their
+protocol's events into calls on :class:`Streams` and implement :class:`StreamOps`.
 """
 
 from __future__ import annotations

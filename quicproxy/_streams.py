@@ -4,7 +4,7 @@ The life of a stream is written once here: admit a request (or refuse it while
 draining), give body credit back as the proxy consumes it, cancel the upstream
 request at once when the client cancels the stream (a reset, or an h3
 STOP_SENDING: normal traffic, see ``Handler.exchange``), count resets of streams
-not yet answered and answer abuse (CVE-2023-44487, "rapid reset") by closing the
+whose response body has not begun and answer abuse (CVE-2023-44487, "rapid reset") by closing the
 connection, signal a truncated response with a stream reset, and drain an unread
 body after an early answer. The h2 and h3 adapters only translate their
 protocol's events into calls on :class:`Streams` and implement :class:`StreamOps`.
@@ -74,11 +74,11 @@ class _Writer:
         self.sid = sid
 
     async def send_head(self, status: int, headers: Headers) -> None:
-        self.streams.answered.add(self.sid)
         self.ops.send_head(self.sid, status, headers)
         await self.ops.flush()
 
     async def send_data(self, data: bytes) -> None:
+        self.streams.streaming.add(self.sid)
         await self.ops.send_data(self.sid, data)
 
     async def send_end(self) -> None:
@@ -108,8 +108,8 @@ class Streams:
         self.server = server
         self.bodies: dict[int, Body] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
-        self.answered: set[int] = set()
-        "Streams whose response head went out: a reset of one is a cancel, not abuse."
+        self.streaming: set[int] = set()
+        "Streams whose response body has begun: a reset of one is a cancel, not abuse."
         self.closing = False
         self.last_stream = -1
         "Highest stream id admitted so far (-1: none)."
@@ -173,23 +173,24 @@ class Streams:
         """The client reset a stream (h2 RST_STREAM, h3 RESET_STREAM or STOP_SENDING):
         stop its upstream request now.
 
-        Only resets of streams not answered yet count towards ``max_resets``: those
-        are the rapid reset attack (work started, cancelled before it costs the client
-        anything). A reset after the response began is a cancel (a page left, a video
-        seeked): the client waited for the response to get there.
+        Only resets of streams whose response body has not begun count towards
+        ``max_resets``: those are the rapid reset attack (work started upstream,
+        cancelled before the client received anything; a WebSocket tunnel reset
+        after its 200 is one too). A reset once body bytes flow is a cancel (a page
+        left, a video seeked): the client waited for them and is receiving them.
 
         True when the stream was still in progress here."""
         body = self.bodies.pop(sid, None)
         task = self.tasks.pop(sid, None)
-        answered = sid in self.answered
-        self.answered.discard(sid)
+        streaming = sid in self.streaming
+        self.streaming.discard(sid)
         if body is not None and not body.ended:
             body.abort(ClientGone("stream reset by client"))
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(Exception):
                 metrics.stream_resets.labels(protocol=self.label).inc()
-            if not answered and self.resets.hit() and not self.abusive:
+            if not streaming and self.resets.hit() and not self.abusive:
                 self.abusive = True
                 log.warning(
                     "%s connection from %s reset %d streams in %.0fs: closing it",
@@ -209,7 +210,7 @@ class Streams:
                 body.abort(ClientGone(why))
             task = self.tasks.pop(sid)
             task.cancel()
-        self.answered.clear()
+        self.streaming.clear()
 
     def drain(self) -> None:
         self.closing = True
@@ -250,6 +251,6 @@ class Streams:
     def _done(self, sid: int) -> None:
         self.tasks.pop(sid, None)
         self.bodies.pop(sid, None)
-        self.answered.discard(sid)
+        self.streaming.discard(sid)
         if self.closing and not self.tasks:
             self.ops.idle()

@@ -73,15 +73,24 @@ class _Writer:
         self.ops = streams.ops
         self.sid = sid
 
+    def _check(self) -> None:
+        """The stream must still be ours: a cancellation can be lost (Python 3.11's
+        ``asyncio.wait_for`` returns a result that came at the same moment instead)."""
+        if self.sid not in self.streams.tasks:
+            raise ClientGone("stream reset by client")
+
     async def send_head(self, status: int, headers: Headers) -> None:
+        self._check()
         self.ops.send_head(self.sid, status, headers)
         await self.ops.flush()
 
     async def send_data(self, data: bytes) -> None:
+        self._check()
         self.streams.streaming.add(self.sid)
         await self.ops.send_data(self.sid, data)
 
     async def send_end(self) -> None:
+        self._check()
         self.ops.send_end(self.sid)
         await self.ops.flush()
 

@@ -27,7 +27,6 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from ._errors import ClientGone
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
@@ -136,9 +135,14 @@ class H3Conn:
             elif isinstance(event, events.HandshakeCompleted):
                 quic.shed_handshake_buffers()
                 self.listener.handshake_done(self)
-            elif isinstance(event, (events.StreamReset, events.StopSendingReceived)):
-                # A cancel: RESET_STREAM, or STOP_SENDING (qh3 has reset our side; a
-                # browser leaving a page sends it alone once its FIN was acknowledged)
+            elif isinstance(event, events.StopSendingReceived):
+                # A cancel too: qh3 has reset our side. A browser leaving a page sends
+                # STOP_SENDING alone once its request's FIN was acknowledged.
+                self._consumed.pop(event.stream_id, None)
+                quic.credit.pop(event.stream_id, None)
+                if self.streams.peer_reset(event.stream_id):
+                    self.reset(event.stream_id, "cancelled")
+            elif isinstance(event, events.StreamReset):
                 self._consumed.pop(event.stream_id, None)
                 quic.credit.pop(event.stream_id, None)
                 if self.streams.peer_reset(event.stream_id):
@@ -182,12 +186,12 @@ class H3Conn:
 
     async def send_data(self, sid: int, data: bytes) -> None:
         if sid not in self.streams.tasks:
-            raise ClientGone("stream reset by client")
+            raise ConnectionError("stream reset by client")
         self.h3.send_data(sid, data, end_stream=False)
         self.transmit()
         while unsent_bytes(self.quic, sid) > _SEND_HIGH_WATER:
             if sid not in self.streams.tasks or self.closed or self.quic.closing:
-                raise ClientGone("stream or connection closed")
+                raise ConnectionError("stream closed")
             self._acked.clear()
             await self._acked.wait()
 

@@ -27,6 +27,7 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
+from ._errors import ClientGone
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
@@ -191,7 +192,7 @@ class H3Conn:
         self.transmit()
         while unsent_bytes(self.quic, sid) > _SEND_HIGH_WATER:
             if sid not in self.streams.tasks or self.closed or self.quic.closing:
-                raise ConnectionError("stream closed")
+                raise ClientGone("stream or connection closed")
             self._acked.clear()
             await self._acked.wait()
 

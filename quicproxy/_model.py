@@ -55,6 +55,10 @@ class Body:
     give flow-control credit back to the peer only for data actually used.
     """
 
+    on_close: Callable[[], None] | None = None
+    """Called once by :meth:`aclose`: the consumer is done (e.g. an upstream connection
+    is let go if its body had not ended)."""
+
     def __init__(self, on_consumed: Callable[[int], None] | None = None) -> None:
         self._chunks: deque[bytes] = deque()
         self._ended = False
@@ -66,23 +70,14 @@ class Body:
         self.received = 0
         """Bytes received in total."""
         self._source: AsyncIterator[bytes] | None = None
-        self._on_close: Callable[[], None] | None = None
         self.idle_timeout: float | None = None
         """Longest wait for the producer's next chunk; then RequestTimeout (408)."""
 
     @classmethod
-    def from_iter(
-        cls, source: AsyncIterator[bytes], on_close: Callable[[], None] | None = None
-    ) -> Body:
-        """A body pulled from an async iterator (back-pressure comes for free).
-
-        ``on_close`` runs when the body is closed before its source ended: an async
-        generator closed before its first step never runs its ``finally``, so what it
-        holds (an upstream connection) is let go there. It may run after the source's
-        own clean-up, so it must be idempotent."""
+    def from_iter(cls, source: AsyncIterator[bytes]) -> Body:
+        """A body pulled from an async iterator (back-pressure comes for free)."""
         body = cls()
         body._source = source
-        body._on_close = on_close
         return body
 
     @classmethod
@@ -121,14 +116,12 @@ class Body:
     async def aclose(self) -> None:
         """Stop a pulled body early (closes its source, e.g. an upstream connection)."""
         source, self._source = self._source, None
-        on_close, self._on_close = self._on_close, None
-        try:
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            if source is not None and on_close is not None:
-                on_close()
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     async def read(self) -> bytes:
         """What has arrived (queued chunks joined up to ``READ_JOIN`` bytes), or b"" at
@@ -140,7 +133,7 @@ class Body:
                 try:
                     return await self._source.__anext__()
                 except StopAsyncIteration:
-                    self._source = self._on_close = None
+                    self._source = None
                     self._ended = True
                     return b""
             if self._chunks:

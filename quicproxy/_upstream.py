@@ -248,9 +248,9 @@ class UpstreamPool:
         head: wire.ResponseHead,
         sender: asyncio.Future[None],
     ) -> Response:
-        stream = Body.from_iter(
-            self._read_body(member, conn, head, sender), on_close=lambda: _drop(conn, sender)
-        )
+        body = self._read_body(member, conn, head, sender)
+        stream = Body.from_iter(body)
+        stream.on_close = lambda: _drop(body, conn, sender)
         return Response(head.status, head.headers, stream, head.length)
 
     async def _send_body(self, conn: _Conn, body: Body, content_length: int | None) -> None:
@@ -314,9 +314,14 @@ class UpstreamPool:
                 conn.close()
 
 
-def _drop(conn: _Conn, sender: asyncio.Future[None]) -> None:
-    """A response body closed before its end (the client went away, possibly before its
-    first byte was read): the connection is closed, never pooled mid-body."""
+def _drop(body: AsyncIterator[bytes], conn: _Conn, sender: asyncio.Future[None]) -> None:
+    """A response body closed by its consumer. Unless its generator ran to its end (its
+    ``finally`` then kept or closed the connection), the connection is closed: never
+    pooled mid-body. A generator closed before its first step (the client went away
+    before the first read) never runs its ``finally``: without this the connection and
+    its place under the caps were held for good."""
+    if getattr(body, "ag_frame", None) is None:
+        return  # ran to its end (or was closed): its own finally decided
     sender.cancel()
     conn.close()
 

@@ -171,7 +171,7 @@ class LimitsConfig:
     max_body_bytes: int = 104857600
     "Request body size; larger gets 413 (0 = no limit)."
     max_resets: int = 200
-    "Streams (h2/h3) a client may reset per abuse_window before the connection is closed."
+    "Streams (h2/h3) reset before their response body began, per abuse_window; more: closed."
     max_control_frames: int = 1000
     "HTTP/2 SETTINGS/PING/PRIORITY/empty frames per abuse_window before the connection is closed."
     abuse_window: float = 10.0

@@ -4,6 +4,9 @@ The tree::
 
     Exception
     ├── ConfigError                 bad configuration, one line naming key and fix
+    ├── ConnectionError
+    │   └── ClientGone              the client cancelled (stream reset, STOP_SENDING) or
+    │                               closed its connection: nothing to answer, logged 499
     └── ProxyError (500)            answered to the client with ``status``
         ├── RequestError            the client's request is at fault (also a ValueError)
         │   ├── BadRequest (400)
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ClientGone",
     "ProxyError",
     "RequestError",
     "BadRequest",
@@ -54,6 +58,13 @@ class ConfigError(Exception):
     def __init__(self, key: str, problem: str, fix: str) -> None:
         super().__init__(f"config error: {key}: {problem}; fix: {fix}")
         self.key = key
+
+
+class ClientGone(ConnectionError):
+    """The client cancelled the request or closed its connection before the response was
+    complete. Normal traffic (a page left, a video seeked): the exchange ends quietly, the
+    upstream connection is closed, the access log says 499 (nginx's "client closed
+    request") and ``quicproxy_client_cancels_total`` counts it."""
 
 
 class ProxyError(Exception):

@@ -8,7 +8,7 @@ import contextlib
 import logging
 
 from . import _h1wire as wire
-from ._errors import BadRequest, ProxyError, RequestError, RequestTimeout
+from ._errors import BadRequest, ClientGone, ProxyError, RequestError, RequestTimeout
 from ._handler import Handler, error_response
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, header_value
 from ._sockets import plain_addr
@@ -111,7 +111,12 @@ class _Writer:
             self._flush = None
             data, self._held = self._held + data, b""
         if data:
-            await self.conn.write(data)
+            try:
+                await self.conn.write(data)
+            except TimeoutError:
+                raise  # the client stopped reading: a stalled client, not a cancel
+            except (ConnectionError, OSError) as exc:
+                raise ClientGone(f"client connection lost: {exc!r}") from None
 
     async def send_data(self, data: bytes) -> None:
         if not data or self.framing == "none":

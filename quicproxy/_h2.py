@@ -25,6 +25,7 @@ import jh2.utilities
 from jh2.errors import ErrorCodes
 from jh2.hyperframe.frame import GoAwayFrame
 
+from ._errors import ClientGone
 from ._handler import Handler
 from ._hpack import StrictDecoder
 from ._model import Headers
@@ -143,7 +144,7 @@ class H2Connection:
         view = memoryview(data)
         while view:
             if sid not in self.streams.tasks:
-                raise ConnectionError("stream reset by peer")
+                raise ClientGone("stream reset by client")
             window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
             if window <= 0:
                 self._window.clear()
@@ -165,7 +166,10 @@ class H2Connection:
         write instead of one each. Waits while the socket's buffer is full."""
         if self._flush_soon is None:
             self._flush_soon = asyncio.get_running_loop().call_soon(self._flush_nowait)
-        await self.writer.drain()
+        try:
+            await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            raise ClientGone(f"client connection lost: {exc!r}") from None
 
     def reset(self, sid: int, why: str) -> None:
         with contextlib.suppress(jh2.exceptions.H2Error):
@@ -336,6 +340,10 @@ class H2Connection:
         elif isinstance(event, jh2.events.WindowUpdated):
             self._window.set()
         elif isinstance(event, jh2.events.ConnectionTerminated):
+            # The client's GOAWAY: jh2 sends nothing more on this connection (its state
+            # is CLOSED), so the streams in progress cannot be answered: they end as
+            # cancels (499), quietly, and the connection closes.
+            self.streams.close_all("client sent GOAWAY")
             self.streams.drain()
 
     def _request(self, event: jh2.events.RequestReceived) -> None:

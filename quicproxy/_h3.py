@@ -27,6 +27,7 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
+from ._errors import ClientGone
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers, trailer_fields
@@ -137,6 +138,13 @@ class H3Conn:
             elif isinstance(event, events.HandshakeCompleted):
                 quic.shed_handshake_buffers()
                 self.listener.handshake_done(self)
+            elif isinstance(event, events.StopSendingReceived):
+                # A cancel too: qh3 has reset our side. A browser leaving a page sends
+                # STOP_SENDING alone once its request's FIN was acknowledged.
+                self._consumed.pop(event.stream_id, None)
+                quic.credit.pop(event.stream_id, None)
+                if self.streams.peer_reset(event.stream_id):
+                    self.reset(event.stream_id, "cancelled")
             elif isinstance(event, events.StreamReset):
                 self._consumed.pop(event.stream_id, None)
                 quic.credit.pop(event.stream_id, None)
@@ -191,7 +199,7 @@ class H3Conn:
         self.transmit()
         while unsent_bytes(self.quic, sid) > _SEND_HIGH_WATER:
             if sid not in self.streams.tasks or self.closed or self.quic.closing:
-                raise ConnectionError("stream closed")
+                raise ClientGone("stream or connection closed")
             self._acked.clear()
             await self._acked.wait()
 

@@ -21,6 +21,7 @@ from ._config import Config
 from ._demo import demo_response
 from ._errors import (
     BodyTooLarge,
+    ClientGone,
     HeadersTooLarge,
     ProxyError,
     RequestError,
@@ -119,16 +120,20 @@ class Handler:
     async def exchange(self, req: Request, writer: ResponseWriter) -> Response | None:
         """Handle ``req`` and write the response; returns it once fully sent.
 
-        A response that cannot be finished (the upstream died mid-body, the
-        client went away) is aborted on its protocol: the client sees a reset
-        or a closed connection, never a clean end. Cancellation (the client
-        reset the stream) stops the upstream request at once."""
+        A response that cannot be finished (the upstream died mid-body) is aborted
+        on its protocol: the client sees a reset or a closed connection, never a
+        clean end. Cancellation (the client reset the stream) stops the upstream
+        request at once. A client that cancels or leaves (this task cancelled, or
+        :class:`ClientGone` from the writer or the request body) is normal traffic:
+        nothing is logged above DEBUG, the upstream connection is closed, the access
+        log says 499 and ``client_cancels`` counts it."""
         self.active += 1
         self._idle.clear()
         started = time.monotonic()
         rec = self._begin(req)
         body_in = req.body
         resp: Response | None = None
+        gone = False
         try:
             resp = await self.handle(req, rec)
             headers = response_fields(req.method, resp.status, resp.headers, resp.content_length)
@@ -141,6 +146,11 @@ class Handler:
             else:
                 await writer.send_head(resp.status, headers)
                 await self._send_body(req, resp, writer, rec)
+        except (asyncio.CancelledError, ClientGone) as exc:
+            gone = True  # the client's stream or connection is gone: nothing to answer
+            log.debug("%s %s: client went away (%s)", req.method, req.path, type(exc).__name__)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         except (ProxyError, OSError, ConnectionError) as exc:
             _safe(lambda: metrics.response_aborted.labels(protocol=rec.protocol).inc())
             log.info("response to %s %s aborted: %s", req.method, req.path, exc)
@@ -153,7 +163,10 @@ class Handler:
             if resp is not None:
                 with contextlib.suppress(Exception):
                     await resp.body.aclose()
-            rec.status = resp.status if resp is not None else 499  # 499: client went away
+            # 499 (nginx's "client closed request"): the client cancelled or left
+            rec.status = resp.status if resp is not None and not gone else 499
+            if gone:
+                _safe(lambda: metrics.client_cancels.labels(protocol=rec.protocol).inc())
             rec.bytes_in = body_in.received
             rec.duration = time.monotonic() - started
             # Metrics and the access log after the protocol's flush of the response (h2
@@ -230,6 +243,8 @@ class Handler:
             if resp.generated and resp.status >= 400 and is_grpc(req):
                 return grpc_error(resp.status, wire_reason(resp.status))
             return resp
+        except ClientGone:
+            raise  # not the upstream's fault: the exchange ends quietly
         except ProxyError as exc:
             if isinstance(exc, RequestError):
                 log.info("%r %r -> %d: %s", req.method, req.path[:200], exc.status, exc.detail)

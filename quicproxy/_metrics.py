@@ -6,6 +6,7 @@ Every part of the proxy counts through the module-level :data:`metrics`::
     metrics.quic_handshakes.inc()
     metrics.connections_refused.labels(reason="per_ip").inc()
     metrics.stream_resets.labels(protocol="h3").inc()
+    metrics.client_cancels.labels(protocol="h2").inc()
     metrics.retry_sent.inc()
 
 With ``--workers N`` the parent makes a fresh directory for prometheus-client's
@@ -218,7 +219,14 @@ class Metrics:
         )
         self.response_aborted = Counter(
             p + "responses_aborted",
-            "Responses cut off (client gone, upstream failed mid-body).",
+            "Responses the proxy cut off (upstream failed mid-body), by protocol.",
+            ["protocol"],
+            registry=reg,
+        )
+        self.client_cancels = Counter(
+            p + "client_cancels",
+            "Requests the client cancelled before the response was complete (h2/h3 stream "
+            "reset or STOP_SENDING, connection closed; logged as 499), by protocol.",
             ["protocol"],
             registry=reg,
         )

@@ -56,6 +56,10 @@ class Body:
     give flow-control credit back to the peer only for data actually used.
     """
 
+    on_close: Callable[[], None] | None = None
+    """Called once by :meth:`aclose`: the consumer is done (e.g. an upstream connection
+    is let go if its body had not ended)."""
+
     def __init__(self, on_consumed: Callable[[int], None] | None = None) -> None:
         self._chunks: deque[bytes] = deque()
         self._ended = False

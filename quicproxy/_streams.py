@@ -2,11 +2,12 @@
 
 The life of a stream is written once here: admit a request (or refuse it while
 draining), give body credit back as the proxy consumes it, cancel the upstream
-request at once when the client resets the stream, count resets and answer
-abuse (CVE-2023-44487, "rapid reset") by closing the connection, signal a
-truncated response with a stream reset, and drain an unread body after an
-early answer. The h2 and h3 adapters only translate their protocol's events
-into calls on :class:`Streams` and implement :class:`StreamOps`.
+request at once when the client cancels the stream (a reset, or an h3
+STOP_SENDING: normal traffic, see ``Handler.exchange``), count resets of streams
+whose response body has not begun and answer abuse (CVE-2023-44487, "rapid reset") by closing the
+connection, signal a truncated response with a stream reset, and drain an unread
+body after an early answer. The h2 and h3 adapters only translate their
+protocol's events into calls on :class:`Streams` and implement :class:`StreamOps`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from ._errors import ProxyError
+from ._errors import ClientGone, ProxyError
 from ._handler import Handler
 from ._metrics import metrics
 from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, Response
@@ -67,18 +68,29 @@ class RateWindow:
 
 
 class _Writer:
-    def __init__(self, ops: StreamOps, sid: int) -> None:
-        self.ops = ops
+    def __init__(self, streams: Streams, sid: int) -> None:
+        self.streams = streams
+        self.ops = streams.ops
         self.sid = sid
 
+    def _check(self) -> None:
+        """The stream must still be ours: a cancellation can be lost (Python 3.11's
+        ``asyncio.wait_for`` returns a result that came at the same moment instead)."""
+        if self.sid not in self.streams.tasks:
+            raise ClientGone("stream reset by client")
+
     async def send_head(self, status: int, headers: Headers, end: bool = False) -> None:
+        self._check()
         self.ops.send_head(self.sid, status, headers, end)
         await self.ops.flush()
 
     async def send_data(self, data: bytes) -> None:
+        self._check()
+        self.streams.streaming.add(self.sid)
         await self.ops.send_data(self.sid, data)
 
     async def send_end(self, trailers: Headers | None = None) -> None:
+        self._check()
         self.ops.send_end(self.sid, trailers)
         await self.ops.flush()
 
@@ -105,6 +117,8 @@ class Streams:
         self.server = server
         self.bodies: dict[int, Body] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.streaming: set[int] = set()
+        "Streams whose response body has begun: a reset of one is a cancel, not abuse."
         self.closing = False
         self.last_stream = -1
         "Highest stream id admitted so far (-1: none)."
@@ -168,18 +182,27 @@ class Streams:
             body.end()
 
     def peer_reset(self, sid: int) -> bool:
-        """The client reset a stream: stop its upstream request now.
+        """The client reset a stream (h2 RST_STREAM, h3 RESET_STREAM or STOP_SENDING):
+        stop its upstream request now.
+
+        Only resets of streams whose response body has not begun count towards
+        ``max_resets``: those are the rapid reset attack (work started upstream,
+        cancelled before the client received anything; a WebSocket tunnel reset
+        after its 200 is one too). A reset once body bytes flow is a cancel (a page
+        left, a video seeked): the client waited for them and is receiving them.
 
         True when the stream was still in progress here."""
         body = self.bodies.pop(sid, None)
         task = self.tasks.pop(sid, None)
+        streaming = sid in self.streaming
+        self.streaming.discard(sid)
         if body is not None and not body.ended:
-            body.abort(ConnectionError("stream reset by client"))
+            body.abort(ClientGone("stream reset by client"))
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(Exception):
                 metrics.stream_resets.labels(protocol=self.label).inc()
-            if self.resets.hit() and not self.abusive:
+            if not streaming and self.resets.hit() and not self.abusive:
                 self.abusive = True
                 log.warning(
                     "%s connection from %s reset %d streams in %.0fs: closing it",
@@ -196,9 +219,10 @@ class Streams:
         for sid in list(self.tasks):
             body = self.bodies.pop(sid, None)
             if body is not None and not body.ended:
-                body.abort(ConnectionError(why))
+                body.abort(ClientGone(why))
             task = self.tasks.pop(sid)
             task.cancel()
+        self.streaming.clear()
 
     def drain(self) -> None:
         self.closing = True
@@ -207,7 +231,7 @@ class Streams:
 
     async def _exchange(self, sid: int, req: Request) -> None:
         try:
-            await self.handler.exchange(req, _Writer(self.ops, sid))
+            await self.handler.exchange(req, _Writer(self, sid))
             await self._after_answer(sid, req.body)
         except (asyncio.CancelledError, ConnectionError, OSError):
             pass  # reset by the client or connection gone: nothing left to tell anyone
@@ -218,7 +242,7 @@ class Streams:
         """A request refused before it was built (e.g. CONNECT): status + short reason."""
         try:
             resp = Response.text(exc.status, f"{exc.status} {exc.reason}\n")
-            writer = _Writer(self.ops, sid)
+            writer = _Writer(self, sid)
             await writer.send_head(resp.status, resp.headers)
             async for chunk in resp.body:
                 await writer.send_data(chunk)
@@ -239,5 +263,6 @@ class Streams:
     def _done(self, sid: int) -> None:
         self.tasks.pop(sid, None)
         self.bodies.pop(sid, None)
+        self.streaming.discard(sid)
         if self.closing and not self.tasks:
             self.ops.idle()

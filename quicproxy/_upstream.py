@@ -384,7 +384,9 @@ class UpstreamPool:
         sender: asyncio.Future[None],
     ) -> Response:
         trailers: Headers = []
-        stream = Body.from_iter(self._read_body(member, conn, head, sender, trailers), trailers)
+        body = self._read_body(member, conn, head, sender, trailers)
+        stream = Body.from_iter(body, trailers)
+        stream.on_close = lambda: _drop(body, conn, sender)
         return Response(head.status, head.headers, stream, head.length)
 
     async def _send_body(self, conn: _Conn, body: Body, content_length: int | None) -> None:
@@ -452,6 +454,18 @@ class UpstreamPool:
             else:
                 sender.cancel()
                 conn.close()
+
+
+def _drop(body: AsyncIterator[bytes], conn: _Conn, sender: asyncio.Future[None]) -> None:
+    """A response body closed by its consumer. Unless its generator ran to its end (its
+    ``finally`` then kept or closed the connection), the connection is closed: never
+    pooled mid-body. A generator closed before its first step (the client went away
+    before the first read) never runs its ``finally``: without this the connection and
+    its place under the caps were held for good."""
+    if getattr(body, "ag_frame", None) is None:
+        return  # ran to its end (or was closed): its own finally decided
+    sender.cancel()
+    conn.close()
 
 
 def _sent(sender: asyncio.Future[None]) -> bool:

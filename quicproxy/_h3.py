@@ -40,7 +40,14 @@ from ._h3gate import FrameRefused, QpackError, RequestFrames, field_section_size
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers
-from ._quic import CreditedConnection, control_stream, events, parse_header, unsent_bytes
+from ._quic import (
+    CreditedConnection,
+    control_stream,
+    events,
+    parse_header,
+    stream_answered,
+    unsent_bytes,
+)
 from ._sockets import plain_addr
 from ._streams import Streams
 
@@ -233,6 +240,9 @@ class H3Conn:
         sid = event.stream_id
         if sid % 4:
             return True  # not a request stream (control and QPACK streams)
+        if not event.data and event.end_stream and not self.frames.knows(sid):
+            if sid in self.streams.tasks or stream_answered(self.quic, sid):
+                return True  # qh3 reports a FIN again when its frame is sent again
         try:
             data = self.frames.feed(sid, event.data, event.end_stream)
         except FrameRefused as exc:

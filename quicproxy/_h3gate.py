@@ -233,6 +233,10 @@ class RequestFrames:
             return None
         return out
 
+    def knows(self, sid: int) -> bool:
+        """True while stream ``sid`` is being read (it has begun and not ended)."""
+        return sid in self._streams
+
     def waiting(self, sid: int) -> bool:
         """True while stream ``sid`` has begun and its request head is not complete."""
         st = self._streams.get(sid)

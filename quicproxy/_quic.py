@@ -112,6 +112,7 @@ __all__ = [
     "owner",
     "parse_header",
     "stamp",
+    "stream_answered",
     "server_configuration",
     "unsent_bytes",
     "version_negotiation",
@@ -717,6 +718,15 @@ def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
     if stream is None:
         return 0
     return sum(stop - start for start, stop in stream.sender._pending)
+
+
+def stream_answered(quic: QuicConnection, stream_id: int) -> bool:
+    """Whether the proxy has written to (or reset) a stream, or already forgot it."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return True
+    sender = stream.sender
+    return bool(sender.highest_offset or sender.reset_pending or sender.is_finished)
 
 
 def control_stream(h3: H3Connection) -> int | None:

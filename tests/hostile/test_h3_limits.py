@@ -262,7 +262,7 @@ async def test_a_qpack_bomb_closes_the_connection_and_costs_no_memory(make_proxy
     await asyncio.sleep(0.3)
     peak, after = rss.stop()
     answered = sorted(client.status.values())
-    print(f"qpack bomb: close {client.close_code}, answers {answered}, RSS +{peak} KiB, +{after} after")
+    print(f"qpack bomb: close {client.close_code}, answers {answered}, RSS +{peak}/+{after} KiB")
     assert client.close_code in (QPACK_ENCODER_STREAM_ERROR, QPACK_DECOMPRESSION_FAILED)
     assert peak < 8 * MIB and after < 8 * MIB
     assert took < 1.0

@@ -235,24 +235,27 @@ class H3Conn:
     # ------------------------------------------------------------------ request frames
 
     def _gate(self, event: events.StreamDataReceived) -> bool:
-        """A request stream's bytes through ``RequestFrames`` (rewritten in place); False
-        when qh3 gets nothing of them. Starts and stops the request head's deadline."""
+        """The client's stream bytes through ``RequestFrames`` (rewritten in place); False
+        when qh3 gets nothing of them. Starts and stops a request head's deadline."""
         sid = event.stream_id
-        if sid % 4:
-            return True  # not a request stream (control and QPACK streams)
-        if not event.data and event.end_stream and not self.frames.knows(sid):
+        request = sid % 4 == 0
+        if not request and sid % 4 != 2:
+            return True  # not the client's: nothing arrives on those
+        if request and not event.data and event.end_stream and not self.frames.knows(sid):
             if sid in self.streams.tasks or stream_answered(self.quic, sid):
                 return True  # qh3 reports a FIN again when its frame is sent again
         try:
             data = self.frames.feed(sid, event.data, event.end_stream)
         except FrameRefused as exc:
-            log.info("HTTP/3 request stream from %s refused: %s", self.client[0], exc.reason)
+            log.info("HTTP/3 stream from %s refused: %s", self.client[0], exc.reason)
             if exc.stream:
                 self._refuse_stream(sid, exc.code)
             else:
                 self.close(exc.code, exc.reason)
             return False
-        if self.frames.waiting(sid):
+        if not request:
+            pass
+        elif self.frames.waiting(sid):
             if sid not in self._head_timers:
                 self._head_timers[sid] = self.listener.loop.call_later(
                     self.handler.cfg.timeouts.header, self._head_late, sid

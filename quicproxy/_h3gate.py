@@ -20,6 +20,12 @@ each request stream, :class:`RequestFrames` reads the frame headers (RFC 9114 §
   a frame cut short by the end of the stream (H3_FRAME_ERROR); a stream that ends
   before its request head is refused (H3_REQUEST_INCOMPLETE).
 
+The client's unidirectional streams go through it too: on its control stream, frames of
+the known types are held until complete (``CONTROL_CAP`` bytes at most, else
+H3_EXCESSIVE_LOAD), unknown ones skipped as they arrive, the request-stream types refused
+(H3_FRAME_UNEXPECTED); a push stream from a client is H3_STREAM_CREATION_ERROR; the QPACK
+streams and unknown stream types pass as they are (qh3 reads them as they come).
+
 Pure protocol (RFC 9114, RFC 9204): nothing here knows the HTTP/3 library.
 """
 
@@ -33,11 +39,13 @@ __all__ = [
     "H3_EXCESSIVE_LOAD",
     "H3_FRAME_ERROR",
     "H3_FRAME_UNEXPECTED",
+    "H3_STREAM_CREATION_ERROR",
     "H3_REQUEST_INCOMPLETE",
     "H3_REQUEST_REJECTED",
     "QPACK_DECOMPRESSION_FAILED",
 ]
 
+H3_STREAM_CREATION_ERROR = 0x103
 H3_FRAME_UNEXPECTED = 0x105
 H3_FRAME_ERROR = 0x106
 H3_EXCESSIVE_LOAD = 0x107
@@ -49,6 +57,13 @@ _DATA, _HEADERS = 0x0, 0x1
 _UNEXPECTED = frozenset({0x2, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0x9, 0xD})
 """Frame types a client's request stream may not carry: CANCEL_PUSH, SETTINGS, PUSH_PROMISE,
 GOAWAY, MAX_PUSH_ID and HTTP/2's reserved PRIORITY, PING, WINDOW_UPDATE, CONTINUATION."""
+
+_CONTROL_TYPES = frozenset({0x3, 0x4, 0x7, 0xD})
+"CANCEL_PUSH, SETTINGS, GOAWAY, MAX_PUSH_ID: the frames a control stream carries."
+_NOT_ON_CONTROL = frozenset({0x0, 0x1, 0x2, 0x5, 0x6, 0x8, 0x9})
+_CONTROL, _PASS = 1, 2
+CONTROL_CAP = 16384
+"Longest control frame accepted (a SETTINGS frame is a few dozen bytes)."
 
 EMPTY_HEADERS = b"\x01\x02\x00\x00"
 "A HEADERS frame with an empty field section: stands in for an oversize one."
@@ -157,11 +172,12 @@ def field_section_size(block: bytes, stop: int | None = None) -> int:
         raise QpackError("truncated or out-of-range field line") from None
 
 
-def _frame_header(data: bytes) -> tuple[int, int, int] | None:
+def _frame_header(data: bytes, count: int = 2) -> tuple[int, ...] | None:
     """(type, length, header size) of a frame header at the start of ``data``, None when
-    ``data`` ends inside it (two QUIC variable-length integers: 16 bytes at most)."""
+    ``data`` ends inside it (two QUIC variable-length integers: 16 bytes at most);
+    with ``count`` 1, (a stream type, its size)."""
     pos, out = 0, []
-    for _ in range(2):
+    for _ in range(count):
         if pos >= len(data):
             return None
         size = 1 << (data[pos] >> 6)
@@ -172,11 +188,11 @@ def _frame_header(data: bytes) -> tuple[int, int, int] | None:
             value = (value << 8) | byte
         out.append(value)
         pos += size
-    return out[0], out[1], pos
+    return (*out, pos)
 
 
 class _Stream:
-    __slots__ = ("held", "start", "need", "passing", "skipping", "heads", "dropped")
+    __slots__ = ("held", "start", "need", "passing", "skipping", "heads", "dropped", "kind")
 
     def __init__(self) -> None:
         self.held = bytearray()
@@ -193,6 +209,8 @@ class _Stream:
         "HEADERS frames seen: 0 while the request head is awaited."
         self.dropped = False
         "Refused: whatever else arrives is dropped."
+        self.kind = 0
+        "A unidirectional stream's kind once its type is read: ``_CONTROL``, ``_PASS``."
 
 
 class RequestFrames:
@@ -219,9 +237,12 @@ class RequestFrames:
                 del self._streams[sid]
             return None
         try:
-            out = self._frames(sid, st, data)
-            if ended:
-                self._end(st)
+            if sid & 0x2:
+                out = self._unidirectional(sid, st, data)
+            else:
+                out = self._frames(sid, st, data)
+                if ended:
+                    self._end(st)
         except FrameRefused:
             self.drop(sid)
             if ended:
@@ -262,6 +283,29 @@ class RequestFrames:
 
     # ------------------------------------------------------------------ reading
 
+    def _unidirectional(self, sid: int, st: _Stream, data: bytes) -> bytes:
+        if st.kind == _PASS:
+            return data
+        if st.kind == _CONTROL:
+            return self._frames(sid, st, data)
+        before = len(st.held)
+        head = bytes(st.held) + data[:8]
+        parsed = _frame_header(head, 1)
+        if parsed is None:
+            self._hold(st, data)
+            return b""
+        kind, size = parsed
+        self.held -= before
+        st.held = bytearray()
+        rest = data[size - before :]
+        if kind == 0x0:
+            st.kind = _CONTROL
+            return head[:size] + self._frames(sid, st, rest)
+        if kind == 0x1:
+            raise FrameRefused(H3_STREAM_CREATION_ERROR, "push stream opened by a client")
+        st.kind = _PASS
+        return head[:size] + rest
+
     def _frames(self, sid: int, st: _Stream, data: bytes) -> bytes:
         out: list[bytes] = []
         pos, end = 0, len(data)
@@ -280,7 +324,7 @@ class RequestFrames:
                 self._hold(st, data[pos : pos + take])
                 pos += take
                 if len(st.held) == st.need:
-                    out.append(self._headers(sid, st))
+                    out.append(self._complete(sid, st))
             else:
                 pos = self._frame_start(sid, st, data, pos, out)
         return b"".join(out)
@@ -297,7 +341,20 @@ class RequestFrames:
         self.held -= before
         st.held = bytearray()
         pos += size - before
-        if kind == _DATA:
+        if st.kind == _CONTROL:
+            if kind in _NOT_ON_CONTROL:
+                raise FrameRefused(H3_FRAME_UNEXPECTED, f"frame type {kind} on the control stream")
+            if kind not in _CONTROL_TYPES:
+                st.skipping = length  # unknown or reserved: ignored
+            elif length > CONTROL_CAP:
+                raise FrameRefused(H3_EXCESSIVE_LOAD, f"control frame of {length} bytes")
+            else:
+                st.start = size
+                st.need = size + length
+                self._hold(st, head[:size])
+                if not length:
+                    out.append(self._complete(sid, st))
+        elif kind == _DATA:
             out.append(head[:size])
             st.passing = length
         elif kind == _HEADERS:
@@ -309,7 +366,7 @@ class RequestFrames:
                 st.need = size + length
                 self._hold(st, head[:size])
                 if not length:
-                    out.append(self._headers(sid, st))
+                    out.append(self._complete(sid, st))
         elif kind in _UNEXPECTED:
             raise FrameRefused(H3_FRAME_UNEXPECTED, f"frame type {kind} on a request stream")
         else:
@@ -324,12 +381,15 @@ class RequestFrames:
         st.held += chunk
         self.held += len(chunk)
 
-    def _headers(self, sid: int, st: _Stream) -> bytes:
-        """A complete HEADERS frame: itself, or an empty one standing for an oversize one."""
+    def _complete(self, sid: int, st: _Stream) -> bytes:
+        """A complete frame: a control frame as it is; a HEADERS frame itself, or an empty
+        one standing for an oversize one."""
         frame = bytes(st.held)
         self.held -= len(frame)
         st.held = bytearray()
         st.need = 0
+        if st.kind == _CONTROL:
+            return frame
         block = frame[st.start :]
         if len(block) * _LARGEST_LINE <= self.cap:
             st.heads += 1

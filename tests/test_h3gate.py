@@ -121,3 +121,29 @@ def test_a_stream_ending_early_or_mid_frame_is_refused():
         frames.feed(8, frame(0x4, b""), False)
     assert settings.value.code == gate.H3_FRAME_UNEXPECTED
     assert not frames.knows(0) and not frames.knows(4) and frames.held == 0
+
+
+def test_the_control_stream_is_read_frame_by_frame():
+    settings = frame(0x4, b"\x01\x00\x07\x00")
+    stream = b"\x00" + settings + frame(0x21, b"x" * 3000) + frame(0x7, b"\x00")
+    rng = random.Random(4)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(stream)), 8))
+        frames = gate.RequestFrames(65536, 4 * 65536, {})
+        out = b""
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            out += frames.feed(2, stream[start:end], False) or b""
+        assert out == b"\x00" + settings + frame(0x7, b"\x00") and frames.held == 0
+    frames = gate.RequestFrames(65536, 4 * 65536, {})
+    with pytest.raises(gate.FrameRefused) as big:
+        frames.feed(2, b"\x00\x04\x80\x00\x40\x01" + b"\0" * 50, False)  # 16385 bytes
+    assert big.value.code == gate.H3_EXCESSIVE_LOAD
+    with pytest.raises(gate.FrameRefused) as headers:
+        frames.feed(6, b"\x00" + frame(0x1, b"\0\0"), False)
+    assert headers.value.code == gate.H3_FRAME_UNEXPECTED
+    with pytest.raises(gate.FrameRefused) as push:
+        frames.feed(10, b"\x01\x00", False)
+    assert push.value.code == gate.H3_STREAM_CREATION_ERROR
+    encoder = b"\x02" + b"\x20" * 100  # QPACK streams and unknown types pass as they are
+    assert frames.feed(14, encoder[:1], False) + frames.feed(14, encoder[1:], False) == encoder
+    assert frames.feed(18, b"\x40\x21grease", True) == b"\x40\x21grease"

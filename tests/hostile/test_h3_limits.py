@@ -27,6 +27,7 @@ QPACK_ENCODER_STREAM_ERROR = 0x201
 H3_EXCESSIVE_LOAD = 0x107
 H3_FRAME_UNEXPECTED = 0x105
 H3_REQUEST_REJECTED = 0x10B
+H3_STREAM_CREATION_ERROR = 0x103
 STREAM_LIMIT_ERROR = 0x4
 MIB = 1024
 
@@ -476,3 +477,59 @@ async def test_large_headers_under_the_limit_are_served(make_proxy, backend, cer
     await expanding.settle(5)
     expanding.close()
     assert expanding.close_code == H3_EXCESSIVE_LOAD
+
+
+async def test_the_control_stream_holds_no_endless_frame(make_proxy, backend, certs):
+    """An unknown frame declared 800 KB long on the client's control stream is skipped as it
+    arrives (qh3 would buffer it whole); a SETTINGS-sized frame over 16 KiB closes the
+    connection (H3_EXCESSIVE_LOAD); a push stream from a client is H3_STREAM_CREATION_ERROR."""
+    proxy = await make_proxy(backend)
+    rss = Rss()
+    client = await RawH3().connect(proxy.https_port)
+    assert client.h3 is not None
+    control = client.h3._local_control_stream_id
+    client.send(control, varint(0x21) + varint(800_000))
+    for _ in range(8):
+        client.send(control, b"\0" * 100_000)
+        await client.settle(0.05)
+    sid = client.stream()
+    client.send(sid, frame(0x1, request_block("/after-control")), end=True)
+    await client.settle(1)
+    client.send(control, varint(0x4) + varint(100_000) + b"\0" * 1000)
+    await client.settle(5)
+    client.close()
+    pusher = await RawH3().connect(proxy.https_port)
+    push = pusher.quic.get_next_available_stream_id(is_unidirectional=True)
+    pusher.send(push, b"\x01\x00" + frame(0x1, b"\0\0"))
+    await pusher.settle(5)
+    pusher.close()
+    peak, _ = rss.stop()
+    assert client.status.get(sid) == 200
+    assert client.close_code == H3_EXCESSIVE_LOAD
+    assert pusher.close_code == H3_STREAM_CREATION_ERROR
+    assert peak < 8 * MIB
+
+
+async def test_the_unidirectional_stream_limit_never_grows(make_proxy, backend, certs):
+    """HTTP/3 needs three unidirectional streams of the client; the limit stays at what the
+    proxy announced (103) however many the client opens, and one more is
+    STREAM_LIMIT_ERROR."""
+    proxy = await make_proxy(backend)
+    client = await RawH3().connect(proxy.https_port)
+    announced = client.quic._remote_max_streams_uni
+    for _ in range(announced - 3):  # grease streams (type 0x21), finished at once
+        sid = client.quic.get_next_available_stream_id(is_unidirectional=True)
+        client.send(sid, varint(0x21) + b"grease", end=True)
+    await client.settle(1)
+    raised = client.quic._remote_max_streams_uni
+    sid = client.stream()
+    client.send(sid, frame(0x1, request_block("/still")), end=True)
+    await client.settle(1)
+    client.quic._remote_max_streams_uni += 10  # past the limit on purpose
+    extra = client.quic.get_next_available_stream_id(is_unidirectional=True)
+    client.send(extra, varint(0x21), end=True)
+    await client.settle(5)
+    client.close()
+    assert announced == 103 and raised == announced
+    assert client.status.get(sid) == 200
+    assert client.close_code == STREAM_LIMIT_ERROR

@@ -231,6 +231,8 @@ class RequestFrames:
         nothing at all); raises :class:`FrameRefused`."""
         st = self._streams.get(sid)
         if st is None:
+            if ended and not sid & 0x2 and self._small_request(data):
+                return data  # the common case: one chunk, one short HEADERS frame, FIN
             st = self._streams[sid] = _Stream()
         if st.dropped:
             if ended:
@@ -253,6 +255,19 @@ class RequestFrames:
         elif not out:
             return None
         return out
+
+    def _small_request(self, data: bytes) -> bool:
+        """True when ``data`` is exactly one HEADERS frame too short to pass the cap."""
+        if len(data) < 3 or data[0] != _HEADERS:
+            return False
+        second = data[1]
+        if second < 0x40:
+            length, size = second, 2
+        elif second < 0x80:
+            length, size = ((second & 0x3F) << 8) | data[2], 3
+        else:
+            return False
+        return 0 < length and size + length == len(data) and length * _LARGEST_LINE <= self.cap
 
     def knows(self, sid: int) -> bool:
         """True while stream ``sid`` is being read (it has begun and not ended)."""
@@ -332,7 +347,7 @@ class RequestFrames:
     def _frame_start(self, sid: int, st: _Stream, data: bytes, pos: int, out: list[bytes]) -> int:
         """Read a frame header at ``pos`` (its start may be held from the last chunk)."""
         before = len(st.held)
-        head = bytes(st.held) + data[pos : pos + 16]
+        head = bytes(st.held) + data[pos : pos + 16] if before else data[pos : pos + 16]
         parsed = _frame_header(head)
         if parsed is None:  # the rest of ``data`` is in ``head``: wait for more
             self._hold(st, data[pos:])
@@ -361,6 +376,10 @@ class RequestFrames:
             if length > self.cap:
                 out.append(self._oversize(sid, st))
                 st.skipping = length
+            elif not before and pos + length <= len(data):  # whole in this chunk: no copy
+                frame = data[pos - size : pos + length]
+                out.append(self._judge(sid, st, frame, data[pos : pos + length]))
+                return pos + length
             else:
                 st.start = size
                 st.need = size + length
@@ -390,7 +409,10 @@ class RequestFrames:
         st.need = 0
         if st.kind == _CONTROL:
             return frame
-        block = frame[st.start :]
+        return self._judge(sid, st, frame, frame[st.start :])
+
+    def _judge(self, sid: int, st: _Stream, frame: bytes, block: bytes) -> bytes:
+        """A complete HEADERS frame (``block`` its field section) as qh3 gets it."""
         if len(block) * _LARGEST_LINE <= self.cap:
             st.heads += 1
             return frame  # cannot pass the cap; the decoder judges the rest

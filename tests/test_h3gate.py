@@ -147,3 +147,10 @@ def test_the_control_stream_is_read_frame_by_frame():
     encoder = b"\x02" + b"\x20" * 100  # QPACK streams and unknown types pass as they are
     assert frames.feed(14, encoder[:1], False) + frames.feed(14, encoder[1:], False) == encoder
     assert frames.feed(18, b"\x40\x21grease", True) == b"\x40\x21grease"
+
+
+def test_a_whole_short_request_passes_untouched():
+    frames = gate.RequestFrames(65536, 4 * 65536, {})
+    request = frame(0x1, encoded([(b":method", b"GET"), (b":path", b"/")]))
+    assert frames.feed(0, request, True) is request
+    assert not frames.knows(0) and frames.held == 0

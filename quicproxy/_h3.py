@@ -4,6 +4,12 @@ The connection is driven by the listener (``_quiclisten.py``): it hands in
 datagrams and timer expiries, and flushes what the connection has to send
 once per event-loop turn. The stream life cycle itself lives in
 ``_streams.py``, shared with HTTP/2.
+
+Request streams reach qh3 through ``_h3gate.RequestFrames`` (frame sizes, the decoded
+size of header blocks, a budget for header frames in progress); a request head not
+complete within ``timeouts.header`` is refused (H3_REQUEST_REJECTED). QPACK runs without
+a dynamic table (capacity 0, no blocked streams: what quic-go does), so a header block
+cannot expand beyond what it spells out.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import logging
 import ssl
 from typing import TYPE_CHECKING, Any
 
-from qh3._hazmat import DecoderStreamError
+from qh3._hazmat import DecoderStreamError, QpackDecoder
 from qh3.h3.connection import (
     H3_ALPN,
     ErrorCode,
     FrameType,
     H3Connection,
+    QpackDecompressionFailed,
+    Setting,
     encode_frame,
     encode_uint_var,
 )
@@ -27,11 +35,19 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from ._errors import ClientGone
+from ._errors import ClientGone, HeadersTooLarge
+from ._h3gate import FrameRefused, QpackError, RequestFrames, field_section_size
 from ._handler import Handler
 from ._model import Headers
 from ._pseudo import response_headers, trailer_fields
-from ._quic import CreditedConnection, control_stream, events, parse_header, unsent_bytes
+from ._quic import (
+    CreditedConnection,
+    control_stream,
+    events,
+    parse_header,
+    stream_answered,
+    unsent_bytes,
+)
 from ._sockets import plain_addr
 from ._streams import Streams
 
@@ -42,6 +58,9 @@ __all__ = ["H3Conn", "warm_up"]
 
 log = logging.getLogger("quicproxy")
 _SEND_HIGH_WATER = 1 << 20
+HEADER_BUDGET = 4
+"""Header frames in progress on one connection hold at most this many times
+``limits.max_header_bytes`` together (see ``_h3gate``)."""
 _RESET_CODES = {
     "refused": ErrorCode.H3_REQUEST_REJECTED,
     "internal": ErrorCode.H3_INTERNAL_ERROR,
@@ -55,12 +74,27 @@ class _H3(H3Connection):
     """qh3's HTTP/3 layer without its H3_DATAGRAM setting: qh3 always announces it,
     and RFC 9297 lets clients (aioquic, for one) close a connection that announces it
     without QUIC datagram support, which the proxy does not offer. It announces extended
-    CONNECT instead (WebSocket over HTTP/3, RFC 9220)."""
+    CONNECT instead (WebSocket over HTTP/3, RFC 9220).
+
+    Its QPACK decoder has no dynamic table (SETTINGS_QPACK_MAX_TABLE_CAPACITY and
+    SETTINGS_QPACK_BLOCKED_STREAMS 0): an encoder-stream instruction other than "capacity
+    0" is QPACK_ENCODER_STREAM_ERROR (qh3's decoder refuses them), a header block that
+    refers to the table QPACK_DECOMPRESSION_FAILED, and no stream waits for an insert."""
+
+    def __init__(self, quic: QuicConnection, max_field_section: int = 4 * 65536) -> None:
+        self.max_field_section = max_field_section
+        self.oversize: dict[int, bool] = {}
+        "Streams whose next header block stands for an oversize one (see ``_h3gate``)."
+        super().__init__(quic)
+        self._decoder = QpackDecoder(0, 0)
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
         settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
         settings[0x08] = 1  # SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket (RFC 9220)
+        settings[Setting.QPACK_MAX_TABLE_CAPACITY] = 0
+        settings[Setting.QPACK_BLOCKED_STREAMS] = 0
+        settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section
         return settings
 
     def _decode_headers(
@@ -68,15 +102,34 @@ class _H3(H3Connection):
     ) -> list[tuple[bytes, bytes]]:
         """As qh3, except a header block its QPACK decoder refuses because a string is
         not UTF-8 (HTTP allows other bytes): qh3 would raise out of the connection.
-        The request gets a 400 instead, as on h2 (see ``H3Conn._request``)."""
+        The request gets a 400 instead, as on h2 (see ``H3Conn._request``); a block that
+        refers to the dynamic table (there is none) closes the connection. An oversize
+        block (its stand-in, see ``_h3gate``) is not decoded: the request gets 431."""
+        head = self.oversize.pop(stream_id, None)
+        if head is not None:
+            return _TooLarge(_PLACEHOLDER if head else [])  # trailers: ignored
         try:
             return super()._decode_headers(stream_id, frame_data)
         except DecoderStreamError:
+            try:
+                field_section_size(frame_data or b"")
+            except QpackError as exc:
+                raise QpackDecompressionFailed(str(exc)) from None
             return _Undecodable(_PLACEHOLDER)  # valid for qh3's checks; never forwarded
+
+
+def _too_large(headers: list[tuple[bytes, bytes]], cap: int) -> HeadersTooLarge | None:
+    if isinstance(headers, _TooLarge):
+        return HeadersTooLarge(f"request headers over {cap} bytes")
+    return None
 
 
 class _Undecodable(list[tuple[bytes, bytes]]):
     """The headers of a request whose header block could not be decoded."""
+
+
+class _TooLarge(list[tuple[bytes, bytes]]):
+    """The headers of a request whose header block was too large to be decoded."""
 
 
 _PLACEHOLDER = [
@@ -96,7 +149,10 @@ class H3Conn:
         self.quic = quic
         self.listener = listener
         self.handler = handler
-        self.h3 = _H3(quic)
+        cap = handler.cfg.limits.max_header_bytes
+        self.h3 = _H3(quic, max_field_section=4 * cap)
+        self.frames = RequestFrames(cap, HEADER_BUDGET * cap, self.h3.oversize)
+        self._head_timers: dict[int, asyncio.TimerHandle] = {}
         self.cids: set[bytes] = set()
         "Connection IDs that route datagrams to this connection."
         self.source: tuple[int, int, bytes] | None = None
@@ -141,11 +197,13 @@ class H3Conn:
             elif isinstance(event, events.StopSendingReceived):
                 # A cancel too: qh3 has reset our side. A browser leaving a page sends
                 # STOP_SENDING alone once its request's FIN was acknowledged.
+                self._forget(event.stream_id)
                 self._consumed.pop(event.stream_id, None)
                 quic.credit.pop(event.stream_id, None)
                 if self.streams.peer_reset(event.stream_id):
                     self.reset(event.stream_id, "cancelled")
             elif isinstance(event, events.StreamReset):
+                self._forget(event.stream_id)
                 self._consumed.pop(event.stream_id, None)
                 quic.credit.pop(event.stream_id, None)
                 if self.streams.peer_reset(event.stream_id):
@@ -153,6 +211,8 @@ class H3Conn:
             elif isinstance(event, events.ConnectionTerminated):
                 self.terminated()
                 return
+            if isinstance(event, events.StreamDataReceived) and not self._gate(event):
+                continue
             for h3_event in self.h3.handle_event(event):
                 self._h3_event(h3_event)
         self.transmit()
@@ -184,7 +244,73 @@ class H3Conn:
             event.stream_ended,
             lambda size: self.grant(sid, size),
             early_data=not self.quic.handshake_complete,
+            refusal=_too_large(event.headers, self.handler.cfg.limits.max_header_bytes),
         )
+
+    # ------------------------------------------------------------------ request frames
+
+    def _gate(self, event: events.StreamDataReceived) -> bool:
+        """The client's stream bytes through ``RequestFrames`` (rewritten in place); False
+        when qh3 gets nothing of them. Starts and stops a request head's deadline."""
+        sid = event.stream_id
+        request = sid % 4 == 0
+        if not request and sid % 4 != 2:
+            return True  # not the client's: nothing arrives on those
+        if request and not event.data and event.end_stream and not self.frames.knows(sid):
+            if sid in self.streams.tasks or stream_answered(self.quic, sid):
+                return True  # qh3 reports a FIN again when its frame is sent again
+        try:
+            data = self.frames.feed(sid, event.data, event.end_stream)
+        except FrameRefused as exc:
+            log.info("HTTP/3 stream from %s refused: %s", self.client[0], exc.reason)
+            if exc.stream:
+                self._refuse_stream(sid, exc.code)
+            else:
+                self.close(exc.code, exc.reason)
+            return False
+        if not request:
+            pass
+        elif self.frames.waiting(sid):
+            if sid not in self._head_timers:
+                self._head_timers[sid] = self.listener.loop.call_later(
+                    self.handler.cfg.timeouts.header, self._head_late, sid
+                )
+        elif sid in self._head_timers:
+            self._head_timers.pop(sid).cancel()
+        if data is None:
+            return False
+        event.data = data
+        return True
+
+    def _head_late(self, sid: int) -> None:
+        self._head_timers.pop(sid, None)
+        if self.frames.waiting(sid) and not self.closed:
+            log.info("HTTP/3 request head from %s not complete in time", self.client[0])
+            self.frames.drop(sid)
+            self._refuse_stream(sid, ErrorCode.H3_REQUEST_REJECTED)
+
+    def _refuse_stream(self, sid: int, code: int) -> None:
+        """Reset a request stream both ways; what qh3 holds of it goes."""
+        self.streams.cancel(sid, "stream refused")
+        self.h3._stream.pop(sid, None)
+        self.h3.oversize.pop(sid, None)
+        self._consumed.pop(sid, None)
+        self.quic.credit.pop(sid, None)
+        timer = self._head_timers.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+        with contextlib.suppress(Exception):
+            self.quic.reset_stream(sid, code)
+        with contextlib.suppress(Exception):
+            self.quic.stop_stream(sid, code)
+        self.transmit()
+
+    def _forget(self, sid: int) -> None:
+        """The client reset a stream: its frames and deadline go."""
+        self.frames.forget(sid)
+        timer = self._head_timers.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
 
     # ------------------------------------------------------------------ StreamOps
 
@@ -271,6 +397,9 @@ class H3Conn:
             return
         self.closed = True
         self.streams.close_all("connection closed")
+        for timer in self._head_timers.values():
+            timer.cancel()
+        self._head_timers.clear()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

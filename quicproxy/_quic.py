@@ -45,6 +45,13 @@ loudly when an upgrade removes one):
 - ``QuicConnection._loss`` (``bytes_in_flight``): whether everything sent was
   acknowledged (closing a drained connection).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
+- ``H3Connection._decoder``: replaced by a QPACK decoder without a dynamic table (see
+  ``_h3.py``); ``H3Connection._stream`` (an HTTP/3 stream's parsing state): dropped when
+  the proxy refuses a request stream before qh3 saw its headers.
+- ``QuicConnection._local_max_streams_bidi`` and ``_local_max_streams_uni``: replaced by
+  ``StreamCredit``, raised as the peer's request streams finish, not as they open (qh3
+  doubles a limit once the peer has opened half of it). ``_streams_finished``: where a
+  finished stream is remembered when ``CreditedConnection`` discards it (as qh3 does).
 - ``QuicConnection._network_paths``, ``_max_datagram_size``, ``_mtu_probe_sizes``,
   ``_mtu_probe_pending``, ``_on_mtu_probe_delivery`` and the congestion controller's
   ``_max_datagram_size``: qh3's path MTU probe, turned on for the server and started
@@ -107,6 +114,7 @@ __all__ = [
     "Header",
     "CreditedConnection",
     "ProxyStream",
+    "StreamCredit",
     "QuicConfiguration",
     "RetryTokens",
     "SessionTicket",
@@ -115,6 +123,7 @@ __all__ = [
     "owner",
     "parse_header",
     "stamp",
+    "stream_answered",
     "server_configuration",
     "unsent_bytes",
     "version_negotiation",
@@ -196,6 +205,9 @@ PRIVATE = [
     ("connection", "_local_max_data"),
     ("connection", "_local_max_streams_bidi"),
     ("connection", "_local_max_streams_uni"),
+    ("h3", "_decoder"),
+    ("h3", "_stream"),
+    ("connection", "_streams_finished"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
@@ -314,6 +326,38 @@ class _Credit(dict[int, int]):
             stream.limit = limit
             stream.max_stream_data_local = limit
             conn._streams_dirty_limits.add(stream)
+
+
+class StreamCredit:
+    """A MAX_STREAMS limit (what qh3 reads of its ``Limit``) that holds.
+
+    qh3 doubles a stream limit as soon as the peer has *opened* more than half of it, so
+    with a limit of 100 a client can keep thousands of requests open at once. Here the
+    limit is raised by one only as one of the peer's streams finishes (``finished``):
+    the concurrency advertised holds at every moment, and a stream beyond it is qh3's
+    own STREAM_LIMIT_ERROR. A limit nobody raises (unidirectional streams: HTTP/3 needs
+    three of them) stays at its initial value."""
+
+    __slots__ = ("frame_type", "name", "sent", "value", "opened")
+
+    def __init__(self, frame_type: int, name: str, value: int) -> None:
+        self.frame_type = frame_type
+        self.name = name
+        self.sent = value
+        self.value = value
+        self.opened = 0
+
+    @property
+    def used(self) -> int:
+        """What qh3 compares with half the limit to double it: never more than 0."""
+        return 0
+
+    @used.setter
+    def used(self, count: int) -> None:
+        self.opened = max(self.opened, count)
+
+    def finished(self) -> None:
+        self.value += 1
 
 
 @dataclass
@@ -744,6 +788,7 @@ class CreditedConnection(FrameGuard):
     def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = _Credit(self)
+        self._hold_stream_limits()
         self._unacked = 0
         self.worker = worker
         self._probe_path: Any = None  # set up by the first datagram (its path)
@@ -829,27 +874,45 @@ class CreditedConnection(FrameGuard):
         HTTP/3 connection holds six that are idle nearly always (the control and QPACK
         streams of both sides), which cost ~11 % of a bulk download's CPU. The idle ones
         (no data, FIN, RESET_STREAM or STOP_SENDING to send, not finished both ways) wait
-        outside for the call and go back behind the others, in order."""
+        outside for the call and go back behind the others, in order. Streams finished
+        both ways are discarded here (``_discard``), not by qh3."""
         queue = self._streams_queue
         active: list[Any] = []
         idle: list[Any] = []
         for stream in queue:
             sender = stream.sender
-            if sender.reset_pending or stream.receiver.stop_pending:
+            if sender.is_finished and stream.receiver.is_finished:
+                self._discard(stream)
+            elif sender.reset_pending or stream.receiver.stop_pending:
                 active.append(stream)
-            elif sender.is_finished and stream.receiver.is_finished:
-                active.append(stream)  # qh3 forgets a finished stream in this loop
             elif stream.is_blocked or sender.buffer_is_empty:
                 idle.append(stream)
             else:
                 active.append(stream)
-        if not idle:
+        if len(active) == len(queue):
             return super().datagrams_to_send(now=now)
         queue[:] = active
         try:
             return super().datagrams_to_send(now=now)
         finally:
             queue.extend(idle)
+
+    def _hold_stream_limits(self) -> None:
+        """MAX_STREAMS raised as the peer's streams finish, never as they open."""
+        for name in ("_local_max_streams_bidi", "_local_max_streams_uni"):
+            limit = getattr(self, name)
+            setattr(self, name, StreamCredit(limit.frame_type, limit.name, limit.value))
+
+    def _discard(self, stream: Any) -> None:
+        """Forget a stream finished both ways, as qh3 does while building packets, and give
+        the peer one more request stream for it (the MAX_STREAMS goes out in this flush)."""
+        stream_id = stream.stream_id
+        del self._streams[stream_id]
+        self._streams_finished.add(stream_id)
+        self._streams_dirty_limits.discard(stream)
+        limit = self._local_max_streams_bidi
+        if stream_id % 4 == 0 and isinstance(limit, StreamCredit):  # a client's request
+            limit.finished()
 
     def _requeue(self) -> bool:
         queue = self._streams_queue
@@ -926,6 +989,15 @@ def unsent_bytes(quic: QuicConnection, stream_id: int) -> int:
     if stream is None:
         return 0
     return sum(stop - start for start, stop in stream.sender._pending)
+
+
+def stream_answered(quic: QuicConnection, stream_id: int) -> bool:
+    """Whether the proxy has written to (or reset) a stream, or already forgot it."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return True
+    sender = stream.sender
+    return bool(sender.highest_offset or sender.reset_pending or sender.is_finished)
 
 
 def control_stream(h3: H3Connection) -> int | None:

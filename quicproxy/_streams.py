@@ -137,8 +137,10 @@ class Streams:
         ended: bool,
         grant: Callable[[int], None],
         early_data: bool = False,
+        refusal: ProxyError | None = None,
     ) -> bool:
-        """Admit a request whose headers arrived; False when it was refused."""
+        """Admit a request whose headers arrived; False when it was refused. A ``refusal``
+        (its head judged before it was read, e.g. too large) is answered at once."""
         if self.closing or self.abusive:
             self.ops.reset(sid, "refused")
             return False
@@ -148,6 +150,8 @@ class Streams:
         if ended:
             body.end()
         try:
+            if refusal is not None:
+                raise refusal
             req = request_from_pseudo(raw, self.protocol, self.client, self.server, body)
         except ProxyError as exc:
             log.info("refused %s request from %s: %s", self.protocol, self.client[0], exc)
@@ -213,6 +217,15 @@ class Streams:
                 )
                 self.ops.excessive_load("too many stream resets")
         return task is not None
+
+    def cancel(self, sid: int, why: str) -> None:
+        """The proxy refused a stream mid-request: stop its upstream request now."""
+        body = self.bodies.pop(sid, None)
+        task = self.tasks.pop(sid, None)
+        if body is not None and not body.ended:
+            body.abort(ConnectionError(why))
+        if task is not None:
+            task.cancel()
 
     def close_all(self, why: str) -> None:
         """The connection is gone: every stream ends now."""

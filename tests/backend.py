@@ -33,6 +33,9 @@ class Backend:
         self.open_now = 0
         self.open_max = 0
         "Connections open at once, now and at most (for connection-cap tests)."
+        self.slow_now = 0
+        self.slow_max = 0
+        "Requests for /slow in progress at once, now and at most."
 
     async def start(self) -> Backend:
         self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
@@ -170,7 +173,12 @@ class Backend:
         elif path == "/headers":
             await respond(200, json.dumps(headers).encode(), "application/json")
         elif path == "/slow":
-            await asyncio.sleep(float(query.get("s", ["1"])[0]))
+            self.slow_now += 1
+            self.slow_max = max(self.slow_max, self.slow_now)
+            try:
+                await asyncio.sleep(float(query.get("s", ["1"])[0]))
+            finally:
+                self.slow_now -= 1
             await respond(200, b"slow done")
         elif path.startswith("/status/"):
             await respond(int(path[8:]), b"status")

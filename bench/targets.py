@@ -356,7 +356,9 @@ class Lab:
             f"\thttp_port {http_port}\n\thttps_port {port}\n\tdefault_sni localhost\n"
             "\tservers {\n\t\tprotocols h1 h2 h3\n\t}\n}\n"
             f"https://{HOST}:{port}, https://localhost:{port} {{\n\tbind {HOST}\n"
-            f"\ttls {self.cert} {self.key}\n\treverse_proxy {HOST}:{self.backend_port}\n}}\n"
+            f"\ttls {self.cert} {self.key}\n"
+            f"\treverse_proxy /bench.Echo/* h2c://{HOST}:{self.backend_port}\n"
+            f"\treverse_proxy {HOST}:{self.backend_port}\n}}\n"
         )
         env = {
             "XDG_CONFIG_HOME": str(self.workdir / "xdg"),
@@ -370,8 +372,14 @@ class Lab:
     ) -> list[subprocess.Popen]:
         assert self.qp
         procs: list[subprocess.Popen] = []
+        routes = self.workdir / "qp-routes.yaml"  # the gRPC row's backend speaks h2c
+        routes.write_text(
+            f"routes:\n  - {{path_prefix: /bench.Echo/, backends: [h2c://{HOST}:{self.backend_port}]}}\n"
+        )
         cmd = self.qp + [
             "serve",
+            "--config",
+            str(routes),
             "--backend",
             self.backend_url,
             "--host",

@@ -104,6 +104,12 @@ FIGURES = {
         Figure("ws_p50/h1", "WebSocket echo round trip p50, c=16, h1", "ms", "lower"),
         Figure("ws_p99/h1", "WebSocket echo round trip p99, c=16, h1", "ms", "lower"),
         Figure("cpu_ws/h1", "server CPU per WebSocket message echoed, h1", "µs/msg", "lower"),
+        Figure(
+            "grpc_unary/h2", "gRPC unary calls/s, 1 KiB, c=16, h2 (h2c backend)", "call/s", "higher"
+        ),
+        Figure("grpc_p50/h2", "gRPC unary latency p50, c=16, h2", "ms", "lower"),
+        Figure("grpc_p99/h2", "gRPC unary latency p99, c=16, h2", "ms", "lower"),
+        Figure("cpu_grpc/h2", "server CPU per gRPC unary call, h2", "µs/call", "lower"),
         Figure("handshake/h3", "new h3 connections/s", "conn/s", "higher"),
         Figure("handshake_slow/h3", "new h3 connections slower than 0.5 s", "%", "lower"),
         Figure("rss_base/h3", "RSS at start", "MiB", "lower"),
@@ -362,13 +368,18 @@ def upload_aioquic(t: Target, s: Settings) -> dict[str, float]:
     return {"ul_10m_aq/h3": int(done) * BIG / float(spent) / MIB}
 
 
+def ws_url(base: str) -> str:
+    """The WebSocket echo URL of an http(s) base URL."""
+    scheme, rest = base.split("://", 1)
+    return f"{'wss' if scheme == 'https' else 'ws'}://{rest}/ws"
+
+
 def ws_echo(t: Target, s: Settings) -> dict[str, float]:
     """WebSocket echo through the target (h1 Upgrade; `direct`: the backend's own /ws):
     ``s.ws_conns`` connections, 1 KiB messages back to back for the window, by the
     `websockets` client in a child process. Server CPU per message: the target's CPU over
     the client's run / messages echoed (each is one message each way)."""
-    base = t.urls["h1"]
-    url = ("wss" if base.startswith("https") else "ws") + base.split(":", 1)[1] + "/ws"
+    url = ws_url(t.urls["h1"])
     pids = t.cpu_pids
     before = proc_tree_cpu_s(pids) if pids else float("nan")
     out = subprocess.run(
@@ -391,6 +402,39 @@ def ws_echo(t: Target, s: Settings) -> dict[str, float]:
     }
     if before == before:  # not nan
         res["cpu_ws/h1"] = cpu_per_unit(before, after, got["messages"])
+    return res
+
+
+def grpc_unary(t: Target, s: Settings) -> dict[str, float]:
+    """gRPC unary calls through the target over h2 (TLS), to the backend's h2c gRPC echo
+    (`direct`: the backend itself over h2c): ``s.ws_conns`` concurrent callers on one
+    channel, 1 KiB messages back to back for the window, by grpcio in a child process.
+    Server CPU per call: the target's CPU over the client's run / calls completed."""
+    base = t.urls.get("h2")
+    host_port = t.urls["h1"].split("://", 1)[1]
+    target = f"https://{base.split('://', 1)[1]}" if base else f"h2c://{host_port}"
+    pids = t.cpu_pids
+    before = proc_tree_cpu_s(pids) if pids else float("nan")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.grpc_unary", target, str(s.ws_conns), str(s.duration)],
+        capture_output=True,
+        text=True,
+        timeout=s.duration + 60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    after = proc_tree_cpu_s(pids) if pids else float("nan")
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if not got["calls"]:
+        raise RuntimeError("no gRPC call completed")
+    res = {
+        "grpc_unary/h2": got["calls"] / got["seconds"],
+        "grpc_p50/h2": got["p50_ms"],
+        "grpc_p99/h2": got["p99_ms"],
+    }
+    if before == before:  # not nan
+        res["cpu_grpc/h2"] = cpu_per_unit(before, after, got["calls"])
     return res
 
 
@@ -610,6 +654,8 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
                 step(f"latency {p}", keys, latency, oha, t, p, s)
     if full:
         step("ws echo h1", ["ws_echo/h1", "ws_p50/h1", "ws_p99/h1", "cpu_ws/h1"], ws_echo, t, s)
+        keys = ["grpc_unary/h2", "grpc_p50/h2", "grpc_p99/h2", "cpu_grpc/h2"]
+        step("grpc unary h2", keys, grpc_unary, t, s)
         for p in protos:
             if p in s.big_protos or t.kind == "direct":
                 step(f"download {p}", [f"dl_10m/{p}", f"cpu_dl_10m/{p}"], download, oha, t, p, s)

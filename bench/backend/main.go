@@ -5,6 +5,8 @@
 //	POST /up   reads and discards the whole request body, answers "ok"
 //	GET  /slow 1 KiB body after 1 s (holds each connection of the handshake test busy)
 //	GET  /ws   WebSocket echo (RFC 6455, stdlib only): every message sent back as it came
+//	POST /bench.Echo/Unary  gRPC unary echo over h2c (stdlib HTTP/2 without TLS): the
+//	           length-prefixed message back, grpc-status 0 in the trailers
 //
 // Usage: backend -addr 127.0.0.1:PORT
 package main
@@ -46,6 +48,26 @@ func wsEcho(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	echoFrames(rw.Reader, rw.Writer)
+}
+
+// grpcEcho answers a gRPC unary call: the request's one length-prefixed message is sent
+// back as the response message, then grpc-status 0 as a trailer.
+func grpcEcho(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor != 2 || !strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+		http.Error(w, "gRPC over HTTP/2 only", http.StatusBadRequest)
+		return
+	}
+	msg, err := io.ReadAll(io.LimitReader(r.Body, 4<<20))
+	if err != nil || len(msg) < 5 {
+		http.Error(w, "bad gRPC message", http.StatusBadRequest)
+		return
+	}
+	w.Header().Set("Content-Type", "application/grpc")
+	w.Header().Set("Trailer", "Grpc-Status, Grpc-Message")
+	w.WriteHeader(http.StatusOK)
+	w.Write(msg)
+	w.Header().Set("Grpc-Status", "0")
+	w.Header().Set("Grpc-Message", "")
 }
 
 func echoFrames(in *bufio.Reader, out *bufio.Writer) {
@@ -142,5 +164,9 @@ func main() {
 	mux.HandleFunc("/_gwhealthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok"))
 	})
-	log.Fatal(http.ListenAndServe(*addr, mux))
+	mux.HandleFunc("/bench.Echo/Unary", grpcEcho)
+	srv := &http.Server{Addr: *addr, Handler: mux, Protocols: new(http.Protocols)}
+	srv.Protocols.SetHTTP1(true)
+	srv.Protocols.SetUnencryptedHTTP2(true) // h2c with prior knowledge: the gRPC row
+	log.Fatal(srv.ListenAndServe())
 }

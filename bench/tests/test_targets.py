@@ -72,3 +72,39 @@ def test_ws_echo_client_against_the_go_backend(tmp_path: Path) -> None:
         assert got["messages"] > 100 and 0 < got["p50_ms"] <= got["p99_ms"]
     finally:
         stop([proc])
+
+
+def test_ws_url_keeps_the_scheme_apart() -> None:
+    from bench.workloads import ws_url
+
+    assert ws_url("https://localhost:8443") == "wss://localhost:8443/ws"
+    assert ws_url("http://localhost:9000") == "ws://localhost:9000/ws"
+
+
+def test_grpc_unary_client_against_the_go_backend(tmp_path: Path) -> None:
+    """The bench's gRPC row: the Go backend's stdlib h2c gRPC echo and the grpcio client
+    that loads it agree (messages echoed whole, calls counted)."""
+    import json
+    import subprocess
+
+    from bench.targets import _spawn, build_backend, stop, wait_http
+    from tests.helpers import need_tool
+
+    need_tool("go", "install Go (https://go.dev/dl/ or your distribution's golang package)")
+    exe = build_backend(tmp_path / "backend")
+    (port,) = free_ports(1)
+    proc = _spawn([str(exe), "-addr", f"127.0.0.1:{port}"], tmp_path / "backend.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_gwhealthz", [proc])
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.grpc_unary", f"h2c://127.0.0.1:{port}", "4", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["calls"] > 50 and 0 < got["p50_ms"] <= got["p99_ms"]
+    finally:
+        stop([proc])

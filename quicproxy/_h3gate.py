@@ -31,6 +31,8 @@ Pure protocol (RFC 9114, RFC 9204): nothing here knows the HTTP/3 library.
 
 from __future__ import annotations
 
+from ._fieldint import IntegerError, prefix_int
+
 __all__ = [
     "FrameRefused",
     "QpackError",
@@ -103,30 +105,11 @@ class FrameRefused(Exception):
         self.stream = stream
 
 
-def _prefix_int(data: bytes, pos: int, bits: int) -> tuple[int, int]:
-    """A QPACK prefixed integer (RFC 9204 §4.1.1, RFC 7541 §5.1) at ``pos``; (value, next)."""
-    mask = (1 << bits) - 1
-    value = data[pos] & mask
-    pos += 1
-    if value < mask:
-        return value, pos
-    shift = 0
-    while True:
-        byte = data[pos]  # IndexError: truncated
-        pos += 1
-        value += (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 56:
-            raise QpackError("integer too large")
-
-
 def _string(data: bytes, pos: int, bits: int) -> tuple[int, int]:
     """A string literal with its Huffman flag just above a ``bits``-bit length: (the most
     bytes it decodes to, position after it). Huffman codes are 5 bits at least."""
     huffman = data[pos] & (1 << bits)
-    length, pos = _prefix_int(data, pos, bits)
+    length, pos = prefix_int(data, pos, bits)
     end = pos + length
     if end > len(data):
         raise QpackError("string past the end of the field section")
@@ -141,22 +124,22 @@ def field_section_size(block: bytes, stop: int | None = None) -> int:
     reference to the dynamic table raises :class:`QpackError`, as does a malformed or
     truncated section. Stops counting once past ``stop``."""
     try:
-        required, pos = _prefix_int(block, 0, 8)
+        required, pos = prefix_int(block, 0, 8)
         if required:
             raise QpackError("Required Insert Count is not 0 (no dynamic table)")
-        _, pos = _prefix_int(block, pos, 7)  # Delta Base: nothing to refer to
+        _, pos = prefix_int(block, pos, 7)  # Delta Base: nothing to refer to
         size, end = 0, len(block)
         while pos < end:
             first = block[pos]
             if first & 0x80:  # indexed field line
                 if not first & 0x40:
                     raise QpackError("reference to the dynamic table")
-                index, pos = _prefix_int(block, pos, 6)
+                index, pos = prefix_int(block, pos, 6)
                 name, value = _STATIC[index]
             elif first & 0x40:  # literal with name reference
                 if not first & 0x10:
                     raise QpackError("name reference to the dynamic table")
-                index, pos = _prefix_int(block, pos, 4)
+                index, pos = prefix_int(block, pos, 4)
                 name = _STATIC[index][0]
                 value, pos = _string(block, pos, 7)
             elif first & 0x20:  # literal with literal name
@@ -168,6 +151,8 @@ def field_section_size(block: bytes, stop: int | None = None) -> int:
             if stop is not None and size > stop:
                 return size
         return size
+    except IntegerError as exc:
+        raise QpackError(str(exc)) from None
     except IndexError:
         raise QpackError("truncated or out-of-range field line") from None
 

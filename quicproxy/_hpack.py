@@ -18,6 +18,8 @@ import jh2.connection
 import jh2.exceptions
 from jh2.errors import ErrorCodes
 
+from ._fieldint import IntegerError, prefix_int
+
 __all__ = ["CompressionError", "StrictDecoder", "check_block"]
 
 
@@ -32,23 +34,10 @@ class CompressionError(jh2.exceptions.ProtocolError):
 
 def _integer(block: bytes, at: int, prefix: int) -> tuple[int, int]:
     """The integer with an N-bit prefix at ``at`` (RFC 7541 5.1) and the offset after it."""
-    mask = (1 << prefix) - 1
-    value = block[at] & mask
-    at += 1
-    if value < mask:
-        return value, at
-    shift = 0
-    while True:
-        if at >= len(block):
-            raise CompressionError("field block ends inside an integer")
-        byte = block[at]
-        at += 1
-        value += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, at
-        if shift > 28:
-            raise CompressionError("integer too large in a field block")
+    try:
+        return prefix_int(block, at, prefix, max_shift=28)
+    except IntegerError as exc:
+        raise CompressionError(f"field block: {exc}") from None
 
 
 def _string(block: bytes, at: int) -> int:

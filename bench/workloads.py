@@ -368,6 +368,29 @@ def upload_aioquic(t: Target, s: Settings) -> dict[str, float]:
     return {"ul_10m_aq/h3": int(done) * BIG / float(spent) / MIB}
 
 
+def _client_run(t: Target, s: Settings, module: str, *args: str) -> tuple[dict, float]:
+    """Run a load client module in a child process (``python -m bench.MODULE ...``) between
+    two readings of the target's CPU; its JSON line and the server CPU seconds it cost
+    (nan when there is no server process to meter)."""
+    pids = t.cpu_pids
+    before = proc_tree_cpu_s(pids) if pids else float("nan")
+    out = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=s.duration + 60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    after = proc_tree_cpu_s(pids) if pids else float("nan")
+    if out.returncode != 0:
+        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]), after - before
+
+
+def _per_unit(cpu_s: float, units: float, key: str) -> dict[str, float]:
+    return {} if cpu_s != cpu_s else {key: cpu_per_unit(0.0, cpu_s, units)}
+
+
 def ws_url(base: str) -> str:
     """The WebSocket echo URL of an http(s) base URL."""
     scheme, rest = base.split("://", 1)
@@ -380,29 +403,15 @@ def ws_echo(t: Target, s: Settings) -> dict[str, float]:
     `websockets` client in a child process. Server CPU per message: the target's CPU over
     the client's run / messages echoed (each is one message each way)."""
     url = ws_url(t.urls["h1"])
-    pids = t.cpu_pids
-    before = proc_tree_cpu_s(pids) if pids else float("nan")
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.ws_echo", url, str(s.ws_conns), str(s.duration)],
-        capture_output=True,
-        text=True,
-        timeout=s.duration + 60,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    after = proc_tree_cpu_s(pids) if pids else float("nan")
-    if out.returncode != 0:
-        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got, cpu = _client_run(t, s, "ws_echo", url, str(s.ws_conns), str(s.duration))
     if not got["messages"]:
         raise RuntimeError("no WebSocket message echoed")
-    res = {
+    return {
         "ws_echo/h1": got["messages"] / got["seconds"],
         "ws_p50/h1": got["p50_ms"],
         "ws_p99/h1": got["p99_ms"],
+        **_per_unit(cpu, got["messages"], "cpu_ws/h1"),
     }
-    if before == before:  # not nan
-        res["cpu_ws/h1"] = cpu_per_unit(before, after, got["messages"])
-    return res
 
 
 def grpc_unary(t: Target, s: Settings) -> dict[str, float]:
@@ -413,29 +422,15 @@ def grpc_unary(t: Target, s: Settings) -> dict[str, float]:
     base = t.urls.get("h2")
     host_port = t.urls["h1"].split("://", 1)[1]
     target = f"https://{base.split('://', 1)[1]}" if base else f"h2c://{host_port}"
-    pids = t.cpu_pids
-    before = proc_tree_cpu_s(pids) if pids else float("nan")
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.grpc_unary", target, str(s.ws_conns), str(s.duration)],
-        capture_output=True,
-        text=True,
-        timeout=s.duration + 60,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    after = proc_tree_cpu_s(pids) if pids else float("nan")
-    if out.returncode != 0:
-        raise RuntimeError((out.stderr.strip().splitlines() or ["no output"])[-1])
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got, cpu = _client_run(t, s, "grpc_unary", target, str(s.ws_conns), str(s.duration))
     if not got["calls"]:
         raise RuntimeError("no gRPC call completed")
-    res = {
+    return {
         "grpc_unary/h2": got["calls"] / got["seconds"],
         "grpc_p50/h2": got["p50_ms"],
         "grpc_p99/h2": got["p99_ms"],
+        **_per_unit(cpu, got["calls"], "cpu_grpc/h2"),
     }
-    if before == before:  # not nan
-        res["cpu_grpc/h2"] = cpu_per_unit(before, after, got["calls"])
-    return res
 
 
 def handshake(oha: Oha, t: Target, s: Settings) -> dict[str, float]:

@@ -1,9 +1,12 @@
-"""Harness helpers that need no server."""
+"""Harness helpers (the load clients against the Go backend alone: no proxy, no peer)."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,12 +48,9 @@ def test_a_quicproxy_without_serve_is_not_taken(
     assert facts._interpreter(None) == "-"
 
 
-def test_ws_echo_client_against_the_go_backend(tmp_path: Path) -> None:
-    """The bench's WebSocket row: the Go backend's stdlib /ws echo and the client that
-    loads it agree (messages echoed whole, round trips measured)."""
-    import json
-    import subprocess
-
+@pytest.fixture
+def go_backend(tmp_path: Path) -> Iterator[int]:
+    """The bench's Go backend, built and running on a free loopback port (its port)."""
     from bench.targets import _spawn, build_backend, stop, wait_http
     from tests.helpers import need_tool
 
@@ -60,18 +60,36 @@ def test_ws_echo_client_against_the_go_backend(tmp_path: Path) -> None:
     proc = _spawn([str(exe), "-addr", f"127.0.0.1:{port}"], tmp_path / "backend.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/_gwhealthz", [proc])
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.ws_echo", f"ws://127.0.0.1:{port}/ws", "4", "1"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert got["messages"] > 100 and 0 < got["p50_ms"] <= got["p99_ms"]
+        yield port
     finally:
         stop([proc])
+
+
+def _client(module: str, *args: str) -> dict:
+    """One run of a bench load client (``python -m bench.MODULE``): its JSON line."""
+    out = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_ws_echo_client_against_the_go_backend(go_backend: int) -> None:
+    """The bench's WebSocket row: the Go backend's stdlib /ws echo and the client that
+    loads it agree (messages echoed whole, round trips measured)."""
+    got = _client("ws_echo", f"ws://127.0.0.1:{go_backend}/ws", "4", "1")
+    assert got["messages"] > 100 and 0 < got["p50_ms"] <= got["p99_ms"]
+
+
+def test_grpc_unary_client_against_the_go_backend(go_backend: int) -> None:
+    """The bench's gRPC row: the Go backend's stdlib h2c gRPC echo and the grpcio client
+    that loads it agree (messages echoed whole, calls counted)."""
+    got = _client("grpc_unary", f"h2c://127.0.0.1:{go_backend}", "4", "1")
+    assert got["calls"] > 50 and 0 < got["p50_ms"] <= got["p99_ms"]
 
 
 def test_ws_url_keeps_the_scheme_apart() -> None:
@@ -79,32 +97,3 @@ def test_ws_url_keeps_the_scheme_apart() -> None:
 
     assert ws_url("https://localhost:8443") == "wss://localhost:8443/ws"
     assert ws_url("http://localhost:9000") == "ws://localhost:9000/ws"
-
-
-def test_grpc_unary_client_against_the_go_backend(tmp_path: Path) -> None:
-    """The bench's gRPC row: the Go backend's stdlib h2c gRPC echo and the grpcio client
-    that loads it agree (messages echoed whole, calls counted)."""
-    import json
-    import subprocess
-
-    from bench.targets import _spawn, build_backend, stop, wait_http
-    from tests.helpers import need_tool
-
-    need_tool("go", "install Go (https://go.dev/dl/ or your distribution's golang package)")
-    exe = build_backend(tmp_path / "backend")
-    (port,) = free_ports(1)
-    proc = _spawn([str(exe), "-addr", f"127.0.0.1:{port}"], tmp_path / "backend.log")
-    try:
-        wait_http(f"http://127.0.0.1:{port}/_gwhealthz", [proc])
-        out = subprocess.run(
-            [sys.executable, "-m", "bench.grpc_unary", f"h2c://127.0.0.1:{port}", "4", "1"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert got["calls"] > 50 and 0 < got["p50_ms"] <= got["p99_ms"]
-    finally:
-        stop([proc])

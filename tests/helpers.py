@@ -143,3 +143,41 @@ async def fetch_from(
     async with tcp_client_from(local_ip, certs, http2=proto == "h2") as client:
         resp = await client.get(https_url(proxy, path))
         return resp.status_code, dict(resp.headers), resp.content
+
+
+def chromium_args(profile: Any, proxy: Proxy, quic: bool = True) -> list[str]:
+    """Headless Chromium's command line for pages served by ``proxy`` (its certificate
+    trusted by SPKI; QUIC forced on its origin when ``quic``); the URL goes last."""
+    from quicproxy._tls import spki_sha256_b64
+
+    chromium = need_tool("chromium", "apt-get install chromium (or run bash .ci/setup)")
+    args = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--ignore-certificate-errors-spki-list={spki_sha256_b64(proxy.cert)}",
+    ]
+    if quic:
+        args.append(f"--origin-to-force-quic-on=localhost:{proxy.https_port}")
+    return args
+
+
+async def run_chromium(args: list[str], seconds: float = 90) -> tuple[int, bytes, bytes]:
+    """Run Chromium to its end (``--dump-dom``): (exit status, stdout, stderr). One that
+    times out is killed: a browser must not outlive its test."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), seconds)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode or 0, out, err

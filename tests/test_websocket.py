@@ -308,10 +308,7 @@ async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, t
     from websockets.datastructures import Headers as WsHeaders
     from websockets.http11 import Response as WsResponse
 
-    from quicproxy._tls import spki_sha256_b64
-    from tests.helpers import need_tool
-
-    chromium = need_tool("chromium", "apt-get install chromium (or run bash .ci/setup)")
+    from tests.helpers import chromium_args
 
     done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
@@ -332,21 +329,7 @@ async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, t
         lines: list[str] = []
         proxy.handler.access.sink = lines.append
         origin = f"localhost:{proxy.https_port}"
-        args = [
-            chromium,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path}",
-            f"--ignore-certificate-errors-spki-list={spki_sha256_b64(proxy.cert)}",
-            f"https://{origin}/",
-        ]
-        if quic:
-            args.insert(-1, f"--origin-to-force-quic-on={origin}")
+        args = chromium_args(tmp_path, proxy, quic) + [f"https://{origin}/"]
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )

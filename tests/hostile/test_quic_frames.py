@@ -30,8 +30,7 @@ from aioquic.tls import Epoch
 
 from quicproxy import _quic
 from quicproxy._metrics import metrics
-from quicproxy._tls import spki_sha256_b64
-from tests.helpers import fetch, h3_from, need_tool
+from tests.helpers import chromium_args, fetch, h3_from, run_chromium
 from tests.hostile.probe import in_process
 
 PROTOCOL_VIOLATION = 0x0A
@@ -430,7 +429,6 @@ async def test_a_browser_loading_600_resources_stays_well_inside_the_budget(
     dozen CRYPTO fragments and PINGs), STREAMS_BLOCKED for every request queued behind
     MAX_STREAMS (up to 64 a packet), dozens of HEADERS a packet. Every request is answered,
     nothing is closed, and the budget never falls to half."""
-    chromium = need_tool("chromium", "apt-get install chromium (or run bash .ci/setup)")
     caplog.set_level(logging.WARNING)
     spent: Counter[int] = Counter()
     lowest = [float(_quic.FRAME_BURST)]
@@ -449,30 +447,9 @@ async def test_a_browser_loading_600_resources_stays_well_inside_the_budget(
     )
     page = tmp_path / "page.html"
     page.write_text("<html><body>" + "".join(tags.format(i=i) for i in range(300)) + "</body>")
-    proc = await asyncio.create_subprocess_exec(
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        f"--origin-to-force-quic-on={origin}",
-        f"--ignore-certificate-errors-spki-list={spki_sha256_b64(proxy.cert)}",
-        "--dump-dom",
-        f"file://{page}",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 90)
-    finally:  # a timed-out browser must not outlive the test
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()[-2000:]
+    args = chromium_args(tmp_path / "profile", proxy) + ["--dump-dom", f"file://{page}"]
+    status, out, err = await run_chromium(args)
+    assert status == 0, err.decode()[-2000:]
     answered = metrics.value(
         "quicproxy_requests_total", protocol="h3", status_class="2xx", route="default"
     )

@@ -349,11 +349,7 @@ class RequestFrames:
             elif length > CONTROL_CAP:
                 raise FrameRefused(H3_EXCESSIVE_LOAD, f"control frame of {length} bytes")
             else:
-                st.start = size
-                st.need = size + length
-                self._hold(st, head[:size])
-                if not length:
-                    out.append(self._complete(sid, st))
+                self._begin(sid, st, head[:size], length, out)
         elif kind == _DATA:
             out.append(head[:size])
             st.passing = length
@@ -366,16 +362,21 @@ class RequestFrames:
                 out.append(self._judge(sid, st, frame, data[pos : pos + length]))
                 return pos + length
             else:
-                st.start = size
-                st.need = size + length
-                self._hold(st, head[:size])
-                if not length:
-                    out.append(self._complete(sid, st))
+                self._begin(sid, st, head[:size], length, out)
         elif kind in _UNEXPECTED:
             raise FrameRefused(H3_FRAME_UNEXPECTED, f"frame type {kind} on a request stream")
         else:
             st.skipping = length  # unknown or reserved (grease) type: ignored
         return pos
+
+    def _begin(self, sid: int, st: _Stream, head: bytes, length: int, out: list[bytes]) -> None:
+        """Hold a frame from its header on until its ``length`` payload bytes came (an empty
+        one is complete at once)."""
+        st.start = len(head)
+        st.need = len(head) + length
+        self._hold(st, head)
+        if not length:
+            out.append(self._complete(sid, st))
 
     def _hold(self, st: _Stream, chunk: bytes) -> None:
         if self.held + len(chunk) > self.budget:

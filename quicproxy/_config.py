@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ._errors import ConfigError
-from ._member import TlsProfile, client_context
+from .upstream._member import TlsProfile, client_context
 
 __all__ = [
     "Config",

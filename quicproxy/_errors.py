@@ -78,7 +78,7 @@ class ProxyError(Exception):
         self.detail = detail or self.reason
         self.retry_safe = retry_safe
         """Sending the request again cannot deliver it twice where that matters: nothing of
-        it was written, or it is a bodiless request with a safe method (``_upstream``)."""
+        it was written, or it is a bodiless request with a safe method (``upstream._h1``)."""
 
 
 class RequestError(ProxyError, ValueError):

@@ -2,7 +2,7 @@
 and the framing fields, which are the proxy's.
 
 Framing is decided per hop: a request goes upstream with exactly one framing field the
-upstream pool computes (Content-Length or chunked, ``_upstream``), never the client's
+upstream pool computes (Content-Length or chunked, ``upstream._h1``), never the client's
 beside it; a response leaves with the one Content-Length :func:`response_fields`
 stands for, or none (h1 then chunks or closes, h2/h3 end the stream). Hop-by-hop fields
 (Connection and the fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade,

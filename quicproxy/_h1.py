@@ -14,7 +14,7 @@ from ._model import DISCARD_BYTES, DISCARD_SECONDS, Body, Headers, Request, head
 from ._sockets import plain_addr
 from ._streamio import READ_SIZE, read_within, write_within
 from ._target import origin_form
-from ._tunnel import WEBSOCKET, wants_websocket
+from .upstream._tunnel import WEBSOCKET, wants_websocket
 
 __all__ = ["H1Connection"]
 

@@ -40,15 +40,15 @@ from ._forward import (
 )
 from ._grpc import grpc_error, grpc_timeout, grpc_trailers, is_grpc
 from ._h1wire import reason as wire_reason
-from ._member import Member
 from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response, header_value
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Pool, Router
 from ._target import check_request, options_response
-from ._tunnel import TunnelCaps, open_websocket
-from ._upstream import UpstreamPool
-from ._upstream_h2 import H2Pool
+from .upstream._h1 import UpstreamPool
+from .upstream._h2 import H2Pool
+from .upstream._member import Member
+from .upstream._tunnel import TunnelCaps, open_websocket
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
 __all__ = ["Handler", "ResponseWriter", "error_response"]

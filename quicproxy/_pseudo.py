@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._errors import BadRequest
 from ._forward import strip_hop_by_hop
 from ._model import Body, Headers, Request, decimal
-from ._tunnel import WEBSOCKET
+from .upstream._tunnel import WEBSOCKET
 
 __all__ = ["request_from_pseudo", "response_headers", "trailer_fields"]
 

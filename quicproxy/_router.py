@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ._config import Route, UpstreamTlsConfig, parse_upstream
-from ._member import Member
+from .upstream._member import Member
 
 __all__ = ["Pool", "Router", "DEMO"]
 

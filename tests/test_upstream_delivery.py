@@ -20,9 +20,9 @@ import pytest
 
 from quicproxy._config import UpstreamConfig
 from quicproxy._errors import UpstreamConnectError
-from quicproxy._member import Member
 from quicproxy._model import Body
-from quicproxy._upstream import UpstreamPool
+from quicproxy.upstream._h1 import UpstreamPool
+from quicproxy.upstream._member import Member
 
 
 class ResettingBackend:

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from quicproxy import ConfigError, Proxy, Route, UpstreamTlsConfig
 from quicproxy._config import parse_upstream
-from quicproxy._member import Member, TlsProfile
+from quicproxy.upstream._member import Member, TlsProfile
 from tests.backend import Backend, pattern_bytes
 from tests.helpers import fetch, https_url, proxy_config, tcp_client
 from tests.test_cli import assert_one_line_error, run_cli

@@ -196,7 +196,7 @@ async def test_h2_backend_reset_resets_the_stream(make_proxy, certs):
             for line in head.split(b"\r\n")
             if line.lower().startswith(b"sec-websocket-key:")
         )
-        from quicproxy._tunnel import accept_key
+        from quicproxy.upstream._tunnel import accept_key
 
         writer.write(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ._errors import ConfigError
+from .._errors import ConfigError
 
 __all__ = ["ALPN", "Member", "ResumingContext", "TlsProfile", "client_context", "tls_failure"]
 

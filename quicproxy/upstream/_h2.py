@@ -32,8 +32,8 @@ import jh2.exceptions
 import jh2.settings
 from jh2.errors import ErrorCodes
 
-from ._config import UpstreamConfig
-from ._errors import (
+from .._config import UpstreamConfig
+from .._errors import (
     BadRequest,
     BodyTooLarge,
     ProxyError,
@@ -42,9 +42,9 @@ from ._errors import (
     UpstreamTimeout,
     UpstreamTruncated,
 )
+from .._model import Body, Headers, Response, decimal
+from ._h1 import UpstreamPool
 from ._member import Member
-from ._model import Body, Headers, Response, decimal
-from ._upstream import UpstreamPool
 
 __all__ = ["H2Pool"]
 

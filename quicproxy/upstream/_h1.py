@@ -1,6 +1,6 @@
 """Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways (a
 chunked response's trailers kept). Its connection caps also count the HTTP/2 upstream
-connections of ``_upstream_h2.py``.
+connections of ``_h2.py``.
 
 Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
 https members are reached over verified TLS with one client context per member,
@@ -34,9 +34,9 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
-from . import _h1wire as wire
-from ._config import UpstreamConfig
-from ._errors import (
+from .. import _h1wire as wire
+from .._config import UpstreamConfig
+from .._errors import (
     BadRequest,
     ConfigError,
     ProxyError,
@@ -46,10 +46,10 @@ from ._errors import (
     UpstreamTlsError,
     UpstreamTruncated,
 )
-from ._forward import without_framing
+from .._forward import without_framing
+from .._model import Body, Headers, Response
+from .._streamio import READ_SIZE, write_within
 from ._member import Member, ResumingContext, client_context, tls_failure
-from ._model import Body, Headers, Response
-from ._streamio import READ_SIZE, write_within
 
 __all__ = ["UpstreamPool", "REPLAYABLE_METHODS"]
 

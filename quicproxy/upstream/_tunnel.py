@@ -27,13 +27,13 @@ import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
-from . import _h1wire as wire
-from ._config import Config
-from ._errors import ProxyError, UpstreamConnectError, UpstreamTimeout, UpstreamTruncated
+from .. import _h1wire as wire
+from .._config import Config
+from .._errors import ProxyError, UpstreamConnectError, UpstreamTimeout, UpstreamTruncated
+from .._metrics import metrics
+from .._model import Body, Headers, Request, Response, header_value
+from .._streamio import READ_SIZE, read_within, write_within
 from ._member import Member
-from ._metrics import metrics
-from ._model import Body, Headers, Request, Response, header_value
-from ._streamio import READ_SIZE, read_within, write_within
 
 __all__ = ["WEBSOCKET", "TunnelCaps", "open_websocket", "wants_websocket"]
 

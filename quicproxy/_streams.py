@@ -196,12 +196,9 @@ class Streams:
         left, a video seeked): the client waited for them and is receiving them.
 
         True when the stream was still in progress here."""
-        body = self.bodies.pop(sid, None)
-        task = self.tasks.pop(sid, None)
+        task = self._stop(sid, ClientGone("stream reset by client"))
         streaming = sid in self.streaming
         self.streaming.discard(sid)
-        if body is not None and not body.ended:
-            body.abort(ClientGone("stream reset by client"))
         if task is not None and not task.done():
             task.cancel()
             with contextlib.suppress(Exception):
@@ -220,22 +217,25 @@ class Streams:
 
     def cancel(self, sid: int, why: str) -> None:
         """The proxy refused a stream mid-request: stop its upstream request now."""
-        body = self.bodies.pop(sid, None)
-        task = self.tasks.pop(sid, None)
-        if body is not None and not body.ended:
-            body.abort(ConnectionError(why))
+        task = self._stop(sid, ConnectionError(why))
         if task is not None:
             task.cancel()
 
     def close_all(self, why: str) -> None:
         """The connection is gone: every stream ends now."""
         for sid in list(self.tasks):
-            body = self.bodies.pop(sid, None)
-            if body is not None and not body.ended:
-                body.abort(ClientGone(why))
-            task = self.tasks.pop(sid)
-            task.cancel()
+            task = self._stop(sid, ClientGone(why))
+            if task is not None:
+                task.cancel()
         self.streaming.clear()
+
+    def _stop(self, sid: int, error: BaseException) -> asyncio.Task[None] | None:
+        """Forget a stream: a body still coming fails with ``error``; its task is
+        returned (not cancelled: the caller decides what the cancel means)."""
+        body = self.bodies.pop(sid, None)
+        if body is not None and not body.ended:
+            body.abort(error)
+        return self.tasks.pop(sid, None)
 
     def drain(self) -> None:
         self.closing = True

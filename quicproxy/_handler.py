@@ -35,7 +35,6 @@ from ._forward import (
     TrustedProxies,
     real_client,
     response_fields,
-    strip_hop_by_hop,
     upstream_headers,
 )
 from ._grpc import grpc_error, grpc_timeout, grpc_trailers, is_grpc
@@ -372,8 +371,7 @@ class Handler:
                 member, req.method, req.target, headers, body, req.content_length
             )
         rec.upstream_time = time.monotonic() - sent
-        resp.headers = strip_hop_by_hop(resp.headers)
-        return resp
+        return resp  # hop-by-hop fields go in ``exchange`` (``response_fields``)
 
     async def _tunnel(
         self, req: Request, rec: AccessRecord, member: Member, headers: Headers
@@ -387,8 +385,7 @@ class Handler:
             self.cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client
         )
         rec.upstream_time = time.monotonic() - sent
-        resp.headers = strip_hop_by_hop(resp.headers)  # h1's 101 gets its own Upgrade back
-        return resp
+        return resp  # hop-by-hop fields go in ``exchange``; h1's 101 gets its Upgrade back
 
     async def _measure_small_body(self, req: Request, limit: int) -> None:
         """Read up to 64 KiB of a body of unknown length before contacting the upstream:

@@ -194,18 +194,10 @@ class H3Conn:
             elif isinstance(event, events.HandshakeCompleted):
                 quic.shed_handshake_buffers()
                 self.listener.handshake_done(self)
-            elif isinstance(event, events.StopSendingReceived):
-                # A cancel too: qh3 has reset our side. A browser leaving a page sends
-                # STOP_SENDING alone once its request's FIN was acknowledged.
+            elif isinstance(event, (events.StreamReset, events.StopSendingReceived)):
+                # A cancel, either way: STOP_SENDING has qh3 reset our side (a browser
+                # leaving a page sends it alone once its request's FIN was acknowledged).
                 self._forget(event.stream_id)
-                self._consumed.pop(event.stream_id, None)
-                quic.credit.pop(event.stream_id, None)
-                if self.streams.peer_reset(event.stream_id):
-                    self.reset(event.stream_id, "cancelled")
-            elif isinstance(event, events.StreamReset):
-                self._forget(event.stream_id)
-                self._consumed.pop(event.stream_id, None)
-                quic.credit.pop(event.stream_id, None)
                 if self.streams.peer_reset(event.stream_id):
                     self.reset(event.stream_id, "cancelled")  # our half goes too: stream freed
             elif isinstance(event, events.ConnectionTerminated):
@@ -306,8 +298,10 @@ class H3Conn:
         self.transmit()
 
     def _forget(self, sid: int) -> None:
-        """The client reset a stream: its frames and deadline go."""
+        """The client cancelled a stream: its frames, body credit and deadline go."""
         self.frames.forget(sid)
+        self._consumed.pop(sid, None)
+        self.quic.credit.pop(sid, None)
         timer = self._head_timers.pop(sid, None)
         if timer is not None:
             timer.cancel()

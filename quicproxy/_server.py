@@ -27,6 +27,7 @@ from ._router import Pool, Router
 from ._sockets import bind_socket, plain_addr
 from ._sslbuf import install as share_tls_buffers
 from ._tls import ensure_certificate
+from .upstream._tunnel import GOING_AWAY_WAIT
 
 __all__ = ["Proxy", "default_ports"]
 
@@ -308,6 +309,9 @@ class Proxy:
         for conn in list(self._conns):
             conn.shutdown()
         clean = await self.handler.wait_idle(grace)
+        if not clean and self.handler.tunnels.go_away():
+            # WebSockets still open: a 1001 Close both ways, then a moment to send it
+            await self.handler.wait_idle(GOING_AWAY_WAIT + 1.0)
         if self._quic is not None:
             await self._quic.wait_closed(min(grace, 2.0))
             self._quic.close()

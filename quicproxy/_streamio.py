@@ -14,7 +14,7 @@ async def read_within(reader: asyncio.StreamReader, size: int, seconds: float | 
     """``reader.read(size)``, TimeoutError after ``seconds`` (None: no limit). Cheaper than
     ``asyncio.wait_for``, which makes a task per read: this runs on every read of every
     connection."""
-    if seconds is None or _ready(reader):
+    if seconds is None or ready(reader):
         return await reader.read(size)
     async with asyncio.timeout(seconds):
         return await reader.read(size)
@@ -26,7 +26,7 @@ def buffered(reader: asyncio.StreamReader) -> bytes | bytearray:
     return getattr(reader, "_buffer", None) or b""
 
 
-def _ready(reader: asyncio.StreamReader) -> bool:
+def ready(reader: asyncio.StreamReader) -> bool:
     """A read would return at once (bytes buffered, or the end seen): no timer needed.
     A response's body usually arrives with its head, so most body reads are these."""
     return bool(buffered(reader)) or reader.at_eof()

@@ -348,3 +348,119 @@ async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, t
             assert '"protocol":"h2"' in tunnel and '"status":200' in tunnel, tunnel
     finally:
         await backend.stop()
+
+
+# ---------------------------------------------------------------- draining
+
+
+async def _closes(backend: WsBackend, n: int = 1) -> list[tuple[int | None, str | None]]:
+    for _ in range(100):
+        if len(backend.closes) >= n:
+            break
+        await asyncio.sleep(0.05)
+    return backend.closes
+
+
+async def test_draining_closes_an_h1_websocket_with_1001_both_ways(make_proxy, ws_backend, certs):
+    """Still open when the grace ends: the client and the backend each get a Close frame
+    with 1001 (going away), not a cut TCP connection (which they would see as 1006)."""
+    proxy = await make_proxy(ws_backend)
+    ws = await websockets.connect(wss(proxy, "/echo"), ssl=client_ssl(certs))
+    await ws.send("before")
+    assert await ws.recv() == "before"
+    stopping = asyncio.ensure_future(proxy.stop(grace=0.3))
+    with pytest.raises(websockets.ConnectionClosed):
+        await asyncio.wait_for(ws.recv(), 10)
+    assert ws.protocol.close_rcvd is not None and ws.protocol.close_rcvd.code == 1001
+    assert await asyncio.wait_for(stopping, 10) is False  # the grace ran out with it open
+    assert await _closes(ws_backend) == [(1001, "going away")]
+    assert proxy.handler.tunnels.open == 0
+
+
+async def test_draining_closes_an_h2_websocket_between_frames(make_proxy, ws_backend, certs):
+    """Over h2 the Close is the stream's last DATA, then END_STREAM (no reset). The
+    client was half-way through sending a frame when the drain began: the proxy lets it
+    finish (within a second) before the backend gets the Close, so the backend sees the
+    whole message and then 1001, never a Close inside a frame (a protocol error)."""
+    proxy = await make_proxy(ws_backend)
+    c = await h2_client(proxy, certs)
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, connect_headers(proxy.https_port, "/echo"))
+        await c.flush()
+        while not any(isinstance(e, h2.events.ResponseReceived) for e in await c.read()):
+            pass
+        message = frame(Opcode.BINARY, os.urandom(50_000))
+        await c.send(sid, message[:20_000])
+        await asyncio.sleep(0.2)
+        stopping = asyncio.ensure_future(proxy.stop(grace=0.3))
+        await asyncio.sleep(0.6)  # the grace is over: the client is mid-frame
+        await c.send(sid, message[20_000:])
+        frames, got, ended = Frames(), [], False
+        while not ended:
+            for e in await c.read():
+                assert not isinstance(e, h2.events.StreamReset), e
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                    got += frames.feed(e.data)
+                ended |= isinstance(e, h2.events.StreamEnded) and e.stream_id == sid
+        assert got and got[-1].opcode == Opcode.CLOSE
+        assert int.from_bytes(got[-1].data[:2], "big") == 1001
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        c.writer.close()
+    assert await _closes(ws_backend) == [(1001, "going away")]
+
+
+async def test_draining_cuts_a_client_stuck_mid_frame(make_proxy, ws_backend, certs):
+    """A client that stops half-way through a frame: the backend's side cannot take a
+    Close there, so after the second the proxy gives, that side is cut (1006 at the
+    backend); the client still gets its 1001."""
+    proxy = await make_proxy(ws_backend)
+    c = await h2_client(proxy, certs)
+    try:
+        sid = c.conn.get_next_available_stream_id()
+        c.conn.send_headers(sid, connect_headers(proxy.https_port, "/echo"))
+        await c.flush()
+        while not any(isinstance(e, h2.events.ResponseReceived) for e in await c.read()):
+            pass
+        await c.send(sid, frame(Opcode.TEXT, b"x" * 1000)[:300])
+        await asyncio.sleep(0.2)
+        stopping = asyncio.ensure_future(proxy.stop(grace=0.2))
+        frames, got, ended = Frames(), [], False
+        while not ended:
+            for e in await c.read():
+                if isinstance(e, h2.events.DataReceived) and e.stream_id == sid:
+                    got += frames.feed(e.data)
+                ended |= isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset))
+        assert [f.opcode for f in got] == [Opcode.CLOSE]
+        assert int.from_bytes(got[0].data[:2], "big") == 1001
+        await asyncio.wait_for(stopping, 10)
+    finally:
+        c.writer.close()
+    assert await _closes(ws_backend) == [(1006, "")]
+
+
+def test_frame_edges_follow_frames_across_any_split():
+    """Frames of every length form (7-bit, 16-bit, 64-bit), masked and not, fed in
+    random pieces: each piece's first edge is where the next frame really starts."""
+    import random
+
+    from quicproxy.upstream._tunnel import FrameEdges
+
+    rng = random.Random(7)
+    for mask in (False, True):
+        sizes = [0, 1, 125, 126, 127, 65535, 65536, 70_000, 3, 0, 200]
+        wire = b"".join(Frame(Opcode.BINARY, os.urandom(n)).serialize(mask=mask) for n in sizes)
+        edges, at = {0}, 0
+        for n in sizes:
+            at += len(Frame(Opcode.BINARY, b"\0" * n).serialize(mask=mask))
+            edges.add(at)
+        for _ in range(30):
+            track, pos = FrameEdges(), 0
+            while pos < len(wire):
+                piece = wire[pos : pos + rng.choice((1, 2, 3, 7, 14, 100, 4096, 80_000))]
+                found = track.feed(piece)
+                inside = sorted(e - pos for e in edges if pos <= e <= pos + len(piece))
+                assert found == (inside[0] if inside else -1), (pos, len(piece))
+                pos += len(piece)
+            assert track.at_edge()

@@ -15,6 +15,13 @@ grows), a tunnel with no byte either way for ``timeouts.tunnel_idle`` is closed,
 ``limits.max_tunnels`` / ``limits.max_tunnels_per_client`` cap how many are open.
 A backend that closes ends the client's stream cleanly; a backend reset resets it; a
 client reset or close closes the backend connection.
+
+Going away: tunnels still open when the drain's ``shutdown_grace`` ends are closed the
+way RFC 6455 §7.4.1 says a server that goes down should, with a Close frame of code
+1001 to the client and a masked one to the backend. Each direction's frame edges are
+tracked (headers read, payloads skipped, nothing unmasked) so the Close goes in
+between two frames, never inside one; a direction that is mid-frame gets
+``GOING_AWAY_WAIT`` seconds to reach an edge, then it is cut.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from .._config import Config
 from .._errors import ProxyError, UpstreamConnectError, UpstreamTimeout, UpstreamTruncated
 from .._metrics import metrics
 from .._model import Body, Headers, Request, Response, header_value
-from .._streamio import READ_SIZE, read_within, write_within
+from .._streamio import READ_SIZE, ready, write_within
 from ._member import Member
 
 __all__ = ["WEBSOCKET", "TunnelCaps", "open_websocket", "wants_websocket"]
@@ -42,6 +49,9 @@ log = logging.getLogger("quicproxy")
 WEBSOCKET = "websocket"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _REPLACED = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-accept"})
+GOING_AWAY_WAIT = 1.0
+_BYE = (1001).to_bytes(2, "big") + b"going away"
+_BYE_TO_CLIENT = bytes((0x88, len(_BYE))) + _BYE  # servers do not mask (RFC 6455 §5.1)
 
 Dial = Callable[[Member], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -68,13 +78,21 @@ def accept_key(key: str) -> str:
 
 
 class TunnelCaps:
-    """Open tunnels, in total and per client address."""
+    """Open tunnels, in total and per client address, and the tunnels themselves (to
+    close them with 1001 when the drain's grace ends)."""
 
     def __init__(self, total: int, per_client: int) -> None:
         self.total = total
         self.per_client = per_client
         self.open = 0
         self._by_client: dict[str, int] = {}
+        self.live: set[_Tunnel] = set()
+
+    def go_away(self) -> int:
+        """Close every open tunnel with a 1001 Close both ways; how many there were."""
+        for tunnel in list(self.live):
+            tunnel.go_away()
+        return len(self.live)
 
     def take(self, client: str) -> str | None:
         """None when a tunnel may open (and it is counted), else why not."""
@@ -221,6 +239,12 @@ class _Tunnel:
         self.last = self.loop.time()
         self._bytes = self._run()
         self._released = False
+        self._down = FrameEdges()  # backend -> client
+        self._up = FrameEdges()  # client -> backend
+        self._timer: asyncio.Timeout | None = None
+        self._upload: asyncio.Future[bool] | None = None
+        self.leaving_by: float | None = None  # going away: the deadline to reach an edge
+        caps.live.add(self)
         metrics.tunnels_open.labels(protocol=self.label).inc()
 
     def __aiter__(self) -> _Tunnel:
@@ -239,6 +263,7 @@ class _Tunnel:
         if self._released:
             return
         self._released = True
+        self.caps.live.discard(self)
         if clean:
             self.writer.close()
         else:
@@ -246,39 +271,99 @@ class _Tunnel:
         metrics.tunnels_open.labels(protocol=self.label).dec()
         self.caps.give(self.client)
 
+    def go_away(self) -> None:
+        """Start closing with 1001 both ways (the drain's grace is over)."""
+        if self.leaving_by is not None:
+            return
+        self.leaving_by = self.loop.time() + GOING_AWAY_WAIT
+        if self._timer is not None:
+            self._timer.reschedule(self.loop.time())  # wake the backend read now
+        if self._upload is not None and self._up.at_edge():
+            self._upload.cancel()  # waiting for the client between two frames
+
+    async def _read(self, seconds: float) -> bytes:
+        """The backend's next bytes; TimeoutError after ``seconds`` or at ``go_away``."""
+        if ready(self.reader):
+            return await self.reader.read(READ_SIZE)
+        async with asyncio.timeout(seconds) as self._timer:
+            try:
+                return await self.reader.read(READ_SIZE)
+            finally:
+                self._timer = None
+
     async def _run(self) -> AsyncGenerator[bytes, None]:
-        upload = asyncio.ensure_future(self._client_to_backend())
+        upload = self._upload = asyncio.ensure_future(self._client_to_backend())
+        bye = False
         try:
             while True:
-                left = self.last + self.idle - self.loop.time()
+                now = self.loop.time()
+                if self.leaving_by is not None:
+                    if self._down.at_edge():
+                        yield _BYE_TO_CLIENT
+                        bye = await self._bye_to_backend(upload)
+                        return
+                    if now >= self.leaving_by:
+                        return  # mid-frame too long: cut
+                left = self.last + self.idle - now
                 if left <= 0:
                     log.info("WebSocket from %s idle for %.0f s: closed", self.client, self.idle)
                     return
+                if self.leaving_by is not None:
+                    left = min(left, self.leaving_by - now)
                 try:
-                    data = await read_within(self.reader, READ_SIZE, left)
+                    data = await self._read(left)
                 except TimeoutError:
-                    continue  # the client may have sent meanwhile: look again
+                    continue  # the client may have sent meanwhile, or going away: look again
                 except (ConnectionError, OSError):
                     raise UpstreamTruncated("upstream reset the WebSocket") from None
                 if not data:
                     return  # the backend closed: the client's stream ends cleanly
                 self.last = self.loop.time()
                 metrics.tunnel_bytes.labels(protocol=self.label, direction="out").inc(len(data))
+                edge = self._down.feed(data)
+                if self.leaving_by is not None and edge >= 0:
+                    if edge:
+                        yield data[:edge]  # up to the frame edge; then the Close
+                    yield _BYE_TO_CLIENT
+                    bye = await self._bye_to_backend(upload)
+                    return
                 yield data
         finally:
             upload.cancel()
             try:
                 await asyncio.wait([upload])
             finally:
-                self._release(clean=upload_ended(upload))
+                self._release(clean=bye or upload_ended(upload))
+
+    async def _bye_to_backend(self, upload: asyncio.Future[bool]) -> bool:
+        """After the client's Close: the client's side stops at a frame edge (within the
+        deadline) and the backend gets a masked 1001 Close; True when it did."""
+        if not upload.done() and self._up.at_edge():
+            upload.cancel()
+        left = (self.leaving_by or 0) - self.loop.time()
+        if not upload.done():
+            await asyncio.wait([upload], timeout=max(left, 0))
+        if not upload.done() or not self._up.at_edge():
+            return False
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(_BYE))
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            self.writer.write(bytes((0x88, 0x80 | len(_BYE))) + mask + masked)
+        return True
 
     async def _client_to_backend(self) -> bool:
-        """Copy the client's bytes to the backend; True when the client ended cleanly."""
+        """Copy the client's bytes to the backend; True when the client ended cleanly.
+        Going away, it stops at the first frame edge (False)."""
         body = self.req.body
         try:
             async for chunk in body:
                 self.last = self.loop.time()
                 metrics.tunnel_bytes.labels(protocol=self.label, direction="in").inc(len(chunk))
+                edge = self._up.feed(chunk)
+                if self.leaving_by is not None and edge >= 0:
+                    await write_within(self.writer, chunk[:edge], self.send_timeout)
+                    self._up = FrameEdges()  # what the backend has ends at an edge
+                    return False
                 await write_within(self.writer, chunk, self.send_timeout)
         except (ConnectionError, OSError, TimeoutError, ProxyError):
             # the client reset (or the backend stopped reading): the backend goes too
@@ -288,6 +373,59 @@ class _Tunnel:
             if self.writer.can_write_eof():
                 self.writer.write_eof()
         return True
+
+
+class FrameEdges:
+    """Where WebSocket frames end in one direction's bytes: each frame's header is read
+    (RFC 6455 §5.2) and its payload skipped, never copied or unmasked."""
+
+    __slots__ = ("left", "head")
+
+    def __init__(self) -> None:
+        self.left = 0  # payload bytes of the current frame still to come
+        self.head = b""  # a frame header split across reads
+
+    def at_edge(self) -> bool:
+        return self.left == 0 and not self.head
+
+    def feed(self, data: bytes) -> int:
+        """Follow ``data``; the offset of its first frame edge (0: it starts at one,
+        ``len(data)``: it ends at one), or -1 when it has none."""
+        first = 0 if self.at_edge() else -1
+        pos, end = 0, len(data)
+        while pos < end:
+            if self.left:
+                step = min(self.left, end - pos)
+                self.left -= step
+                pos += step
+            else:
+                head = self.head + data[pos : pos + 14]
+                size = _header_size(head)
+                if size is None or len(head) < size:
+                    self.head = head
+                    return first
+                pos += size - len(self.head)
+                self.head = b""
+                self.left = _payload_size(head)
+            if not self.left and first < 0:
+                first = pos
+        return first
+
+
+def _header_size(head: bytes) -> int | None:
+    if len(head) < 2:
+        return None
+    n = head[1] & 0x7F
+    return 2 + (2 if n == 126 else 8 if n == 127 else 0) + (4 if head[1] & 0x80 else 0)
+
+
+def _payload_size(head: bytes) -> int:
+    n = head[1] & 0x7F
+    if n == 126:
+        return int.from_bytes(head[2:4], "big")
+    if n == 127:
+        return int.from_bytes(head[2:10], "big")
+    return n
 
 
 def upload_ended(upload: asyncio.Future[bool]) -> bool:

@@ -44,6 +44,7 @@ class Target:
     python: str = ""  # quicproxy targets: the interpreter the proxy runs on
     server_pids: list[int] = field(default_factory=list)  # set when a server is not in procs
     metrics_url: str = ""  # quicproxy's /metrics (plain HTTP port)
+    pool: BackendPool | None = None  # proxies: the three backends of the failover row
 
     @property
     def pid(self) -> int:
@@ -289,6 +290,38 @@ def proxy_python(qp: list[str] | None) -> str:
     return sys.executable
 
 
+class BackendPool:
+    """Three more backends behind one route (`/fo/`) for the failover row: one of them is
+    killed during the load and started again after it."""
+
+    def __init__(self, backend_bin: Path, logs: Path) -> None:
+        self.bin, self.logs = backend_bin, logs
+        self.ports = free_ports(3)
+        self.procs = [self._spawn(i) for i in range(3)]
+        for port, proc in zip(self.ports, self.procs, strict=True):
+            wait_http(f"http://{HOST}:{port}/_gwhealthz", [proc])
+
+    def _spawn(self, i: int) -> subprocess.Popen:
+        cmd = [str(self.bin), "-addr", f"{HOST}:{self.ports[i]}"]
+        return _spawn(cmd, self.logs / f"pool-{i}.log")
+
+    @property
+    def addrs(self) -> list[str]:
+        return [f"{HOST}:{port}" for port in self.ports]
+
+    def kill(self, i: int) -> None:
+        self.procs[i].kill()
+        self.procs[i].wait()
+
+    def restore(self, i: int) -> None:
+        if self.procs[i].poll() is not None:
+            self.procs[i] = self._spawn(i)
+            wait_http(f"http://{HOST}:{self.ports[i]}/_gwhealthz", [self.procs[i]])
+
+    def close(self) -> None:
+        stop(self.procs)
+
+
 class Lab:
     """The shared pieces: certificate, backend, logs. Targets are started one at a time."""
 
@@ -301,9 +334,11 @@ class Lab:
             [str(backend_bin), "-addr", f"{HOST}:{self.backend_port}"], self.logs / "backend.log"
         )
         wait_http(self.backend_url + "/_gwhealthz", [self.backend])
+        self.pool = BackendPool(backend_bin, self.logs)
         self.qp = quicproxy_cmd()
 
     def close(self) -> None:
+        self.pool.close()
         stop([self.backend])
 
     def plan(self, workers: int) -> list[Target]:
@@ -329,6 +364,7 @@ class Lab:
             return
         port, http_port, waf_port = free_ports(3)
         base = f"https://{NAME}:{port}"
+        t.pool = self.pool
         if t.kind == "caddy":
             t.procs = [self._caddy(port, http_port)]
             wait_http(base + "/_gwhealthz", t.procs)
@@ -358,6 +394,10 @@ class Lab:
             f"https://{HOST}:{port}, https://localhost:{port} {{\n\tbind {HOST}\n"
             f"\ttls {self.cert} {self.key}\n"
             f"\treverse_proxy /bench.Echo/* h2c://{HOST}:{self.backend_port}\n"
+            # the failover row: passive health checks and retries, as quicproxy's defaults
+            f"\treverse_proxy /fo/* {' '.join(self.pool.addrs)} {{\n"
+            "\t\tlb_policy least_conn\n\t\tlb_retries 2\n"
+            "\t\tfail_duration 10s\n\t\tmax_fails 1\n\t}\n"
             f"\treverse_proxy {HOST}:{self.backend_port}\n}}\n"
         )
         env = {
@@ -373,8 +413,10 @@ class Lab:
         assert self.qp
         procs: list[subprocess.Popen] = []
         routes = self.workdir / "qp-routes.yaml"  # the gRPC row's backend speaks h2c
+        pool = ", ".join(f"http://{a}" for a in self.pool.addrs)
         routes.write_text(
             f"routes:\n  - {{path_prefix: /bench.Echo/, backends: [h2c://{HOST}:{self.backend_port}]}}\n"
+            f"  - {{path_prefix: /fo/, backends: [{pool}]}}\n"
         )
         cmd = self.qp + [
             "serve",

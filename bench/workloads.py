@@ -110,6 +110,8 @@ FIGURES = {
         Figure("grpc_p50/h2", "gRPC unary latency p50, c=16, h2", "ms", "lower"),
         Figure("grpc_p99/h2", "gRPC unary latency p99, c=16, h2", "ms", "lower"),
         Figure("cpu_grpc/h2", "server CPU per gRPC unary call, h2", "µs/call", "lower"),
+        Figure("failover/h2", "GET req/s, 3 backends, 1 killed, c=16, h2", "req/s", "higher"),
+        Figure("failover_err/h2", "failed requests, 3 backends, 1 killed, h2", "req", "lower"),
         Figure("handshake/h3", "new h3 connections/s", "conn/s", "higher"),
         Figure("handshake_slow/h3", "new h3 connections slower than 0.5 s", "%", "lower"),
         Figure("rss_base/h3", "RSS at start", "MiB", "lower"),
@@ -414,6 +416,36 @@ def ws_echo(t: Target, s: Settings) -> dict[str, float]:
     }
 
 
+def failover(t: Target, s: Settings) -> dict[str, float]:
+    """GETs of `/fo/1k` (a route of three backends) over h2 by 16 concurrent callers
+    (httpx, child process) for the window; one backend is killed a third of the way in
+    and started again after the run. Requests/s and the requests that failed: what the
+    target's passive health checks and retries hide (Caddy: `lb_retries 2`, `max_fails 1`,
+    `fail_duration 10s`, least_conn; quicproxy: its defaults)."""
+    if t.pool is None or "h2" not in t.urls:
+        return {}
+    cmd = [sys.executable, "-m", "bench.failover", t.urls["h2"] + "/fo/1k", str(s.ws_conns)]
+    proc = subprocess.Popen(
+        [*cmd, str(s.duration)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        time.sleep(s.duration / 3)
+        t.pool.kill(2)
+        out, err = proc.communicate(timeout=s.duration + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        t.pool.restore(2)
+    if proc.returncode != 0:
+        raise RuntimeError((err.strip().splitlines() or ["no output"])[-1])
+    got = json.loads(out.strip().splitlines()[-1])
+    return {"failover/h2": got["ok"] / got["seconds"], "failover_err/h2": got["failed"]}
+
+
 def grpc_unary(t: Target, s: Settings) -> dict[str, float]:
     """gRPC unary calls through the target over h2 (TLS), to the backend's h2c gRPC echo
     (`direct`: the backend itself over h2c): ``s.ws_conns`` concurrent callers on one
@@ -651,6 +683,7 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
         step("ws echo h1", ["ws_echo/h1", "ws_p50/h1", "ws_p99/h1", "cpu_ws/h1"], ws_echo, t, s)
         keys = ["grpc_unary/h2", "grpc_p50/h2", "grpc_p99/h2", "cpu_grpc/h2"]
         step("grpc unary h2", keys, grpc_unary, t, s)
+        step("failover h2", ["failover/h2", "failover_err/h2"], failover, t, s)
         for p in protos:
             if p in s.big_protos or t.kind == "direct":
                 step(f"download {p}", [f"dl_10m/{p}", f"cpu_dl_10m/{p}"], download, oha, t, p, s)

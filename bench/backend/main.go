@@ -5,6 +5,7 @@
 //	POST /up   reads and discards the whole request body, answers "ok"
 //	GET  /slow 1 KiB body after 1 s (holds each connection of the handshake test busy)
 //	GET  /ws   WebSocket echo (RFC 6455, stdlib only): every message sent back as it came
+//	GET  /fo/  1 KiB body (the failover row: three of these behind one route, one killed)
 //	POST /bench.Echo/Unary  gRPC unary echo over h2c (stdlib HTTP/2 without TLS): the
 //	           length-prefixed message back, grpc-status 0 in the trailers
 //
@@ -160,6 +161,7 @@ func main() {
 		w.Header().Set("X-Received", strconv.FormatInt(n, 10))
 		w.Write([]byte("ok"))
 	})
+	mux.HandleFunc("/fo/", serve(small))
 	mux.HandleFunc("/ws", wsEcho)
 	mux.HandleFunc("/_gwhealthz", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("ok"))

@@ -97,3 +97,33 @@ def test_ws_url_keeps_the_scheme_apart() -> None:
 
     assert ws_url("https://localhost:8443") == "wss://localhost:8443/ws"
     assert ws_url("http://localhost:9000") == "ws://localhost:9000/ws"
+
+
+def test_failover_row_kills_one_of_three_backends_and_restores_it(tmp_path: Path) -> None:
+    """The failover row on a real quicproxy: its `/fo/` route reaches the Lab's three pool
+    backends, one is killed part-way (its process gone during the run), requests are
+    counted both ways, and the killed one runs again after."""
+    from bench.certs import make_cert
+    from bench.targets import Lab, build_backend
+    from bench.workloads import Settings, failover
+    from tests.helpers import need_tool
+
+    need_tool("go", "install Go (https://go.dev/dl/ or your distribution's golang package)")
+    cert, key = make_cert(tmp_path / "tls")
+    lab = Lab(tmp_path, cert, key, build_backend(tmp_path / "backend"))
+    try:
+        t = next(t for t in lab.plan(1) if t.name == "qp-1w")
+        lab.start(t)
+        try:
+            s = Settings()
+            s.duration, s.ws_conns = 3.0, 4
+            killed = lab.pool.procs[2]
+            got = failover(t, s)
+            assert killed.poll() is not None  # it was killed during the run
+            assert lab.pool.procs[2].poll() is None  # and runs again
+            assert set(got) == {"failover/h2", "failover_err/h2"}
+            assert got["failover/h2"] > 10 and got["failover_err/h2"] >= 0
+        finally:
+            lab.stop(t)
+    finally:
+        lab.close()

@@ -507,27 +507,6 @@ class Kube:
         return "\n".join(lines)
 
 
-class KubeCluster:
-    """pytest-helm-charts' Cluster shape for the `kube_cluster` fixture: kube_config_path,
-    kube_client, and kubectl(subcmd, std_input, output_format, **flags) -> parsed output."""
-
-    def __init__(self, kube_config_path: str, kube_client: Any) -> None:
-        self.kube_config_path = kube_config_path
-        self.kube_client = kube_client
-
-    def kubectl(
-        self, subcmd_string: str, std_input: str = "", output_format: str = "json", **kwargs: Any
-    ) -> Any:
-        args = [_tool("kubectl"), "--kubeconfig", self.kube_config_path, *subcmd_string.split()]
-        if output_format:
-            args += ["-o", output_format]
-        args += [f"--{k.replace('_', '-')}={v}" for k, v in kwargs.items()]
-        out = subprocess.run(args, input=std_input, capture_output=True, text=True, check=True)
-        if output_format == "json" and out.stdout.strip():
-            return json.loads(out.stdout)
-        return out.stdout
-
-
 def poll_until(what: str, cond: Callable[[], Any], timeout: float = 60) -> Any:
     """For conditions outside the API (a port answering): poll cond() every second."""
     start = time.monotonic()

@@ -7,8 +7,9 @@
 Options / environment:
   --cluster / QUICPROXY_CLUSTER       local | kind | k3d | existing | auto (default)
   --profile / QUICPROXY_PROFILES      comma-separated subset of profiles
-  --kube-config / --kubeconfig        an existing cluster (pytest-helm-charts' option; fixture
-                                      kube_cluster has its Cluster shape)
+  --kubeconfig / KUBECONFIG           an existing cluster: pytest-helm-charts' option (the
+                                      package is a test dependency; its kube_cluster fixture
+                                      connects to the cluster under test, whatever the provider)
   QUICPROXY_IMAGE                     use this image instead of building one from the tree
   QUICPROXY_BASE_IMAGE                Dockerfile BASE_IMAGE; "debootstrap" builds one locally
                                       (the default for the local provider, which has no registry)
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from ._cluster import IMAGE_DIR, Provider, run_streamed, select
-from ._kube import Kube, KubeCluster
+from ._kube import Kube
 
 ROOT = Path(__file__).resolve().parent.parent
 _config: pytest.Config | None = None
@@ -55,14 +56,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="cluster provider: local, kind, k3d, existing, auto (env QUICPROXY_CLUSTER)",
     )
     g.addoption(
-        "--kube-config",
-        "--kubeconfig",
-        dest="kube_config",
-        default=None,
-        help="kubeconfig of an existing cluster (pytest-helm-charts' option; implies "
-        "--cluster=existing unless another provider is named)",
-    )
-    g.addoption(
         "--profile",
         default=os.environ.get("QUICPROXY_PROFILES", ""),
         help="comma-separated values profiles to run (default all)",
@@ -77,7 +70,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def provider(request: pytest.FixtureRequest) -> Iterator[Provider]:
     name = request.config.getoption("--cluster")
-    kube_config = request.config.getoption("kube_config")
+    # pytest-helm-charts' --kubeconfig: an existing cluster, unless another provider is named
+    kube_config = request.config.getoption("kubeconfig", None)
     if kube_config and name == "auto":
         name = "existing"
     prov, why = select(name, kube_config)
@@ -189,11 +183,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = rest[:first] + keep + rest[first:]
 
 
-@pytest.fixture(scope="session")
-def kube_cluster(provider: Provider, kube: Kube) -> KubeCluster:
-    """The cluster under test, under the name and shape pytest-helm-charts users know:
-    .kube_config_path, .kube_client (a kubernetes ApiClient), .kubectl(subcmd, ...)."""
-    return KubeCluster(provider.kubeconfig, kube.api)
+@pytest.fixture(scope="module")
+def kube_config(provider: Provider) -> str:
+    """pytest-helm-charts' ``kube_config`` fixture, for every provider: the kubeconfig of the
+    cluster under test, so the package's own ``kube_cluster`` fixture (an ExistingCluster
+    with a pykube client) connects to the cluster this run brought up, or to the one
+    ``--kubeconfig`` / ``KUBECONFIG`` names."""
+    return provider.kubeconfig
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

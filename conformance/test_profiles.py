@@ -383,8 +383,9 @@ def release(profile: Profile, kube: Kube, provider: Provider, image: str) -> Ite
 
 
 # ====================================================================== checks
-def test_install_and_rollout(release: Release) -> None:
-    """helm install succeeded; every workload rolls out and its pods are Ready."""
+def test_install_and_rollout(release: Release, kube_cluster: Any) -> None:
+    """helm install succeeded; every workload rolls out and its pods are Ready. The pods
+    are seen the same through pytest-helm-charts' ``kube_cluster`` (its pykube client)."""
     t = time.monotonic()
     release.broken = f"profile {release.profile.name} did not roll out"
     if not release.installed:
@@ -403,6 +404,15 @@ def test_install_and_rollout(release: Release) -> None:
         pytest.fail(f"{exc}\n{release.kube.describe_failure(release.ns)}")
     pods = release.proxy_pods()
     assert pods and all(pod_ready(p) for p in pods)
+    import pykube
+
+    seen = {
+        p.name
+        for p in pykube.Pod.objects(kube_cluster.kube_client, namespace=release.ns).filter(
+            selector=release.label()
+        )
+    }
+    assert {p["metadata"]["name"] for p in pods} <= seen, seen
     release.broken = ""
     progress(
         f"[{release.profile.name}] rolled out: {len(pods)} proxy pod(s) Ready "

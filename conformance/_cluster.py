@@ -12,6 +12,7 @@ Select one with ``--cluster=NAME`` or ``QUICPROXY_CLUSTER=NAME``:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -174,10 +175,11 @@ def privileged_fails() -> bool:
     return bnd & want != want
 
 
-def kind_config(etcd_tag: str = "") -> str:
-    """kind cluster config: one node, every host port the profiles use mapped on 127.0.0.1
-    (TCP and UDP, so host-port HTTP/3 is checked through kind's port mapping); etcd_tag: the
-    etcd image tag a locally built node image carries (kubeadm would ask for its own)."""
+def kind_config(etcd_tag: str = "", nodes: int = 1) -> str:
+    """kind cluster config: a control plane with every host port the profiles use mapped on
+    127.0.0.1 (TCP and UDP, so host-port HTTP/3 is checked through kind's port mapping), and
+    ``nodes - 1`` workers (their host ports are reached on their own addresses); etcd_tag:
+    the etcd image tag a locally built node image carries (kubeadm would ask for its own)."""
     lines = [
         "kind: Cluster",
         "apiVersion: kind.x-k8s.io/v1alpha4",
@@ -190,6 +192,7 @@ def kind_config(etcd_tag: str = "") -> str:
             f"  - {{containerPort: {port}, hostPort: {port}, protocol: {proto}, "
             'listenAddress: "127.0.0.1"}'
         )
+    lines += ["- role: worker"] * (nodes - 1)
     if etcd_tag:
         lines += [
             "kubeadmConfigPatches:",
@@ -220,6 +223,8 @@ class KindProvider(Provider):
         node_image = os.environ.get("QUICPROXY_KIND_NODE_IMAGE") or "build"
         self.registry_less = node_image == "build"
         self.node_image = "" if node_image in ("build", "default") else node_image
+        self.nodes = int(os.environ.get("QUICPROXY_KIND_NODES") or "3")
+        self.control_plane_ip = ""
         self.kind = shutil.which("kind") or str(CACHE / "bin" / "kind")
         shim = f"{CLUSTER_DIR / 'kind-docker-shim'}:" if privileged_fails() else ""
         self.env = {"PATH": f"{shim}{CACHE / 'bin'}:{os.environ.get('PATH', '')}"}
@@ -268,7 +273,7 @@ class KindProvider(Provider):
         ).stdout
         if self.cluster not in listing.split():
             cfg = Path(tempfile.mkdtemp()) / "kind.yaml"
-            cfg.write_text(kind_config(etcd_tag))
+            cfg.write_text(kind_config(etcd_tag, self.nodes))
             self.started_here = True
             run_streamed(self.create_cmd(str(cfg), image), progress, env)
         Path(self.kubeconfig).write_text(
@@ -281,6 +286,9 @@ class KindProvider(Provider):
             ).stdout
         )
         settle(self.kubeconfig, progress)
+        if self.registry_less:
+            route_pods(self.kubeconfig, progress)
+        self.control_plane_ip = _docker_ip(f"{self.cluster}-control-plane")
 
     def down(self, progress: Progress) -> None:
         if self.started_here and not os.environ.get("QUICPROXY_KEEP_CLUSTER"):
@@ -290,7 +298,76 @@ class KindProvider(Provider):
         run_streamed(self.load_cmd(ref), progress, self.tools_env())
 
     def host_port_address(self, node_ip: str) -> str:
-        return "127.0.0.1"
+        """The control plane through the README's extraPortMappings (127.0.0.1); a worker on
+        its own address (the Docker network's, reachable from this host)."""
+        return "127.0.0.1" if node_ip in ("", self.control_plane_ip) else node_ip
+
+
+def _docker_ip(container: str) -> str:
+    out = subprocess.run(
+        ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"]
+        + [container],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    return out[0] if out else ""
+
+
+def route_pods(kubeconfig: str, progress: Progress) -> None:
+    """Pod networking between the nodes of a kind cluster whose node image brings the bridge
+    CNI (cluster/kind-node-image.sh; kindnetd would need a registry): each node's bridge gets
+    the pod range the controller manager gave that node (spec.podCIDR), and a route to each
+    other node's range through that node's address (host-gw routing, as kindnetd and
+    flannel's host-gw do on one L2 network). Pods that started on a worker before its range
+    was set (CoreDNS, the storage provisioner) are deleted so their controllers recreate them
+    with an address of the right range. The control plane loses its NoSchedule taint (as in
+    a one-node kind cluster): the README's host ports on 127.0.0.1 lead to it."""
+    from kubernetes import client, config
+
+    api = client.CoreV1Api(config.new_client_from_config(config_file=kubeconfig))
+    ranges: dict[str, tuple[str, str]] = {}
+    deadline = time.monotonic() + 120
+    while True:
+        nodes = api.list_node().items
+        for n in nodes:
+            ip = next((a.address for a in n.status.addresses if a.type == "InternalIP"), "")
+            if n.spec.pod_cidr and ip:
+                ranges[n.metadata.name] = (n.spec.pod_cidr, ip)
+        if len(nodes) < 2:
+            return
+        if len(ranges) == len(nodes):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nodes without a pod range: {len(nodes) - len(ranges)}")
+        time.sleep(2)
+    for name, (cidr, _) in ranges.items():
+        script = [
+            f'sed -i \'s#"subnet": "[^"]*"#"subnet": "{cidr}"#\' /etc/cni/net.d/10-bridge.conflist'
+        ]
+        script += [
+            f"ip route replace {other} via {ip}"
+            for peer, (other, ip) in ranges.items()
+            if peer != name
+        ]
+        subprocess.run(["docker", "exec", name, "sh", "-ec", "; ".join(script)], check=True)
+        progress(f"pod range {cidr} on {name}, routes to the other {len(ranges) - 1}")
+    for n in nodes:
+        taints = n.spec.taints or []
+        kept = [t for t in taints if t.key != "node-role.kubernetes.io/control-plane"]
+        if len(kept) != len(taints):
+            body = {
+                "spec": {
+                    "taints": [{"key": t.key, "value": t.value, "effect": t.effect} for t in kept]
+                }
+            }
+            api.patch_node(n.metadata.name, body)
+    for p in api.list_pod_for_all_namespaces().items:
+        node, ip = p.spec.node_name, p.status.pod_ip
+        if p.spec.host_network or not ip or node not in ranges:
+            continue
+        if ipaddress.ip_address(ip) not in ipaddress.ip_network(ranges[node][0]):
+            progress(f"pod {p.metadata.name} on {node} has {ip}: recreated in its range")
+            api.delete_namespaced_pod(p.metadata.name, p.metadata.namespace)
 
 
 class K3dProvider(Provider):

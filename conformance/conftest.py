@@ -104,10 +104,17 @@ def kube(provider: Provider) -> Kube:
     # existing cluster only when asked (QUICPROXY_LABEL_EDGE_NODES=1): it is not ours.
     if provider.name == "existing" and os.environ.get("QUICPROXY_LABEL_EDGE_NODES") != "1":
         return k
-    for node in k.items("nodes"):
-        if node["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") == "fake":
-            continue
-        k.label("nodes", node["metadata"]["name"], {"node-role.kubernetes.io/edge": "true"})
+    real = [
+        node
+        for node in k.items("nodes")
+        if node["metadata"].get("annotations", {}).get("kwok.x-k8s.io/node") != "fake"
+    ]
+    # With three real nodes or more, the last stays unlabelled: a real node on which the
+    # edge profiles must run no pod (kwok's fake nodes check the same without a kubelet).
+    spare = real[-1]["metadata"]["name"] if len(real) >= 3 else None
+    for node in real:
+        if node["metadata"]["name"] != spare:
+            k.label("nodes", node["metadata"]["name"], {"node-role.kubernetes.io/edge": "true"})
     return k
 
 

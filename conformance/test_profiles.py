@@ -11,6 +11,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import time
@@ -790,6 +791,7 @@ def test_daemonset_rolling_update(release: Release) -> None:
         )
         name = ds["metadata"]["name"]
         worst = 0
+        loop = _ClientLoop(release) if prof.host_ports else None
 
         def step(c: dict[str, dict[str, dict[str, Any]]]) -> bool:
             """Evaluated on every pod and DaemonSet event of the namespace."""
@@ -812,16 +814,63 @@ def test_daemonset_rolling_update(release: Release) -> None:
                 and unavailable == 0
             )
 
-        k.watch_until(
-            f"rolling update of {name}",
-            step,
-            [("pods", release.ns, None), ("daemonsets", release.ns, f"metadata.name={name}")],
-            timeout=300,
-            then=lambda: k.restart("daemonsets", name, release.ns),
-        )
+        try:
+            k.watch_until(
+                f"rolling update of {name}",
+                step,
+                [("pods", release.ns, None), ("daemonsets", release.ns, f"metadata.name={name}")],
+                timeout=300,
+                then=lambda: k.restart("daemonsets", name, release.ns),
+            )
+        finally:
+            counts = loop.stop() if loop else {}
         progress(f"[{prof.name}] rolling update done; worst unavailable {worst}")
+        for addr, (ok, failed) in sorted(counts.items()):
+            progress(
+                f"[{prof.name}] client loop on {addr} through the update: {ok} answered, "
+                f"{failed} failed (maxUnavailable {max_unavail}, no surge on host ports)"
+            )
+        assert all(ok for ok, _ in counts.values()), counts  # every node answered again
     finally:
         release.delete_fake_nodes()
+
+
+class _ClientLoop:
+    """GET /_gwhealthz on the HTTP host port of every node with a proxy pod, over and over,
+    one thread per node, until stopped: answers and failures per node address (what a
+    client of the fleet sees while the DaemonSet rolls)."""
+
+    def __init__(self, release: Release) -> None:
+        import threading
+
+        assert release.profile.host_ports
+        self.port = release.profile.host_ports[0]
+        pods = release.proxy_pods()
+        self.addrs = [
+            release.provider.host_port_address(release.node_ip(n))
+            for n in release.real_nodes()
+            if any(p["spec"].get("nodeName") == n["metadata"]["name"] for p in pods)
+        ]
+        self.counts = {a: [0, 0] for a in self.addrs}
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(a,)) for a in self.addrs]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, addr: str) -> None:
+        while not self.done.is_set():
+            try:
+                r = _probe.http_request(addr, self.port, "/_gwhealthz", timeout=2)
+                self.counts[addr][0 if r.status == 200 else 1] += 1
+            except (OSError, http.client.HTTPException):
+                self.counts[addr][1] += 1
+            self.done.wait(0.05)
+
+    def stop(self) -> dict[str, tuple[int, int]]:
+        self.done.set()
+        for t in self.threads:
+            t.join(5)
+        return {a: (c[0], c[1]) for a, c in self.counts.items()}
 
 
 @applies(lambda p: p.metrics)

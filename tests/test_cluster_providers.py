@@ -45,6 +45,22 @@ def test_kind_config_maps_udp_443_for_host_port_http3() -> None:
     assert {m["listenAddress"] for m in maps.values()} == {"127.0.0.1"}
 
 
+def test_kind_config_with_workers_maps_host_ports_on_the_control_plane_only() -> None:
+    cfg = yaml.safe_load(_cluster.kind_config(nodes=3))
+    assert [n["role"] for n in cfg["nodes"]] == ["control-plane", "worker", "worker"]
+    assert cfg["nodes"][0]["extraPortMappings"]
+    assert all("extraPortMappings" not in n for n in cfg["nodes"][1:])
+
+
+def test_kind_reaches_workers_on_their_own_address(monkeypatch) -> None:
+    monkeypatch.setenv("QUICPROXY_KIND_NODES", "3")
+    p = _cluster.KindProvider()
+    assert p.nodes == 3
+    p.control_plane_ip = "172.18.0.2"
+    assert p.host_port_address("172.18.0.2") == "127.0.0.1"
+    assert p.host_port_address("172.18.0.3") == "172.18.0.3"
+
+
 def test_kind_commands(monkeypatch) -> None:
     monkeypatch.delenv("CI", raising=False)
     monkeypatch.setenv("QUICPROXY_KIND_NODE_IMAGE", "default")
@@ -71,7 +87,9 @@ def test_kind_commands(monkeypatch) -> None:
         "--name",
         p.cluster,
     ]
-    assert p.host_port_address("10.0.0.5") == "127.0.0.1"
+    assert p.host_port_address("10.0.0.5") == "10.0.0.5"  # a worker: its own address
+    p.control_plane_ip = "10.0.0.5"
+    assert p.host_port_address("10.0.0.5") == "127.0.0.1"  # the README port mapping
 
 
 @pytest.mark.parametrize("ci", ["true", None])

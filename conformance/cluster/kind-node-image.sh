@@ -7,7 +7,8 @@
 #     binaries build-bins.sh compiles from the Kubernetes sources ($K8S_VERSION), under the
 #     names kubeadm expects (registry.k8s.io/...), imported into the node's containerd at boot
 #   * a bridge CNI (Debian plugins: bridge, host-local, portmap) in /etc/cni/net.d, so kind's
-#     default CNI (kindnetd, an image from a registry) is not needed: single-node clusters
+#     default CNI (kindnetd, an image from a registry) is not needed; _cluster.route_pods gives
+#     each node of a multi-node cluster its range and routes to the others
 #
 #   usage: kind-node-image.sh [REF]     prints REF (default quicproxy.local/kind-node:$K8S_VERSION)
 #

@@ -300,11 +300,18 @@ ws.onerror = () => { location = "/done?error"; };
 </script></body></html>"""
 
 
-@pytest.mark.parametrize("quic", [False, True], ids=["page-over-h2", "page-over-h3"])
-async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, tmp_path, quic):
+@pytest.mark.parametrize(
+    "quic,ws_h3",
+    [(False, False), (True, False), (True, True)],
+    ids=["page-over-h2", "page-over-h3", "page-and-websocket-over-h3"],
+)
+async def test_chromium_opens_a_websocket_through_the_proxy(
+    make_proxy, certs, tmp_path, quic, ws_h3
+):
     """Headless Chromium loads a page through the proxy (h2, or h3 when QUIC is forced)
     and the page's WebSocket echoes through it; the access log says which protocol the
-    tunnel used (Chromium takes RFC 8441 on an h2 connection that advertises it)."""
+    tunnel used (Chromium takes RFC 8441 on an h2 connection that advertises it, and RFC
+    9220 on an h3 one when its EnableWebsocketsOverHttp3 feature is on: off by default)."""
     from websockets.datastructures import Headers as WsHeaders
     from websockets.http11 import Response as WsResponse
 
@@ -330,6 +337,8 @@ async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, t
         proxy.handler.access.sink = lines.append
         origin = f"localhost:{proxy.https_port}"
         args = chromium_args(tmp_path, proxy, quic) + [f"https://{origin}/"]
+        if ws_h3:
+            args.insert(-1, "--enable-features=EnableWebsocketsOverHttp3")
         proc = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
@@ -342,7 +351,9 @@ async def test_chromium_opens_a_websocket_through_the_proxy(make_proxy, certs, t
         page_line = next(line for line in lines if '"path":"/"' in line)
         tunnel = next(line for line in lines if '"path":"/echo"' in line)
         assert ('"protocol":"h3"' in page_line) == quic, page_line
-        if quic:  # Chromium has no WebSocket over HTTP/3 (RFC 9220) by default: h1 or h3
+        if ws_h3:  # RFC 9220 on the page's h3 connection
+            assert '"protocol":"h3"' in tunnel and '"status":200' in tunnel, tunnel
+        elif quic:  # Chromium has no WebSocket over HTTP/3 (RFC 9220) by default: h1 or h3
             assert '"protocol":"h1"' in tunnel or '"protocol":"h3"' in tunnel, tunnel
         else:  # RFC 8441 on the page's h2 connection
             assert '"protocol":"h2"' in tunnel and '"status":200' in tunnel, tunnel

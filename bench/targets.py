@@ -353,6 +353,14 @@ class Lab:
                 Target(f"qp-{workers}w", "quicproxy", workers, "off"),
                 Target("qp-waf-inline", "quicproxy", 1, "inline", note="ModSecurity + CRS 3"),
                 Target("qp-waf-coraza", "quicproxy", 1, "inline", "coraza", note="Coraza + CRS 4"),
+                Target(
+                    "waf-peer",
+                    "wafpeer",
+                    0,
+                    "inline",
+                    "coraza",
+                    note="Go: Coraza's http middleware + httputil + quic-go http3, same CRS 4",
+                ),
                 Target("qp-waf-service", "quicproxy", 1, "service", note="ModSecurity + CRS 3"),
             ]
         return ts
@@ -367,6 +375,9 @@ class Lab:
         t.pool = self.pool
         if t.kind == "caddy":
             t.procs = [self._caddy(port, http_port)]
+            wait_http(base + "/_gwhealthz", t.procs)
+        elif t.kind == "wafpeer":
+            t.procs = [self._wafpeer(port)]
             wait_http(base + "/_gwhealthz", t.procs)
         else:
             t.python = proxy_python(self.qp)
@@ -406,6 +417,26 @@ class Lab:
         }
         cmd = [find_caddy(), "run", "--config", str(conf), "--adapter", "caddyfile"]
         return _spawn(cmd, self.logs / "caddy.log", env)
+
+    def _wafpeer(self, port: int) -> subprocess.Popen:
+        """The Go WAF peer on ``port`` with the rule set quicproxy's Coraza engine loads
+        (its own coraza_directives, run on the proxy's interpreter, default settings)."""
+        exe = build_wafpeer(self.workdir / "wafpeer")
+        directives = self.workdir / "wafpeer-directives.conf"
+        code = (
+            "from quicproxy._config import WafConfig\n"
+            "from quicproxy.waf._coraza import _version_tuple, coraza_directives, load\n"
+            "cfg = WafConfig(mode='inline', engine='coraza')\n"
+            "crs = _version_tuple(load(cfg.library).crs_version)\n"
+            "print(coraza_directives(cfg, crs))\n"
+        )
+        text = subprocess.run(
+            [proxy_python(self.qp), "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        directives.write_text(text)
+        cmd = [str(exe), "-addr", f"{HOST}:{port}", "-backend", self.backend_url]
+        cmd += ["-cert", str(self.cert), "-key", str(self.key), "-directives", str(directives)]
+        return _spawn(cmd, self.logs / "wafpeer.log")
 
     def _quicproxy(
         self, t: Target, port: int, http_port: int, waf_port: int
@@ -475,4 +506,19 @@ def build_backend(out: Path) -> Path:
             timeout=300,
             env={**os.environ, "GO111MODULE": "off", "CGO_ENABLED": "0"},
         )
+    return out
+
+
+def build_wafpeer(out: Path) -> Path:
+    """Compile bench/wafpeer (Coraza + quic-go, modules pinned in its go.sum)."""
+    go = shutil.which("go") or (
+        "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+    )
+    if go is None:
+        raise RuntimeError("Go toolchain not found: the WAF peer is built with `go build`")
+    src = HERE / "wafpeer"
+    newest = max(p.stat().st_mtime for p in src.iterdir())
+    if not out.exists() or out.stat().st_mtime < newest:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([go, "build", "-o", str(out), "."], check=True, timeout=900, cwd=src)
     return out

@@ -658,12 +658,12 @@ def run_target(oha: Oha, t: Target, s: Settings, log=print) -> dict:
             res["_failed"][f"rps_1k/{p}"] = "warmup failed"
     for p in protos:
         step(f"rps 1k {p}", [f"rps_1k/{p}", f"cpu_1k/{p}"], rps_1k, oha, t, p, s)
-    if t.waf != "off":
+    if t.waf != "off" and t.kind == "quicproxy":
         step("waf engine", ["waf_engine_p50/h3"], waf_engine, t, s)
     for p in protos:
         if p in s.lat_protos or t.kind == "direct":
             keys = [f"lat_p50/{p}", f"lat_p99/{p}"]
-            if p == "h3" and t.waf == "inline":
+            if p == "h3" and t.waf == "inline" and t.kind == "quicproxy":
                 inside = {WAIT: "waf_wait_p50/h3", ENGINE: "waf_in_engine_p50/h3"}
                 step(
                     f"latency {p}",

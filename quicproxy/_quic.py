@@ -35,7 +35,9 @@ loudly when an upgrade removes one):
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_host_cid_seq_map``,
   ``_local_initial_source_connection_id`` and ``_replenish_connection_ids``:
-  connection IDs carry the owning worker's index.
+  connection IDs carry the owning worker's index and the id of the secret their
+  stateless-reset token is derived from (``stamp``); the token (qh3: random) is
+  derived from the connection ID, so any process with the secret can reset it.
 - ``QuicConnection._remote_active_connection_id_limit``: four connection IDs each
   way instead of eight (see ``ACTIVE_CIDS``; ours through the configuration).
 - ``QuicConnection._crypto_buffers``: three 16 KiB TLS output buffers, replaced by
@@ -106,6 +108,7 @@ from qh3.quic.stream import QuicStream
 from qh3.tls import SessionTicket
 
 from quicproxy import _quicpacket
+from quicproxy._quickeys import RESET_TOKEN_SIZE, QuicKeys
 from quicproxy._quicpacket import PacketBuilder
 
 __all__ = [
@@ -120,6 +123,7 @@ __all__ = [
     "SessionTicket",
     "events",
     "initial_decrypts",
+    "stateless_reset",
     "owner",
     "parse_header",
     "stamp",
@@ -472,6 +476,28 @@ def version_negotiation(header: Header, versions: list[int]) -> bytes:
     )
 
 
+MIN_RESET_SIZE = 21
+"""The smallest stateless reset: a short header's first byte, 38 unpredictable bits and
+the 16-byte token (RFC 9000 §10.3)."""
+
+RESET_SIZE = 43
+"""A stateless reset's size when the datagram that triggered it is larger: a small
+1-RTT packet's (RFC 9000 §10.3 suggests answering up to 43-byte packets one byte shorter)."""
+
+
+def stateless_reset(dcid: bytes, size: int, keys: QuicKeys) -> bytes | None:
+    """A stateless reset (RFC 9000 §10.3) for a datagram of ``size`` bytes to connection
+    ID ``dcid``: shorter than it (two endpoints resetting each other's resets run out
+    of bytes, §10.3.3) and never below ``MIN_RESET_SIZE``; None when it cannot be both.
+    It looks like a short-header packet: fixed bit set, the rest unpredictable."""
+    length = min(size - 1, RESET_SIZE)
+    if length < MIN_RESET_SIZE:
+        return None
+    head = bytearray(os.urandom(length - RESET_TOKEN_SIZE))
+    head[0] = 0x40 | (head[0] & 0x3F)
+    return bytes(head) + keys.reset_token(dcid)
+
+
 _TOKEN_LIFETIME = 30.0
 "Clients answer a Retry at once; a token older than this is refused (RFC 9000 §8.1.4)."
 
@@ -526,11 +552,16 @@ class RetryTokens:
         return odcid
 
 
-def stamp(cid: bytes, worker: int | None) -> bytes:
-    """A connection ID whose first byte names the worker that owns the connection."""
-    if worker is None or not cid:
+def stamp(cid: bytes, worker: int | None, key_id: int | None = None) -> bytes:
+    """A connection ID whose first byte names the worker that owns the connection and
+    whose second names the secret its stateless-reset token comes from."""
+    if len(cid) < 2:
         return cid
-    return bytes([worker]) + cid[1:]
+    if worker is not None:
+        cid = bytes([worker]) + cid[1:]
+    if key_id is not None:
+        cid = cid[:1] + bytes([key_id]) + cid[2:]
+    return cid
 
 
 def owner(cid: bytes) -> int:
@@ -783,17 +814,25 @@ class CreditedConnection(FrameGuard):
     client's address changed) can be handed to the owner.
     """
 
-    __slots__ = ("credit", "worker", "_unacked", "_probe_path", "_probe")
+    __slots__ = ("credit", "worker", "keys", "on_cid_issued", "_unacked", "_probe_path", "_probe")
 
-    def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, worker: int | None = None, keys: QuicKeys | None = None, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = _Credit(self)
         self._hold_stream_limits()
         self._unacked = 0
         self.worker = worker
+        self.keys = keys
+        "Where stateless-reset tokens come from (None: qh3's random ones)."
+        self.on_cid_issued: Any = None
+        """Called with each connection ID made after the first, before it is sent: qh3
+        reports it (``ConnectionIdIssued``) only after the packet announcing it has left,
+        and a client that switches to it at once must find its connection (not a reset)."""
         self._probe_path: Any = None  # set up by the first datagram (its path)
         self._probe: _Probe | None = None
-        if worker is not None:
+        if worker is not None or keys is not None:
             first = self._host_cids[0]
             self._stamp(first)
             self.host_cid = first.cid
@@ -956,14 +995,22 @@ class CreditedConnection(FrameGuard):
         )
         known = len(self._host_cids)
         super()._replenish_connection_ids()
-        if self.worker is not None:
-            for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+        for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+            if self.worker is not None or self.keys is not None:
                 self._stamp(fresh)
+            if self.on_cid_issued is not None:
+                self.on_cid_issued(fresh.cid)
 
     def _stamp(self, connection_id: Any) -> None:
-        """Stamp one of our connection IDs for this worker, and qh3's index of them."""
+        """Stamp one of our connection IDs for this worker and the current secret, give
+        it the stateless-reset token derived from it, and update qh3's index of them."""
+        keys = self.keys
         self._host_cid_seq_map.pop(connection_id.cid, None)
-        connection_id.cid = stamp(connection_id.cid, self.worker)
+        connection_id.cid = stamp(
+            connection_id.cid, self.worker, keys.current.id if keys is not None else None
+        )
+        if keys is not None:
+            connection_id.stateless_reset_token = keys.reset_token(connection_id.cid)
         self._host_cid_seq_map[connection_id.cid] = connection_id.sequence_number
 
     # ------------------------------------------------------------ private reads

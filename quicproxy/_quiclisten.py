@@ -30,21 +30,29 @@
   connection ID carries its worker's index; a datagram for another worker's
   connection (the client's address changed) is handed to that worker over a
   Unix datagram socket, with the client's address in front.
+- A short-header datagram for a connection nobody here knows (this process
+  restarted, or a balancer moved the client) gets a stateless reset (RFC 9000
+  §10.3) with the token derived from the connection ID and the QUIC secret
+  (``_quickeys``): the one the connection was given, when the secret is shared.
+  Never for a long header, never one that is not smaller than the datagram (no
+  loops) or under 21 bytes; at most ``quic.stateless_reset_rate`` a second, and a
+  tenth of that per client address (``ResetBudget``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._caps import AddressCounter
+from ._caps import AddressCounter, address_key
 from ._certwatch import TlsStore
 from ._config import Config
 from ._h3 import H3Conn, warm_up
@@ -60,8 +68,10 @@ from ._quic import (
     owner,
     parse_header,
     server_configuration,
+    stateless_reset,
     version_negotiation,
 )
+from ._quickeys import QuicKeys
 from ._sockets import bind_socket, plain_addr
 from ._udp import DatagramSocket, Source
 
@@ -95,6 +105,44 @@ class _Tickets:
         self.tickets[ticket.ticket] = ticket
 
 
+class ResetBudget:
+    """Token buckets for stateless resets: ``rate`` a second in all (burst: one second's),
+    a tenth of it per client address (at least one; burst: two seconds'). The table of
+    addresses is an LRU of ``max_entries``: spoofed sources evict each other."""
+
+    def __init__(self, rate: int, max_entries: int = 4096) -> None:
+        self.rate = float(rate)
+        self.per_source = max(1.0, self.rate / 10)
+        self.max_entries = max_entries
+        self._all = [self.rate, 0.0]
+        self._sources: OrderedDict[str, list[float]] = OrderedDict()
+
+    def _take(self, bucket: list[float], rate: float, burst: float, now: float) -> bool:
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
+
+    def allow(self, host: str, now: float) -> bool:
+        if self.rate <= 0:
+            return False
+        key = address_key(host)
+        bucket = self._sources.get(key)
+        if bucket is None:
+            bucket = [2 * self.per_source, now]
+            self._sources[key] = bucket
+            if len(self._sources) > self.max_entries:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(key)
+        if not self._take(bucket, self.per_source, 2 * self.per_source, now):
+            return False
+        return self._take(self._all, self.rate, self.rate, now)
+
+
 @dataclass
 class Workers:
     """This worker's place among the workers sharing the port."""
@@ -103,6 +151,8 @@ class Workers:
     count: int
     folder: str
     "Where each worker's Unix socket for handed-over datagrams lives."
+    secret: bytes = b""
+    "The QUIC secret the supervisor made for its workers (without a shared secret file)."
 
     def path(self, index: int) -> str:
         return os.path.join(self.folder, f"w{index}.sock")
@@ -128,7 +178,13 @@ class QuicListener:
     """The UDP side of the https port."""
 
     def __init__(
-        self, cfg: Config, handler: Handler, cert: str, key: str, workers: Workers | None = None
+        self,
+        cfg: Config,
+        handler: Handler,
+        cert: str,
+        key: str,
+        workers: Workers | None = None,
+        keys: QuicKeys | None = None,
     ) -> None:
         q = cfg.quic
         self.cfg = q
@@ -147,7 +203,10 @@ class QuicListener:
         self.tickets = _Tickets() if q.early_data else None
         self.workers = workers
         self.worker = workers.index if workers is not None else None
+        self.keys = keys or quic_keys(cfg, workers)
+        "The QUIC secret's keys (see ``_quickeys``): reset tokens, Retry tokens, tickets."
         self.retry = RetryTokens(self.worker)
+        self.resets = ResetBudget(q.stateless_reset_rate)
         self._handover: socket.socket | None = None
         self.by_cid: dict[bytes, H3Conn] = {}
         self.connections: set[H3Conn] = set()
@@ -163,7 +222,18 @@ class QuicListener:
         self._dirty: set[H3Conn] = set()
         self._flush: asyncio.Handle | None = None
         self.stats = dict.fromkeys(
-            ("refused", "retry", "invalid", "handshakes", "expired", "shed", "handed_over"), 0
+            (
+                "refused",
+                "retry",
+                "invalid",
+                "handshakes",
+                "expired",
+                "shed",
+                "handed_over",
+                "reset",
+                "reset_limited",
+            ),
+            0,
         )
         self._budget = float(q.max_new_per_second)
         self._budget_at = self.loop.time()
@@ -241,14 +311,29 @@ class QuicListener:
             return
         if not handed and self._hand_over(header, data, addr, source):
             return
-        if not header.long or header.negotiation:
-            return  # unknown short-header packet, or a Version Negotiation: no answer
+        if not header.long:
+            self._stateless_reset(header, data, addr, source)
+            return
+        if header.negotiation:
+            return  # a Version Negotiation: no answer
         if header.version not in self._versions:
             if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
                 self._send([(version_negotiation(header, self._versions), addr)], source)
             return
         if self._opens(header, data):
             self._wait_turn(header, data, addr, source)
+
+    def _stateless_reset(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
+        """A short-header datagram of a connection nobody here knows: a stateless reset,
+        when it is large enough to answer with a smaller one and the budget allows."""
+        reset = stateless_reset(header.dcid, len(data), self.keys)
+        if reset is None:
+            return
+        if not self.resets.allow(plain_addr(addr)[0], self.loop.time()):
+            self.stats["reset_limited"] += 1
+            return
+        self.stats["reset"] += 1
+        self._send([(reset, addr)], source)
 
     def _opens(self, header: Header, data: bytes) -> bool:
         """Whether a datagram of an unknown connection may open one: a padded Initial
@@ -376,6 +461,7 @@ class QuicListener:
             configuration = self.tls_store.quic_configuration(configuration)
         quic = CreditedConnection(
             worker=self.worker,
+            keys=self.keys,
             configuration=configuration,
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
@@ -383,6 +469,7 @@ class QuicListener:
             session_ticket_handler=tickets.store if tickets else None,
         )
         conn = H3Conn(quic, self, self.handler, addr)
+        quic.on_cid_issued = functools.partial(self.cid_issued, conn)
         conn.source = source
         self.connections.add(conn)
         _safe(lambda: metrics.active_connections.labels("h3").inc())
@@ -533,6 +620,33 @@ class QuicListener:
             self.loop.remove_reader(self._handover.fileno())
             self._handover.close()
             self._handover = None
+
+
+def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
+    """The keys of ``quic.shared_secret_file``, else of the secret the workers'
+    supervisor made, else of a secret of this process; said once at start."""
+    path = cfg.quic.shared_secret_file
+    first = workers is None or workers.index == 0
+    if path:
+        keys = QuicKeys.from_file(path)
+        if first:
+            log.info(
+                "QUIC keys from quic.shared_secret_file (secret %s, %d accepted)",
+                keys.fingerprint,
+                len(keys.accepted),
+            )
+        return keys
+    if workers is not None and workers.secret:
+        keys = QuicKeys([workers.secret])
+    else:
+        keys = QuicKeys.random()
+    if first:
+        log.info(
+            "QUIC keys: a random secret of this %s (set quic.shared_secret_file to share "
+            "Retry tokens, session tickets and stateless resets across replicas)",
+            "process" if workers is None else "run",
+        )
+    return keys
 
 
 def _safe(record: Callable[[], object]) -> None:

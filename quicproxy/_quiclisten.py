@@ -30,6 +30,10 @@
   connection ID carries its worker's index; a datagram for another worker's
   connection (the client's address changed) is handed to that worker over a
   Unix datagram socket, with the client's address in front.
+- Retry tokens and session tickets are sealed, and stateless-reset tokens derived,
+  under keys of the QUIC secret (``_quickeys``; ``quic.shared_secret_file`` is looked
+  at every two seconds and read again when it changed): replicas with the same file
+  accept each other's tokens and tickets.
 - A short-header datagram for a connection nobody here knows (this process
   restarted, or a balancer moved the client) gets a stateless reset (RFC 9000
   §10.3) with the token derived from the connection ID and the QUIC secret
@@ -47,6 +51,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,7 +68,7 @@ from ._quic import (
     CreditedConnection,
     Header,
     RetryTokens,
-    SessionTicket,
+    SessionTickets,
     initial_decrypts,
     owner,
     parse_header,
@@ -85,24 +90,10 @@ _WAITING_BYTES = 1 << 20
 "Bytes of queued Initials at most."
 _ADMIT_PER_TURN = 16
 "Handshakes started per event-loop turn (the costly part: key exchange, signature)."
+_KEYS_EVERY = 2.0
+"Seconds between looks at quic.shared_secret_file (a changed file is read again)."
 _ADMIT_DATAGRAMS = 64
 "Queued datagrams handled per event-loop turn at most (the rest of a ClientHello, 0-RTT)."
-
-
-class _Tickets:
-    """Session tickets for 0-RTT, single use (limits replay), bounded."""
-
-    def __init__(self, limit: int = 10000) -> None:
-        self.limit = limit
-        self.tickets: dict[bytes, SessionTicket] = {}
-
-    def fetch(self, label: bytes) -> SessionTicket | None:
-        return self.tickets.pop(label, None)
-
-    def store(self, ticket: SessionTicket) -> None:
-        if len(self.tickets) >= self.limit:
-            self.tickets.pop(next(iter(self.tickets)))
-        self.tickets[ticket.ticket] = ticket
 
 
 class ResetBudget:
@@ -200,12 +191,12 @@ class QuicListener:
         )
         self._cid_length = self.configuration.connection_id_length
         self._versions = list(self.configuration.supported_versions)
-        self.tickets = _Tickets() if q.early_data else None
         self.workers = workers
         self.worker = workers.index if workers is not None else None
         self.keys = keys or quic_keys(cfg, workers)
         "The QUIC secret's keys (see ``_quickeys``): reset tokens, Retry tokens, tickets."
-        self.retry = RetryTokens(self.worker)
+        self.retry = RetryTokens(self.worker, self.keys)
+        self.tickets = SessionTickets(self.keys) if q.early_data else None
         self.resets = ResetBudget(q.stateless_reset_rate)
         self._handover: socket.socket | None = None
         self.by_cid: dict[bytes, H3Conn] = {}
@@ -242,6 +233,7 @@ class QuicListener:
         self._waiting_cids: dict[bytes, int] = {}
         "Destination IDs of the queued datagrams, and how many each."
         self._admit: asyncio.Handle | None = None
+        self._keys_timer: asyncio.TimerHandle | None = None
         self.warmed = False
         "Whether an in-memory HTTP/3 exchange ran first (see ``_h3.warm_up``)."
 
@@ -250,6 +242,8 @@ class QuicListener:
             sock, self.datagram_received, self._batch_end, gso=self.cfg.gso
         )
         self.address = plain_addr(self.socket.address)
+        if self.keys.path:
+            self._keys_timer = self.loop.call_later(_KEYS_EVERY, self._refresh_keys)
         if self.workers is not None:
             path = self.workers.path(self.workers.index)
             with contextlib.suppress(FileNotFoundError):
@@ -258,6 +252,11 @@ class QuicListener:
             self._handover.bind(path)
             self._handover.setblocking(False)
             self.loop.add_reader(self._handover.fileno(), self._handed_over)
+
+    def _refresh_keys(self) -> None:
+        """Read the shared secret file again if it changed (a rotated secret)."""
+        self.keys.refresh()
+        self._keys_timer = self.loop.call_later(_KEYS_EVERY, self._refresh_keys)
 
     def _handed_over(self) -> None:
         """Datagrams another worker received for one of our connections."""
@@ -440,22 +439,21 @@ class QuicListener:
         if not initial_decrypts(data, header):
             self._drop("invalid", "invalid")
             return None
-        now = self.loop.time()
         original_dcid = None
         if header.token:
-            original_dcid = self.retry.validate(header, addr, now)
+            original_dcid = self.retry.validate(header, addr, time.time())
         host = plain_addr(addr)[0]
         if original_dcid is None:
             if q.retry or self.handshakes >= q.retry_above:
                 self.stats["retry"] += 1
                 _safe(metrics.retry_sent.inc)
-                self._send([(self.retry.retry_packet(header, addr, now), addr)], source)
+                retry = self.retry.retry_packet(header, addr, time.time())
+                self._send([(retry, addr)], source)
                 return None
         refused = self._capped(host)
         if refused:
             self._refuse(refused)
             return None
-        tickets = self.tickets
         configuration = self.configuration
         if self.tls_store is not None:  # the certificate pair in use now (rotation)
             configuration = self.tls_store.quic_configuration(configuration)
@@ -465,8 +463,7 @@ class QuicListener:
             configuration=configuration,
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
-            session_ticket_fetcher=tickets.fetch if tickets else None,
-            session_ticket_handler=tickets.store if tickets else None,
+            tickets=self.tickets,
         )
         conn = H3Conn(quic, self, self.handler, addr)
         quic.on_cid_issued = functools.partial(self.cid_issued, conn)
@@ -604,6 +601,9 @@ class QuicListener:
             await asyncio.sleep(0.05)
 
     def close(self) -> None:
+        if self._keys_timer is not None:
+            self._keys_timer.cancel()
+            self._keys_timer = None
         if self._admit is not None:
             self._admit.cancel()
             self._admit = None

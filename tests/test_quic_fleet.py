@@ -1,6 +1,8 @@
 """The QUIC keys a fleet shares (``quic.shared_secret_file``): a proxy that lost a
 connection (it restarted, or a balancer moved the client) resets it statelessly with the
-token the connection was given, and the client reconnects at once."""
+token the connection was given, and the client reconnects at once; a session ticket (with
+0-RTT) and a Retry token minted by one proxy process are accepted by another, under the
+previous secret too until a second rotation ends the overlap."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,9 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import HandshakeCompleted
 
 from quicproxy import Proxy
-from tests.helpers import free_port, need_tool, proxy_config
+from quicproxy._client import h3_client
+from quicproxy._quickeys import KeySet
+from tests.helpers import free_port, https_url, need_tool, proxy_config
 
 CLIENTS = Path(__file__).parent / "clients"
 
@@ -140,3 +149,137 @@ async def test_a_client_of_a_restarted_proxy_is_reset_and_reconnects_at_once(
     assert lost["seconds"] < 3.0  # not its 30 s idle timeout
     assert resets >= 1
     assert again["status"] == 200 and again["seconds"] < 2.0, again
+
+
+def write_config(path: Path, certs: Any, backend: Any, https: int, **quic: Any) -> Path:
+    listen = {"host": "127.0.0.1", "http_port": free_port(), "https_port": https}
+    tls = {"cert": certs[0], "key": certs[1]}
+    data = {"listen": listen, "tls": tls, "backend": backend.url, "quic": quic}
+    path.write_text(json.dumps(data))
+    return path
+
+
+async def until_keys(proxy: Proxy, key_id: int) -> None:
+    """Wait (bounded) for a proxy to read its rotated secret file."""
+    deadline = time.monotonic() + 10
+    while proxy._quic.keys.current.id != key_id:
+        assert time.monotonic() < deadline, "the secret file was not read again"
+        await asyncio.sleep(0.1)
+
+
+async def ticket_from(port: int, certs: Any) -> Any:
+    """The session ticket a proxy issues over one connection that made a GET."""
+    tickets: list[Any] = []
+    url = f"https://localhost:{port}/"
+    async with h3_client(url, cafile=certs[0], session_ticket_handler=tickets.append) as c:
+        assert (await c.request("GET", "/hello")).status == 200
+        await asyncio.sleep(0.2)
+    assert tickets, "no session ticket issued"
+    return tickets[-1]
+
+
+async def resume(proxy: Proxy, certs: Any, ticket: Any) -> tuple[bool, bool, int]:
+    """A GET sent as 0-RTT with ``ticket``: (resumed, 0-RTT accepted, status)."""
+    async with h3_client(
+        https_url(proxy), cafile=certs[0], session_ticket=ticket, wait_connected=False
+    ) as client:
+        resp = await client.request("GET", "/hello")
+        tls = client.proto._quic.tls
+        return bool(tls.session_resumed), bool(tls.early_data_accepted), resp.status
+
+
+async def test_a_session_ticket_from_one_proxy_resumes_with_0rtt_at_another(
+    make_proxy, certs, backend, tmp_path
+):
+    s1, s2, s3 = os.urandom(32), os.urandom(32), os.urandom(32)
+    shared = secret_file(tmp_path / "a-secret", s1)
+    rotated = secret_file(tmp_path / "b-secret", s1)
+    other = secret_file(tmp_path / "c-secret", s3)
+    port = free_port()
+    config = write_config(
+        tmp_path / "a.yaml", certs, backend, port, shared_secret_file=shared, early_data=True
+    )
+    async with proxy_process(config, tmp_path / "a.log"):
+        tickets = [await ticket_from(port, certs) for _ in range(3)]
+    b = await make_proxy(backend, quic={"shared_secret_file": rotated, "early_data": True})
+    c = await make_proxy(backend, quic={"shared_secret_file": other, "early_data": True})
+    at_b = await resume(b, certs, tickets[0])
+    at_c = await resume(c, certs, tickets[1])  # another secret: a full handshake
+    secret_file(tmp_path / "b-secret", s2, s1)  # rotation: s2 issues, s1 still accepted
+    await until_keys(b, KeySet.derive(s2).id)
+    overlap = await resume(b, certs, tickets[1])
+    issued_after = await ticket_from(b.https_port, certs)
+    secret_file(tmp_path / "b-secret", s3, s2)  # the overlap ends: s1 is gone
+    await until_keys(b, KeySet.derive(s3).id)
+    after = await resume(b, certs, tickets[2])
+    assert at_b == (True, True, 200)
+    assert at_c == (False, False, 200)
+    assert overlap == (True, True, 200)
+    assert issued_after.ticket[0] == KeySet.derive(s2).id
+    assert after == (False, False, 200)
+
+
+def quic_client(certs: Any) -> QuicConnection:
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    config.server_name = "localhost"
+    config.load_verify_locations(certs[0])
+    return QuicConnection(configuration=config)
+
+
+async def retry_then(first: int, then: int, certs: Any) -> bool:
+    """A client's first Initial goes to port ``first`` (it answers with a Retry); what
+    follows, with the token, goes to port ``then``, as a balancer that moved the client
+    would send it. True when the handshake completes there."""
+    loop = asyncio.get_running_loop()
+    server = ("127.0.0.1", first)  # the address the client believes it talks to
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.setblocking(False)
+    client = quic_client(certs)
+    try:
+        client.connect(server, now=time.monotonic())
+        for data, _ in client.datagrams_to_send(now=time.monotonic()):
+            sock.sendto(data, server)
+        retry = await asyncio.wait_for(loop.sock_recv(sock, 65535), 5)
+        assert retry[0] & 0xF0 == 0xF0, "no Retry"  # long header, type Retry (QUIC v1)
+        client.receive_datagram(retry, server, now=time.monotonic())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for data, _ in client.datagrams_to_send(now=time.monotonic()):
+                sock.sendto(data, ("127.0.0.1", then))
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 65535), 0.2)
+            except TimeoutError:
+                continue
+            client.receive_datagram(data, server, now=time.monotonic())
+            while (event := client.next_event()) is not None:
+                if isinstance(event, HandshakeCompleted):
+                    return True
+        return False
+    finally:
+        sock.close()
+
+
+async def test_a_retry_token_minted_by_one_proxy_validates_at_another(
+    make_proxy, certs, backend, tmp_path
+):
+    s1, s2, s3 = os.urandom(32), os.urandom(32), os.urandom(32)
+    shared = secret_file(tmp_path / "a-secret", s1)
+    rotated = secret_file(tmp_path / "b-secret", s1)
+    port = free_port()
+    config = write_config(
+        tmp_path / "a.yaml", certs, backend, port, shared_secret_file=shared, retry=True
+    )
+    b = await make_proxy(backend, quic={"shared_secret_file": rotated, "retry": True})
+    async with proxy_process(config, tmp_path / "a.log"):
+        same = await retry_then(port, b.https_port, certs)
+        secret_file(tmp_path / "b-secret", s2, s1)
+        await until_keys(b, KeySet.derive(s2).id)
+        overlap = await retry_then(port, b.https_port, certs)
+        secret_file(tmp_path / "b-secret", s3, s2)
+        await until_keys(b, KeySet.derive(s3).id)
+        after = await retry_then(port, b.https_port, certs)
+    stats = b._quic.stats
+    assert same and overlap
+    assert not after  # the token's secret is no longer accepted: B asks for a Retry of its own
+    assert stats["retry"] >= 1 and stats["handshakes"] == 2

@@ -121,6 +121,7 @@ from quicproxy._quicpacket import PacketBuilder
 __all__ = [
     "PRIVATE",
     "MIN_INITIAL_SIZE",
+    "MIN_RESET_SIZE",
     "Header",
     "CreditedConnection",
     "ProxyStream",

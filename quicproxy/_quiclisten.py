@@ -65,6 +65,7 @@ from ._handler import Handler
 from ._metrics import metrics
 from ._quic import (
     MIN_INITIAL_SIZE,
+    MIN_RESET_SIZE,
     CreditedConnection,
     Header,
     RetryTokens,
@@ -325,11 +326,13 @@ class QuicListener:
     def _stateless_reset(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
         """A short-header datagram of a connection nobody here knows: a stateless reset,
         when it is large enough to answer with a smaller one and the budget allows."""
-        reset = stateless_reset(header.dcid, len(data), self.keys)
-        if reset is None:
-            return
+        if len(data) <= MIN_RESET_SIZE:
+            return  # no reset both smaller than it and large enough (RFC 9000 §10.3.3)
         if not self.resets.allow(plain_addr(addr)[0], self.loop.time()):
             self.stats["reset_limited"] += 1
+            return  # a flood costs a bucket look-up a datagram, no HMAC
+        reset = stateless_reset(header.dcid, len(data), self.keys)
+        if reset is None:
             return
         self.stats["reset"] += 1
         self._send([(reset, addr)], source)

@@ -330,11 +330,13 @@ class QuicListener:
             return  # no reset both smaller than it and large enough (RFC 9000 §10.3.3)
         if not self.resets.allow(plain_addr(addr)[0], self.loop.time()):
             self.stats["reset_limited"] += 1
+            _safe(lambda: metrics.stateless_resets.labels(result="limited").inc())
             return  # a flood costs a bucket look-up a datagram, no HMAC
         reset = stateless_reset(header.dcid, len(data), self.keys)
         if reset is None:
             return
         self.stats["reset"] += 1
+        _safe(lambda: metrics.stateless_resets.labels(result="sent").inc())
         self._send([(reset, addr)], source)
 
     def _opens(self, header: Header, data: bytes) -> bool:

@@ -10,6 +10,7 @@ import os
 import socket
 import time
 
+from quicproxy._metrics import metrics
 from tests.helpers import fetch
 from tests.hostile.probe import in_process, received, udp_socket
 
@@ -65,6 +66,8 @@ async def test_a_junk_flood_from_many_addresses_is_answered_at_the_rate_limit_on
             assert reset[0] & 0xC0 == 0x40  # looks like a short-header packet
     listener = proxy._quic
     assert listener.stats["reset"] == total
+    sent = metrics.value("quicproxy_quic_stateless_resets_total", result="sent")
+    assert sent >= total  # counted for the scrape too (the registry is the process's)
     assert listener.stats["reset_limited"] >= 8000 - total - 10
     assert status == 200 and served_in < 1.0, f"a client waited {served_in:.2f} s"
     print(

@@ -91,10 +91,10 @@ _WAITING_BYTES = 1 << 20
 "Bytes of queued Initials at most."
 _ADMIT_PER_TURN = 16
 "Handshakes started per event-loop turn (the costly part: key exchange, signature)."
-_KEYS_EVERY = 2.0
-"Seconds between looks at quic.shared_secret_file (a changed file is read again)."
 _ADMIT_DATAGRAMS = 64
 "Queued datagrams handled per event-loop turn at most (the rest of a ClientHello, 0-RTT)."
+_KEYS_EVERY = 2.0
+"Seconds between looks at quic.shared_secret_file (a changed file is read again)."
 
 
 class ResetBudget:

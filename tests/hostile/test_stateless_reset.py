@@ -95,3 +95,13 @@ async def test_tiny_datagrams_and_long_headers_of_unknown_connections_get_nothin
         sock.close()
     assert got == []
     assert proxy._quic.stats["reset"] == 0
+
+
+async def test_one_address_gets_a_tenth_of_the_rate(make_proxy, backend):
+    """One source alone cannot draw the whole budget: 10 a second at rate 100 (burst 20)."""
+    proxy = await make_proxy(backend, quic={"stateless_reset_rate": 100})
+    result = await in_process(junk_flood, ["127.0.0.1"], proxy.https_port, 80, 600, 1.5)
+    got = len(result["answers"]["127.0.0.1"])
+    seconds = result["elapsed"] + 0.5
+    assert 10 <= got <= 20 + 10 * seconds + 1, f"{got} resets in {seconds:.1f} s"
+    assert proxy._quic.stats["reset_limited"] >= 600 - got - 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -104,6 +105,7 @@ async def proxy_process(config: Path, log: Path) -> AsyncIterator[Any]:
             [sys.executable, "-m", "quicproxy", "serve", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its workers too go with one killpg
         )
     try:
         deadline = time.monotonic() + 30
@@ -113,13 +115,14 @@ async def proxy_process(config: Path, log: Path) -> AsyncIterator[Any]:
             await asyncio.sleep(0.1)
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_a_client_of_a_restarted_proxy_is_reset_and_reconnects_at_once(
-    go_client, certs, backend, tmp_path
+    go_client, certs, backend, tmp_path, workers
 ):
     secret = secret_file(tmp_path / "secret", os.urandom(32))
     http, https = free_port(), free_port()
@@ -131,6 +134,7 @@ async def test_a_client_of_a_restarted_proxy_is_reset_and_reconnects_at_once(
                 "tls": {"cert": certs[0], "key": certs[1]},
                 "backend": backend.url,
                 "quic": {"shared_secret_file": secret},
+                "workers": workers,
             }
         )
     )
@@ -139,7 +143,7 @@ async def test_a_client_of_a_restarted_proxy_is_reset_and_reconnects_at_once(
             first_get = await client.get()
             assert first_get.get("status") == 200, first_get
             assert (await client.get()).get("status") == 200  # the same connection
-            first.send_signal(signal.SIGKILL)  # gone without a word to its clients
+            os.killpg(first.pid, signal.SIGKILL)  # gone without a word to its clients
             first.wait(10)
         listen = {"host": "127.0.0.1", "http_port": http, "https_port": https}
         second = Proxy(

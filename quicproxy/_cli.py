@@ -231,6 +231,8 @@ class _Supervisor:
         self.metrics_dir = metrics_dir
         self.workers_dir = workers_dir
         "Where workers hand QUIC datagrams to each other (one Unix socket each)."
+        self.secret = os.urandom(32)
+        "The workers' QUIC secret when no quic.shared_secret_file is set (see _quickeys)."
         self.ctx = multiprocessing.get_context("fork")
         self.procs: dict[int, Any] = {}
         self.started: dict[int, float] = {}
@@ -242,7 +244,7 @@ class _Supervisor:
         self.code = 0
 
     def start(self, slot: int, banner: bool) -> None:
-        workers = Workers(slot, self.cfg.workers, self.workers_dir)
+        workers = Workers(slot, self.cfg.workers, self.workers_dir, self.secret)
         args = (self.cfg, banner, self.metrics_dir, workers)
         proc = self.ctx.Process(target=_worker, args=args, daemon=False)
         proc.start()

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ._errors import ConfigError
+from ._quickeys import SecretFileError, read_secret_file
 from .upstream._member import TlsProfile, client_context
 
 __all__ = [
@@ -162,6 +163,10 @@ class QuicConfig:
     "Accept 0-RTT; only safe methods are admitted, others get 425."
     stream_window: int = 1048576
     "Per-stream receive window credit given back as the proxy consumes data."
+    stateless_reset_rate: int = 100
+    "Stateless resets sent per second at most, a tenth of it per client address (0: none)."
+    shared_secret_file: str | None = None
+    "File of the QUIC secret shared by workers and replicas (base64 lines, newest first)."
 
 
 @dataclass
@@ -518,6 +523,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("listen.bind_wait", "negative", "give seconds, e.g. 40, or 0")
     if cfg.quic.retry_above < 0:
         raise ConfigError("quic.retry_above", "negative", "use 0 (always Retry) or a count")
+    if cfg.quic.shared_secret_file is not None:
+        try:
+            read_secret_file(cfg.quic.shared_secret_file)
+        except SecretFileError as exc:
+            raise ConfigError(
+                "quic.shared_secret_file",
+                f"{cfg.quic.shared_secret_file}: {exc}",
+                "write one base64 secret of 32+ bytes a line, newest first "
+                "(e.g. openssl rand -base64 32)",
+            ) from None
+    if cfg.quic.stateless_reset_rate < 0:
+        raise ConfigError(
+            "quic.stateless_reset_rate", "negative", "use 0 (none) or a rate, e.g. 100"
+        )
     if cfg.limits.max_header_bytes < 1024:
         raise ConfigError("limits.max_header_bytes", "too small", "use at least 1024")
     if cfg.limits.max_body_bytes < 0:

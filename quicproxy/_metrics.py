@@ -128,6 +128,12 @@ class Metrics:
             p + "quic_handshakes", "QUIC handshakes completed.", registry=reg
         )
         self.retry_sent = Counter(p + "quic_retry_sent", "QUIC Retry packets sent.", registry=reg)
+        self.stateless_resets = Counter(
+            p + "quic_stateless_resets",
+            "Stateless resets for datagrams of unknown connections: sent, or over the rate.",
+            ["result"],
+            registry=reg,
+        )
         self.initials_dropped = Counter(
             p + "quic_initials_dropped",
             "Initials of unknown connections dropped before a handshake, by reason.",

@@ -2,7 +2,8 @@
 
 Everything the listener and the HTTP/3 adapter need from the QUIC library goes
 through here: reading a packet header, checking that an Initial decrypts,
-Retry and Version Negotiation packets, the connection object (with a budget for
+Retry, Version Negotiation and stateless reset packets, session tickets that carry
+their own state (sealed under the keys of ``_quickeys``), the connection object (with a budget for
 the frames a client sends that cost work and produce nothing, ``FrameGuard``) and
 the few private attributes the proxy relies on. Swapping the QUIC library means
 rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
@@ -32,10 +33,16 @@ loudly when an upgrade removes one):
   dropped from it are put back, and idle ones wait outside it while packets are
   built (see ``CreditedConnection.datagrams_to_send``).
 - ``QuicConnection._handshake_complete``: 0-RTT requests are marked replayable.
+- ``QuicConnection._initialize`` and ``_is_client``, and the TLS context's
+  ``_new_session_ticket`` (the NewSessionTicket a server is about to send): a server's
+  session tickets carry their sealed state (``SessionTickets``), so any process with the
+  fleet's secret resumes them; qh3 keeps the state in the process that issued them.
 - ``QuicConnection._close_event``: whether the connection is closing.
 - ``QuicConnection._host_cids``, ``_host_cid_seq_map``,
   ``_local_initial_source_connection_id`` and ``_replenish_connection_ids``:
-  connection IDs carry the owning worker's index.
+  connection IDs carry the owning worker's index and the id of the secret their
+  stateless-reset token is derived from (``stamp``); the token (qh3: random) is
+  derived from the connection ID, so any process with the secret can reset it.
 - ``QuicConnection._remote_active_connection_id_limit``: four connection IDs each
   way instead of eight (see ``ACTIVE_CIDS``; ours through the configuration).
 - ``QuicConnection._crypto_buffers``: three 16 KiB TLS output buffers, replaced by
@@ -74,12 +81,14 @@ loudly when an upgrade removes one):
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hmac
 import ipaddress
 import logging
 import os
 import struct
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,11 +115,13 @@ from qh3.quic.stream import QuicStream
 from qh3.tls import SessionTicket
 
 from quicproxy import _quicpacket
+from quicproxy._quickeys import RESET_TOKEN_SIZE, QuicKeys
 from quicproxy._quicpacket import PacketBuilder
 
 __all__ = [
     "PRIVATE",
     "MIN_INITIAL_SIZE",
+    "MIN_RESET_SIZE",
     "Header",
     "CreditedConnection",
     "ProxyStream",
@@ -118,8 +129,10 @@ __all__ = [
     "QuicConfiguration",
     "RetryTokens",
     "SessionTicket",
+    "SessionTickets",
     "events",
     "initial_decrypts",
+    "stateless_reset",
     "owner",
     "parse_header",
     "stamp",
@@ -208,6 +221,9 @@ PRIVATE = [
     ("h3", "_decoder"),
     ("h3", "_stream"),
     ("connection", "_streams_finished"),
+    (QuicConnection, "_initialize"),
+    ("connection", "_is_client"),
+    ("tls", "_new_session_ticket"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
@@ -472,6 +488,28 @@ def version_negotiation(header: Header, versions: list[int]) -> bytes:
     )
 
 
+MIN_RESET_SIZE = 21
+"""The smallest stateless reset: a short header's first byte, 38 unpredictable bits and
+the 16-byte token (RFC 9000 §10.3)."""
+
+RESET_SIZE = 43
+"""A stateless reset's size when the datagram that triggered it is larger: a small
+1-RTT packet's (RFC 9000 §10.3 suggests answering up to 43-byte packets one byte shorter)."""
+
+
+def stateless_reset(dcid: bytes, size: int, keys: QuicKeys) -> bytes | None:
+    """A stateless reset (RFC 9000 §10.3) for a datagram of ``size`` bytes to connection
+    ID ``dcid``: shorter than it (two endpoints resetting each other's resets run out
+    of bytes, §10.3.3) and never below ``MIN_RESET_SIZE``; None when it cannot be both.
+    It looks like a short-header packet: fixed bit set, the rest unpredictable."""
+    length = min(size - 1, RESET_SIZE)
+    if length < MIN_RESET_SIZE:
+        return None
+    head = bytearray(os.urandom(length - RESET_TOKEN_SIZE))
+    head[0] = 0x40 | (head[0] & 0x3F)
+    return bytes(head) + keys.reset_token(dcid)
+
+
 _TOKEN_LIFETIME = 30.0
 "Clients answer a Retry at once; a token older than this is refused (RFC 9000 §8.1.4)."
 
@@ -480,16 +518,32 @@ def _address_bytes(addr: Any) -> bytes:
     return ipaddress.ip_address(addr[0]).packed + struct.pack("!H", addr[1])
 
 
+_CLOCK_SKEW = 5.0
+"Seconds a token may seem to come from the future (another node's clock)."
+
+
 class RetryTokens:
     """Stateless Retry: tokens bind the client address, the original DCID and the
     Retry's source CID (where the client must write next), sealed with AES-GCM under
-    a key of this process, and expire after 30 s."""
+    the current Retry key (``_quickeys``: shared by the fleet, or of this process),
+    and expire after 30 s of wall-clock time. A token starts with its key's id; any
+    accepted key validates it (rotation)."""
 
-    def __init__(self, worker: int | None = None) -> None:
-        self._aead = AESGCM(AESGCM.generate_key(bit_length=128))
+    def __init__(self, worker: int | None = None, keys: QuicKeys | None = None) -> None:
+        self.keys = keys or QuicKeys.random()
         self.worker = worker
+        self._aeads: dict[bytes, AESGCM] = {}
+
+    def _aead(self, key: bytes) -> AESGCM:
+        aead = self._aeads.get(key)
+        if aead is None:
+            if len(self._aeads) > 4:  # keys rotated away
+                self._aeads.clear()
+            aead = self._aeads[key] = AESGCM(key)
+        return aead
 
     def retry_packet(self, header: Header, addr: Any, now: float) -> bytes:
+        """A Retry for an Initial; ``now`` is wall-clock time (``time.time()``)."""
         assert header.version is not None
         source_cid = stamp(os.urandom(8), self.worker)  # the token is ours to check
         plain = (
@@ -498,8 +552,9 @@ class RetryTokens:
             + bytes([len(source_cid)])
             + source_cid
         )
-        nonce = os.urandom(12)
-        token = nonce + self._aead.encrypt(nonce, plain, _address_bytes(addr))
+        keys = self.keys.current
+        head = bytes([keys.id]) + os.urandom(12)
+        token = head + self._aead(keys.retry).encrypt(head[1:], plain, _address_bytes(addr))
         return encode_quic_retry(
             version=header.version,
             source_cid=source_cid,
@@ -511,26 +566,132 @@ class RetryTokens:
     def validate(self, header: Header, addr: Any, now: float) -> bytes | None:
         """The original DCID the token was issued for, or None if it is not ours/valid."""
         token = header.token
-        if len(token) < 12 + 16 + 9:
+        if len(token) < 1 + 12 + 16 + 9:
             return None
-        try:
-            plain = self._aead.decrypt(token[:12], token[12:], _address_bytes(addr))
-            issued, size = struct.unpack_from("!dB", plain)
-            odcid = plain[9 : 9 + size]
-            rest = plain[9 + size :]
-            retry_cid = rest[1 : 1 + rest[0]]
-        except (InvalidTag, ValueError, IndexError, struct.error):
-            return None
-        if retry_cid != header.dcid or not 0 <= now - issued <= _TOKEN_LIFETIME:
-            return None
-        return odcid
+        for keys in self.keys.for_id(token[0]):
+            try:
+                plain = self._aead(keys.retry).decrypt(
+                    token[1:13], token[13:], _address_bytes(addr)
+                )
+                issued, size = struct.unpack_from("!dB", plain)
+                odcid = plain[9 : 9 + size]
+                rest = plain[9 + size :]
+                retry_cid = rest[1 : 1 + rest[0]]
+            except (InvalidTag, ValueError, IndexError, struct.error):
+                continue
+            if retry_cid != header.dcid or not -_CLOCK_SKEW <= now - issued <= _TOKEN_LIFETIME:
+                return None
+            return odcid
+        return None
 
 
-def stamp(cid: bytes, worker: int | None) -> bytes:
-    """A connection ID whose first byte names the worker that owns the connection."""
-    if worker is None or not cid:
+TICKET_AAD = b"quicproxy session ticket"
+_TICKET = struct.Struct("!HIdI?I")
+"A sealed ticket's fields before its secret: suite, age_add, issued, lifetime, early data."
+
+
+class SessionTickets:
+    """TLS session tickets (resumption, 0-RTT) that carry their own state: the
+    resumption secret, cipher suite, issue time, lifetime and age_add, sealed with
+    AES-256-GCM under the current ticket key (``_quickeys``) and prefixed with its id.
+    Any process holding the secret resumes a ticket another issued (qh3 keeps tickets
+    in the process: ``_SealingContext`` seals them as qh3 builds them).
+
+    A ticket is taken once per process (0-RTT replay is refused here, not across the
+    fleet: a replayed ClientHello may be accepted once by each replica, which is why
+    0-RTT admits safe methods only; see ``Handler``)."""
+
+    def __init__(self, keys: QuicKeys, limit: int = 10000) -> None:
+        self.keys = keys
+        self.limit = limit
+        self._used: dict[bytes, None] = {}
+
+    def seal(
+        self, secret: bytes, cipher_suite: int, age_add: int, lifetime: int, early: int | None
+    ) -> bytes:
+        keys = self.keys.current
+        plain = _TICKET.pack(
+            cipher_suite, age_add, time.time(), lifetime, early is not None, early or 0
+        )
+        head = bytes([keys.id]) + os.urandom(12)
+        return head + AESGCM(keys.ticket).encrypt(head[1:], plain + secret, TICKET_AAD)
+
+    def fetch(self, label: bytes) -> SessionTicket | None:
+        """The ticket a client offers, if one of the accepted keys sealed it and this
+        process has not taken it before."""
+        if len(label) < 1 + 12 + 16 + _TICKET.size or label in self._used:
+            return None
+        for keys in self.keys.for_id(label[0]):
+            try:
+                plain = AESGCM(keys.ticket).decrypt(label[1:13], label[13:], TICKET_AAD)
+                suite, age_add, issued, lifetime, has_early, early = _TICKET.unpack_from(plain)
+                cipher_suite = tls.CipherSuite(suite)
+            except (InvalidTag, ValueError, struct.error):
+                continue
+            if len(self._used) >= self.limit:
+                self._used.pop(next(iter(self._used)))
+            self._used[label] = None
+            start = datetime.datetime.fromtimestamp(issued, datetime.UTC)
+            start = start.replace(tzinfo=None)  # qh3 compares naive UTC times
+            return SessionTicket(
+                age_add=age_add,
+                cipher_suite=cipher_suite,
+                not_valid_after=start + datetime.timedelta(seconds=lifetime),
+                not_valid_before=start,
+                resumption_secret=plain[_TICKET.size :],
+                server_name="",
+                ticket=label,
+                max_early_data_size=early if has_early else None,
+            )
+        return None
+
+    def store(self, ticket: SessionTicket) -> None:
+        """qh3 hands over each ticket it issued: nothing to keep, it carries its state."""
+
+
+class _SealingContext(tls.Context):
+    """qh3's server TLS context whose NewSessionTicket carries its sealed state: the
+    ticket bytes are set as qh3 creates the message, before it is written out."""
+
+    tickets: SessionTickets
+
+    @property
+    def _new_session_ticket(self) -> Any:
+        return self.__dict__.get("_new_session_ticket")
+
+    @_new_session_ticket.setter
+    def _new_session_ticket(self, message: Any) -> None:
+        schedule = self.key_schedule
+        if message is not None and schedule is not None:
+            # the resumption secret, as qh3's _build_session_ticket derives it next
+            master = schedule.derive_secret(b"res master")
+            secret = hkdf_expand_label(
+                schedule.algorithm,
+                master,
+                b"resumption",
+                message.ticket_nonce,
+                schedule.digest_size,
+            )
+            message.ticket = self.tickets.seal(
+                secret,
+                schedule.cipher_suite,
+                message.ticket_age_add,
+                message.ticket_lifetime,
+                message.max_early_data_size,
+            )
+        self.__dict__["_new_session_ticket"] = message
+
+
+def stamp(cid: bytes, worker: int | None, key_id: int | None = None) -> bytes:
+    """A connection ID whose first byte names the worker that owns the connection and
+    whose second names the secret its stateless-reset token comes from."""
+    if len(cid) < 2:
         return cid
-    return bytes([worker]) + cid[1:]
+    if worker is not None:
+        cid = bytes([worker]) + cid[1:]
+    if key_id is not None:
+        cid = cid[:1] + bytes([key_id]) + cid[2:]
+    return cid
 
 
 def owner(cid: bytes) -> int:
@@ -783,21 +944,55 @@ class CreditedConnection(FrameGuard):
     client's address changed) can be handed to the owner.
     """
 
-    __slots__ = ("credit", "worker", "_unacked", "_probe_path", "_probe")
+    __slots__ = (
+        "credit",
+        "worker",
+        "keys",
+        "tickets",
+        "on_cid_issued",
+        "_unacked",
+        "_probe_path",
+        "_probe",
+    )
 
-    def __init__(self, *args: Any, worker: int | None = None, **kw: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        worker: int | None = None,
+        keys: QuicKeys | None = None,
+        tickets: SessionTickets | None = None,
+        **kw: Any,
+    ) -> None:
+        self.tickets = tickets
+        "Seals the session tickets this connection issues (see ``SessionTickets``)."
+        if tickets is not None:
+            kw.setdefault("session_ticket_fetcher", tickets.fetch)
+            kw.setdefault("session_ticket_handler", tickets.store)
         super().__init__(*args, **kw)
         self.credit: dict[int, int] = _Credit(self)
         self._hold_stream_limits()
         self._unacked = 0
         self.worker = worker
+        self.keys = keys
+        "Where stateless-reset tokens come from (None: qh3's random ones)."
+        self.on_cid_issued: Any = None
+        """Called with each connection ID made after the first, before it is sent: qh3
+        reports it (``ConnectionIdIssued``) only after the packet announcing it has left,
+        and a client that switches to it at once must find its connection (not a reset)."""
         self._probe_path: Any = None  # set up by the first datagram (its path)
         self._probe: _Probe | None = None
-        if worker is not None:
+        if worker is not None or keys is not None:
             first = self._host_cids[0]
             self._stamp(first)
             self.host_cid = first.cid
             self._local_initial_source_connection_id = first.cid
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        """As qh3; a server's TLS context seals the session tickets it issues."""
+        super()._initialize(peer_cid)
+        if self.tickets is not None and not self._is_client:
+            self.tls.__class__ = _SealingContext
+            self.tls.tickets = self.tickets  # type: ignore[attr-defined]
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         """As qh3, but 1-RTT acknowledgements follow RFC 9000 §13.2.2: at once from
@@ -956,14 +1151,22 @@ class CreditedConnection(FrameGuard):
         )
         known = len(self._host_cids)
         super()._replenish_connection_ids()
-        if self.worker is not None:
-            for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+        for fresh in self._host_cids[known:]:  # not sent yet: safe to stamp
+            if self.worker is not None or self.keys is not None:
                 self._stamp(fresh)
+            if self.on_cid_issued is not None:
+                self.on_cid_issued(fresh.cid)
 
     def _stamp(self, connection_id: Any) -> None:
-        """Stamp one of our connection IDs for this worker, and qh3's index of them."""
+        """Stamp one of our connection IDs for this worker and the current secret, give
+        it the stateless-reset token derived from it, and update qh3's index of them."""
+        keys = self.keys
         self._host_cid_seq_map.pop(connection_id.cid, None)
-        connection_id.cid = stamp(connection_id.cid, self.worker)
+        connection_id.cid = stamp(
+            connection_id.cid, self.worker, keys.current.id if keys is not None else None
+        )
+        if keys is not None:
+            connection_id.stateless_reset_token = keys.reset_token(connection_id.cid)
         self._host_cid_seq_map[connection_id.cid] = connection_id.sequence_number
 
     # ------------------------------------------------------------ private reads

@@ -30,21 +30,34 @@
   connection ID carries its worker's index; a datagram for another worker's
   connection (the client's address changed) is handed to that worker over a
   Unix datagram socket, with the client's address in front.
+- Retry tokens and session tickets are sealed, and stateless-reset tokens derived,
+  under keys of the QUIC secret (``_quickeys``; ``quic.shared_secret_file`` is looked
+  at every two seconds and read again when it changed): replicas with the same file
+  accept each other's tokens and tickets.
+- A short-header datagram for a connection nobody here knows (this process
+  restarted, or a balancer moved the client) gets a stateless reset (RFC 9000
+  §10.3) with the token derived from the connection ID and the QUIC secret
+  (``_quickeys``): the one the connection was given, when the secret is shared.
+  Never for a long header, never one that is not smaller than the datagram (no
+  loops) or under 21 bytes; at most ``quic.stateless_reset_rate`` a second, and a
+  tenth of that per client address (``ResetBudget``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
-from collections import deque
+import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._caps import AddressCounter
+from ._caps import AddressCounter, address_key
 from ._certwatch import TlsStore
 from ._config import Config
 from ._h3 import H3Conn, warm_up
@@ -52,16 +65,19 @@ from ._handler import Handler
 from ._metrics import metrics
 from ._quic import (
     MIN_INITIAL_SIZE,
+    MIN_RESET_SIZE,
     CreditedConnection,
     Header,
     RetryTokens,
-    SessionTicket,
+    SessionTickets,
     initial_decrypts,
     owner,
     parse_header,
     server_configuration,
+    stateless_reset,
     version_negotiation,
 )
+from ._quickeys import QuicKeys
 from ._sockets import bind_socket, plain_addr
 from ._udp import DatagramSocket, Source
 
@@ -77,22 +93,46 @@ _ADMIT_PER_TURN = 16
 "Handshakes started per event-loop turn (the costly part: key exchange, signature)."
 _ADMIT_DATAGRAMS = 64
 "Queued datagrams handled per event-loop turn at most (the rest of a ClientHello, 0-RTT)."
+_KEYS_EVERY = 2.0
+"Seconds between looks at quic.shared_secret_file (a changed file is read again)."
 
 
-class _Tickets:
-    """Session tickets for 0-RTT, single use (limits replay), bounded."""
+class ResetBudget:
+    """Token buckets for stateless resets: ``rate`` a second in all (burst: one second's),
+    a tenth of it per client address (at least one; burst: two seconds'). The table of
+    addresses is an LRU of ``max_entries``: spoofed sources evict each other."""
 
-    def __init__(self, limit: int = 10000) -> None:
-        self.limit = limit
-        self.tickets: dict[bytes, SessionTicket] = {}
+    def __init__(self, rate: int, max_entries: int = 4096) -> None:
+        self.rate = float(rate)
+        self.per_source = max(1.0, self.rate / 10)
+        self.max_entries = max_entries
+        self._all = [self.rate, 0.0]
+        self._sources: OrderedDict[str, list[float]] = OrderedDict()
 
-    def fetch(self, label: bytes) -> SessionTicket | None:
-        return self.tickets.pop(label, None)
+    def _take(self, bucket: list[float], rate: float, burst: float, now: float) -> bool:
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
 
-    def store(self, ticket: SessionTicket) -> None:
-        if len(self.tickets) >= self.limit:
-            self.tickets.pop(next(iter(self.tickets)))
-        self.tickets[ticket.ticket] = ticket
+    def allow(self, host: str, now: float) -> bool:
+        if self.rate <= 0:
+            return False
+        key = address_key(host)
+        bucket = self._sources.get(key)
+        if bucket is None:
+            bucket = [2 * self.per_source, now]
+            self._sources[key] = bucket
+            if len(self._sources) > self.max_entries:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(key)
+        if not self._take(bucket, self.per_source, 2 * self.per_source, now):
+            return False
+        return self._take(self._all, self.rate, self.rate, now)
 
 
 @dataclass
@@ -103,6 +143,8 @@ class Workers:
     count: int
     folder: str
     "Where each worker's Unix socket for handed-over datagrams lives."
+    secret: bytes = b""
+    "The QUIC secret the supervisor made for its workers (without a shared secret file)."
 
     def path(self, index: int) -> str:
         return os.path.join(self.folder, f"w{index}.sock")
@@ -128,7 +170,13 @@ class QuicListener:
     """The UDP side of the https port."""
 
     def __init__(
-        self, cfg: Config, handler: Handler, cert: str, key: str, workers: Workers | None = None
+        self,
+        cfg: Config,
+        handler: Handler,
+        cert: str,
+        key: str,
+        workers: Workers | None = None,
+        keys: QuicKeys | None = None,
     ) -> None:
         q = cfg.quic
         self.cfg = q
@@ -144,10 +192,13 @@ class QuicListener:
         )
         self._cid_length = self.configuration.connection_id_length
         self._versions = list(self.configuration.supported_versions)
-        self.tickets = _Tickets() if q.early_data else None
         self.workers = workers
         self.worker = workers.index if workers is not None else None
-        self.retry = RetryTokens(self.worker)
+        self.keys = keys or quic_keys(cfg, workers)
+        "The QUIC secret's keys (see ``_quickeys``): reset tokens, Retry tokens, tickets."
+        self.retry = RetryTokens(self.worker, self.keys)
+        self.tickets = SessionTickets(self.keys) if q.early_data else None
+        self.resets = ResetBudget(q.stateless_reset_rate)
         self._handover: socket.socket | None = None
         self.by_cid: dict[bytes, H3Conn] = {}
         self.connections: set[H3Conn] = set()
@@ -163,7 +214,18 @@ class QuicListener:
         self._dirty: set[H3Conn] = set()
         self._flush: asyncio.Handle | None = None
         self.stats = dict.fromkeys(
-            ("refused", "retry", "invalid", "handshakes", "expired", "shed", "handed_over"), 0
+            (
+                "refused",
+                "retry",
+                "invalid",
+                "handshakes",
+                "expired",
+                "shed",
+                "handed_over",
+                "reset",
+                "reset_limited",
+            ),
+            0,
         )
         self._budget = float(q.max_new_per_second)
         self._budget_at = self.loop.time()
@@ -172,6 +234,7 @@ class QuicListener:
         self._waiting_cids: dict[bytes, int] = {}
         "Destination IDs of the queued datagrams, and how many each."
         self._admit: asyncio.Handle | None = None
+        self._keys_timer: asyncio.TimerHandle | None = None
         self.warmed = False
         "Whether an in-memory HTTP/3 exchange ran first (see ``_h3.warm_up``)."
 
@@ -180,6 +243,8 @@ class QuicListener:
             sock, self.datagram_received, self._batch_end, gso=self.cfg.gso
         )
         self.address = plain_addr(self.socket.address)
+        if self.keys.path:
+            self._keys_timer = self.loop.call_later(_KEYS_EVERY, self._refresh_keys)
         if self.workers is not None:
             path = self.workers.path(self.workers.index)
             with contextlib.suppress(FileNotFoundError):
@@ -188,6 +253,11 @@ class QuicListener:
             self._handover.bind(path)
             self._handover.setblocking(False)
             self.loop.add_reader(self._handover.fileno(), self._handed_over)
+
+    def _refresh_keys(self) -> None:
+        """Read the shared secret file again if it changed (a rotated secret)."""
+        self.keys.refresh()
+        self._keys_timer = self.loop.call_later(_KEYS_EVERY, self._refresh_keys)
 
     def _handed_over(self) -> None:
         """Datagrams another worker received for one of our connections."""
@@ -241,14 +311,33 @@ class QuicListener:
             return
         if not handed and self._hand_over(header, data, addr, source):
             return
-        if not header.long or header.negotiation:
-            return  # unknown short-header packet, or a Version Negotiation: no answer
+        if not header.long:
+            self._stateless_reset(header, data, addr, source)
+            return
+        if header.negotiation:
+            return  # a Version Negotiation: no answer
         if header.version not in self._versions:
             if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
                 self._send([(version_negotiation(header, self._versions), addr)], source)
             return
         if self._opens(header, data):
             self._wait_turn(header, data, addr, source)
+
+    def _stateless_reset(self, header: Header, data: bytes, addr: Any, source: Source) -> None:
+        """A short-header datagram of a connection nobody here knows: a stateless reset,
+        when it is large enough to answer with a smaller one and the budget allows."""
+        if len(data) <= MIN_RESET_SIZE:
+            return  # no reset both smaller than it and large enough (RFC 9000 §10.3.3)
+        if not self.resets.allow(plain_addr(addr)[0], self.loop.time()):
+            self.stats["reset_limited"] += 1
+            _safe(lambda: metrics.stateless_resets.labels(result="limited").inc())
+            return  # a flood costs a bucket look-up a datagram, no HMAC
+        reset = stateless_reset(header.dcid, len(data), self.keys)
+        if reset is None:
+            return
+        self.stats["reset"] += 1
+        _safe(lambda: metrics.stateless_resets.labels(result="sent").inc())
+        self._send([(reset, addr)], source)
 
     def _opens(self, header: Header, data: bytes) -> bool:
         """Whether a datagram of an unknown connection may open one: a padded Initial
@@ -355,34 +444,34 @@ class QuicListener:
         if not initial_decrypts(data, header):
             self._drop("invalid", "invalid")
             return None
-        now = self.loop.time()
         original_dcid = None
         if header.token:
-            original_dcid = self.retry.validate(header, addr, now)
+            original_dcid = self.retry.validate(header, addr, time.time())
         host = plain_addr(addr)[0]
         if original_dcid is None:
             if q.retry or self.handshakes >= q.retry_above:
                 self.stats["retry"] += 1
                 _safe(metrics.retry_sent.inc)
-                self._send([(self.retry.retry_packet(header, addr, now), addr)], source)
+                retry = self.retry.retry_packet(header, addr, time.time())
+                self._send([(retry, addr)], source)
                 return None
         refused = self._capped(host)
         if refused:
             self._refuse(refused)
             return None
-        tickets = self.tickets
         configuration = self.configuration
         if self.tls_store is not None:  # the certificate pair in use now (rotation)
             configuration = self.tls_store.quic_configuration(configuration)
         quic = CreditedConnection(
             worker=self.worker,
+            keys=self.keys,
             configuration=configuration,
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
-            session_ticket_fetcher=tickets.fetch if tickets else None,
-            session_ticket_handler=tickets.store if tickets else None,
+            tickets=self.tickets,
         )
         conn = H3Conn(quic, self, self.handler, addr)
+        quic.on_cid_issued = functools.partial(self.cid_issued, conn)
         conn.source = source
         self.connections.add(conn)
         _safe(lambda: metrics.active_connections.labels("h3").inc())
@@ -517,6 +606,9 @@ class QuicListener:
             await asyncio.sleep(0.05)
 
     def close(self) -> None:
+        if self._keys_timer is not None:
+            self._keys_timer.cancel()
+            self._keys_timer = None
         if self._admit is not None:
             self._admit.cancel()
             self._admit = None
@@ -533,6 +625,33 @@ class QuicListener:
             self.loop.remove_reader(self._handover.fileno())
             self._handover.close()
             self._handover = None
+
+
+def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
+    """The keys of ``quic.shared_secret_file``, else of the secret the workers'
+    supervisor made, else of a secret of this process; said once at start."""
+    path = cfg.quic.shared_secret_file
+    first = workers is None or workers.index == 0
+    if path:
+        keys = QuicKeys.from_file(path)
+        if first:
+            log.info(
+                "QUIC keys from quic.shared_secret_file (secret %s, %d accepted)",
+                keys.fingerprint,
+                len(keys.accepted),
+            )
+        return keys
+    if workers is not None and workers.secret:
+        keys = QuicKeys([workers.secret])
+    else:
+        keys = QuicKeys.random()
+    if first:
+        log.info(
+            "QUIC keys: a random secret of this %s (set quic.shared_secret_file to share "
+            "Retry tokens, session tickets and stateless resets across replicas)",
+            "process" if workers is None else "run",
+        )
+    return keys
 
 
 def _safe(record: Callable[[], object]) -> None:

@@ -52,6 +52,26 @@ def test_unknown_config_key_fails_at_start_naming_it(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        (None, "cannot read it"),
+        ("c2hvcnQ=\n", "5 bytes, 32 needed"),
+        ("not base64!\n", "line 1 is not base64"),
+        ("# only a comment\n", "no secret"),
+    ],
+)
+def test_a_bad_shared_secret_file_fails_at_start_naming_the_key(tmp_path: Path, secret, why):
+    path = tmp_path / "secret"
+    if secret is not None:
+        path.write_text(secret)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"quic:\n  shared_secret_file: {path}\n")
+    proc = run_cli("serve", "--config", str(cfg))
+    assert_one_line_error(proc, "quic.shared_secret_file", why, "openssl rand -base64 32")
+    assert "c2hvcnQ" not in proc.stderr  # never the secret
+
+
+@pytest.mark.parametrize(
     ("yaml_text", "key", "fix"),
     [
         ("timeouts:\n  header: 0\n", "timeouts.header", "give seconds"),

@@ -28,6 +28,7 @@ def test_every_private_qh3_attribute_the_core_uses_still_exists(certs):
         "recovery": conn._loss,
         "space": conn._spaces[tls.Epoch.ONE_RTT],
         "cc": conn._loss._cc,
+        "tls": conn.tls,
     }
     sid = conn.get_next_available_stream_id()
     conn.send_stream_data(sid, b"abc")  # a stream, for its sender's attributes

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,42 @@ def find_helm() -> str | None:
     return None
 
 
+def random_made(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """Take the values the chart makes at random (the QUIC secret) out of ``docs``, so two
+    renders compare equal; returns them by Secret name."""
+    made = {}
+    for doc in docs:
+        name = doc.get("metadata", {}).get("name", "")
+        if doc.get("kind") == "Secret" and name.endswith("-quic") and "secret" in doc["data"]:
+            made[name] = doc["data"]["secret"]
+            doc["data"]["secret"] = "<random>"
+    return made
+
+
+def stand_in_quic_secret(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A rendered config.yaml whose quic.shared_secret_file (a Secret mounted in the
+    pod) points at a stand-in file, so quicproxy loads it here."""
+    if data.get("quic", {}).get("shared_secret_file"):
+        stand_in = folder / "quic-secret"
+        stand_in.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
+        data["quic"]["shared_secret_file"] = str(stand_in)
+    return data
+
+
 @dataclass
 class Manifests:
     """The objects of one `helm template` run."""
 
     docs: list[dict[str, Any]]
+    made: dict[str, str] = field(default_factory=dict)
+    "Secret name -> the random value the chart made for it (``random_made``)."
+
+    def made_secret_text(self) -> str:
+        """The QUIC secret file's text as the chart made it (one made at random here;
+        a stand-in line when the user names an existing Secret)."""
+        for value in self.made.values():
+            return base64.b64decode(value).decode()
+        return base64.b64encode(bytes(range(32))).decode() + "\n"
 
     def kinds(self) -> list[str]:
         return sorted(d["kind"] for d in self.docs)

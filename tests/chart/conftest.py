@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from ._chart import HELM_INSTALL, PROFILES, HelmError, Manifests, find_helm, helm_template
+from ._chart import (
+    HELM_INSTALL,
+    PROFILES,
+    HelmError,
+    Manifests,
+    find_helm,
+    helm_template,
+    random_made,
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +45,7 @@ def render(helm: str) -> Callable[..., Manifests]:
         if out.returncode != 0:
             raise HelmError(out.stderr.strip())
         docs = [d for d in yaml.safe_load_all(out.stdout) if d]
-        return Manifests(docs)
+        return Manifests(docs, random_made(docs))
 
     return _render
 

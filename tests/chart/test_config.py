@@ -28,6 +28,12 @@ def _load(m, tmp_path):
 
         self_signed(tmp_path / "tls.crt", tmp_path / "tls.key")
         data["tls"] = {"cert": str(tmp_path / "tls.crt"), "key": str(tmp_path / "tls.key")}
+    secret = data.get("quic", {}).get("shared_secret_file")
+    if secret:  # the QUIC secret's Secret: check the pod mounts it, load a stand-in
+        mounts = [v["mountPath"] for v in c["volumeMounts"] if v["name"] == "quic-secret"]
+        assert posixpath.dirname(secret) in mounts
+        (tmp_path / "quic-secret").write_text(m.made_secret_text())
+        data["quic"]["shared_secret_file"] = str(tmp_path / "quic-secret")
     path.write_text(yaml.safe_dump(data))
     env = dict(IMAGE_ENV)
     env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
@@ -113,7 +119,10 @@ def test_tls_secret_is_mounted_at_cert_and_key_files(render, cert, key, volumes)
     )
     assert m.proxy_config()["tls"] == {"cert": cert, "key": key}
     pod = m.proxy_pod()
-    secrets = {v["name"]: v["secret"] for v in pod["spec"]["volumes"] if "secret" in v}
+    volumes_of = pod["spec"]["volumes"]
+    secrets = {
+        v["name"]: v["secret"] for v in volumes_of if "secret" in v and v["name"] != "quic-secret"
+    }
     assert len(secrets) == volumes
     assert all(s["secretName"] == "edge-tls" for s in secrets.values())
     files = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from ._chart import container
+from ._chart import container, stand_in_quic_secret
 
 MOUNT = "/etc/quicproxy/upstream-tls"
 
@@ -51,6 +51,7 @@ def test_an_https_backend_with_a_secret_gets_its_ca_and_client_pair_mounted(rend
     text = text.replace(f"{MOUNT}/ca.crt", str(tmp_path / "tls.crt")).replace(MOUNT, str(tmp_path))
     data = yaml.safe_load(text)
     data["tls"] = {"self_signed_dir": str(tmp_path)}
+    stand_in_quic_secret(data, tmp_path)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     cfg_obj = load_config(str(path), env={})

@@ -6,7 +6,7 @@ import yaml
 
 from quicproxy import load_config
 
-from ._chart import NAMESPACE, RELEASE, container
+from ._chart import NAMESPACE, RELEASE, container, stand_in_quic_secret
 
 WAF_URL = f"http://{RELEASE}-quic-proxy-waf-waf.{NAMESPACE}.svc:9000"
 
@@ -122,7 +122,7 @@ CRS_VALUES = {
 def _loads_in_quicproxy(text, tmp_path):
     """The rendered config.yaml as quicproxy reads it (unknown keys or bad values fail)."""
     path = tmp_path / "config.yaml"
-    path.write_text(text)
+    path.write_text(yaml.safe_dump(stand_in_quic_secret(yaml.safe_load(text), tmp_path)))
     return load_config(str(path), env={}).waf
 
 

@@ -243,3 +243,8 @@ securityContext:
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
+
+{{/* The Secret holding the proxies' shared QUIC secret (see quic-secret.yaml). */}}
+{{- define "quic-proxy-waf.proxy.quicSecret" -}}
+{{- default (printf "%s-quic" (include "quic-proxy-waf.proxy.fullname" .)) .Values.proxy.quic.sharedSecret.existingSecret }}
+{{- end }}

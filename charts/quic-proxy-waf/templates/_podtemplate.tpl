@@ -136,6 +136,11 @@ spec:
           mountPath: /etc/quicproxy/upstream-tls
           readOnly: true
         {{- end }}
+        {{- if .Values.proxy.quic.sharedSecret.enabled }}
+        - name: quic-secret
+          mountPath: /etc/quicproxy/quic
+          readOnly: true
+        {{- end }}
   volumes:
     - name: config
       configMap:
@@ -174,6 +179,11 @@ spec:
     - name: upstream-tls
       secret:
         secretName: {{ . }}
+    {{- end }}
+    {{- if .Values.proxy.quic.sharedSecret.enabled }}
+    - name: quic-secret
+      secret:
+        secretName: {{ include "quic-proxy-waf.proxy.quicSecret" . }}
     {{- end }}
   {{- with .Values.nodeSelector }}
   nodeSelector:

@@ -145,7 +145,8 @@ async def test_a_client_of_a_restarted_proxy_is_reset_and_reconnects_at_once(
             assert (await client.get()).get("status") == 200  # the same connection
             os.killpg(first.pid, signal.SIGKILL)  # gone without a word to its clients
             first.wait(10)
-        listen = {"host": "127.0.0.1", "http_port": http, "https_port": https}
+        # the killed workers let go of the ports a moment after the supervisor: wait for them
+        listen = {"host": "127.0.0.1", "http_port": http, "https_port": https, "bind_wait": 5.0}
         second = Proxy(
             proxy_config(certs, backend, listen=listen, quic={"shared_secret_file": secret})
         )

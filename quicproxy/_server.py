@@ -23,7 +23,7 @@ from ._memtrim import Trimmer
 from ._metrics import metrics
 from ._metrics_http import start_metrics_listener
 from ._quiclisten import QuicListener, Workers, start_quic_listener
-from ._router import Pool, Router
+from ._router import Router
 from ._sockets import bind_socket, plain_addr
 from ._sslbuf import install as share_tls_buffers
 from ._tls import ensure_certificate
@@ -82,9 +82,10 @@ class Proxy:
         self.reuse_port = reuse_port
         self.workers = workers
         "This worker's index among several sharing the ports (QUIC hands datagrams over)."
-        self.router = Router(tls=config.upstream.tls)
+        self.router = Router(upstream=config.upstream)
         if config.backend:
-            self.router.default = Pool("default", [self.router.member("backend", config.backend)])
+            member = self.router.member("backend", config.backend)
+            self.router.default = self.router.pool("default", [member])
         for route in config.routes:
             self.router.add(route)
         self.handler: Handler | None = None

@@ -1,0 +1,253 @@
+"""Backends that fail: passive health (ejection), the all-down 503, retries on another
+member and their budget, against real backends over loopback (``tests/backend.py``)
+and real h1/h2/h3 clients."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from quicproxy._metrics import metrics
+from tests.backend import Backend
+from tests.helpers import h3, https_url, tcp_client
+
+PROTOCOLS = ["h1", "h2", "h3"]
+Get = Callable[[str, list[tuple[str, str]] | None], Awaitable[tuple[int, dict[str, str]]]]
+
+
+@asynccontextmanager
+async def client(proxy: Any, certs: tuple[str, str], proto: str) -> AsyncIterator[Get]:
+    """One client connection (pool) of ``proto``; yields get(path, headers) -> status."""
+    if proto == "h3":
+        async with h3(proxy, certs) as c:
+
+            async def get3(path: str, headers: list[tuple[str, str]] | None = None) -> Any:
+                r = await c.request("GET", path, headers or [])
+                return r.status, dict(r.headers)
+
+            yield get3
+        return
+    async with tcp_client(certs, http2=proto == "h2") as c:
+
+        async def get(path: str, headers: list[tuple[str, str]] | None = None) -> Any:
+            r = await c.get(https_url(proxy, path), headers=headers)
+            return r.status_code, dict(r.headers)
+
+        yield get
+
+
+async def run_load(get: Get, path: str, seconds: float, concurrency: int) -> list[int]:
+    """GETs from ``concurrency`` workers for ``seconds``; the statuses."""
+    statuses: list[int] = []
+    end = time.monotonic() + seconds
+
+    async def worker() -> None:
+        while time.monotonic() < end:
+            statuses.append((await get(path, None))[0])
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+def route(*backends: Backend, **extra: Any) -> list[dict[str, Any]]:
+    return [{"path_prefix": "/", "backends": [b.url for b in backends], **extra}]
+
+
+@pytest.fixture
+async def three() -> AsyncIterator[list[Backend]]:
+    started = [await Backend(f"b{i}").start() for i in range(3)]
+    yield started
+    for b in started:
+        await b.kill()
+
+
+def member_up(route_name: str, b: Backend) -> float:
+    return metrics.value(
+        "quicproxy_upstream_member_up", route=route_name, member=f"127.0.0.1:{b.port}"
+    )
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_a_killed_member_is_ejected_fast_and_idempotent_gets_never_fail(
+    make_proxy, certs, three, proto, caplog
+):
+    """One of three members killed mid-load (listener and open connections): 0 failed
+    GETs (refused connects and requests cut before an answer go to another member), the
+    member ejected within a second, and back once it listens again."""
+    caplog.set_level(logging.INFO, logger="quicproxy")
+    for b in three:
+        b.delay = 0.002
+    proxy = await make_proxy(
+        None, routes=route(*three), upstream={"outlier": {"base_ejection": 0.3}}
+    )
+    dead = three[2]
+    async with client(proxy, certs, proto) as get:
+        loading = asyncio.ensure_future(run_load(get, "/x", 3.0, 8))
+        await asyncio.sleep(0.7)
+        await dead.kill()
+        killed = time.monotonic()
+        while member_up("*/", dead) == 1 and time.monotonic() - killed < 3:
+            await asyncio.sleep(0.01)
+        ejected_after = time.monotonic() - killed
+        served_before = dead.count("/x")
+        await asyncio.sleep(0.8)
+        await dead.start()  # back on the same port
+        statuses = await loading
+        back = time.monotonic()
+        while dead.count("/x") == served_before and time.monotonic() - back < 5:
+            await get("/x", None)
+        after = await run_load(get, "/x", 0.5, 4)
+    print(f"{proto}: {len(statuses)} GETs, ejected {ejected_after * 1000:.0f} ms after the kill")
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert ejected_after < 1.0
+    assert dead.count("/x") > served_before  # chosen again once it is back
+    assert member_up("*/", dead) == 1 and all(s == 200 for s in after)
+    assert (
+        metrics.value(
+            "quicproxy_upstream_ejections_total", route="*/", member=f"127.0.0.1:{dead.port}"
+        )
+        >= 1
+    )
+    lines = [r.getMessage() for r in caplog.records if f":{dead.port}" in r.getMessage()]
+    assert any("ejected" in line for line in lines) and any("back" in line for line in lines)
+
+
+async def test_a_post_whose_body_was_sent_is_never_sent_again(make_proxy, certs, three):
+    """Every member drops the connection after reading the request: a POST is delivered
+    once and answered 502, while a GET of the same path goes to each member in turn
+    (three attempts). A POST that could not be sent (connect refused) goes to another
+    member, body whole."""
+    proxy = await make_proxy(None, routes=route(*three), upstream={"outlier": {"enabled": False}})
+    body = b"p" * 5000
+    async with tcp_client(certs, http2=True) as c:
+        for _ in range(6):
+            r = await c.post(https_url(proxy, "/drop"), content=body)
+            assert r.status_code == 502
+        assert sum(b.count("/drop", "POST") for b in three) == 6
+        r = await c.get(https_url(proxy, "/drop"))
+        assert r.status_code == 502
+        assert sum(b.count("/drop", "GET") for b in three) == 3  # 1 + upstream.retries
+        assert all(b.count("/drop", "GET") == 1 for b in three)  # each on another member
+    await three[0].kill()
+    await three[1].kill()
+    async with tcp_client(certs, http2=False) as c:
+        for _ in range(6):
+            r = await c.post(https_url(proxy, "/sha256"), content=body)
+            assert r.status_code == 200
+            assert json.loads(r.content)["sha256"] == hashlib.sha256(body).hexdigest()
+    assert three[2].count("/sha256", "POST") == 6
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_every_member_down_is_a_503_at_once_with_retry_after(make_proxy, certs, proto):
+    """Members that accept and never answer: the first requests wait for the upstream
+    timeout; once every member is ejected the route answers 503 with Retry-After at
+    once, never trying a connection."""
+    accepted = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    servers = [await asyncio.start_server(silent, "127.0.0.1", 0) for _ in range(3)]
+    urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+    try:
+        proxy = await make_proxy(
+            None,
+            routes=[{"path_prefix": "/", "backends": urls}],
+            upstream={"timeout": 0.2, "outlier": {"consecutive_failures": 2}},
+        )
+        async with client(proxy, certs, proto) as get:
+            first = []
+            for _ in range(6):
+                status, headers = await get("/", None)
+                first.append(status)
+                if status == 503:
+                    break
+            assert first[-1] == 503, first
+            connects = len(accepted)
+            times = []
+            for _ in range(20):
+                started = time.monotonic()
+                status, headers = await get("/", None)
+                times.append(time.monotonic() - started)
+                assert status == 503
+                assert 1 <= int(headers["retry-after"]) <= 5
+        assert len(accepted) == connects  # no connection tried while the route is down
+        median, worst = statistics.median(times), max(times)
+        print(f"{proto}: 503 in {median * 1000:.1f} ms median, {worst * 1000:.1f} ms worst")
+        assert median < 0.05 and worst < 0.25
+        assert metrics.value("quicproxy_upstream_errors_total", kind="route_down") >= 20
+    finally:
+        for s in servers:
+            s.close()
+        for w in accepted:
+            w.transport.abort()
+
+
+async def test_retries_stay_within_the_budget_when_every_member_fails(make_proxy, certs, three):
+    """Every member drops every request: retries of those GETs are bounded by the route's
+    budget (0.2 per request, plus a reserve of 10 and one a second), counted at the
+    backends, where unbounded retries would triple the load."""
+    proxy = await make_proxy(None, routes=route(*three), upstream={"outlier": {"enabled": False}})
+    requests = 150
+    started = time.monotonic()
+    async with tcp_client(certs, http2=True) as c:
+
+        async def one() -> int:
+            return (await c.get(https_url(proxy, "/drop"))).status_code
+
+        statuses = []
+        for _ in range(requests // 10):
+            statuses += await asyncio.gather(*(one() for _ in range(10)))
+    elapsed = time.monotonic() - started
+    assert statuses == [502] * requests
+    seen = sum(b.count("/drop") for b in three)
+    retries = seen - requests
+    print(f"{requests} requests, {retries} retries at the backends in {elapsed:.1f} s")
+    assert retries <= 0.2 * requests + 10 + elapsed + 1
+    assert retries >= 0.2 * requests - 2  # the budget is used, not refused outright
+    assert metrics.value("quicproxy_upstream_retries_refused_total", route="*/") > 0
+
+
+async def test_a_member_refusing_connections_costs_no_client_error_and_no_budget(
+    make_proxy, certs, three
+):
+    """Connect failures are retried whatever the budget (nothing was sent): with one
+    member not listening, 60 sequential GETs all succeed, and the member is ejected
+    after its failures in a row instead of being tried for every request."""
+    await three[0].kill()
+    proxy = await make_proxy(None, routes=route(*three, balance="round_robin"))
+    async with tcp_client(certs, http2=False) as c:
+        statuses = [(await c.get(https_url(proxy, "/ok"))).status_code for _ in range(60)]
+    assert statuses == [200] * 60
+    retried = metrics.value("quicproxy_upstream_retries_total", route="*/", reason="connect")
+    assert 5 <= retried <= 6  # the failures in a row that eject it (outlier default 5)
+    assert member_up("*/", three[0]) == 0
+
+
+async def test_the_access_log_names_every_attempt(make_proxy, certs, three):
+    await three[0].kill()
+    proxy = await make_proxy(
+        None, routes=route(*three, balance="round_robin"), upstream={"outlier": {"enabled": False}}
+    )
+    lines: list[str] = []
+    proxy.handler.access.sink = lines.append
+    async with tcp_client(certs, http2=False) as c:
+        for _ in range(3):
+            assert (await c.get(https_url(proxy, "/a"))).status_code == 200
+    await asyncio.sleep(0.05)
+    upstreams = [json.loads(line)["upstream"] for line in lines]
+    dead = f"127.0.0.1:{three[0].port}"
+    tried_twice = [u for u in upstreams if u.startswith(dead + ",")]
+    assert len(tried_twice) == 1, upstreams  # round robin: one request met the dead one
+    assert tried_twice[0].split(",")[1] in (f"127.0.0.1:{b.port}" for b in three[1:])

@@ -251,3 +251,34 @@ async def test_the_access_log_names_every_attempt(make_proxy, certs, three):
     tried_twice = [u for u in upstreams if u.startswith(dead + ",")]
     assert len(tried_twice) == 1, upstreams  # round robin: one request met the dead one
     assert tried_twice[0].split(",")[1] in (f"127.0.0.1:{b.port}" for b in three[1:])
+
+
+def test_no_more_than_the_share_is_ejected_unless_every_member_is_down() -> None:
+    """max_ejected_share 0.5 of four members: two out at most; a third failing member
+    stays chosen (the one whose ejection ends first goes back); all four: route down,
+    Retry-After the seconds to the first return. A success after the ejection brings a
+    member back; a failure then ejects it at once for twice as long."""
+    from quicproxy._config import OutlierConfig
+    from quicproxy._errors import RouteDown, UpstreamConnectError
+    from quicproxy.upstream._health import RouteHealth
+    from quicproxy.upstream._member import Member
+
+    cfg = OutlierConfig(consecutive_failures=2, base_ejection=4.0, max_ejected_share=0.5)
+    health = RouteHealth("r", [Member("m", i) for i in range(4)], cfg)
+    refused = UpstreamConnectError("refused", unsent=True)
+    for i, now in ((0, 100.0), (1, 101.0), (2, 102.0)):
+        health.failed(i, refused, now)
+        health.failed(i, refused, now)
+    assert health.candidates(102.5) == [0, 3]  # two out: 0, back first (at 104), chosen
+    health.failed(3, refused, 103.0)
+    health.failed(3, refused, 103.0)
+    assert health.candidates(103.0) == []
+    down = health.route_down(103.0)
+    assert isinstance(down, RouteDown) and down.retry_after == 1 and down.status == 503
+    assert health.candidates(104.0) == [0, 1]  # 0's ejection is over; 1 is next back
+    health.failed(0, refused, 104.0)  # fails again: out at once, for 8 s
+    assert health.members[0].until == 112.0
+    health.answered(1, 200, 105.5)  # member 1's ejection ended at 105: back
+    assert not health.members[1].down and not health.members[1].out(105.5)
+    health.failed(1, UpstreamConnectError("refused"), 106.0)  # one failure: not out
+    assert not health.members[1].out(106.0)

@@ -48,6 +48,7 @@ from ._target import check_request, options_response
 from .upstream._balance import hash_key
 from .upstream._h1 import UpstreamPool
 from .upstream._h2 import H2Pool
+from .upstream._health import Prober
 from .upstream._member import Member
 from .upstream._retry import send_with_retries
 from .upstream._tunnel import TunnelCaps, open_websocket
@@ -116,6 +117,44 @@ class Handler:
         self._idle.set()
         self.alt_svc: str | None = None
         "Alt-Svc value added to every response (set by the server once ports are known)."
+        self.probers: list[Prober] = []
+        "Active health probes of the routes that set ``health``, once started."
+
+    # ------------------------------------------------------------------ health probes
+
+    def start_probes(self) -> None:
+        """Probe the members of every route with ``health`` set, and of routes added later."""
+        for pool in self.router.pools:
+            self._probe(pool)
+        self.router.on_add = self._probe
+
+    def _probe(self, pool: Pool) -> None:
+        if pool.health.probe is not None:
+            prober = Prober(pool.health, self._probe_fetch)
+            prober.start()
+            self.probers.append(prober)
+
+    async def stop_probes(self) -> None:
+        self.router.on_add = None
+        for prober in self.probers:
+            await prober.stop()
+        self.probers.clear()
+
+    async def _probe_fetch(self, member: Member, path: str, timeout: float) -> int:
+        """``GET path`` to ``member`` through the upstream pools (their caps, TLS and
+        keep-alive); the status once the body (up to 64 KiB) was read."""
+        host = f"[{member.host}]" if ":" in member.host else member.host
+        headers = [("host", f"{host}:{member.port}"), ("user-agent", "quicproxy-health-check")]
+        if member.scheme == "h2c":
+            head = ("GET", "http", path)
+            resp = await self.upstream_h2.request(member, head, headers, Body.empty())
+        else:
+            resp = await self.upstream.request(member, "GET", path, headers, Body.empty(), None)
+        try:
+            await resp.body.discard(timeout, _PREFETCH)
+        finally:
+            await resp.body.aclose()
+        return resp.status
 
     # ------------------------------------------------------------------ exchange
 

@@ -8,6 +8,7 @@ their route (``routes[].tls`` over ``upstream.tls``); each route becomes a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ._config import Route, UpstreamConfig, UpstreamTlsConfig, WeightedBackend, parse_upstream
@@ -53,6 +54,8 @@ class Router:
         self.tls = tls or self.upstream.tls
         "TLS settings of https members (upstream.tls); a route's own ``tls`` goes over them."
         self._rules: list[_Rule] = []
+        self.on_add: Callable[[Pool], None] | None = None
+        "Called with the pool of a route added while running (its health probes start)."
 
     @property
     def pools(self) -> list[Pool]:
@@ -101,6 +104,8 @@ class Router:
         host = route.host.lower() if route.host else None
         self._rules.append(_Rule(host, route.path_prefix, pool))
         self._rules.sort(key=lambda r: (r.host is None, -len(r.prefix)))
+        if self.on_add is not None:
+            self.on_add(pool)
 
     def match(self, host: str, path: str) -> Pool | None:
         for rule in self._rules:

@@ -162,6 +162,7 @@ class Proxy:
             self._quic.tls_store = self.tls_store
         self.tls_store.start()
         self.trimmer.start()
+        handler.start_probes()
         self.https_port = secure.sockets[0].getsockname()[1]
         alt = cfg.listen.alt_svc_port or self.https_port
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
@@ -305,6 +306,7 @@ class Proxy:
         grace = self.config.shutdown_grace if grace is None else grace
         self.handler.draining = True
         self.trimmer.stop()
+        await self.handler.stop_probes()
         await self._close_listeners()
         for conn in list(self._conns):
             conn.shutdown()

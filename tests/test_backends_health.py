@@ -282,3 +282,49 @@ def test_no_more_than_the_share_is_ejected_unless_every_member_is_down() -> None
     assert not health.members[1].down and not health.members[1].out(105.5)
     health.failed(1, UpstreamConnectError("refused"), 106.0)  # one failure: not out
     assert not health.members[1].out(106.0)
+
+
+async def test_active_probes_take_a_failing_member_out_and_bring_it_back(
+    make_proxy, certs, three, caplog
+):
+    """routes[].health: a member whose /healthz answers 503 is marked down after two
+    failed probes and gets no request, though it still serves; once it answers 200
+    again it is back after two passing probes. Members all failing their probes: 503
+    with Retry-After before any request tried them."""
+    caplog.set_level(logging.INFO, logger="quicproxy")
+    health = {"path": "/healthz", "interval": 0.1, "timeout": 0.5, "healthy": 2, "unhealthy": 2}
+    proxy = await make_proxy(None, routes=route(*three, health=health))
+    sick = three[1]
+
+    async def until(check: Callable[[], bool], limit: float = 3.0) -> float:
+        started = time.monotonic()
+        while not check() and time.monotonic() - started < limit:
+            await asyncio.sleep(0.01)
+        return time.monotonic() - started
+
+    async with tcp_client(certs, http2=True) as c:
+        assert await until(lambda: sick.count("/healthz") >= 2) < 1.0  # probing from start
+        sick.health_status = 503
+        took = await until(lambda: member_up("*/", sick) == 0)
+        assert took < 1.0
+        for _ in range(30):
+            assert (await c.get(https_url(proxy, "/g"))).status_code == 200
+        assert sick.count("/g") == 0
+        sick.health_status = 200
+        assert await until(lambda: member_up("*/", sick) == 1) < 1.0
+        for _ in range(30):
+            assert (await c.get(https_url(proxy, "/g"))).status_code == 200
+        assert sick.count("/g") > 0
+        probes = "quicproxy_health_probes_total"
+        member = f"127.0.0.1:{sick.port}"
+        assert metrics.value(probes, route="*/", member=member, result="fail") >= 2
+        assert metrics.value(probes, route="*/", member=member, result="pass") >= 2
+        lines = [r.getMessage() for r in caplog.records if member in r.getMessage()]
+        assert sum("health checks" in line for line in lines) == 2, lines  # down, then up
+        for b in three:
+            await b.kill()
+        assert await until(lambda: all(member_up("*/", b) == 0 for b in three)) < 1.5
+        started = time.monotonic()
+        r = await c.get(https_url(proxy, "/g"))
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert time.monotonic() - started < 0.25

@@ -12,7 +12,7 @@ count: they are not the member failing.
 Active (``routes[].health``, off unless set): :class:`Prober` sends ``GET path`` to each
 member every ``interval``; ``unhealthy`` failures in a row (a status outside
 ``statuses``, no answer within ``timeout``) mark it down until ``healthy`` passes in
-a row.
+a row, which also end a passive ejection (Envoy's default).
 
 Choosing (:meth:`RouteHealth.candidates`): never more than ``max_ejected_share`` of
 the route's members (at least one) are kept out at once; beyond that share, the
@@ -205,8 +205,8 @@ class RouteHealth:
         _safe(lambda: metrics.health_probes.labels(self.route, state.member.label, result).inc())
         if ok:
             state._streak = max(state._streak, 0) + 1
-            if state.probe_down and state._streak >= self.probe.healthy:
-                state.probe_down = False
+            if (state.probe_down or state.down) and state._streak >= self.probe.healthy:
+                state.probe_down = False  # an ejected member passing its probes is back too
                 state.down, state.failures, state.ejections = False, 0, 0
                 log.info(
                     "upstream %s (route %s) passed %d health checks: up",

@@ -203,7 +203,7 @@ class Metrics:
         self.upstream_retries = Counter(
             p + "upstream_retries",
             "Requests sent again on another member, by route and reason (connect: never "
-            "sent; unanswered: idempotent, failed before any response byte).",
+            "sent; unanswered: a bodiless GET, HEAD, OPTIONS or TRACE, no response byte).",
             ["route", "reason"],
             registry=reg,
         )

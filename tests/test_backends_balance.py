@@ -47,24 +47,24 @@ async def load(proxy: Any, certs: tuple[str, str], seconds: float, concurrency: 
 async def test_a_ten_times_slower_member_gets_under_15_percent(
     make_proxy, certs, three, concurrency
 ):
-    """least_request (the default): the member answering in 50 ms beside two in 5 ms
+    """least_request (the default): the member answering in 200 ms beside two in 20 ms
     gets under 15 % of the requests, under load and one request at a time; round robin,
     for contrast, gives it its third."""
-    for b, delay in zip(three, (0.005, 0.005, 0.05), strict=True):
+    for b, delay in zip(three, (0.02, 0.02, 0.2), strict=True):
         b.delay = delay
     routes = [
         {"path_prefix": "/", "backends": [b.url for b in three]},
         {"path_prefix": "/rr", "backends": [b.url for b in three], "balance": "round_robin"},
     ]
     proxy = await make_proxy(None, routes=routes)
-    total = await load(proxy, certs, 2.0, concurrency)
+    total = await load(proxy, certs, 3.0, concurrency)
     slow = three[2].count("/w")
     print(f"least_request, {concurrency} at once: slow member {slow}/{total}")
     assert slow / total < 0.15
     async with tcp_client(certs, http2=True) as c:
-        for _ in range(30):
+        for _ in range(12):
             assert (await c.get(https_url(proxy, "/rr"))).status_code == 200
-    assert three[2].count("/rr") == 10
+    assert three[2].count("/rr") == 4
 
 
 async def test_weights_set_the_shares(make_proxy, certs, three):

@@ -123,9 +123,9 @@ async def test_a_killed_member_is_ejected_fast_and_idempotent_gets_never_fail(
 
 async def test_a_post_whose_body_was_sent_is_never_sent_again(make_proxy, certs, three):
     """Every member drops the connection after reading the request: a POST is delivered
-    once and answered 502, while a GET of the same path goes to each member in turn
-    (three attempts). A POST that could not be sent (connect refused) goes to another
-    member, body whole."""
+    once and answered 502, so are a bodiless DELETE and PUT, while a GET of the same
+    path goes to each member in turn (three attempts). A POST that could not be sent
+    (connect refused) goes to another member, body whole."""
     proxy = await make_proxy(None, routes=route(*three), upstream={"outlier": {"enabled": False}})
     body = b"p" * 5000
     async with tcp_client(certs, http2=True) as c:
@@ -137,6 +137,9 @@ async def test_a_post_whose_body_was_sent_is_never_sent_again(make_proxy, certs,
         assert r.status_code == 502
         assert sum(b.count("/drop", "GET") for b in three) == 3  # 1 + upstream.retries
         assert all(b.count("/drop", "GET") == 1 for b in three)  # each on another member
+        for method in ("DELETE", "PUT"):  # bodiless, but not sent twice (``_h1``'s rule)
+            assert (await c.request(method, https_url(proxy, "/drop"))).status_code == 502
+            assert sum(b.count("/drop", method) for b in three) == 1
     await three[0].kill()
     await three[1].kill()
     async with tcp_client(certs, http2=False) as c:

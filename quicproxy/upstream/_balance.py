@@ -3,10 +3,13 @@ budget) and its balancing policies (``routes[].balance``).
 
 - ``least_request`` (default): two members drawn at random, the less loaded one wins
   (Envoy's default, "the power of two choices"). A member's load is its requests in
-  flight times its recent latency (a peak-EWMA of the time to the response head,
-  decaying over 10 s with no answers, as Finagle's): a member ten times slower than its
-  peers loses nearly every draw even under a light load, without being ejected.
-  With unequal weights the member is drawn at random in proportion to weight / load.
+  flight times its recent latency (an EWMA of the time to the response head over about
+  :data:`_DECAY` seconds, which also fades toward 0 while the member gets no request,
+  so a member passed over is tried again now and then): a member ten times slower than
+  its peers loses nearly every draw even one request at a time, without being ejected.
+  With unequal weights the member is drawn at random in proportion to its weight over
+  its requests in flight + 1 (Envoy's weighted least request): latency is left out
+  there, as its noise would blur the shares the weights ask for.
 - ``round_robin``: smooth weighted round robin (nginx's): exact shares by weight.
 - ``hash``: weighted rendezvous hashing of the key (``routes[].hash_on``: the client's
   address, a header or a cookie): a key sticks to its member while that member is up;
@@ -34,38 +37,38 @@ from ._retry import RetryBudget
 __all__ = ["Pool", "Load", "hash_key", "POLICIES"]
 
 POLICIES = ("least_request", "round_robin", "hash")
-_DECAY = 10.0
-"Seconds over which a member's latency estimate is forgotten when it is not answering."
+_DECAY = 2.0
+"Seconds over which latencies are averaged, and a member's estimate fades when not chosen."
 _FLOOR = 0.001
 "Latencies below a millisecond are not told apart (loopback noise)."
 
 
 class Load:
-    """A member's load: requests in flight and a peak-EWMA of its latency."""
+    """A member's load: requests in flight and an EWMA of its latency."""
 
-    __slots__ = ("active", "_ewma", "_stamp")
+    __slots__ = ("active", "_average", "_count", "_stamp")
 
     def __init__(self) -> None:
         self.active = 0
-        self._ewma = 0.0
+        self._average = 0.0
+        self._count = 0
+        "Answers observed (up to 100): the first ones are averaged alike."
         self._stamp = 0.0
 
     def observe(self, seconds: float, now: float | None = None) -> None:
         """A response head came ``seconds`` after the request left."""
         now = time.monotonic() if now is None else now
-        latency = self.latency(now)
-        if seconds > latency:
-            self._ewma = seconds  # a peak is taken at once
-        else:
-            weight = math.exp(-(now - self._stamp) / _DECAY)
-            self._ewma = latency * weight + seconds * (1 - weight)
+        # An answer weighs by the time since the last (one after a pause weighs more);
+        # the first ones are averaged alike (a first answer, with its connect, is slower).
+        self._count = min(self._count + 1, 100)
+        keep = math.exp(-max(0.0, now - self._stamp) / _DECAY)
+        share = max(1.0 - keep, 1.0 / self._count)
+        self._average += share * (seconds - self._average)
         self._stamp = now
 
     def latency(self, now: float) -> float:
         """The latency estimate, decayed toward 0 since the last answer."""
-        if not self._ewma:
-            return 0.0
-        return self._ewma * math.exp(-max(0.0, now - self._stamp) / _DECAY)
+        return self._average * math.exp(-max(0.0, now - self._stamp) / _DECAY)
 
     def cost(self, now: float) -> float:
         return (self.active + 1) * (self.latency(now) + _FLOOR)
@@ -132,7 +135,7 @@ class Pool:
             a, b = self._rng.sample(left, 2)
             cost_a, cost_b = self.loads[a].cost(now), self.loads[b].cost(now)
             return a if cost_a < cost_b or (cost_a == cost_b and self._rng.random() < 0.5) else b
-        shares = [weights[i] / self.loads[i].cost(now) for i in left]
+        shares = [weights[i] / (self.loads[i].active + 1) for i in left]
         return self._rng.choices(left, shares)[0]
 
     def _round_robin(self, left: list[int]) -> int:

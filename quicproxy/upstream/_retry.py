@@ -5,13 +5,15 @@ A failed request is sent again on a member not tried yet for it, at most
 
 - always when nothing of it was written (the error is ``unsent``: connect refused or
   timed out): its body, if any, is untouched, whatever its method;
-- when it is idempotent (GET, HEAD, OPTIONS, TRACE, PUT, DELETE; RFC 9110 9.2.2), has
-  no body, and failed before any byte of a response came back (the connection closed
-  or reset under it, no response head within ``upstream.timeout``), and only within
-  the route's retry budget.
+- when its method is safe (GET, HEAD, OPTIONS, TRACE: ``_h1``'s replayable methods), it
+  has no body, and it failed before any byte of a response came back (the connection
+  closed or reset under it, no response head within ``upstream.timeout``), and only
+  within the route's retry budget. PUT and DELETE, idempotent in RFC 9110, are left out
+  for the reason ``_h1`` gives (a DELETE sent again answers 404 for a delete that
+  happened; backends attach side effects to both).
 
-Never sent again: a request whose body was being sent (its bytes are gone), a
-non-idempotent request whose bytes may have reached the upstream (``_h1``'s
+Never sent again: a request whose body was being sent (its bytes are gone), a request
+of another method (POST, PATCH, PUT, DELETE...) whose bytes may have reached the upstream (``_h1``'s
 at-most-once rule, which also keeps its own stale keep-alive replay), a request that
 got response bytes (an invalid head: it was processed), a TLS failure (a setting, not
 a member), the proxy's own caps (503) and the client's errors.
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING
 from .._errors import ClientGone, ProxyError, RequestError, UpstreamBusy, UpstreamTlsError
 from .._metrics import metrics
 from .._model import Response
+from ._h1 import REPLAYABLE_METHODS
 from ._member import Member
 
 if TYPE_CHECKING:
@@ -43,7 +46,7 @@ __all__ = ["IDEMPOTENT", "RESERVE", "RetryBudget", "retry_reason", "send_with_re
 
 log = logging.getLogger("quicproxy")
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+IDEMPOTENT = REPLAYABLE_METHODS
 "Methods whose bodiless request may go to another member after it failed unanswered."
 RESERVE = 10.0
 "Retry tokens a route starts with, and holds at most."
@@ -78,7 +81,7 @@ class RetryBudget:
 
 def retry_reason(exc: ProxyError, method: str, bodiless: bool) -> str | None:
     """Why the failed request may go to another member: ``connect`` (nothing of it was
-    written), ``unanswered`` (idempotent, bodiless, no response byte; budgeted), or None."""
+    written), ``unanswered`` (a safe method, bodiless, no response byte; budgeted), or None."""
     if isinstance(exc, (RequestError, UpstreamBusy, UpstreamTlsError)):
         return None
     if exc.unsent:

@@ -197,26 +197,35 @@ async def test_every_member_down_is_a_503_at_once_with_retry_after(make_proxy, c
             w.transport.abort()
 
 
-async def test_retries_stay_within_the_budget_when_every_member_fails(make_proxy, certs, three):
-    """Every member drops every request: retries of those GETs are bounded by the route's
-    budget (0.2 per request, plus a reserve of 10 and one a second), counted at the
-    backends, where unbounded retries would triple the load."""
-    proxy = await make_proxy(None, routes=route(*three), upstream={"outlier": {"enabled": False}})
-    requests = 150
+@pytest.mark.parametrize("failure", ["drop", "slow"])
+async def test_retries_stay_within_the_budget_when_every_member_fails(
+    make_proxy, certs, three, failure
+):
+    """Every member drops every request, or answers too late (1 s, upstream.timeout
+    0.2 s): retries of those GETs are bounded by the route's budget (0.2 per request,
+    plus a reserve of 10 and one a second), counted at the backends, where unbounded
+    retries would triple the load."""
+    for b in three:
+        b.delay = 1.0 if failure == "slow" else 0.0
+    proxy = await make_proxy(
+        None, routes=route(*three), upstream={"timeout": 0.2, "outlier": {"enabled": False}}
+    )
+    path = "/drop" if failure == "drop" else "/late"
+    requests = 150 if failure == "drop" else 60
     started = time.monotonic()
     async with tcp_client(certs, http2=True) as c:
 
         async def one() -> int:
-            return (await c.get(https_url(proxy, "/drop"))).status_code
+            return (await c.get(https_url(proxy, path))).status_code
 
         statuses = []
-        for _ in range(requests // 10):
-            statuses += await asyncio.gather(*(one() for _ in range(10)))
+        for _ in range(requests // 15):
+            statuses += await asyncio.gather(*(one() for _ in range(15)))
     elapsed = time.monotonic() - started
-    assert statuses == [502] * requests
-    seen = sum(b.count("/drop") for b in three)
+    assert statuses == [502 if failure == "drop" else 504] * requests
+    seen = sum(b.count(path) for b in three)
     retries = seen - requests
-    print(f"{requests} requests, {retries} retries at the backends in {elapsed:.1f} s")
+    print(f"{failure}: {requests} requests, {retries} retries at the backends in {elapsed:.1f} s")
     assert retries <= 0.2 * requests + 10 + elapsed + 1
     assert retries >= 0.2 * requests - 2  # the budget is used, not refused outright
     assert metrics.value("quicproxy_upstream_retries_refused_total", route="*/") > 0

@@ -340,3 +340,35 @@ async def test_active_probes_take_a_failing_member_out_and_bring_it_back(
         r = await c.get(https_url(proxy, "/g"))
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert time.monotonic() - started < 0.25
+
+
+async def test_h2c_members_are_probed_and_a_refused_connect_goes_to_another(make_proxy, certs):
+    """The same rules on h2c:// members: the probe (over HTTP/2) marks a member that
+    refuses connections down, and a POST with a body whose connect was refused reaches
+    the live member whole."""
+    from tests.h2backend import H2Backend
+    from tests.helpers import free_port
+
+    live = await H2Backend().start()
+    dead = f"h2c://127.0.0.1:{free_port()}"
+    try:
+        health = {"path": "/hello", "interval": 0.1, "timeout": 0.5, "unhealthy": 2}
+        routes = [{"path_prefix": "/", "backends": [dead, live.url], "health": health}]
+        proxy = await make_proxy(None, routes=routes)
+        async with tcp_client(certs, http2=True) as c:
+            for _ in range(4):  # before the probes mark it down: retried on the live one
+                r = await c.post(https_url(proxy, "/echo"), content=b"e" * 3000)
+                assert r.status_code == 200 and r.content == b"e" * 3000
+            up = "quicproxy_upstream_member_up"
+            started = time.monotonic()
+            while time.monotonic() - started < 2 and metrics.value(up, route="*/", member=dead):
+                await asyncio.sleep(0.02)
+            assert time.monotonic() - started < 2
+            probes = "quicproxy_health_probes_total"
+            assert metrics.value(probes, route="*/", member=dead, result="fail") >= 2
+            assert metrics.value(probes, route="*/", member=live.url, result="pass") >= 2
+            assert metrics.value(up, route="*/", member=live.url) == 1
+            r = await c.post(https_url(proxy, "/echo"), content=b"f" * 10)
+            assert r.status_code == 200 and r.content == b"f" * 10
+    finally:
+        await live.stop()

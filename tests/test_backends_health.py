@@ -372,3 +372,33 @@ async def test_h2c_members_are_probed_and_a_refused_connect_goes_to_another(make
             assert r.status_code == 200 and r.content == b"f" * 10
     finally:
         await live.stop()
+
+
+async def test_a_member_that_times_out_loses_the_draws_before_it_is_ejected(make_proxy, certs):
+    """A member that accepts and never answers, not (yet) ejected: its timeout counts as
+    its latency, so least_request stops drawing it; without that it would look fastest
+    (no answer, no latency). 30 GETs: all 200 (the timed-out one retried elsewhere), and
+    the silent member is tried at most twice."""
+    heads = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.read()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    good = [await Backend(f"g{i}").start() for i in range(2)]
+    try:
+        urls = [f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"] + [g.url for g in good]
+        proxy = await make_proxy(
+            None,
+            routes=[{"path_prefix": "/", "backends": urls}],
+            upstream={"timeout": 0.3, "outlier": {"consecutive_failures": 50}},
+        )
+        async with tcp_client(certs, http2=True) as c:
+            statuses = [(await c.get(https_url(proxy, "/t"))).status_code for _ in range(30)]
+        assert statuses == [200] * 30
+        assert len(heads) <= 2
+    finally:
+        server.close()
+        for g in good:
+            await g.kill()

@@ -37,6 +37,7 @@ from .._errors import ClientGone, ProxyError, RequestError, UpstreamBusy, Upstre
 from .._metrics import metrics
 from .._model import Response
 from ._h1 import REPLAYABLE_METHODS
+from ._health import counts_against
 from ._member import Member
 
 if TYPE_CHECKING:
@@ -132,6 +133,9 @@ async def send_with_retries(
         except ProxyError as exc:
             load.active -= 1
             pool.health.failed(index, exc)
+            took = time.monotonic() - started
+            if counts_against(exc) and took > load.latency(started + took):
+                load.observe(took)  # a failure that took long (a timeout) makes it look slow
             reason = retry_reason(exc, method, bodiless)
             if reason is None or len(tried) > pool.retries:
                 raise

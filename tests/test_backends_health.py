@@ -402,3 +402,24 @@ async def test_a_member_that_times_out_loses_the_draws_before_it_is_ejected(make
         server.close()
         for g in good:
             await g.kill()
+
+
+async def test_on_5xx_ejects_a_member_answering_errors(make_proxy, certs, three):
+    """upstream.outlier.on_5xx: a member answering 500 is ejected after three in a row
+    (its 500s reach the client: an answer is never sent again); the rest go elsewhere.
+    Without on_5xx, 5xx are answers like any other and eject nothing, and a member
+    answering them fast gets no more than its share (a fast error is no latency)."""
+    three[0].health_status = 500  # /healthz of b0 answers 500
+    outlier = {"on_5xx": True, "consecutive_failures": 3}
+    proxy = await make_proxy(None, routes=route(*three), upstream={"outlier": outlier})
+    async with tcp_client(certs, http2=True) as c:
+        statuses = [(await c.get(https_url(proxy, "/healthz"))).status_code for _ in range(40)]
+    assert statuses.count(500) == 3 and member_up("*/", three[0]) == 0
+    assert sum(b.count("/healthz") for b in three) == 40
+    metrics.reset()
+    other = await make_proxy(None, routes=route(*three))
+    async with tcp_client(certs, http2=True) as c:
+        statuses = [(await c.get(https_url(other, "/healthz"))).status_code for _ in range(40)]
+    print(f"without on_5xx: {statuses.count(500)} of 40 answered 500")
+    # about its third: answering errors fast does not draw traffic (was 25 of 40)
+    assert 3 < statuses.count(500) < 24 and member_up("*/", three[0]) == 1

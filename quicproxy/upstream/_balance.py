@@ -7,6 +7,8 @@ budget) and its balancing policies (``routes[].balance``).
   :data:`_DECAY` seconds, which also fades toward 0 while the member gets no request,
   so a member passed over is tried again now and then): a member ten times slower than
   its peers loses nearly every draw even one request at a time, without being ejected.
+  5xx answers are not measured (a fast error page would make its member look fast), a
+  timeout is (as the time it took), and a member not measured yet counts as average.
   With unequal weights the member is drawn at random in proportion to its weight over
   its requests in flight + 1 (Envoy's weighted least request): latency is left out
   there, as its noise would blur the shares the weights ask for.
@@ -70,8 +72,15 @@ class Load:
         """The latency estimate, decayed toward 0 since the last answer."""
         return self._average * math.exp(-max(0.0, now - self._stamp) / _DECAY)
 
-    def cost(self, now: float) -> float:
-        return (self.active + 1) * (self.latency(now) + _FLOOR)
+    @property
+    def measured(self) -> bool:
+        """Whether a latency was observed yet."""
+        return self._count > 0
+
+    def cost(self, now: float, unmeasured: float = 0.0) -> float:
+        """Requests in flight + 1 times the latency (``unmeasured`` when none was seen)."""
+        latency = self.latency(now) if self._count else unmeasured
+        return (self.active + 1) * (latency + _FLOOR)
 
 
 class Pool:
@@ -133,7 +142,11 @@ class Pool:
         weights = self.weights
         if all(weights[i] == weights[left[0]] for i in left):
             a, b = self._rng.sample(left, 2)
-            cost_a, cost_b = self.loads[a].cost(now), self.loads[b].cost(now)
+            load_a, load_b = self.loads[a], self.loads[b]
+            # a member never measured (new, or answering only 5xx) is taken as average
+            seen = [self.loads[i].latency(now) for i in left if self.loads[i].measured]
+            usual = sum(seen) / len(seen) if seen else 0.0
+            cost_a, cost_b = load_a.cost(now, usual), load_b.cost(now, usual)
             return a if cost_a < cost_b or (cost_a == cost_b and self._rng.random() < 0.5) else b
         shares = [weights[i] / (self.loads[i].active + 1) for i in left]
         return self._rng.choices(left, shares)[0]

@@ -153,7 +153,8 @@ async def send_with_retries(
         except BaseException:
             load.active -= 1
             raise
-        load.observe(time.monotonic() - started)
+        if resp.status < 500:  # a fast error page is no sign of a fast member
+            load.observe(time.monotonic() - started)
         pool.health.answered(index, resp.status)
         _release_on_close(resp, load)
         return resp

@@ -136,6 +136,10 @@ class Route:
     health: HealthConfig | None = None
     "Active health probes of the members; off unless set."
 
+    def check(self, key: str = "route") -> None:
+        """ConfigError naming ``key``'s setting at fault (also for routes added at run time)."""
+        _validate_route(key, self)
+
 
 @dataclass
 class ListenConfig:
@@ -556,7 +560,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].backends", "empty", "list at least one upstream URL")
         if not route.path_prefix.startswith("/"):
             raise ConfigError(f"routes[{i}].path_prefix", "must start with /", "e.g. /api")
-        _validate_route(f"routes[{i}]", route)
+        route.check(f"routes[{i}]")
     _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("cubic",))
     if not 1200 <= cfg.quic.max_datagram_size <= 65527:
         raise ConfigError("quic.max_datagram_size", "out of range", "use 1200 to 65527")

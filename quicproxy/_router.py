@@ -98,6 +98,7 @@ class Router:
         key = f"route {route.path_prefix}"
         if route.tls is not None:
             route.tls.check(f"{key} tls")
+        route.check(key)
         urls = [b.url if isinstance(b, WeightedBackend) else b for b in route.backends]
         members = [self.member(key, url, route.tls) for url in urls]
         pool = self.pool(f"{route.host or '*'}{route.path_prefix}", members, route)

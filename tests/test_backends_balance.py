@@ -214,3 +214,23 @@ def test_weighted_and_plain_backends_mix_and_defaults_hold() -> None:
     assert route.balance == "least_request" and route.health is None
     assert cfg.upstream.retries == 2 and cfg.upstream.retry_budget == 0.2
     assert cfg.upstream.outlier.enabled and cfg.upstream.outlier.consecutive_failures == 5
+
+
+async def test_a_route_added_at_run_time_is_checked_and_probed(make_proxy, certs, three):
+    """Proxy.add_route validates the balancing and health settings like the config file
+    does, and starts the probes of a route with ``health``."""
+    from quicproxy import ConfigError, Route
+    from quicproxy._config import HealthConfig, WeightedBackend
+
+    proxy = await make_proxy(None)
+    with pytest.raises(ConfigError, match=r"route /x\.balance"):
+        proxy.add_route(Route(backends=[three[0].url], path_prefix="/x", balance="random"))
+    backends = [WeightedBackend(b.url, 2) for b in three]
+    health = HealthConfig(path="/healthz", interval=0.1, timeout=0.5)
+    proxy.add_route(Route(backends=backends, path_prefix="/p", health=health))
+    started = time.monotonic()
+    while not all(b.count("/healthz") >= 2 for b in three) and time.monotonic() - started < 2:
+        await asyncio.sleep(0.02)
+    assert all(b.count("/healthz") >= 2 for b in three)
+    async with tcp_client(certs, http2=False) as c:
+        assert (await c.get(https_url(proxy, "/p/1"))).status_code == 200

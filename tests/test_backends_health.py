@@ -119,6 +119,9 @@ async def test_a_killed_member_is_ejected_fast_and_idempotent_gets_never_fail(
     )
     lines = [r.getMessage() for r in caplog.records if f":{dead.port}" in r.getMessage()]
     assert any("ejected" in line for line in lines) and any("back" in line for line in lines)
+    await asyncio.sleep(0.1)
+    pool = proxy.router.match("localhost", "/x")
+    assert [load.active for load in pool.loads] == [0, 0, 0]  # every attempt let go
 
 
 async def test_a_post_whose_body_was_sent_is_never_sent_again(make_proxy, certs, three):
@@ -229,6 +232,8 @@ async def test_retries_stay_within_the_budget_when_every_member_fails(
     assert retries <= 0.2 * requests + 10 + elapsed + 1
     assert retries >= 0.2 * requests - 2  # the budget is used, not refused outright
     assert metrics.value("quicproxy_upstream_retries_refused_total", route="*/") > 0
+    await asyncio.sleep(0.1)
+    assert [load.active for load in proxy.router.match("localhost", "/").loads] == [0, 0, 0]
 
 
 async def test_a_member_refusing_connections_costs_no_client_error_and_no_budget(
@@ -423,3 +428,29 @@ async def test_on_5xx_ejects_a_member_answering_errors(make_proxy, certs, three)
     print(f"without on_5xx: {statuses.count(500)} of 40 answered 500")
     # about its third: answering errors fast does not draw traffic (was 25 of 40)
     assert 3 < statuses.count(500) < 24 and member_up("*/", three[0]) == 1
+
+
+@pytest.mark.parametrize("proto", ["h1", "h2"])
+async def test_clients_that_cancel_leave_no_request_counted_in_flight(
+    make_proxy, certs, three, proto
+):
+    """Clients giving up while their requests wait on slow members (streams reset,
+    connections closed): every member's count of requests in flight, which
+    least_request draws on, is back to 0; nothing is ejected (a cancel is no failure)."""
+    import httpx
+
+    for b in three:
+        b.delay = 0.5
+    proxy = await make_proxy(None, routes=route(*three))
+    async with tcp_client(certs, http2=proto == "h2") as c:
+        results = await asyncio.gather(
+            *(c.get(https_url(proxy, "/c"), timeout=0.1) for _ in range(12)),
+            return_exceptions=True,
+        )
+    assert all(isinstance(r, httpx.TimeoutException) for r in results)
+    pool = proxy.router.match("localhost", "/c")
+    started = time.monotonic()
+    while any(load.active for load in pool.loads) and time.monotonic() - started < 2:
+        await asyncio.sleep(0.02)
+    assert [load.active for load in pool.loads] == [0, 0, 0]
+    assert all(member_up("*/", b) == 1 for b in three)

@@ -34,6 +34,9 @@ __all__ = [
     "TimeoutsConfig",
     "UpstreamConfig",
     "UpstreamTlsConfig",
+    "OutlierConfig",
+    "HealthConfig",
+    "WeightedBackend",
     "WafConfig",
     "RateLimitConfig",
     "LogConfig",
@@ -88,17 +91,55 @@ class UpstreamTlsConfig:
 
 
 @dataclass
+class WeightedBackend:
+    """A backend with a weight (``routes[].backends[]: {url: ..., weight: N}``)."""
+
+    url: str = ""
+    "Upstream URL, as a plain backends entry."
+    weight: int = 1
+    "Share of the route's traffic relative to the other members (1 to 1000)."
+
+
+@dataclass
+class HealthConfig:
+    """Active health probes of a route's members (``routes[].health``; off unless set)."""
+
+    path: str = "/"
+    "Path requested with GET on each member."
+    interval: float = 5.0
+    "Seconds between two probes of one member."
+    timeout: float = 2.0
+    "Seconds a probe may take (connect, head and body); longer is a failure."
+    healthy: int = 2
+    "Consecutive passing probes that bring a member marked down back."
+    unhealthy: int = 3
+    "Consecutive failing probes that mark a member down."
+    statuses: list[str] = field(default_factory=lambda: ["200-399"])
+    "Statuses that pass: codes or ranges, e.g. [200, 204, 300-399]."
+
+
+@dataclass
 class Route:
     """Send requests matching ``host`` (optional) and ``path_prefix`` to ``backends``."""
 
-    backends: list[str] = field(default_factory=list)
-    "Upstream URLs (http://host:port or https://host:port), balanced round-robin."
+    backends: list[str | WeightedBackend] = field(default_factory=list)
+    "Upstream URLs (http://host:port, https://..., h2c://...), or {url, weight} mappings."
     host: str | None = None
     "Exact host to match (case-insensitive, port ignored); None matches any."
     path_prefix: str = "/"
     "Path prefix to match; the longest matching prefix wins."
     tls: UpstreamTlsConfig | None = None
     "TLS to this route's https backends, over upstream.tls key by key."
+    balance: str = "least_request"
+    "How a member is chosen: least_request (two random choices), round_robin or hash."
+    hash_on: str | None = None
+    "With balance: hash, the key: client, header:NAME or cookie:NAME (default client)."
+    health: HealthConfig | None = None
+    "Active health probes of the members; off unless set."
+
+    def check(self, key: str = "route") -> None:
+        """ConfigError naming ``key``'s setting at fault (also for routes added at run time)."""
+        _validate_route(key, self)
 
 
 @dataclass
@@ -208,6 +249,24 @@ class TimeoutsConfig:
 
 
 @dataclass
+class OutlierConfig:
+    """Passive health (``upstream.outlier``): members that keep failing are ejected."""
+
+    enabled: bool = True
+    "Eject members after consecutive failures (connect refused or timed out, reset, timeout)."
+    consecutive_failures: int = 5
+    "Failures in a row that eject a member."
+    on_5xx: bool = False
+    "Count 5xx responses of a member as failures too."
+    base_ejection: float = 5.0
+    "Seconds of the first ejection; doubled each time the member fails again on return."
+    max_ejection: float = 120.0
+    "Longest ejection, in seconds."
+    max_ejected_share: float = 0.5
+    "Share of a route's members ejected at once at most (at least one); all down: 503."
+
+
+@dataclass
 class UpstreamConfig:
     connect_timeout: float = 5.0
     "Seconds to connect to an upstream; failure gives 502."
@@ -223,6 +282,12 @@ class UpstreamConfig:
     "Seconds a request waits for a free upstream connection before a 503."
     tls: UpstreamTlsConfig = field(default_factory=UpstreamTlsConfig)
     "TLS to https:// upstreams: CA, client certificate, server name."
+    retries: int = 2
+    "Attempts on other members after the first (a request never sent, or an idempotent one)."
+    retry_budget: float = 0.2
+    "Retries of sent requests per route, as a share of its requests (plus 10, refilled 1/s)."
+    outlier: OutlierConfig = field(default_factory=OutlierConfig)
+    "Passive health: ejection of failing members."
 
 
 @dataclass
@@ -356,6 +421,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, Mapping):  # str | SomeSection: a mapping is the section
+            args = [a for a in args if dataclasses.is_dataclass(a)] or args
         return _coerce(key, args[0], value)
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -498,10 +565,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].backends", "empty", "list at least one upstream URL")
         if not route.path_prefix.startswith("/"):
             raise ConfigError(f"routes[{i}].path_prefix", "must start with /", "e.g. /api")
-        for j, url in enumerate(route.backends):
-            parse_upstream(f"routes[{i}].backends[{j}]", url)
-        if route.tls is not None:
-            route.tls.check(f"routes[{i}].tls")
+        route.check(f"routes[{i}]")
     _check_choice("quic.congestion_control", cfg.quic.congestion_control, ("cubic",))
     if not 1200 <= cfg.quic.max_datagram_size <= 65527:
         raise ConfigError("quic.max_datagram_size", "out of range", "use 1200 to 65527")
@@ -565,6 +629,7 @@ def _validate(cfg: Config) -> None:
                 f"trusted_proxies[{i}]", f"{net!r} is not an IP or CIDR", "e.g. 10.0.0.0/8"
             ) from None
     _validate_ops(cfg)
+    _validate_upstream(cfg)
     waf = cfg.waf
     _check_choice("waf.mode", waf.mode, ("off", "inline", "service"))
     _check_choice("waf.fail", waf.fail, ("closed", "open"))
@@ -604,6 +669,81 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 "waf.url", str(exc).split(": ", 2)[-1], "use http://HOST:PORT"
             ) from None
+
+
+_STATUS_RANGE = re.compile(r"^([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?$")
+_HASH_ON = re.compile(r"^(client|(header|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+)$")
+
+
+def _validate_route(key: str, route: Route) -> None:
+    """One route: backends (URLs, weights), TLS, balancing and health probes."""
+    for j, backend in enumerate(route.backends):
+        if isinstance(backend, WeightedBackend):
+            parse_upstream(f"{key}.backends[{j}].url", backend.url)
+            if not 1 <= backend.weight <= 1000:
+                raise ConfigError(
+                    f"{key}.backends[{j}].weight", "out of range", "use 1 to 1000 (default 1)"
+                )
+        else:
+            parse_upstream(f"{key}.backends[{j}]", backend)
+    if route.tls is not None:
+        route.tls.check(f"{key}.tls")
+    _check_choice(f"{key}.balance", route.balance, ("least_request", "round_robin", "hash"))
+    if route.hash_on is not None:
+        if route.balance != "hash":
+            raise ConfigError(f"{key}.hash_on", "set without balance: hash", "add balance: hash")
+        if not _HASH_ON.match(route.hash_on):
+            raise ConfigError(
+                f"{key}.hash_on",
+                f"invalid value {route.hash_on!r}",
+                "use client, header:NAME or cookie:NAME",
+            )
+    health = route.health
+    if health is None:
+        return
+    if not health.path.startswith("/") or any(c in health.path for c in " \t\r\n#"):
+        raise ConfigError(f"{key}.health.path", "not an origin-form path", "e.g. /healthz")
+    if not 0 < health.interval <= 3600:
+        raise ConfigError(f"{key}.health.interval", "out of range", "give seconds, e.g. 5")
+    if not 0 < health.timeout <= 3600:
+        raise ConfigError(f"{key}.health.timeout", "out of range", "give seconds, e.g. 2")
+    for name in ("healthy", "unhealthy"):
+        if not 1 <= getattr(health, name) <= 100:
+            raise ConfigError(f"{key}.health.{name}", "out of range", "use 1 to 100, e.g. 2")
+    if not health.statuses:
+        raise ConfigError(f"{key}.health.statuses", "empty", "e.g. [200-399]")
+    for j, item in enumerate(health.statuses):
+        found = _STATUS_RANGE.match(item.strip())
+        if found is None or int(found.group(2) or found.group(1)) < int(found.group(1)):
+            raise ConfigError(
+                f"{key}.health.statuses[{j}]",
+                f"{item!r} is not a status or range",
+                "give codes or ranges, e.g. 200 or 200-399",
+            )
+
+
+def _validate_upstream(cfg: Config) -> None:
+    """Retries, the retry budget and passive health (``upstream.*``)."""
+    up = cfg.upstream
+    if not 0 <= up.retries <= 10:
+        raise ConfigError("upstream.retries", "out of range", "use 0 (no retry) to 10, e.g. 2")
+    if not 0 <= up.retry_budget <= 1:
+        raise ConfigError("upstream.retry_budget", "out of range", "give a share 0 to 1, e.g. 0.2")
+    out = up.outlier
+    if out.consecutive_failures < 1:
+        raise ConfigError("upstream.outlier.consecutive_failures", "must be at least 1", "e.g. 5")
+    if not out.base_ejection > 0 or math.isinf(out.base_ejection):
+        raise ConfigError("upstream.outlier.base_ejection", "must be positive", "give seconds")
+    if not out.base_ejection <= out.max_ejection <= 86400:
+        raise ConfigError(
+            "upstream.outlier.max_ejection",
+            "below base_ejection or over a day",
+            "give seconds from base_ejection up, e.g. 120",
+        )
+    if not 0 <= out.max_ejected_share <= 1:
+        raise ConfigError(
+            "upstream.outlier.max_ejected_share", "out of range", "give a share 0 to 1, e.g. 0.5"
+        )
 
 
 def _validate_ops(cfg: Config) -> None:

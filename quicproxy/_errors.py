@@ -20,12 +20,17 @@ The tree::
         │   ├── UpstreamTlsError       TLS to an https upstream failed (verification, handshake)
         │   └── UpstreamTruncated      died mid-response: the client's stream is reset
         ├── UpstreamBusy (503)          no upstream connection free in time (caps)
+        │   └── RouteDown               every member of the route is down: 503 at once,
+        │                               with Retry-After
         └── UpstreamTimeout (504)
 
 ``detail`` says what went wrong for the log; the answer to the client carries
 only ``status`` and ``reason``. ``retry_safe`` (Pingora's RetryType) says whether the
 request may be sent upstream again after this error without being delivered twice
 where that would matter; the upstream pool decides on it, never on the message.
+``unsent`` says nothing of the request was written (the connect failed): it may go to
+another member whatever its method; ``answered`` says bytes of a response came (an
+invalid head): it is never sent again (``upstream._retry``).
 :class:`RequestError` subclasses ValueError so adapters that catch ValueError from
 request parsing keep working.
 """
@@ -49,6 +54,7 @@ __all__ = [
     "UpstreamTlsError",
     "UpstreamTruncated",
     "UpstreamBusy",
+    "RouteDown",
 ]
 
 
@@ -73,12 +79,23 @@ class ProxyError(Exception):
     status = 500
     reason = "Internal Server Error"
 
-    def __init__(self, detail: str = "", *, retry_safe: bool = False) -> None:
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        retry_safe: bool = False,
+        unsent: bool = False,
+        answered: bool = False,
+    ) -> None:
         super().__init__(detail or self.reason)
         self.detail = detail or self.reason
-        self.retry_safe = retry_safe
+        self.retry_safe = retry_safe or unsent
         """Sending the request again cannot deliver it twice where that matters: nothing of
         it was written, or it is a bodiless request with a safe method (``upstream._h1``)."""
+        self.unsent = unsent
+        "Nothing of the request was written (the connection could not be made)."
+        self.answered = answered
+        "Bytes of a response came back (an invalid head): the request was processed."
 
 
 class RequestError(ProxyError, ValueError):
@@ -142,6 +159,16 @@ class UpstreamBusy(ProxyError):
 
     status = 503
     reason = "Service Unavailable"
+
+
+class RouteDown(UpstreamBusy):
+    """Every member of the route is down (ejected or failing its health probes): answered
+    at once, without trying a connection, with ``Retry-After: retry_after``."""
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+        "Seconds until the first member may be tried again (at least 1)."
 
 
 class UpstreamTimeout(ProxyError):

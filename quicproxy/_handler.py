@@ -25,6 +25,7 @@ from ._errors import (
     HeadersTooLarge,
     ProxyError,
     RequestError,
+    RouteDown,
     TooEarly,
     UpstreamBusy,
     UpstreamConnectError,
@@ -44,9 +45,12 @@ from ._model import Body, Headers, Request, Response, header_value
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Pool, Router
 from ._target import check_request, options_response
+from .upstream._balance import hash_key
 from .upstream._h1 import UpstreamPool
 from .upstream._h2 import H2Pool
+from .upstream._health import Prober
 from .upstream._member import Member
+from .upstream._retry import send_with_retries
 from .upstream._tunnel import TunnelCaps, open_websocket
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
@@ -113,6 +117,44 @@ class Handler:
         self._idle.set()
         self.alt_svc: str | None = None
         "Alt-Svc value added to every response (set by the server once ports are known)."
+        self.probers: list[Prober] = []
+        "Active health probes of the routes that set ``health``, once started."
+
+    # ------------------------------------------------------------------ health probes
+
+    def start_probes(self) -> None:
+        """Probe the members of every route with ``health`` set, and of routes added later."""
+        for pool in self.router.pools:
+            self._probe(pool)
+        self.router.on_add = self._probe
+
+    def _probe(self, pool: Pool) -> None:
+        if pool.health.probe is not None:
+            prober = Prober(pool.health, self._probe_fetch)
+            prober.start()
+            self.probers.append(prober)
+
+    async def stop_probes(self) -> None:
+        self.router.on_add = None
+        for prober in self.probers:
+            await prober.stop()
+        self.probers.clear()
+
+    async def _probe_fetch(self, member: Member, path: str, timeout: float) -> int:
+        """``GET path`` to ``member`` through the upstream pools (their caps, TLS and
+        keep-alive); the status once the body (up to 64 KiB) was read."""
+        host = f"[{member.host}]" if ":" in member.host else member.host
+        headers = [("host", f"{host}:{member.port}"), ("user-agent", "quicproxy-health-check")]
+        if member.scheme == "h2c":
+            head = ("GET", "http", path)
+            resp = await self.upstream_h2.request(member, head, headers, Body.empty())
+        else:
+            resp = await self.upstream.request(member, "GET", path, headers, Body.empty(), None)
+        try:
+            await resp.body.discard(timeout, _PREFETCH)
+        finally:
+            await resp.body.aclose()
+        return resp.status
 
     # ------------------------------------------------------------------ exchange
 
@@ -247,6 +289,12 @@ class Handler:
         except ProxyError as exc:
             if isinstance(exc, RequestError):
                 log.info("%r %r -> %d: %s", req.method, req.path[:200], exc.status, exc.detail)
+            elif isinstance(exc, RouteDown):  # its members' transitions were logged
+                _safe(lambda: metrics.upstream_errors.labels(kind="route_down").inc())
+                log.debug("%s %s -> 503: %s", req.method, req.path, exc.detail)
+                resp = _error(req, exc.status, exc.reason)
+                resp.headers.append(("retry-after", str(exc.retry_after)))
+                return resp
             else:
                 kind = _error_kind(exc)
                 _safe(lambda: metrics.upstream_errors.labels(kind=kind).inc())
@@ -331,18 +379,18 @@ class Handler:
         if req.early_data and (req.method not in _SAFE_METHODS or req.upgrade):
             raise TooEarly("retry after the handshake completes")
 
-    def _target(self, req: Request, pool: Pool | None) -> tuple[Member, Headers]:
-        """Where the request goes and the headers it goes with."""
+    def _target(self, req: Request, pool: Pool | None) -> tuple[Pool | None, Headers]:
+        """Where the request goes (None: the demo backend) and the headers it goes with."""
         if pool is None:
-            return DEMO, []
-        return pool.pick(), upstream_headers(req, self.trusted)
+            return None, []
+        return pool, upstream_headers(req, self.trusted)
 
     async def _forward(
-        self, req: Request, rec: AccessRecord, target: tuple[Member, Headers]
+        self, req: Request, rec: AccessRecord, target: tuple[Pool | None, Headers]
     ) -> Response:
-        member, headers = target
+        pool, headers = target
         if req.upgrade:
-            return await self._tunnel(req, rec, member, headers)
+            return await self._tunnel(req, rec, pool.pick() if pool else DEMO, headers)
         limit = self.cfg.limits.max_body_bytes
         grpc = is_grpc(req)
         if req.content_length is None and not req.body.ended and not grpc:
@@ -352,24 +400,37 @@ class Handler:
             body = Body.empty()
         elif limit and (req.content_length is None or req.content_length > limit):
             body = Body.from_iter(_limited(body, limit))
-        if member == DEMO:
+        if pool is None:
             req.body = body
             return await demo_response(req)
-        rec.upstream = member.label
-        sent = time.monotonic()
-        if member.scheme == "h2c":
-            # The client's body itself (the h2 pool applies the limit): it carries the
-            # trailers, and a read from it can be stopped and the request sent again.
-            deadline = grpc_timeout(header_value(req.headers, "grpc-timeout")) if grpc else None
-            te = "trailers" in (header_value(req.headers, "te") or "").lower()
-            head = (req.method, req.scheme, req.target)
-            resp = await self.upstream_h2.request(
-                member, head, headers, req.body, limit, deadline, te
-            )
-        else:
-            resp = await self.upstream.request(
+
+        async def send(member: Member) -> Response:
+            if member.scheme == "h2c":
+                # The client's body itself (the h2 pool applies the limit): it carries the
+                # trailers, and a read from it can be stopped and the request sent again.
+                deadline = grpc_timeout(header_value(req.headers, "grpc-timeout")) if grpc else None
+                te = "trailers" in (header_value(req.headers, "te") or "").lower()
+                head = (req.method, req.scheme, req.target)
+                return await self.upstream_h2.request(
+                    member, head, headers, req.body, limit, deadline, te
+                )
+            return await self.upstream.request(
                 member, req.method, req.target, headers, body, req.content_length
             )
+
+        attempts: list[str] = []
+        sent = time.monotonic()
+        try:
+            resp = await send_with_retries(
+                pool,
+                send,
+                method=req.method,
+                bodiless=body.ended,
+                key=hash_key(pool.hash_on, rec.client, req.headers),
+                attempts=attempts,
+            )
+        finally:
+            rec.upstream = ",".join(attempts) or None  # every member tried, in order
         rec.upstream_time = time.monotonic() - sent
         return resp  # hop-by-hop fields go in ``exchange`` (``response_fields``)
 
@@ -525,6 +586,8 @@ def _safe(record: Callable[[], object]) -> None:
 def _error_kind(exc: ProxyError) -> str:
     if isinstance(exc, UpstreamTimeout):
         return "timeout"
+    if isinstance(exc, RouteDown):
+        return "route_down"
     if isinstance(exc, UpstreamBusy):
         return "busy"
     if isinstance(exc, UpstreamTlsError):

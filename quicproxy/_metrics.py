@@ -8,6 +8,7 @@ Every part of the proxy counts through the module-level :data:`metrics`::
     metrics.stream_resets.labels(protocol="h3").inc()
     metrics.client_cancels.labels(protocol="h2").inc()
     metrics.retry_sent.inc()
+    metrics.upstream_retries.labels(route="*/api", reason="connect").inc()
 
 With ``--workers N`` the parent makes a fresh directory for prometheus-client's
 multiprocess mode before forking (:func:`multiprocess_dir`); each worker calls
@@ -184,6 +185,38 @@ class Metrics:
             p + "upstream_errors",
             "Upstream failures, by kind (connect, timeout, closed, internal).",
             ["kind"],
+            registry=reg,
+        )
+        self.upstream_up = Gauge(
+            p + "upstream_member_up",
+            "1 while a route's member may be chosen, 0 while ejected or failing its probes.",
+            ["route", "member"],
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self.upstream_ejections = Counter(
+            p + "upstream_ejections",
+            "Members ejected by passive health (failures in a row), by route and member.",
+            ["route", "member"],
+            registry=reg,
+        )
+        self.health_probes = Counter(
+            p + "health_probes",
+            "Active health probes, by route, member and result (pass, fail).",
+            ["route", "member", "result"],
+            registry=reg,
+        )
+        self.upstream_retries = Counter(
+            p + "upstream_retries",
+            "Requests sent again on another member, by route and reason (connect: never "
+            "sent; unanswered: a bodiless GET, HEAD, OPTIONS or TRACE, no response byte).",
+            ["route", "reason"],
+            registry=reg,
+        )
+        self.upstream_retries_refused = Counter(
+            p + "upstream_retries_refused",
+            "Retries not made because the route's retry budget was spent, by route.",
+            ["route"],
             registry=reg,
         )
         self.access_log_dropped = Counter(

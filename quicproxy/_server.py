@@ -23,7 +23,7 @@ from ._memtrim import Trimmer
 from ._metrics import metrics
 from ._metrics_http import start_metrics_listener
 from ._quiclisten import QuicListener, Workers, start_quic_listener
-from ._router import Pool, Router
+from ._router import Router
 from ._sockets import bind_socket, plain_addr
 from ._sslbuf import install as share_tls_buffers
 from ._tls import ensure_certificate
@@ -83,9 +83,10 @@ class Proxy:
         self.reuse_port = reuse_port
         self.workers = workers
         "This worker's index among several sharing the ports (QUIC hands datagrams over)."
-        self.router = Router(tls=config.upstream.tls)
+        self.router = Router(upstream=config.upstream)
         if config.backend:
-            self.router.default = Pool("default", [self.router.member("backend", config.backend)])
+            member = self.router.member("backend", config.backend)
+            self.router.default = self.router.pool("default", [member])
         for route in config.routes:
             self.router.add(route)
         self.handler: Handler | None = None
@@ -162,6 +163,7 @@ class Proxy:
             self._quic.tls_store = self.tls_store
         self.tls_store.start()
         self.trimmer.start()
+        handler.start_probes()
         self.https_port = secure.sockets[0].getsockname()[1]
         alt = cfg.listen.alt_svc_port or self.https_port
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
@@ -305,6 +307,7 @@ class Proxy:
         grace = self.config.shutdown_grace if grace is None else grace
         self.handler.draining = True
         self.trimmer.stop()
+        await self.handler.stop_probes()
         await self._close_listeners()
         for conn in list(self._conns):
             conn.shutdown()

@@ -2,7 +2,10 @@
 
 Paths: /bytes/N (N bytes of a repeating pattern), /sha256 (hash of the request
 body), /echo (body back, streamed), /headers (JSON of request headers),
-/slow?s=SECONDS, /status/N, anything else: a small text body naming the backend.
+/slow?s=SECONDS, /status/N, /drop (read the request, then drop the connection without
+an answer), /healthz (``health_status``), anything else: a small text body naming the
+backend. ``delay`` holds every answer back; :meth:`Backend.kill` drops the listener and
+every open connection, :meth:`Backend.start` again brings it back on the same port.
 """
 
 from __future__ import annotations
@@ -36,11 +39,33 @@ class Backend:
         self.slow_now = 0
         self.slow_max = 0
         "Requests for /slow in progress at once, now and at most."
+        self.delay = 0.0
+        "Seconds every request waits before it is answered."
+        self.health_status = 200
+        "Status of /healthz."
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> Backend:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
+
+    def count(self, path: str, method: str | None = None) -> int:
+        """Requests received for ``path`` (and ``method``)."""
+        return sum(
+            1
+            for m, target, _ in self.requests
+            if urlsplit(target).path == path and method in (None, m)
+        )
+
+    async def kill(self) -> None:
+        """Stop listening and drop every open connection (a process killed)."""
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        await asyncio.sleep(0)
 
     @property
     def url(self) -> str:
@@ -51,6 +76,7 @@ class Backend:
             self.server.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         self.connections += 1
         self.open_now += 1
         self.open_max = max(self.open_max, self.open_now)
@@ -80,6 +106,7 @@ class Backend:
         except (ConnectionError, h11.ProtocolError, asyncio.CancelledError):
             pass
         finally:
+            self._writers.discard(writer)
             self.open_now -= 1
             writer.close()
 
@@ -90,6 +117,8 @@ class Backend:
         parts = urlsplit(target)
         path = parts.path
         query = parse_qs(parts.query)
+        if self.delay:
+            await asyncio.sleep(self.delay)
 
         async def body_chunks():  # type: ignore[no-untyped-def]
             while True:
@@ -146,7 +175,12 @@ class Backend:
         async for chunk in body_chunks():
             digest.update(chunk)
             size += len(chunk)
-        if path in ("/sha256", "/stall"):
+        if path == "/drop":
+            writer.transport.abort()
+            return
+        if path == "/healthz":
+            await respond(self.health_status, b"health")
+        elif path in ("/sha256", "/stall"):
             await respond(
                 200,
                 json.dumps({"sha256": digest.hexdigest(), "size": size}).encode(),

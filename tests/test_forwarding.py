@@ -95,7 +95,8 @@ async def test_round_robin_over_pool_members_and_routes_added_at_run_time(proxy,
     one = await Backend("one").start()
     two = await Backend("two").start()
     try:
-        proxy.add_route(Route(backends=[one.url, two.url], path_prefix="/rr"))
+        route = Route(backends=[one.url, two.url], path_prefix="/rr", balance="round_robin")
+        proxy.add_route(route)
         seen = []
         for _ in range(4):
             _, _, body = await fetch(proxy, certs, "h2", "GET", "/rr")

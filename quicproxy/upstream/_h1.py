@@ -22,7 +22,9 @@ PATCH, PUT, DELETE, any other method, and every request with a body are never se
 twice: the client gets 502. PUT and DELETE are idempotent in RFC 9110 but are left out
 on purpose, as nginx leaves POST/PATCH/LOCK: a second DELETE answers 404 for a delete
 that happened, and backends commonly attach side effects to both. Errors carry the
-decision as ``retry_safe`` (``_errors``).
+decision as ``retry_safe`` (``_errors``). Whether a failed request goes to another
+member is ``_retry``'s decision, on the same errors: a connect that failed is
+``unsent`` (nothing written), a malformed response head is ``answered``.
 """
 
 from __future__ import annotations
@@ -255,12 +257,16 @@ class UpstreamPool:
                 self.cfg.connect_timeout,
             )
         except TimeoutError:
-            raise UpstreamConnectError(f"connect to {member.label} timed out") from None
+            raise UpstreamConnectError(
+                f"connect to {member.label} timed out", unsent=True
+            ) from None
         except ssl.SSLError as exc:
             raise UpstreamTlsError(f"TLS to {member.label} failed: {tls_failure(exc)}") from None
         except OSError as exc:
             why = exc.strerror or ("closed in the TLS handshake" if tls else "closed")
-            raise UpstreamConnectError(f"connect to {member.label} failed: {why}") from None
+            raise UpstreamConnectError(
+                f"connect to {member.label} failed: {why}", unsent=True
+            ) from None
         self.connections_opened += 1
         if tls is not None:
             tls_object = writer.get_extra_info("ssl_object")
@@ -418,11 +424,13 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamTimeout("upstream did not answer in time") from None
         except wire.Invalid as exc:
-            raise UpstreamConnectError(f"invalid upstream response: {exc}") from None
+            raise UpstreamConnectError(f"invalid upstream response: {exc}", answered=True) from None
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 raise conn.unanswered(closed) from None  # maybe a stale keep-alive
-            raise UpstreamConnectError("invalid upstream response: closed mid-head") from None
+            raise UpstreamConnectError(
+                "invalid upstream response: closed mid-head", answered=True
+            ) from None
         except ssl.SSLError as exc:
             raise conn.tls_error(exc) from None
         except (ConnectionError, OSError):

@@ -372,7 +372,11 @@ class _H2Conn:
             if stream.deadline is not None:
                 stream.deadline.cancel()
             if not stream.head.done():
-                stream.fail(UpstreamConnectError("upstream ended the stream without a response"))
+                stream.fail(
+                    UpstreamConnectError(
+                        "upstream ended the stream without a response", answered=True
+                    )
+                )
             stream.body.end()
             if stream.request_ended:
                 self.streams.pop(stream.sid, None)
@@ -517,10 +521,12 @@ class H2Pool:
                 async with asyncio.timeout(self.cfg.connect_timeout):
                     reader, writer = await asyncio.open_connection(host, port)
             except TimeoutError:
-                raise UpstreamConnectError(f"connect to {host}:{port} timed out") from None
+                raise UpstreamConnectError(
+                    f"connect to {host}:{port} timed out", unsent=True
+                ) from None
             except OSError as exc:
                 raise UpstreamConnectError(
-                    f"connect to {host}:{port} failed: {exc.strerror}"
+                    f"connect to {host}:{port} failed: {exc.strerror}", unsent=True
                 ) from None
         except BaseException:
             release()
@@ -533,7 +539,9 @@ class H2Pool:
                 await asyncio.shield(conn.ready)
         except (TimeoutError, UpstreamConnectError):
             conn.close()
-            raise UpstreamConnectError(f"{host}:{port} did not answer as HTTP/2") from None
+            raise UpstreamConnectError(
+                f"{host}:{port} did not answer as HTTP/2", unsent=True
+            ) from None
         except BaseException:
             conn.close()
             raise

@@ -4,7 +4,8 @@
   TLS of ``https://`` members (verification, mTLS, session resumption);
 - ``_h1.py``: the keep-alive HTTP/1.1 pool (``http://``, ``https://``), bodies streamed
   both ways, the connection caps, the at-most-once delivery rule;
-- ``_h2.py``: multiplexed HTTP/2 connections (``h2c://``) under the same caps;
+- ``_h2.py``: multiplexed HTTP/2 connections (``h2c://``, and ``https://`` members whose
+  ALPN chose h2) under the same caps;
 - ``_tunnel.py``: WebSocket tunnels, an HTTP/1.1 Upgrade to the backend whatever the
   client spoke.
 

@@ -4,7 +4,11 @@ connections of ``_h2.py``.
 
 Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
 https members are reached over verified TLS with one client context per member,
-which offers the member's last session ticket to each new connection.
+which offers the member's last session ticket to each new connection. The pool
+remembers each https member's ALPN choice (``alpn``, learned from every new
+connection): a new connection that chose h2 is handed to the HTTP/2 client
+(``on_h2``) and the request with it (:class:`AlpnChanged`, nothing sent yet).
+WebSocket tunnels dial with a second context per member offering http/1.1 alone.
 
 The request head carries exactly one framing field, computed here (Content-Length when
 the length is known, else chunked); the client's own are dropped (``_forward.FRAMING``).
@@ -49,7 +53,15 @@ from .._errors import (
 from .._forward import without_framing
 from .._model import Body, Headers, Response
 from .._streamio import READ_SIZE, write_within
-from ._member import Member, ResumingContext, client_context, tls_failure
+from ._member import (
+    ALPN,
+    TUNNEL_ALPN,
+    AlpnChanged,
+    Member,
+    ResumingContext,
+    client_context,
+    tls_failure,
+)
 
 __all__ = ["UpstreamPool", "REPLAYABLE_METHODS"]
 
@@ -73,7 +85,11 @@ class _Conn:
         "The member's TLS context (https), which keeps the session for the next connect."
         self.label = label
         "The member, as logs show it."
+        tls_object = writer.get_extra_info("ssl_object") if tls is not None else None
+        self.alpn: str | None = tls_object.selected_alpn_protocol() if tls_object else None
+        "The protocol the TLS handshake chose (https), None when none was."
         self.reused = False
+        "It carried an exchange before (a keep-alive): it may have gone stale."
         self.wrote = False
         self.slot: Callable[[], None] | None = None
         "Releases this connection's place under the connection caps."
@@ -184,7 +200,11 @@ class UpstreamPool:
         "TLS connections that resumed the member's previous session (for tests)."
         self.total = _Slots(cfg.max_connections)
         self.members: dict[Member, _Slots] = {}
-        self._tls: dict[Member, ResumingContext] = {}
+        self._tls: dict[tuple[Member, bool], ResumingContext] = {}
+        self.alpn: dict[Member, str] = {}
+        "Each https member's protocol, as its last new connection chose: h2 or http/1.1."
+        self.on_h2: Callable[[Member, _Conn], object] | None = None
+        "Takes a new connection that chose h2 (the HTTP/2 client sets it)."
 
     async def _take_slot(self, member: Member) -> Callable[[], None]:
         slots = self.members.get(member)
@@ -217,7 +237,8 @@ class UpstreamPool:
                 return True
         return False
 
-    async def _connect(self, member: Member) -> _Conn:
+    async def connect(self, member: Member) -> _Conn:
+        """A new connection to ``member`` under the connection caps."""
         release = await self._take_slot(member)
         try:
             conn = await self._open(member)
@@ -227,21 +248,22 @@ class UpstreamPool:
         conn.slot = release
         return conn
 
-    def _tls_context(self, member: Member) -> ResumingContext | None:
-        """The member's client context (one per member: it holds its session)."""
+    def _tls_context(self, member: Member, tunnel: bool) -> ResumingContext | None:
+        """The member's client context (one per member and use: it holds its session)."""
         if member.tls is None:
             return None
-        ctx = self._tls.get(member)
+        ctx = self._tls.get((member, tunnel))
         if ctx is None:
             try:
-                ctx = self._tls[member] = client_context(member.tls)
+                alpn = TUNNEL_ALPN if tunnel else ALPN
+                ctx = self._tls[member, tunnel] = client_context(member.tls, alpn=alpn)
             except ConfigError as exc:  # loaded at start; a file gone since
                 raise UpstreamTlsError(f"TLS to {member.label}: {exc}") from None
         return ctx
 
-    async def _open(self, member: Member) -> _Conn:
+    async def _open(self, member: Member, tunnel: bool = False) -> _Conn:
         host, port = member.host, member.port
-        tls = self._tls_context(member)
+        tls = self._tls_context(member, tunnel)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -266,20 +288,39 @@ class UpstreamPool:
             tls_object = writer.get_extra_info("ssl_object")
             if tls_object is not None and tls_object.session_reused:
                 self.tls_resumed += 1
-        return _Conn(reader, writer, tls, member.label)
+        conn = _Conn(reader, writer, tls, member.label)
+        if tls is not None and not tunnel:
+            self.alpn[member] = conn.alpn or "http/1.1"
+        return conn
 
     async def _acquire(self, member: Member) -> _Conn:
         idle = self._idle.get(member)
         while idle:
             conn = idle.pop()
             if conn.idle_intact():
-                conn.reused = True
                 return conn
             conn.close()
-        return await self._connect(member)
+        return await self.connect(member)
 
-    def _keep(self, member: Member, conn: _Conn) -> None:
+    def _http1(self, member: Member, conn: _Conn) -> _Conn:
+        """``conn`` if it speaks HTTP/1.1; one that chose h2 goes to the HTTP/2 client."""
+        if conn.alpn != "h2":
+            return conn
+        if self.on_h2 is None:
+            conn.close()
+            raise UpstreamConnectError(f"{member.label} chose h2, which this pool does not speak")
+        self.on_h2(member, conn)
+        raise AlpnChanged()
+
+    def keep(self, member: Member, conn: _Conn) -> None:
+        """A new connection not used yet, idle for the request that opened it (which
+        takes it next, even at ``pool_size`` 0)."""
+        conn.remember_session()
+        self._idle.setdefault(member, []).append(conn)
+
+    def _keep(self, member: Member, conn: _Conn, reused: bool = False) -> None:
         """A connection whose exchange ended cleanly: idle in the pool, or closed if full."""
+        conn.reused = conn.reused or reused
         conn.remember_session()
         idle = self._idle.setdefault(member, [])
         if len(idle) < self.cfg.pool_size and conn.usable:
@@ -295,8 +336,8 @@ class UpstreamPool:
 
     async def dial(self, member: Member) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection of its own to ``member``, never pooled and outside the connection
-        caps (a WebSocket tunnel's: ``_tunnel.py`` caps those)."""
-        conn = await self._open(member)
+        caps (a WebSocket tunnel's: ``_tunnel.py`` caps those); TLS offers http/1.1 alone."""
+        conn = await self._open(member, tunnel=True)
         return conn.reader, conn.writer
 
     async def request(
@@ -318,7 +359,8 @@ class UpstreamPool:
             raise BadRequest("request body shorter than its Content-Length")
         for attempt in (1, 2):
             # a retry takes a new connection: another idle one may be as stale
-            conn = await (self._acquire(member) if attempt == 1 else self._connect(member))
+            conn = await (self._acquire(member) if attempt == 1 else self.connect(member))
+            conn = self._http1(member, conn)
             try:
                 return await self._exchange(
                     member, conn, (method, target, headers), body, content_length
@@ -450,7 +492,7 @@ class UpstreamPool:
             done = True
         finally:
             if done and head.keep_alive and _sent(sender):
-                self._keep(member, conn)
+                self._keep(member, conn, reused=True)
             else:
                 sender.cancel()
                 conn.close()

@@ -1,6 +1,7 @@
 """Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways (a
 chunked response's trailers kept). Its connection caps also count the HTTP/2 upstream
-connections of ``_h2.py``.
+connections of ``_h2.py``. The one keep-alive pool of the package: the WAF service
+client (``waf/_client.py``) keeps its connections to the service in one too.
 
 Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
 https members are reached over verified TLS with one client context per member,
@@ -26,7 +27,10 @@ PATCH, PUT, DELETE, any other method, and every request with a body are never se
 twice: the client gets 502. PUT and DELETE are idempotent in RFC 9110 but are left out
 on purpose, as nginx leaves POST/PATCH/LOCK: a second DELETE answers 404 for a delete
 that happened, and backends commonly attach side effects to both. Errors carry the
-decision as ``retry_safe`` (``_errors``).
+decision as ``retry_safe`` (``_errors``). A caller that vouches its request may be
+delivered twice gives its whole body as ``resend`` (the WAF service client: a verdict
+is a pure function of the request); it then goes again on the same terms as a safe
+bodiless request.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ from ._member import (
 )
 
 __all__ = ["UpstreamPool", "REPLAYABLE_METHODS"]
+
+_SMALL = 65536
+"A body whose every byte is here, up to this size, leaves in one write with the head."
 
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 "Methods whose bodiless request may be sent again after a keep-alive failed under it."
@@ -205,6 +212,8 @@ class UpstreamPool:
         "Each https member's protocol, as its last new connection chose: h2 or http/1.1."
         self.on_h2: Callable[[Member, _Conn], object] | None = None
         "Takes a new connection that chose h2 (the HTTP/2 client sets it)."
+        self.closed = False
+        "Closed (``aclose``): no connection goes idle any more."
 
     async def _take_slot(self, member: Member) -> Callable[[], None]:
         slots = self.members.get(member)
@@ -316,19 +325,24 @@ class UpstreamPool:
         """A new connection not used yet, idle for the request that opened it (which
         takes it next, even at ``pool_size`` 0)."""
         conn.remember_session()
-        self._idle.setdefault(member, []).append(conn)
+        if self.closed:
+            conn.close()
+        else:
+            self._idle.setdefault(member, []).append(conn)
 
     def _keep(self, member: Member, conn: _Conn, reused: bool = False) -> None:
         """A connection whose exchange ended cleanly: idle in the pool, or closed if full."""
         conn.reused = conn.reused or reused
         conn.remember_session()
         idle = self._idle.setdefault(member, [])
-        if len(idle) < self.cfg.pool_size and conn.usable:
+        if len(idle) < self.cfg.pool_size and conn.usable and not self.closed:
             idle.append(conn)
         else:
             conn.close()
 
     async def aclose(self) -> None:
+        """Close the idle connections; those in use close when their exchange ends."""
+        self.closed = True
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
@@ -348,11 +362,15 @@ class UpstreamPool:
         headers: Headers,
         body: Body,
         content_length: int | None,
+        resend: bytes | None = None,
     ) -> Response:
         """Send one request; return the response with its body still streaming.
 
         A request whose reused connection failed under it is sent once more on another
-        connection when the error says that is safe (see the module's docstring)."""
+        connection when the error says that is safe (see the module's docstring).
+        ``resend``: the whole body, given by a caller that vouches its request may be
+        delivered twice whatever its method (the WAF client's ``POST /evaluate``, a pure
+        function of its body); such a request is sent again from it."""
         if content_length and body.ended and not body.buffered:
             # h3 (qh3) lets a stream end short of its Content-Length: never send a head
             # that promises bytes which will not come.
@@ -361,9 +379,16 @@ class UpstreamPool:
             # a retry takes a new connection: another idle one may be as stale
             conn = await (self._acquire(member) if attempt == 1 else self.connect(member))
             conn = self._http1(member, conn)
+            if attempt == 2 and resend is not None:
+                body = Body.of(resend)
             try:
                 return await self._exchange(
-                    member, conn, (method, target, headers), body, content_length
+                    member,
+                    conn,
+                    (method, target, headers),
+                    body,
+                    content_length,
+                    resend is not None,
                 )
             except UpstreamConnectError as exc:
                 conn.close()
@@ -381,6 +406,7 @@ class UpstreamPool:
         head: tuple[str, str, Headers],
         body: Body,
         content_length: int | None,
+        idempotent: bool = False,
     ) -> Response:
         method, target, fields = head
         headers = without_framing(fields)  # the framing is ours alone, never the client's
@@ -390,20 +416,25 @@ class UpstreamPool:
         elif not body.ended or body.buffered:
             framing = [("transfer-encoding", "chunked")]
         empty_body = content_length == 0 or (body.ended and not body.buffered)
-        replay = empty_body and method in REPLAYABLE_METHODS
+        replay = idempotent or (empty_body and method in REPLAYABLE_METHODS)
+        request = wire.request_head(method, target, headers + framing)
+        small = content_length is not None and 0 < content_length <= _SMALL
+        small = small and body.complete and body.buffered == content_length
+        if small:
+            request += body.take_all()  # head and body in one write, no sender task
         try:
-            await conn.write(wire.request_head(method, target, headers + framing))
+            await conn.write(request)
         except (ConnectionError, OSError):
             # Some of the head may have left: only a replayable request goes again.
             closed = UpstreamConnectError("upstream closed the connection", retry_safe=replay)
             raise closed from None
-        if empty_body:
+        if empty_body or small:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             answer = await self._read_head(conn, method, replay)
             return self._response(member, conn, answer, done)
         sender = asyncio.ensure_future(self._send_body(conn, body, content_length))
-        reading = asyncio.ensure_future(self._read_head(conn, method, False))
+        reading = asyncio.ensure_future(self._read_head(conn, method, idempotent))
         try:
             await asyncio.wait([sender, reading], return_when=asyncio.FIRST_COMPLETED)
             failed = sender.exception() if sender.done() else None

@@ -163,7 +163,8 @@ class _Conn:
 
 
 class _Slots:
-    """A cap on open connections; ``wait`` returns when a place may have been freed."""
+    """A cap on open connections; ``wait`` returns when a place may have been freed or a
+    connection went back idle (one waiter per event)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -175,11 +176,16 @@ class _Slots:
 
     def release(self) -> None:
         self.used -= 1
+        self.wake()
+
+    def wake(self) -> bool:
+        """Wake the longest waiter, if any (True)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                return True
+        return False
 
     async def wait(self, timeout: float) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -215,13 +221,21 @@ class UpstreamPool:
         self.closed = False
         "Closed (``aclose``): no connection goes idle any more."
 
-    async def _take_slot(self, member: Member) -> Callable[[], None]:
+    async def _take_slot(
+        self, member: Member, deadline: float | None = None, idle_ok: bool = False
+    ) -> Callable[[], None] | None:
+        """A place under the caps for a new connection to ``member``, waiting until
+        ``deadline`` (else ``queue_timeout`` from now), then UpstreamBusy. ``idle_ok``:
+        None as soon as an idle connection of the member is there to take instead."""
         slots = self.members.get(member)
         if slots is None:
             slots = self.members[member] = _Slots(self.cfg.max_connections_per_member)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.queue_timeout
+        if deadline is None:
+            deadline = loop.time() + self.cfg.queue_timeout
         while not (slots.free() and self.total.free()):
+            if idle_ok and self._idle.get(member):
+                return None
             if self._close_an_idle(member if not slots.free() else None):
                 continue
             waiting = slots if not slots.free() else self.total
@@ -249,6 +263,11 @@ class UpstreamPool:
     async def connect(self, member: Member) -> _Conn:
         """A new connection to ``member`` under the connection caps."""
         release = await self._take_slot(member)
+        assert release is not None
+        return await self._open_in(member, release)
+
+    async def _open_in(self, member: Member, release: Callable[[], None]) -> _Conn:
+        """A new connection in the place ``release`` gives back."""
         try:
             conn = await self._open(member)
         except BaseException:
@@ -303,13 +322,26 @@ class UpstreamPool:
         return conn
 
     async def _acquire(self, member: Member) -> _Conn:
-        idle = self._idle.get(member)
-        while idle:
-            conn = idle.pop()
-            if conn.idle_intact():
-                return conn
-            conn.close()
-        return await self.connect(member)
+        """An idle connection of ``member``, else a new one; at the caps, whichever comes
+        first within ``queue_timeout``: a place, or a connection going back idle."""
+        deadline = asyncio.get_running_loop().time() + self.cfg.queue_timeout
+        while True:
+            idle = self._idle.get(member)
+            while idle:
+                conn = idle.pop()
+                if conn.idle_intact():
+                    return conn
+                conn.close()
+            release = await self._take_slot(member, deadline, idle_ok=True)
+            if release is not None:
+                return await self._open_in(member, release)
+
+    def _idled(self, member: Member) -> None:
+        """A connection of ``member`` went idle: a request waiting at the caps may take it
+        (at the member's cap), or close it for room (at the total cap)."""
+        slots = self.members.get(member)
+        if not (slots is not None and slots.wake()):
+            self.total.wake()
 
     def _http1(self, member: Member, conn: _Conn) -> _Conn:
         """``conn`` if it speaks HTTP/1.1; one that chose h2 goes to the HTTP/2 client."""
@@ -329,6 +361,7 @@ class UpstreamPool:
             conn.close()
         else:
             self._idle.setdefault(member, []).append(conn)
+            self._idled(member)
 
     def _keep(self, member: Member, conn: _Conn, reused: bool = False) -> None:
         """A connection whose exchange ended cleanly: idle in the pool, or closed if full."""
@@ -337,6 +370,7 @@ class UpstreamPool:
         idle = self._idle.setdefault(member, [])
         if len(idle) < self.cfg.pool_size and conn.usable and not self.closed:
             idle.append(conn)
+            self._idled(member)
         else:
             conn.close()
 

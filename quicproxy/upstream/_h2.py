@@ -604,6 +604,7 @@ class H2Pool:
 
     async def _open_h2c(self, member: Member) -> _H2Conn:
         release = await self.slots._take_slot(member)
+        assert release is not None
         host, port = member.host, member.port
         try:
             try:

@@ -2,11 +2,11 @@
 
 One ``POST /evaluate`` per request at ``finish()``, over the upstream HTTP/1.1 pool
 (:class:`~quicproxy.upstream._h1.UpstreamPool`, a pool of its own with the service as
-its one member): keep-alive connections, at most ``pool_size`` evaluations and
-connections open at once and kept idle, an idle one checked before it is used, and
-the evaluation sent once more on a new connection when a kept-alive one failed under
-it (the verdict is a pure function of the request: it may be asked twice).
-``timeout_ms`` bounds the whole evaluation (waiting for a connection included).
+its one member): keep-alive connections, at most ``pool_size`` open and kept idle
+(an evaluation beyond waits for one to come free), an idle one checked before it is
+used, and the evaluation sent once more on a new connection when a kept-alive one
+failed under it (the verdict is a pure function of the request: it may be asked
+twice). ``timeout_ms`` bounds the whole evaluation (waiting for a connection included).
 Anything but a timely, well-formed answer raises :class:`WafUnavailable`; the proxy
 applies fail-open/closed.
 """
@@ -51,13 +51,6 @@ class WafClient:
             )
         )
         "The service's connections: the upstream pool, with the service as its one member."
-        self._exchanges: asyncio.Semaphore | None = None
-        "At most ``pool_size`` evaluations at once: each finds an idle connection or room."
-
-    def _slots(self) -> asyncio.Semaphore:
-        if self._exchanges is None:  # made on the loop that evaluates
-            self._exchanges = asyncio.Semaphore(self.pool_size)
-        return self._exchanges
 
     @property
     def connects(self) -> int:
@@ -74,7 +67,7 @@ class WafClient:
         payload = json.dumps(request_to_json(request, body)).encode()
         where = f"WAF service {self._authority}"
         try:
-            async with asyncio.timeout(self.timeout), self._slots():
+            async with asyncio.timeout(self.timeout):
                 status, answer = await self._post(payload)
         except TimeoutError:
             raise WafUnavailable(

@@ -335,3 +335,60 @@ async def test_grpc_over_an_https_member_from_h3(grpc_tls_proxy, certs):
     assert headers[":status"] == "200" and got == [b"echo:over-h3"]
     assert trailers["grpc-status"] == "0" and trailers["x-trailer"] == "unary-done"
     assert streamed == [b"1", b"22", b"333"] and stream_trailers["x-count"] == "3"
+
+
+# --------------------------------------------------------------------------- failures
+
+
+async def test_concurrent_first_requests_share_one_failed_connect(make_proxy, pki, certs):
+    """A member whose TLS handshake never completes: the requests that waited for the
+    first connection get its failure (502 together), not one connect timeout after
+    another, and the backend sees one connection."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # never answers the ClientHello
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(
+            None,
+            backend=f"https://localhost:{port}",
+            upstream={**_upstream(pki), "connect_timeout": 0.5},
+        )
+        started = asyncio.get_running_loop().time()
+        async with tcp_client(certs, http2=True) as client:
+            answers = await asyncio.gather(
+                *(client.get(https_url(proxy, f"/{i}")) for i in range(10))
+            )
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+    assert [r.status_code for r in answers] == [502] * 10
+    assert len(accepted) == 1
+    assert took < 3.0  # one after another: 10 x 0.5 s
+
+
+async def test_a_backend_choosing_h2_but_not_speaking_it_is_a_502(make_proxy, pki, certs, caplog):
+    async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(
+        liar, "127.0.0.1", 0, ssl=server_context(pki["good"], ["h2"])
+    )
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(None, backend=f"https://localhost:{port}", upstream=_upstream(pki))
+        with caplog.at_level(logging.INFO, logger="quicproxy"):
+            status, _, body = await fetch(proxy, certs, "h2", "GET", "/")
+            assert (await fetch(proxy, certs, "h1", "GET", "/"))[0] == 502
+    finally:
+        server.close()
+    assert status == 502 and body == b"502 Bad Gateway\n"
+    assert "did not answer as HTTP/2" in caplog.text and "certificate" not in caplog.text
+    assert not any(r.exc_info or r.levelno >= logging.ERROR for r in caplog.records)

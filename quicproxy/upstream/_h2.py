@@ -128,6 +128,9 @@ class _H2Conn:
         self.writer = writer
         self.tls = tls
         "The member's TLS context (https), which keeps the session for the next connect."
+        self.heard = False
+        "Bytes came from the backend (a connection closed before any did may be a TLS"
+        "refusal whose alert was lost)."
         self.failure: UpstreamConnectError | None = None
         "Why the connection failed before the backend's SETTINGS (a TLS alert), if known."
         config = jh2.config.H2Configuration(client_side=True, header_encoding=None)
@@ -332,6 +335,7 @@ class _H2Conn:
 
     def _receive(self, data: bytes) -> bool:
         """Whole frames to jh2, except GOAWAY, handled here; False: close."""
+        self.heard = True
         buf = self._buffer
         buf += data
         start = pos = 0
@@ -445,7 +449,7 @@ class _H2Conn:
         handshake (a refused client certificate whose alert was lost), or not HTTP/2."""
         if self.failure is not None:
             return self.failure
-        if self.tls is not None:
+        if self.tls is not None and not self.heard:
             return UpstreamTlsError(
                 f"TLS to {self._name} failed: closed after the handshake without answering"
                 " (client certificate required or refused?)"
@@ -488,8 +492,10 @@ class H2Pool:
         slots.on_h2 = self._adopt
         self.cfg: UpstreamConfig = slots.cfg
         self._conns: dict[Member, list[_H2Conn]] = {}
-        self._opening: dict[Member, asyncio.Future[None]] = {}
-        self._learning: dict[Member, asyncio.Future[None]] = {}
+        self._opening: dict[Member, asyncio.Future[Exception | None]] = {}
+        self._learning: dict[Member, asyncio.Future[Exception | None]] = {}
+        "A member's first connection (https), and a new connection, being opened: those"
+        "waiting for it share its failure (the connect is not tried once per waiter)."
         self._freed = asyncio.Event()
         "Set when a stream ends (room on a connection at the caps)."
         self.connections_opened = 0
@@ -504,16 +510,22 @@ class H2Pool:
         while (known := self.slots.alpn.get(member)) is None:
             learning = self._learning.get(member)
             if learning is not None:
-                await asyncio.shield(learning)
-                continue  # learned; or its connect failed and this one tries
+                failed = await asyncio.shield(learning)
+                if isinstance(failed, ProxyError):
+                    raise _again(failed)  # the same failure, not one connect after another
+                continue  # learned; or the one learning was cancelled and this one tries
             done = self._learning[member] = asyncio.get_running_loop().create_future()
+            failure: Exception | None = None
             try:
                 await self._conn(member)
             except AlpnChanged:
                 pass  # http/1.1: the connection waits idle in the HTTP/1.1 pool
+            except ProxyError as exc:
+                failure = exc
+                raise
             finally:
                 del self._learning[member]
-                done.set_result(None)
+                done.set_result(failure)
         return known == "h2"
 
     async def request(
@@ -564,7 +576,9 @@ class H2Pool:
                 continue
             opening = self._opening.get(member)
             if opening is not None:
-                await asyncio.shield(opening)
+                failed = await asyncio.shield(opening)
+                if failed is not None:
+                    raise _again(failed)  # the same failure, not one connect after another
                 continue
             if self._conns.get(member) and not self._may_open(member):
                 self._freed.clear()
@@ -574,11 +588,15 @@ class H2Pool:
                     raise UpstreamBusy("too many upstream connections") from None
                 continue
             done = self._opening[member] = asyncio.get_running_loop().create_future()
+            failure: Exception | None = None
             try:
                 return await self._open(member)
+            except (ProxyError, AlpnChanged) as exc:
+                failure = exc
+                raise
             finally:
                 del self._opening[member]
-                done.set_result(None)
+                done.set_result(failure)
 
     def _may_open(self, member: Member) -> bool:
         slots = self.slots.members.get(member)
@@ -664,6 +682,13 @@ class H2Pool:
             for conn in list(conns):
                 conn.close()
         self._conns.clear()
+
+
+def _again(exc: Exception) -> Exception:
+    """A fresh copy of a connect failure, for each request that waited for that connect."""
+    if isinstance(exc, ProxyError):
+        return type(exc)(exc.detail, retry_safe=exc.retry_safe)
+    return type(exc)()
 
 
 def _text(value: bytes | str) -> str:

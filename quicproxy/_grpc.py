@@ -2,10 +2,11 @@
 gRPC form of the proxy's own error answers.
 
 gRPC rides on HTTP/2 (and HTTP/3) with trailers; the proxy forwards it as any other
-request to an ``h2c://`` backend. Only two things differ: an error the proxy itself
-makes is answered as gRPC expects (HTTP 200, ``content-type: application/grpc``,
-``grpc-status`` and ``grpc-message`` in one trailers-only HEADERS frame), and the
-request's ``grpc-timeout`` bounds the time the proxy waits for the backend.
+request to an HTTP/2 backend (``h2c://``, or ``https://`` whose ALPN chose h2). Only two
+things differ: an error the proxy itself makes is answered as gRPC expects (HTTP 200,
+``content-type: application/grpc``, ``grpc-status`` and ``grpc-message`` in one
+trailers-only HEADERS frame), and the request's ``grpc-timeout`` bounds the time the
+proxy waits for the backend.
 """
 
 from __future__ import annotations

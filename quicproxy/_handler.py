@@ -49,7 +49,7 @@ from .upstream._balance import hash_key
 from .upstream._h1 import UpstreamPool
 from .upstream._h2 import H2Pool
 from .upstream._health import Prober
-from .upstream._member import Member
+from .upstream._member import AlpnChanged, Member
 from .upstream._retry import send_with_retries
 from .upstream._tunnel import TunnelCaps, open_websocket
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
@@ -405,18 +405,7 @@ class Handler:
             return await demo_response(req)
 
         async def send(member: Member) -> Response:
-            if member.scheme == "h2c":
-                # The client's body itself (the h2 pool applies the limit): it carries the
-                # trailers, and a read from it can be stopped and the request sent again.
-                deadline = grpc_timeout(header_value(req.headers, "grpc-timeout")) if grpc else None
-                te = "trailers" in (header_value(req.headers, "te") or "").lower()
-                head = (req.method, req.scheme, req.target)
-                return await self.upstream_h2.request(
-                    member, head, headers, req.body, limit, deadline, te
-                )
-            return await self.upstream.request(
-                member, req.method, req.target, headers, body, req.content_length
-            )
+            return await self._send(req, member, headers, body, limit)
 
         attempts: list[str] = []
         sent = time.monotonic()
@@ -433,6 +422,32 @@ class Handler:
             rec.upstream = ",".join(attempts) or None  # every member tried, in order
         rec.upstream_time = time.monotonic() - sent
         return resp  # hop-by-hop fields go in ``exchange`` (``response_fields``)
+
+    async def _send(
+        self, req: Request, member: Member, headers: Headers, body: Body, limit: int
+    ) -> Response:
+        """``req`` to ``member`` in its protocol: HTTP/2 for h2c and for an https member
+        whose ALPN chose h2, else HTTP/1.1 (``body``: the client's, limited). A new https
+        connection that chose the other protocol hands the request back untouched
+        (AlpnChanged), and it goes by the choice just learned."""
+        for attempt in (1, 2):
+            try:
+                if not await self.upstream_h2.speaks_h2(member):
+                    return await self.upstream.request(
+                        member, req.method, req.target, headers, body, req.content_length
+                    )
+                # The client's body itself (the h2 pool applies the limit): it carries the
+                # trailers, and a read from it can be stopped and the request sent again.
+                grpc = header_value(req.headers, "grpc-timeout") if is_grpc(req) else None
+                te = "trailers" in (header_value(req.headers, "te") or "").lower()
+                head = (req.method, req.scheme, req.target)
+                return await self.upstream_h2.request(
+                    member, head, headers, req.body, limit, grpc_timeout(grpc), te
+                )
+            except AlpnChanged:
+                if attempt == 2:
+                    raise UpstreamConnectError(f"{member.label} keeps changing its ALPN") from None
+        raise AssertionError("unreachable")
 
     async def _tunnel(
         self, req: Request, rec: AccessRecord, member: Member, headers: Headers

@@ -123,6 +123,20 @@ class Body:
     def ended(self) -> bool:
         return self._ended and not self._chunks
 
+    @property
+    def complete(self) -> bool:
+        """Every byte is here (``buffered``): ended, nothing to pull or wait for."""
+        return self._ended and self._source is None and self._error is None
+
+    def take_all(self) -> bytes:
+        """Everything buffered, at once, counted as consumed."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self.buffered = 0
+        if data and self._on_consumed is not None:
+            self._on_consumed(len(data))
+        return data
+
     async def aclose(self) -> None:
         """Stop a pulled body early (closes its source, e.g. an upstream connection)."""
         source, self._source = self._source, None

@@ -1,6 +1,7 @@
 """A real gRPC server (grpcio) with bytes in and out, no .proto: run as
 ``python -m tests.grpc_backend`` it serves on an insecure loopback port (the proxy's
-``h2c://`` backend), prints the port and runs until killed. Its own process, so a test
+``h2c://`` backend), or with ``--tls CERT KEY`` behind TLS (an ``https://`` backend:
+grpcio offers h2 alone by ALPN), prints the port and runs until killed. Its own process, so a test
 can kill it mid-stream and the proxy's event loop does not share a GIL with it.
 
 Methods of ``test.Echo``: Unary (echo, with trailing metadata ``x-trailer``),
@@ -76,7 +77,11 @@ def handlers() -> grpc.GenericRpcHandler:
 def main() -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((handlers(),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    if sys.argv[1:2] == ["--tls"]:
+        cert, key = (Path(name).read_bytes() for name in sys.argv[2:4])
+        port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
     sys.stdin.read()  # until the test closes our stdin (or kills us)
@@ -84,10 +89,11 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def grpc_backend() -> Iterator[subprocess.Popen[str]]:
-    """This server in its own process; ``proc.port`` is its port."""
+def grpc_backend(tls: tuple[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+    """This server in its own process (behind TLS with ``tls``'s certificate and key);
+    ``proc.port`` is its port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.grpc_backend"],
+        [sys.executable, "-m", "tests.grpc_backend", *(["--tls", *tls] if tls else [])],
         cwd=Path(__file__).resolve().parent.parent,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -1,6 +1,8 @@
 """A real HTTP/2 server (h2c, prior knowledge) on the ``h2`` library, for the proxy's
-``h2c://`` upstream tests. It counts connections and concurrent streams, counts the
-response bytes the proxy's windows let it send, and can send GOAWAY or die mid-body.
+``h2c://`` upstream tests; given an SSLContext, the same server behind TLS (an
+``https://`` backend speaking only what its context's ALPN offers, h2 alone by the
+tests' choice). It counts connections and concurrent streams, counts the response
+bytes the proxy's windows let it send, and can send GOAWAY or die mid-body.
 
 Paths: ``/hello``; ``/big?N`` (N bytes, sent as fast as flow control lets);
 ``/slow`` (answers after 0.3 s); ``/trailers`` (body then trailers ``x-checksum``);
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import Any
 
 import h2.config
@@ -23,8 +26,13 @@ from hyperframe.frame import GoAwayFrame
 
 
 class H2Backend:
-    def __init__(self, max_streams: int = 100) -> None:
+    def __init__(self, max_streams: int = 100, tls: ssl.SSLContext | None = None) -> None:
         self.max_streams = max_streams
+        self.tls = tls
+        self.alpn: list[str | None] = []
+        "The protocol each TLS connection chose."
+        self.resumed = 0
+        "TLS connections that resumed a session."
         self.connections = 0
         self.streams_seen = 0
         self.max_concurrent = 0
@@ -43,10 +51,12 @@ class H2Backend:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"https://localhost:{self.port}"
         return f"h2c://127.0.0.1:{self.port}"
 
     async def start(self) -> H2Backend:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -60,7 +70,16 @@ class H2Backend:
         with contextlib.suppress(Exception):
             await self._server.wait_closed()
 
+    def drop(self) -> None:
+        """Close every open connection (the proxy must open new ones)."""
+        for writer in list(self._writers):
+            writer.close()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tls = writer.get_extra_info("ssl_object")
+        if tls is not None:
+            self.alpn.append(tls.selected_alpn_protocol())
+            self.resumed += bool(tls.session_reused)
         self.connections += 1
         self._writers.add(writer)
         conn = _Conn(self, reader, writer)

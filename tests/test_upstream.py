@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -78,3 +79,34 @@ async def test_chunked_response_trailers_are_kept(pool):
         assert resp.body.trailers == [("x-sum", "42"), ("x-other", "b")]
     finally:
         server.close()
+
+
+async def test_requests_waiting_at_the_cap_take_a_connection_gone_idle(backend):
+    """At ``max_connections_per_member``, a waiting request is woken when a connection
+    goes back idle and takes it: no 503 while keep-alive connections sit free, no new
+    connection either."""
+    pool = UpstreamPool(UpstreamConfig(max_connections_per_member=2, queue_timeout=5.0))
+    member = Member("127.0.0.1", backend.port)
+
+    async def get(i: int) -> tuple[int, bytes]:
+        resp = await pool.request(member, "GET", f"/slow?s=0.2&i={i}", HEADERS, Body.empty(), None)
+        return resp.status, await _all(resp.body)
+
+    try:
+        started = asyncio.get_running_loop().time()
+        answers = await asyncio.gather(*(get(i) for i in range(8)))
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await pool.aclose()
+    assert [status for status, _ in answers] == [200] * 8
+    assert backend.connections == 2 and backend.open_max <= 2
+    assert took < 4.0  # 4 rounds of 0.2 s; the queue timeout (5 s) never ran out
+
+
+async def test_a_whole_small_body_arrives_intact(pool, backend):
+    """A body whose every byte is here leaves with the head in one write."""
+    member = Member("127.0.0.1", backend.port)
+    data = bytes(range(256)) * 200
+    resp = await pool.request(member, "POST", "/sha256", HEADERS, Body.of(data), len(data))
+    assert resp.status == 200
+    assert hashlib.sha256(data).hexdigest() in (await _all(resp.body)).decode()

@@ -1,10 +1,15 @@
 """Upstream HTTP/1.1 client: keep-alive connection pool, bodies streamed both ways (a
 chunked response's trailers kept). Its connection caps also count the HTTP/2 upstream
-connections of ``_h2.py``.
+connections of ``_h2.py``. The one keep-alive pool of the package: the WAF service
+client (``waf/_client.py``) keeps its connections to the service in one too.
 
 Connections are pooled per :class:`Member` (scheme, host, port, TLS profile);
 https members are reached over verified TLS with one client context per member,
-which offers the member's last session ticket to each new connection.
+which offers the member's last session ticket to each new connection. The pool
+remembers each https member's ALPN choice (``alpn``, learned from every new
+connection): a new connection that chose h2 is handed to the HTTP/2 client
+(``on_h2``) and the request with it (:class:`AlpnChanged`, nothing sent yet).
+WebSocket tunnels dial with a second context per member offering http/1.1 alone.
 
 The request head carries exactly one framing field, computed here (Content-Length when
 the length is known, else chunked); the client's own are dropped (``_forward.FRAMING``).
@@ -24,7 +29,10 @@ on purpose, as nginx leaves POST/PATCH/LOCK: a second DELETE answers 404 for a d
 that happened, and backends commonly attach side effects to both. Errors carry the
 decision as ``retry_safe`` (``_errors``). Whether a failed request goes to another
 member is ``_retry``'s decision, on the same errors: a connect that failed is
-``unsent`` (nothing written), a malformed response head is ``answered``.
+``unsent`` (nothing written), a malformed response head is ``answered``. A caller that
+vouches its request may be delivered twice gives its whole body as ``resend`` (the WAF
+service client: a verdict is a pure function of the request); it then goes again on the
+same terms as a safe bodiless request.
 """
 
 from __future__ import annotations
@@ -51,9 +59,20 @@ from .._errors import (
 from .._forward import without_framing
 from .._model import Body, Headers, Response
 from .._streamio import READ_SIZE, write_within
-from ._member import Member, ResumingContext, client_context, tls_failure
+from ._member import (
+    ALPN,
+    TUNNEL_ALPN,
+    AlpnChanged,
+    Member,
+    ResumingContext,
+    client_context,
+    tls_failure,
+)
 
 __all__ = ["UpstreamPool", "REPLAYABLE_METHODS"]
+
+_SMALL = 65536
+"A body whose every byte is here, up to this size, leaves in one write with the head."
 
 REPLAYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 "Methods whose bodiless request may be sent again after a keep-alive failed under it."
@@ -75,7 +94,11 @@ class _Conn:
         "The member's TLS context (https), which keeps the session for the next connect."
         self.label = label
         "The member, as logs show it."
+        tls_object = writer.get_extra_info("ssl_object") if tls is not None else None
+        self.alpn: str | None = tls_object.selected_alpn_protocol() if tls_object else None
+        "The protocol the TLS handshake chose (https), None when none was."
         self.reused = False
+        "It carried an exchange before (a keep-alive): it may have gone stale."
         self.wrote = False
         self.slot: Callable[[], None] | None = None
         "Releases this connection's place under the connection caps."
@@ -142,7 +165,8 @@ class _Conn:
 
 
 class _Slots:
-    """A cap on open connections; ``wait`` returns when a place may have been freed."""
+    """A cap on open connections; ``wait`` returns when a place may have been freed or a
+    connection went back idle (one waiter per event)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -154,11 +178,16 @@ class _Slots:
 
     def release(self) -> None:
         self.used -= 1
+        self.wake()
+
+    def wake(self) -> bool:
+        """Wake the longest waiter, if any (True)."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                return True
+        return False
 
     async def wait(self, timeout: float) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -186,15 +215,29 @@ class UpstreamPool:
         "TLS connections that resumed the member's previous session (for tests)."
         self.total = _Slots(cfg.max_connections)
         self.members: dict[Member, _Slots] = {}
-        self._tls: dict[Member, ResumingContext] = {}
+        self._tls: dict[tuple[Member, bool], ResumingContext] = {}
+        self.alpn: dict[Member, str] = {}
+        "Each https member's protocol, as its last new connection chose: h2 or http/1.1."
+        self.on_h2: Callable[[Member, _Conn], object] | None = None
+        "Takes a new connection that chose h2 (the HTTP/2 client sets it)."
+        self.closed = False
+        "Closed (``aclose``): no connection goes idle any more."
 
-    async def _take_slot(self, member: Member) -> Callable[[], None]:
+    async def _take_slot(
+        self, member: Member, deadline: float | None = None, idle_ok: bool = False
+    ) -> Callable[[], None] | None:
+        """A place under the caps for a new connection to ``member``, waiting until
+        ``deadline`` (else ``queue_timeout`` from now), then UpstreamBusy. ``idle_ok``:
+        None as soon as an idle connection of the member is there to take instead."""
         slots = self.members.get(member)
         if slots is None:
             slots = self.members[member] = _Slots(self.cfg.max_connections_per_member)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.queue_timeout
+        if deadline is None:
+            deadline = loop.time() + self.cfg.queue_timeout
         while not (slots.free() and self.total.free()):
+            if idle_ok and self._idle.get(member):
+                return None
             if self._close_an_idle(member if not slots.free() else None):
                 continue
             waiting = slots if not slots.free() else self.total
@@ -219,8 +262,14 @@ class UpstreamPool:
                 return True
         return False
 
-    async def _connect(self, member: Member) -> _Conn:
+    async def connect(self, member: Member) -> _Conn:
+        """A new connection to ``member`` under the connection caps."""
         release = await self._take_slot(member)
+        assert release is not None
+        return await self._open_in(member, release)
+
+    async def _open_in(self, member: Member, release: Callable[[], None]) -> _Conn:
+        """A new connection in the place ``release`` gives back."""
         try:
             conn = await self._open(member)
         except BaseException:
@@ -229,21 +278,22 @@ class UpstreamPool:
         conn.slot = release
         return conn
 
-    def _tls_context(self, member: Member) -> ResumingContext | None:
-        """The member's client context (one per member: it holds its session)."""
+    def _tls_context(self, member: Member, tunnel: bool) -> ResumingContext | None:
+        """The member's client context (one per member and use: it holds its session)."""
         if member.tls is None:
             return None
-        ctx = self._tls.get(member)
+        ctx = self._tls.get((member, tunnel))
         if ctx is None:
             try:
-                ctx = self._tls[member] = client_context(member.tls)
+                alpn = TUNNEL_ALPN if tunnel else ALPN
+                ctx = self._tls[member, tunnel] = client_context(member.tls, alpn=alpn)
             except ConfigError as exc:  # loaded at start; a file gone since
                 raise UpstreamTlsError(f"TLS to {member.label}: {exc}") from None
         return ctx
 
-    async def _open(self, member: Member) -> _Conn:
+    async def _open(self, member: Member, tunnel: bool = False) -> _Conn:
         host, port = member.host, member.port
-        tls = self._tls_context(member)
+        tls = self._tls_context(member, tunnel)
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -272,28 +322,67 @@ class UpstreamPool:
             tls_object = writer.get_extra_info("ssl_object")
             if tls_object is not None and tls_object.session_reused:
                 self.tls_resumed += 1
-        return _Conn(reader, writer, tls, member.label)
+        conn = _Conn(reader, writer, tls, member.label)
+        if tls is not None and not tunnel:
+            self.alpn[member] = conn.alpn or "http/1.1"
+        return conn
 
     async def _acquire(self, member: Member) -> _Conn:
-        idle = self._idle.get(member)
-        while idle:
-            conn = idle.pop()
-            if conn.idle_intact():
-                conn.reused = True
-                return conn
-            conn.close()
-        return await self._connect(member)
+        """An idle connection of ``member``, else a new one; at the caps, whichever comes
+        first within ``queue_timeout``: a place, or a connection going back idle."""
+        deadline = asyncio.get_running_loop().time() + self.cfg.queue_timeout
+        while True:
+            idle = self._idle.get(member)
+            while idle:
+                conn = idle.pop()
+                if conn.idle_intact():
+                    return conn
+                conn.close()
+            release = await self._take_slot(member, deadline, idle_ok=True)
+            if release is not None:
+                return await self._open_in(member, release)
 
-    def _keep(self, member: Member, conn: _Conn) -> None:
+    def _idled(self, member: Member) -> None:
+        """A connection of ``member`` went idle: a request waiting at the caps may take it
+        (at the member's cap), or close it for room (at the total cap)."""
+        slots = self.members.get(member)
+        if not (slots is not None and slots.wake()):
+            self.total.wake()
+
+    def _http1(self, member: Member, conn: _Conn) -> _Conn:
+        """``conn`` if it speaks HTTP/1.1; one that chose h2 goes to the HTTP/2 client."""
+        if conn.alpn != "h2":
+            return conn
+        if self.on_h2 is None:
+            conn.close()
+            raise UpstreamConnectError(f"{member.label} chose h2, which this pool does not speak")
+        self.on_h2(member, conn)
+        raise AlpnChanged()
+
+    def keep(self, member: Member, conn: _Conn) -> None:
+        """A new connection not used yet, idle for the request that opened it (which
+        takes it next, even at ``pool_size`` 0)."""
+        conn.remember_session()
+        if self.closed:
+            conn.close()
+        else:
+            self._idle.setdefault(member, []).append(conn)
+            self._idled(member)
+
+    def _keep(self, member: Member, conn: _Conn, reused: bool = False) -> None:
         """A connection whose exchange ended cleanly: idle in the pool, or closed if full."""
+        conn.reused = conn.reused or reused
         conn.remember_session()
         idle = self._idle.setdefault(member, [])
-        if len(idle) < self.cfg.pool_size and conn.usable:
+        if len(idle) < self.cfg.pool_size and conn.usable and not self.closed:
             idle.append(conn)
+            self._idled(member)
         else:
             conn.close()
 
     async def aclose(self) -> None:
+        """Close the idle connections; those in use close when their exchange ends."""
+        self.closed = True
         for idle in self._idle.values():
             for conn in idle:
                 conn.close()
@@ -301,8 +390,8 @@ class UpstreamPool:
 
     async def dial(self, member: Member) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection of its own to ``member``, never pooled and outside the connection
-        caps (a WebSocket tunnel's: ``_tunnel.py`` caps those)."""
-        conn = await self._open(member)
+        caps (a WebSocket tunnel's: ``_tunnel.py`` caps those); TLS offers http/1.1 alone."""
+        conn = await self._open(member, tunnel=True)
         return conn.reader, conn.writer
 
     async def request(
@@ -313,21 +402,33 @@ class UpstreamPool:
         headers: Headers,
         body: Body,
         content_length: int | None,
+        resend: bytes | None = None,
     ) -> Response:
         """Send one request; return the response with its body still streaming.
 
         A request whose reused connection failed under it is sent once more on another
-        connection when the error says that is safe (see the module's docstring)."""
+        connection when the error says that is safe (see the module's docstring).
+        ``resend``: the whole body, given by a caller that vouches its request may be
+        delivered twice whatever its method (the WAF client's ``POST /evaluate``, a pure
+        function of its body); such a request is sent again from it."""
         if content_length and body.ended and not body.buffered:
             # h3 (qh3) lets a stream end short of its Content-Length: never send a head
             # that promises bytes which will not come.
             raise BadRequest("request body shorter than its Content-Length")
         for attempt in (1, 2):
             # a retry takes a new connection: another idle one may be as stale
-            conn = await (self._acquire(member) if attempt == 1 else self._connect(member))
+            conn = await (self._acquire(member) if attempt == 1 else self.connect(member))
+            conn = self._http1(member, conn)
+            if attempt == 2 and resend is not None:
+                body = Body.of(resend)
             try:
                 return await self._exchange(
-                    member, conn, (method, target, headers), body, content_length
+                    member,
+                    conn,
+                    (method, target, headers),
+                    body,
+                    content_length,
+                    resend is not None,
                 )
             except UpstreamConnectError as exc:
                 conn.close()
@@ -345,6 +446,7 @@ class UpstreamPool:
         head: tuple[str, str, Headers],
         body: Body,
         content_length: int | None,
+        idempotent: bool = False,
     ) -> Response:
         method, target, fields = head
         headers = without_framing(fields)  # the framing is ours alone, never the client's
@@ -354,20 +456,25 @@ class UpstreamPool:
         elif not body.ended or body.buffered:
             framing = [("transfer-encoding", "chunked")]
         empty_body = content_length == 0 or (body.ended and not body.buffered)
-        replay = empty_body and method in REPLAYABLE_METHODS
+        replay = idempotent or (empty_body and method in REPLAYABLE_METHODS)
+        request = wire.request_head(method, target, headers + framing)
+        small = content_length is not None and 0 < content_length <= _SMALL
+        small = small and body.complete and body.buffered == content_length
+        if small:
+            request += body.take_all()  # head and body in one write, no sender task
         try:
-            await conn.write(wire.request_head(method, target, headers + framing))
+            await conn.write(request)
         except (ConnectionError, OSError):
             # Some of the head may have left: only a replayable request goes again.
             closed = UpstreamConnectError("upstream closed the connection", retry_safe=replay)
             raise closed from None
-        if empty_body:
+        if empty_body or small:
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             answer = await self._read_head(conn, method, replay)
             return self._response(member, conn, answer, done)
         sender = asyncio.ensure_future(self._send_body(conn, body, content_length))
-        reading = asyncio.ensure_future(self._read_head(conn, method, False))
+        reading = asyncio.ensure_future(self._read_head(conn, method, idempotent))
         try:
             await asyncio.wait([sender, reading], return_when=asyncio.FIRST_COMPLETED)
             failed = sender.exception() if sender.done() else None
@@ -458,7 +565,7 @@ class UpstreamPool:
             done = True
         finally:
             if done and head.keep_alive and _sent(sender):
-                self._keep(member, conn)
+                self._keep(member, conn, reused=True)
             else:
                 sender.cancel()
                 conn.close()

@@ -1,10 +1,19 @@
-"""Upstream HTTP/2 client for ``h2c://`` members (prior knowledge, no TLS), on jh2.
+"""Upstream HTTP/2 client, on jh2: ``h2c://`` members (prior knowledge, no TLS) and
+``https://`` members whose ALPN chose h2.
 
 One connection carries many requests: a request takes a stream on a connection of
 its member that has room under the server's MAX_CONCURRENT_STREAMS (and ours), else
 a new connection is opened under the connection caps shared with HTTP/1.1
-(:class:`~quicproxy._upstream.UpstreamPool`). While one connection is being opened
+(:class:`~quicproxy.upstream._h1.UpstreamPool`). While one connection is being opened
 for a member, other requests for it wait for that one instead of opening their own.
+
+https members: the TLS connection is the HTTP/1.1 pool's (verification, SNI, mTLS, the
+member's resumed session, the same failure reasons), offering h2 and http/1.1. Which
+client a request goes to is :meth:`H2Pool.speaks_h2`: the member's ALPN choice, learned
+from its first connection (concurrent first requests wait for that one) and again from
+every new one. A connection the HTTP/1.1 pool opened that chose h2 is adopted here; one
+opened here that chose http/1.1 goes idle into the HTTP/1.1 pool; either way the
+request is handed back (:class:`AlpnChanged`) before anything of it was sent.
 
 Flow control is end to end: a response body is a :class:`Body` whose ``on_consumed``
 gives the backend WINDOW_UPDATE credit only for bytes the client has taken (at most
@@ -24,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 
 import jh2.config
 import jh2.connection
@@ -40,11 +50,13 @@ from .._errors import (
     UpstreamBusy,
     UpstreamConnectError,
     UpstreamTimeout,
+    UpstreamTlsError,
     UpstreamTruncated,
 )
 from .._model import Body, Headers, Response, decimal
 from ._h1 import UpstreamPool
-from ._member import Member
+from ._h1 import _Conn as H1Conn
+from ._member import AlpnChanged, Member, ResumingContext, tls_failure
 
 __all__ = ["H2Pool"]
 
@@ -108,11 +120,19 @@ class _H2Conn:
         member: Member,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        tls: ResumingContext | None = None,
     ) -> None:
         self.pool = pool
         self.member = member
         self.reader = reader
         self.writer = writer
+        self.tls = tls
+        "The member's TLS context (https), which keeps the session for the next connect."
+        self.heard = False
+        "Bytes came from the backend (a connection closed before any did may be a TLS"
+        "refusal whose alert was lost)."
+        self.failure: UpstreamConnectError | None = None
+        "Why the connection failed before the backend's SETTINGS (a TLS alert), if known."
         config = jh2.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = jh2.connection.H2Connection(config)
         self.h2.local_settings = jh2.settings.Settings(
@@ -134,8 +154,17 @@ class _H2Conn:
         self.release: object = None
         self._window = asyncio.Event()
         self._buffer = bytearray()
+        loop = asyncio.get_running_loop()
+        self._ready_timer = loop.call_later(pool.cfg.connect_timeout, self._not_ready)
         self._flush()
         self._reading = asyncio.ensure_future(self._run())
+
+    def _not_ready(self) -> None:
+        if not self.ready.done():
+            self.failure = UpstreamConnectError(
+                f"{self._name} did not answer as HTTP/2 in time", unsent=True
+            )
+            self.close()
 
     # ------------------------------------------------------------------ capacity
 
@@ -172,7 +201,7 @@ class _H2Conn:
             fields.append((b"te", b"trailers"))
         pseudo = [
             (b":method", method.encode("latin-1")),
-            (b":scheme", b"http"),
+            (b":scheme", b"https" if self.member.scheme == "https" else b"http"),
             (b":authority", authority.encode("latin-1")),
             (b":path", target.encode("latin-1")),
         ]
@@ -299,6 +328,8 @@ class _H2Conn:
                 if not self._receive(data):
                     break
                 self._flush()
+        except ssl.SSLError as exc:  # an alert: TLS 1.3 refuses a client certificate here
+            self.failure = UpstreamTlsError(f"TLS to {self._name} failed: {tls_failure(exc)}")
         except (ConnectionError, OSError):
             pass
         finally:
@@ -306,6 +337,7 @@ class _H2Conn:
 
     def _receive(self, data: bytes) -> bool:
         """Whole frames to jh2, except GOAWAY, handled here; False: close."""
+        self.heard = True
         buf = self._buffer
         buf += data
         start = pos = 0
@@ -343,6 +375,8 @@ class _H2Conn:
         if isinstance(event, jh2.events.RemoteSettingsChanged):
             if not self.ready.done():
                 self.ready.set_result(None)
+                self._ready_timer.cancel()
+                self.remember_session()
             self._window.set()
             return
         if isinstance(event, jh2.events.WindowUpdated):
@@ -410,16 +444,35 @@ class _H2Conn:
 
     @property
     def _name(self) -> str:
-        return f"{self.member.host}:{self.member.port}"
+        return self.member.label
+
+    def remember_session(self) -> None:
+        if self.tls is not None and not self.writer.is_closing():
+            self.tls.remember(self.writer.get_extra_info("ssl_object"))
+
+    def _unready(self) -> UpstreamConnectError:
+        """Why no SETTINGS came: a TLS alert, a fresh TLS connection closed after its
+        handshake (a refused client certificate whose alert was lost), or not HTTP/2."""
+        if self.failure is not None:
+            return self.failure
+        if self.tls is not None and not self.heard:
+            return UpstreamTlsError(
+                f"TLS to {self._name} failed: closed after the handshake without answering"
+                " (client certificate required or refused?)"
+            )
+        return UpstreamConnectError(f"{self._name} did not answer as HTTP/2", unsent=True)
 
     def close(self, why: ProxyError | None = None) -> None:
         """Close the connection; streams still open fail with ``why``."""
         if self.closed:
             return
         self.closed = True
+        self._ready_timer.cancel()
         if not self.ready.done():
-            self.ready.set_exception(UpstreamConnectError("upstream did not speak HTTP/2"))
+            self.ready.set_exception(self._unready())
             self.ready.exception()
+        else:
+            self.remember_session()
         for stream in list(self.streams.values()):
             if not stream.head.done():
                 stream.fail(UpstreamConnectError("upstream connection lost"))
@@ -440,14 +493,46 @@ class H2Pool:
 
     def __init__(self, slots: UpstreamPool) -> None:
         self.slots = slots
-        "The HTTP/1.1 pool, whose connection caps (per member, in total) these count under."
+        "The HTTP/1.1 pool, whose connection caps (per member, in total) these count under,"
+        "whose TLS connections these use and which hands over those that chose h2."
+        slots.on_h2 = self._adopt
         self.cfg: UpstreamConfig = slots.cfg
         self._conns: dict[Member, list[_H2Conn]] = {}
-        self._opening: dict[Member, asyncio.Future[None]] = {}
+        self._opening: dict[Member, asyncio.Future[Exception | None]] = {}
+        self._learning: dict[Member, asyncio.Future[Exception | None]] = {}
+        "A member's first connection (https), and a new connection, being opened: those"
+        "waiting for it share its failure (the connect is not tried once per waiter)."
         self._freed = asyncio.Event()
         "Set when a stream ends (room on a connection at the caps)."
         self.connections_opened = 0
         "Upstream HTTP/2 connections opened so far (for tests)."
+
+    async def speaks_h2(self, member: Member) -> bool:
+        """Whether ``member``'s requests go over HTTP/2: always for h2c, never for http;
+        for https as its ALPN chose. Unknown yet: one request opens the first connection
+        (kept by the client it chose) while the others for the member wait for it."""
+        if member.scheme != "https":
+            return member.scheme == "h2c"
+        while (known := self.slots.alpn.get(member)) is None:
+            learning = self._learning.get(member)
+            if learning is not None:
+                failed = await asyncio.shield(learning)
+                if isinstance(failed, ProxyError):
+                    raise _again(failed)  # the same failure, not one connect after another
+                continue  # learned; or the one learning was cancelled and this one tries
+            done = self._learning[member] = asyncio.get_running_loop().create_future()
+            failure: Exception | None = None
+            try:
+                await self._conn(member)
+            except AlpnChanged:
+                pass  # http/1.1: the connection waits idle in the HTTP/1.1 pool
+            except ProxyError as exc:
+                failure = exc
+                raise
+            finally:
+                del self._learning[member]
+                done.set_result(failure)
+        return known == "h2"
 
     async def request(
         self,
@@ -486,12 +571,20 @@ class H2Pool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.queue_timeout
         while True:
-            for conn in self._conns.get(member, ()):
+            conns = self._conns.get(member, ())
+            for conn in conns:
                 if conn.room():
                     return conn
+            pending = next((c for c in conns if not (c.ready.done() or c.closed)), None)
+            if pending is not None:  # handed over by the HTTP/1.1 pool, SETTINGS to come
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pending.ready)
+                continue
             opening = self._opening.get(member)
             if opening is not None:
-                await asyncio.shield(opening)
+                failed = await asyncio.shield(opening)
+                if failed is not None:
+                    raise _again(failed)  # the same failure, not one connect after another
                 continue
             if self._conns.get(member) and not self._may_open(member):
                 self._freed.clear()
@@ -501,20 +594,41 @@ class H2Pool:
                     raise UpstreamBusy("too many upstream connections") from None
                 continue
             done = self._opening[member] = asyncio.get_running_loop().create_future()
+            failure: Exception | None = None
             try:
-                conn = await self._open(member)
+                return await self._open(member)
+            except (ProxyError, AlpnChanged) as exc:
+                failure = exc
+                raise
             finally:
                 del self._opening[member]
-                done.set_result(None)
-            self._conns.setdefault(member, []).append(conn)
-            return conn
+                done.set_result(failure)
 
     def _may_open(self, member: Member) -> bool:
         slots = self.slots.members.get(member)
         return (slots is None or slots.free()) and self.slots.total.free()
 
     async def _open(self, member: Member) -> _H2Conn:
+        """A new connection, ready (the backend's SETTINGS came). https: the HTTP/1.1
+        pool's TLS connection; one that chose http/1.1 is left to that pool."""
+        if member.scheme == "https":
+            tls = await self.slots.connect(member)
+            if tls.alpn != "h2":
+                self.slots.keep(member, tls)
+                raise AlpnChanged()
+            conn = self._adopt(member, tls)
+        else:
+            conn = await self._open_h2c(member)
+        try:
+            await asyncio.shield(conn.ready)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def _open_h2c(self, member: Member) -> _H2Conn:
         release = await self.slots._take_slot(member)
+        assert release is not None
         host, port = member.host, member.port
         try:
             try:
@@ -531,20 +645,25 @@ class H2Pool:
         except BaseException:
             release()
             raise
+        return self._start(member, reader, writer, None, release)
+
+    def _adopt(self, member: Member, tls: H1Conn) -> _H2Conn:
+        """A TLS connection of the HTTP/1.1 pool that chose h2, and its place under the caps."""
+        release, tls.slot = tls.slot, None
+        return self._start(member, tls.reader, tls.writer, tls.tls, release)
+
+    def _start(
+        self,
+        member: Member,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        tls: ResumingContext | None,
+        release: object,
+    ) -> _H2Conn:
         self.connections_opened += 1
-        conn = _H2Conn(self, member, reader, writer)
+        conn = _H2Conn(self, member, reader, writer, tls)
         conn.release = release
-        try:
-            async with asyncio.timeout(self.cfg.connect_timeout):
-                await asyncio.shield(conn.ready)
-        except (TimeoutError, UpstreamConnectError):
-            conn.close()
-            raise UpstreamConnectError(
-                f"{host}:{port} did not answer as HTTP/2", unsent=True
-            ) from None
-        except BaseException:
-            conn.close()
-            raise
+        self._conns.setdefault(member, []).append(conn)
         return conn
 
     def stream_done(self, conn: _H2Conn) -> None:
@@ -571,6 +690,13 @@ class H2Pool:
             for conn in list(conns):
                 conn.close()
         self._conns.clear()
+
+
+def _again(exc: Exception) -> Exception:
+    """A fresh copy of a connect failure, for each request that waited for that connect."""
+    if isinstance(exc, ProxyError):
+        return type(exc)(exc.detail, retry_safe=exc.retry_safe)
+    return type(exc)()
 
 
 def _text(value: bytes | str) -> str:

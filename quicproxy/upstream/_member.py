@@ -4,9 +4,15 @@ A :class:`Member` is the upstream pool's key: host, port, scheme and, for
 ``https``, the :class:`TlsProfile` (CA, client certificate, server name,
 verification). Its ``label`` is what logs show: ``host:port`` for http,
 ``https://host:port`` for https. :func:`client_context` builds a profile's client
-SSLContext (the ALPN offer, :data:`ALPN`, is chosen here only), raising
+SSLContext (the ALPN offers are chosen here only: :data:`ALPN` for requests, h2 and
+http/1.1; :data:`TUNNEL_ALPN`, http/1.1 alone, for WebSocket tunnels), raising
 :class:`ConfigError` naming the setting; :func:`tls_failure` names in a few words
 why a TLS connection to a member failed (expired, name mismatch, unknown CA...).
+
+An https member's ALPN choice decides which client carries its requests (h2: the
+HTTP/2 client, else the HTTP/1.1 pool); it is learned from each new connection and
+remembered by the pool. A request sent for one protocol to a connection that chose
+the other is handed back with :class:`AlpnChanged` before anything of it was sent.
 """
 
 from __future__ import annotations
@@ -17,10 +23,27 @@ from typing import NamedTuple
 
 from .._errors import ConfigError
 
-__all__ = ["ALPN", "Member", "ResumingContext", "TlsProfile", "client_context", "tls_failure"]
+__all__ = [
+    "ALPN",
+    "TUNNEL_ALPN",
+    "AlpnChanged",
+    "Member",
+    "ResumingContext",
+    "TlsProfile",
+    "client_context",
+    "tls_failure",
+]
 
-ALPN = ("http/1.1",)
-"Protocols offered to https upstreams, preferred first (h2 joins here when it is spoken)."
+ALPN = ("h2", "http/1.1")
+"Protocols offered to https upstreams for requests, preferred first."
+TUNNEL_ALPN = ("http/1.1",)
+"Offered on a WebSocket tunnel's connection: the Upgrade is an HTTP/1.1 request."
+
+
+class AlpnChanged(Exception):
+    """The member's new connection chose the other protocol than the client this request
+    was given to: nothing of the request was sent or read; send it again by the member's
+    protocol, now learned."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +125,12 @@ def _readable(key: str, path: str, what: str) -> None:
         ) from None
 
 
-def client_context(profile: TlsProfile, section: str = "upstream.tls") -> ResumingContext:
-    """The client SSLContext of ``profile``; ConfigError naming ``section``'s key if its
-    files are unreadable, not PEM, or a certificate without its key."""
+def client_context(
+    profile: TlsProfile, section: str = "upstream.tls", alpn: tuple[str, ...] = ALPN
+) -> ResumingContext:
+    """The client SSLContext of ``profile`` offering ``alpn``; ConfigError naming
+    ``section``'s key if its files are unreadable, not PEM, or a certificate without
+    its key."""
     if (profile.cert is None) != (profile.key is None):
         missing = "key" if profile.key is None else "cert"
         raise ConfigError(
@@ -114,7 +140,7 @@ def client_context(profile: TlsProfile, section: str = "upstream.tls") -> Resumi
         )
     ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(list(ALPN))
+    ctx.set_alpn_protocols(list(alpn))
     if not profile.verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

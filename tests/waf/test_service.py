@@ -225,7 +225,7 @@ async def test_client_unavailable_when_service_stopped(service: WafService) -> N
     port = service.port
     await service.aclose()
     client = client_for(port)
-    with pytest.raises(WafUnavailable, match="cannot connect"):
+    with pytest.raises(WafUnavailable, match="connect to 127.0.0.1:[0-9]+ failed"):
         await evaluate(client, "GET", "/")
     await client.aclose()
 
@@ -278,6 +278,89 @@ async def test_client_unavailable_on_bad_answer(answer: bytes) -> None:
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+class ScriptedService:
+    """A raw HTTP/1.1 server standing in for the WAF service: each connection answers its
+    requests by the script (``"ok"``: an allowing verdict, kept alive; ``"drop"``: the
+    request read whole, then the connection closed unanswered; ``"huge"``: an answer
+    over the client's limit). Connections take script lines in turn, one per request."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[bytes] = []
+
+    async def start(self) -> ScriptedService:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                self.requests.append(await reader.readexactly(length))
+                step = self.script.pop(0) if self.script else "ok"
+                if step == "drop":
+                    break
+                answer = b'{"allowed": true}' if step == "ok" else b" " * (2 << 20)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(answer))
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_client_sends_again_when_a_kept_alive_connection_fails_under_it() -> None:
+    """The service closes a kept-alive connection as the evaluation arrives (after
+    reading it: the client could not see it coming). The verdict is a pure function of
+    the request, so the pool sends it once more on a new connection."""
+    service = await ScriptedService(["ok", "drop"]).start()
+    client = client_for(service.port)
+    try:
+        assert (await evaluate(client, "GET", "/first")).allowed
+        assert (await evaluate(client, "POST", "/second", body=b"x" * 1000)).allowed
+    finally:
+        await client.aclose()
+        await service.stop()
+    assert service.connections == 2 and client.connects == 2
+    assert len(service.requests) == 3 and service.requests[1] == service.requests[2]
+
+
+async def test_client_does_not_resend_on_a_fresh_connection() -> None:
+    """A new connection closed unanswered is the service failing, not a stale keep-alive:
+    one delivery, then WafUnavailable (the proxy fails closed or open)."""
+    service = await ScriptedService(["drop"]).start()
+    client = client_for(service.port)
+    try:
+        with pytest.raises(WafUnavailable, match="closed the connection"):
+            await evaluate(client, "GET", "/")
+    finally:
+        await client.aclose()
+        await service.stop()
+    assert service.connections == 1 and len(service.requests) == 1
+
+
+async def test_client_refuses_an_oversized_answer_and_drops_its_connection() -> None:
+    service = await ScriptedService(["huge", "ok"]).start()
+    client = client_for(service.port)
+    try:
+        with pytest.raises(WafUnavailable, match="answer too large"):
+            await evaluate(client, "GET", "/")
+        assert (await evaluate(client, "GET", "/next")).allowed
+    finally:
+        await client.aclose()
+        await service.stop()
+    assert service.connections == 2  # the one mid-answer was never pooled
 
 
 # -- the CLI entry point ------------------------------------------------------------------

@@ -96,6 +96,9 @@ class ProxyError(Exception):
         "Nothing of the request was written (the connection could not be made)."
         self.answered = answered
         "Bytes of a response came back (an invalid head): the request was processed."
+        self.echo = False
+        """A copy of another request's failure (they waited for the same connect): it
+        counts against the member once, for the request that made the connect."""
 
 
 class RequestError(ProxyError, ValueError):

@@ -695,7 +695,9 @@ class H2Pool:
 def _again(exc: Exception) -> Exception:
     """A fresh copy of a connect failure, for each request that waited for that connect."""
     if isinstance(exc, ProxyError):
-        return type(exc)(exc.detail, retry_safe=exc.retry_safe)
+        copy = type(exc)(exc.detail, retry_safe=exc.retry_safe, unsent=exc.unsent)
+        copy.echo = True
+        return copy
     return type(exc)()
 
 

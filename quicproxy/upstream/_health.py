@@ -58,6 +58,8 @@ def counts_against(exc: BaseException) -> bool:
     """Whether an exchange's error is the member failing (passive health)."""
     if isinstance(exc, (RequestError, UpstreamBusy, UpstreamTlsError, ClientGone)):
         return False  # the client's fault or its leaving, our caps, a TLS setting
+    if getattr(exc, "echo", False):
+        return False  # one connect that failed for many waiting requests is one failure
     return isinstance(exc, (UpstreamConnectError, UpstreamTimeout, ConnectionError, OSError))
 
 

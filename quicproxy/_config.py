@@ -34,6 +34,7 @@ __all__ = [
     "UpstreamConfig",
     "UpstreamTlsConfig",
     "WafConfig",
+    "WafAuditConfig",
     "RateLimitConfig",
     "LogConfig",
     "MetricsConfig",
@@ -228,6 +229,40 @@ class WafExclusion:
     "Only for requests under this path; None removes it everywhere."
 
 
+DEFAULT_AUDIT_MASK = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "x-auth-token",
+    "cookie:session",
+    "cookie:sessionid",
+    "cookie:sid",
+    "cookie:phpsessid",
+    "cookie:jsessionid",
+    "cookie:connect.sid",
+    "cookie:asp.net_sessionid",
+]
+"Headers and cookies whose values the WAF audit log masks by default."
+
+
+@dataclass
+class WafAuditConfig:
+    """``waf.audit``: one JSON record per request the WAF refused or scored."""
+
+    log: str = "stdout"
+    "stdout, a file path (appended to), or off."
+    record: str = "refused"
+    "refused (refused, or would be: detect mode, detection paranoia level), scored or all."
+    rate: float = 50.0
+    "Records written per second at most (a token bucket); the rest are dropped and counted."
+    burst: int = 200
+    "Records that may be written at once before ``rate`` applies."
+    data_limit: int = 200
+    "Bytes of a rule's matched data kept in a record."
+    mask: list[str] = field(default_factory=lambda: list(DEFAULT_AUDIT_MASK))
+    "Header names, and cookie:NAME (cookie:* for every cookie), whose values are masked."
+
+
 @dataclass
 class WafConfig:
     mode: str = "off"
@@ -274,6 +309,8 @@ class WafConfig:
     "Rules removed, everywhere or under a path prefix."
     pool_size: int = 16
     "Keep-alive connections to the WAF service."
+    audit: WafAuditConfig = field(default_factory=WafAuditConfig)
+    "The audit log of refused/scored requests."
 
 
 @dataclass
@@ -574,6 +611,7 @@ def _validate(cfg: Config) -> None:
             )
     if waf.timeout_ms <= 0:
         raise ConfigError("waf.timeout_ms", "must be positive", "give milliseconds, e.g. 1000")
+    _validate_audit(waf.audit)
     if waf.mode == "service":
         if not waf.url:
             raise ConfigError(
@@ -585,6 +623,36 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(
                 "waf.url", str(exc).split(": ", 2)[-1], "use http://HOST:PORT"
             ) from None
+
+
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _validate_audit(audit: WafAuditConfig) -> None:
+    _check_choice("waf.audit.record", audit.record, ("refused", "scored", "all"))
+    if not audit.log:
+        raise ConfigError("waf.audit.log", "empty", "use stdout, off or a file path")
+    if audit.log not in ("stdout", "off"):
+        folder = os.path.dirname(os.path.abspath(audit.log))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError(
+                "waf.audit.log", f"cannot write in {folder}", "give a file in a writable folder"
+            )
+    if not (audit.rate > 0 and math.isfinite(audit.rate)):
+        raise ConfigError("waf.audit.rate", "must be positive", "give records per second, e.g. 50")
+    if audit.burst < 1:
+        raise ConfigError("waf.audit.burst", "must be at least 1", "e.g. 200")
+    if not 16 <= audit.data_limit <= 65536:
+        raise ConfigError("waf.audit.data_limit", "out of range", "use 16 to 65536 bytes")
+    for i, item in enumerate(audit.mask):
+        name = item.lower()
+        name = name[7:] if name.startswith("cookie:") else name
+        if not name or not (_HEADER_NAME.match(name) or name == "*"):
+            raise ConfigError(
+                f"waf.audit.mask[{i}]",
+                f"{item!r} is not a header name or cookie:NAME",
+                "e.g. authorization or cookie:session",
+            )
 
 
 def _validate_ops(cfg: Config) -> None:

@@ -48,6 +48,7 @@ from .upstream._h1 import UpstreamPool
 from .upstream._h2 import H2Pool
 from .upstream._member import Member
 from .upstream._tunnel import TunnelCaps, open_websocket
+from .waf._audit import AuditEntry, WafAudit
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
 __all__ = ["Handler", "ResponseWriter", "error_response"]
@@ -107,6 +108,10 @@ class Handler:
         self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit.enabled else None
         self.waf_engine = cfg.waf.engine if cfg.waf.mode == "inline" else cfg.waf.mode
         "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
+        self.audit: WafAudit | None = None
+        "The WAF audit log (waf.audit); its ``sink`` can be replaced."
+        if cfg.waf.mode != "off" and cfg.waf.audit.log != "off":
+            self.audit = WafAudit(cfg.waf.audit)
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -467,9 +472,11 @@ class Handler:
             if decision.rule_ids:
                 rec.waf, rec.waf_rule = "detect", rule
                 self._log_decision("waf_detect", req, decision)
+            self._audit(req, rec, decision, "block")
             return None
         rec.waf, rec.waf_rule = "block", rule
         self._log_decision("waf_block", req, decision)
+        self._audit(req, rec, decision, "block")
         status = decision.status if decision.status >= 400 else 403
         return Response.text(
             status,
@@ -498,6 +505,26 @@ class Handler:
             fed += len(part)
         if wcfg.over_limit == "reject" and sum(map(len, chunks)) > limit:
             raise too_large
+
+    def _audit(self, req: Request, rec: AccessRecord, decision: WafDecision, mode: str) -> None:
+        """The decision's audit record (waf.audit), if one is due; never raises."""
+        if self.audit is None:
+            return
+        entry = AuditEntry(
+            request_id=rec.request_id,
+            started=rec.started,
+            client=rec.client,
+            host=rec.host,
+            method=rec.method,
+            path=rec.path,
+            protocol=rec.protocol,
+            route=rec.route,
+            mode=mode,
+            verdict=rec.waf,
+            headers=req.headers,
+        )
+        audit = self.audit
+        _safe(lambda: audit.write(entry, decision))
 
     def _log_decision(self, event: str, req: Request, decision: WafDecision) -> None:
         line = {

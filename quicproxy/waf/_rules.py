@@ -1,8 +1,9 @@
 """The rule set the inline WAF loads, in order, built from :class:`WafConfig`.
 
 Order: base directives (engine, body handling), the CRS setup file, our
-settings (paranoia level, threshold, path exclusions), the CRS request rules,
-the after-CRS exclusion files, ``extra_rules``, then global rule removals.
+settings (paranoia level, threshold, path exclusions), the CRS request rules
+with our score report just before the blocking evaluation (REQUEST-949), the
+after-CRS exclusion files, ``extra_rules``, then global rule removals.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "base_directives",
     "settings_directives",
     "removal_directives",
+    "score_directives",
     "INSTALL_HINT",
 ]
 
@@ -43,6 +45,7 @@ _SAFE_PREFIX = re.compile(r"^/[^\"'\\\s]*$")
 # Rule ids 99000-99999 sit in ModSecurity's "local use" range, away from CRS ids.
 _ID_BASE = 99001
 _ID_SETTINGS = 99010
+_ID_SCORES = 99030
 _ID_PATH_EXCLUSIONS = 99100
 
 
@@ -261,6 +264,22 @@ def settings_directives(config: WafConfig, version: tuple[int, int, int]) -> str
     return "\n".join(lines) + "\n"
 
 
+def score_directives(version: tuple[int, int, int]) -> str:
+    """Two rules placed before the CRS blocking evaluation (REQUEST-949): when any
+    inbound anomaly score is set, rule 99031 logs the score of each paranoia level
+    1-4 in its message (the audit log's scores; :func:`._matches.decide` reads it).
+    Rules above the detection paranoia level do not run, so their level scores 0."""
+    var = "tx.inbound_anomaly_score_pl" if version[0] >= 4 else "tx.anomaly_score_pl"
+    levels = [f"%{{{var}{n}}}" for n in range(1, 5)]
+    total = ",".join(f"setvar:'tx.qp_score_total=+{level}'" for level in levels)
+    return (
+        f'SecAction "id:{_ID_SCORES},phase:2,pass,nolog,t:none,'
+        f"setvar:'tx.qp_score_total=0',{total}\"\n"
+        f'SecRule TX:QP_SCORE_TOTAL "@gt 0" "id:{_ID_SCORES + 1},phase:2,pass,log,t:none,'
+        f"msg:'quicproxy anomaly scores {' '.join(levels)}'\"\n"
+    )
+
+
 def removal_directives(config: WafConfig) -> str:
     ids = [str(e.rule_id) for e in config.exclusions if e.path_prefix is None]
     return "".join(f"SecRuleRemoveById {rule_id}\n" for rule_id in ids)
@@ -276,8 +295,16 @@ def rule_sources(config: WafConfig, layout: CrsLayout) -> list[RuleSource]:
     sources.append(
         RuleSource("WAF settings", "waf.exclusions", settings_directives(config, layout.version))
     )
+    scores: RuleSource | None = RuleSource(
+        "anomaly score report", "waf", score_directives(layout.version)
+    )
     for path in layout.before + layout.rules + layout.after:
+        if scores is not None and os.path.basename(path).startswith("REQUEST-949"):
+            sources.append(scores)
+            scores = None
         sources.append(RuleSource(path, "waf.rules_dir"))
+    if scores is not None:
+        sources.append(scores)
     for i, path in enumerate(config.extra_rules):
         sources.append(RuleSource(path, f"waf.extra_rules[{i}]"))
     removals = removal_directives(config)

@@ -40,7 +40,6 @@ _VERSION = re.compile(rb"ver:'OWASP_CRS/(\d+)\.(\d+)\.(\d+)'")
 _SETUP_VERSION = re.compile(rb"(?m)^[^#\n]*crs_setup_version=(\d+)")
 _APP_FILE = re.compile(r"^REQUEST-903\.\d+-(\w+)-EXCLUSION-RULES\.conf$")
 _APP_ENABLED = re.compile(rb"(?mi)^[^#\n]*tx\.crs_exclusions_(\w+)=1")
-_SAFE_PREFIX = re.compile(r"^/[^\"'\\\s]*$")
 
 # Rule ids 99000-99999 sit in ModSecurity's "local use" range, away from CRS ids.
 _ID_BASE = 99001
@@ -245,22 +244,28 @@ def settings_directives(config: WafConfig, version: tuple[int, int, int]) -> str
     lines = [f'SecAction "id:{_ID_SETTINGS},phase:1,pass,nolog,t:none,{setvars}"']
     for i, exclusion in enumerate(config.exclusions):
         key = f"waf.exclusions[{i}]"
-        if exclusion.rule_id <= 0:
+        if exclusion.rule_id <= 0 and exclusion.tag is None:
             raise ConfigError(key + ".rule_id", "missing or not positive", "give a rule id")
+        exclusion.check(key)
         prefix = exclusion.path_prefix
+        if prefix is None and exclusion.target is None and exclusion.tag is None:
+            continue  # removed from the rule set (removal_directives)
+        if exclusion.tag is not None:
+            what = f"ruleRemoveByTag={exclusion.tag}"
+            if exclusion.target is not None:
+                what = f"ruleRemoveTargetByTag={exclusion.tag};{exclusion.target}"
+        elif exclusion.target is not None:
+            what = f"ruleRemoveTargetById={exclusion.rule_id};{exclusion.target}"
+        else:
+            what = f"ruleRemoveById={exclusion.rule_id}"
+        rule_id = _ID_PATH_EXCLUSIONS + i
         if prefix is None:
-            continue
-        if not _SAFE_PREFIX.match(prefix):
-            raise ConfigError(
-                key + ".path_prefix",
-                f"{prefix!r} is not a plain path",
-                "start with / and leave out quotes, backslashes and spaces",
+            lines.append(f'SecAction "id:{rule_id},phase:1,pass,nolog,t:none,ctl:{what}"')
+        else:
+            lines.append(
+                f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
+                f'"id:{rule_id},phase:1,t:none,t:normalizePath,pass,nolog,ctl:{what}"'
             )
-        lines.append(
-            f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
-            f'"id:{_ID_PATH_EXCLUSIONS + i},phase:1,t:none,t:normalizePath,pass,nolog,'
-            f'ctl:ruleRemoveById={exclusion.rule_id}"'
-        )
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +286,11 @@ def score_directives(version: tuple[int, int, int]) -> str:
 
 
 def removal_directives(config: WafConfig) -> str:
-    ids = [str(e.rule_id) for e in config.exclusions if e.path_prefix is None]
+    ids = [
+        str(e.rule_id)
+        for e in config.exclusions
+        if e.path_prefix is None and e.target is None and e.tag is None
+    ]
     return "".join(f"SecRuleRemoveById {rule_id}\n" for rule_id in ids)
 
 

@@ -203,8 +203,10 @@ class LineWriter:
         limit: int = 4 << 20,
         on_drop: Callable[[], None] | None = None,
         linger: float = 0.1,
+        name: str = "access-log",
     ) -> None:
         self.fd = fd
+        self.name = name
         self.limit = limit
         self.on_drop = on_drop
         self.linger = linger
@@ -228,9 +230,7 @@ class LineWriter:
                 self._lines.append(data)
                 self._size += len(data)
                 if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="access-log", daemon=True
-                    )
+                    self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                     self._thread.start()
                 if self._waiting:
                     self._waiting = False

@@ -153,7 +153,7 @@ class WafAudit:
         if sink is None:
             fd = 1 if config.log == "stdout" else self._open(config.log)
             self._fd = None if fd == 1 else fd
-            self._writer = LineWriter(fd, limit=1 << 20, on_drop=_dropped)
+            self._writer = LineWriter(fd, limit=1 << 20, on_drop=_dropped, name="waf-audit")
             sink = self._writer
         self.sink = sink
 
@@ -244,7 +244,7 @@ class WafAudit:
     def _rule(self, match: RuleMatch, secrets: _Secrets) -> dict[str, object]:
         return {
             "id": match.rule_id,
-            "message": _cut(match.message, 512),
+            "message": _cut(secrets.mask("", match.message), 512),
             "severity": match.severity,
             "variable": _cut(match.variable, 256),
             "data": _cut(secrets.mask(match.variable, match.data), self.config.data_limit),

@@ -322,8 +322,12 @@ func oneLine(text string, limit int) string {
 	}, text)
 }
 
+// ScoreRule is the rule (quicproxy/waf/_rules.py) whose message carries the anomaly
+// scores; its line goes first, so a verdict cut at VerdictLimit still has it.
+const ScoreRule = 99031
+
 func matchLines(t types.Transaction) string {
-	var out strings.Builder
+	var first, out strings.Builder
 	for _, m := range t.MatchedRules() {
 		if logged, ok := m.(interface{ Log() bool }); ok && !logged.Log() {
 			continue
@@ -337,10 +341,14 @@ func matchLines(t types.Transaction) string {
 			}
 			break
 		}
-		fmt.Fprintf(&out, "%d\t%d\t%s\t%s\t%s\n", rule.ID(), int(rule.Severity()),
+		line := &out
+		if rule.ID() == ScoreRule {
+			line = &first
+		}
+		fmt.Fprintf(line, "%d\t%d\t%s\t%s\t%s\n", rule.ID(), int(rule.Severity()),
 			oneLine(m.Message(), 1024), oneLine(variable, 256), oneLine(m.Data(), DataLimit))
 	}
-	return out.String()
+	return first.String() + out.String()
 }
 
 // qpc_tx_close runs the logging phase and frees the transaction.

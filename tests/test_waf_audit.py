@@ -5,7 +5,9 @@ both engines; secrets masked; a flood kept within the rate bound, drops counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -206,3 +208,40 @@ def test_bad_audit_settings_name_the_key(audit: dict[str, Any], key: str) -> Non
     with pytest.raises(ConfigError) as caught:
         load_config(env={}, overrides={"waf": {"mode": "inline", "audit": audit}})
     assert str(caught.value).startswith(f"config error: {key}: "), str(caught.value)
+
+
+async def test_an_audit_log_nobody_reads_never_stalls_requests(
+    make_proxy, backend, certs, tmp_path
+):
+    """The audit file is a pipe whose reader never reads: once the pipe and the
+    writer's bounded queue are full, records are dropped and counted, and every
+    request is still answered at once."""
+    from tests.conftest import require_engine
+
+    require_engine("coraza")
+    fifo = tmp_path / "audit.pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open, never read (yet)
+    try:
+        waf = {
+            "mode": "inline",
+            "engine": "coraza",
+            "audit": {"log": str(fifo), "rate": 1e6, "burst": 1000000},
+        }
+        proxy = await make_proxy(
+            backend, waf=waf, listen={"plain_http": "proxy"}, log={"access": "off"}
+        )
+        long = SQLI + "%20" + "x" * 400  # ~3 KB records: 1,500 of them overflow pipe + queue
+        refused = await asyncio.wait_for(_flood(proxy.http_port, long, 10, 150), 120)
+        assert refused == 1500
+        started = time.monotonic()
+        status, _, _ = await fetch(proxy, certs, "h2", "GET", "/products?page=2")
+        assert status == 200 and time.monotonic() - started < 2.0
+        dropped = metrics.value("quicproxy_waf_audit_dropped_total")
+        written = metrics.value("quicproxy_waf_audit_records_total")
+        assert dropped > 0 and written + dropped == 1500
+    finally:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(reader, 1 << 20):  # let the writer thread finish and stop
+                pass
+        os.close(reader)

@@ -138,7 +138,7 @@ class WafAudit:
     def __init__(
         self,
         config: WafAuditConfig,
-        sink: Callable[[str], None] | None = None,
+        sink: Callable[[str], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -200,7 +200,8 @@ class WafAudit:
             return False
         line = json.dumps(self.record(entry, decision), ensure_ascii=True, separators=(",", ":"))
         try:
-            self.sink(line)
+            if self.sink(line) is False:  # the writer is behind: dropped and counted
+                return False
         except (OSError, ValueError):
             _dropped()
             return False

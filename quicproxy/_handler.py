@@ -477,7 +477,7 @@ class Handler:
         rule = ",".join(decision.rule_ids) or "unknown"
         if decision.allowed or mode == "detect":
             rec.waf = "allow"
-            if decision.rule_ids:
+            if decision.rule_ids or not decision.allowed:
                 rec.waf, rec.waf_rule = "detect", rule
                 self._log_decision("waf_detect", req, decision)
             self._audit(req, rec, decision, mode)
@@ -515,7 +515,8 @@ class Handler:
             raise too_large
 
     def _audit(self, req: Request, rec: AccessRecord, decision: WafDecision, mode: str) -> None:
-        """The decision's audit record (waf.audit), if one is due; never raises."""
+        """The decision's audit record (waf.audit), if one is due, written one loop step
+        later (the request goes upstream first); never raises."""
         if self.audit is None:
             return
         entry = AuditEntry(
@@ -532,7 +533,7 @@ class Handler:
             headers=req.headers,
         )
         audit = self.audit
-        _safe(lambda: audit.write(entry, decision))
+        asyncio.get_running_loop().call_soon(_safe, lambda: audit.write(entry, decision))
 
     def _log_decision(self, event: str, req: Request, decision: WafDecision) -> None:
         line = {

@@ -203,8 +203,10 @@ class LineWriter:
         limit: int = 4 << 20,
         on_drop: Callable[[], None] | None = None,
         linger: float = 0.1,
+        name: str = "access-log",
     ) -> None:
         self.fd = fd
+        self.name = name
         self.limit = limit
         self.on_drop = on_drop
         self.linger = linger
@@ -217,7 +219,8 @@ class LineWriter:
         "The thread waits for a first line (and must be woken)."
         self._closing = False
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: str) -> bool:
+        """Queue ``line``; False when it was dropped."""
         data = (line + "\n").encode("utf-8", "replace")
         with self._cond:
             if self._closing or self._size + len(data) > self.limit:
@@ -228,15 +231,14 @@ class LineWriter:
                 self._lines.append(data)
                 self._size += len(data)
                 if self._thread is None:
-                    self._thread = threading.Thread(
-                        target=self._run, name="access-log", daemon=True
-                    )
+                    self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                     self._thread.start()
                 if self._waiting:
                     self._waiting = False
                     self._cond.notify()
         if dropped and self.on_drop is not None:
             self.on_drop()
+        return not dropped
 
     def _run(self) -> None:
         while True:
@@ -277,9 +279,9 @@ def _dropped() -> None:
 class AccessLog:
     """Formats and writes access lines; ``sink`` can be replaced (tests, library use)."""
 
-    def __init__(self, fmt: str, sink: Callable[[str], None] | None = None) -> None:
+    def __init__(self, fmt: str, sink: Callable[[str], object] | None = None) -> None:
         self.format = fmt
-        self.sink: Callable[[str], None] = (
+        self.sink: Callable[[str], object] = (
             sink if sink is not None else LineWriter(on_drop=_dropped)
         )
 

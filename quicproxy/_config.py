@@ -38,10 +38,13 @@ __all__ = [
     "HealthConfig",
     "WeightedBackend",
     "WafConfig",
+    "WafAuditConfig",
     "RateLimitConfig",
     "LogConfig",
     "MetricsConfig",
     "Route",
+    "RouteWaf",
+    "WafExclusion",
     "load_config",
     "parse_backend",
     "parse_upstream",
@@ -136,6 +139,8 @@ class Route:
     "With balance: hash, the key: client, header:NAME or cookie:NAME (default client)."
     health: HealthConfig | None = None
     "Active health probes of the members; off unless set."
+    waf: RouteWaf | None = None
+    "This route's WAF policy (mode, paranoia levels, threshold, exclusions) over waf.*."
 
     def check(self, key: str = "route") -> None:
         """ConfigError naming ``key``'s setting at fault (also for routes added at run time)."""
@@ -290,12 +295,108 @@ class UpstreamConfig:
     "Passive health: ejection of failing members."
 
 
+_SAFE_PREFIX = re.compile(r"^/[^\"'\\\s]*$")
+_TAG = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
+_TARGET = re.compile(
+    r"^(?:ARGS|ARGS_GET|ARGS_POST|ARGS_NAMES|REQUEST_HEADERS|REQUEST_COOKIES|XML)"
+    r":[A-Za-z0-9_.\-\[\]$@]{1,256}$"
+)
+
+
 @dataclass
 class WafExclusion:
+    """A rule (``rule_id``) or rules (``tag``) switched off, everywhere or under
+    ``path_prefix``, whole or for one ``target`` (CRS's ctl:ruleRemoveTargetById)."""
+
     rule_id: int = 0
-    "Rule id to remove."
+    "Rule id to remove (or give ``tag``)."
     path_prefix: str | None = None
     "Only for requests under this path; None removes it everywhere."
+    tag: str | None = None
+    "Remove the rules with this tag instead (e.g. attack-sqli)."
+    target: str | None = None
+    "Only for this variable: ARGS:name, REQUEST_HEADERS:name, REQUEST_COOKIES:name."
+
+    def check(self, key: str) -> None:
+        """ConfigError naming ``key`` when this exclusion cannot become a rule."""
+        if (self.rule_id > 0) == (self.tag is not None):
+            raise ConfigError(
+                key + ".rule_id", "give exactly one of rule_id and tag", "e.g. rule_id: 942100"
+            )
+        if self.tag is not None and not _TAG.match(self.tag):
+            raise ConfigError(key + ".tag", f"{self.tag!r} is not a tag", "e.g. attack-sqli")
+        if self.path_prefix is not None and not _SAFE_PREFIX.match(self.path_prefix):
+            raise ConfigError(
+                key + ".path_prefix",
+                f"{self.path_prefix!r} is not a plain path",
+                "start with / and leave out quotes, backslashes and spaces",
+            )
+        if self.target is not None and not _TARGET.match(self.target):
+            raise ConfigError(
+                key + ".target",
+                f"{self.target!r} is not a variable with a name",
+                "e.g. ARGS:json.note, REQUEST_HEADERS:referer or REQUEST_COOKIES:prefs",
+            )
+
+
+@dataclass
+class RouteWaf:
+    """``routes[].waf``: this route's WAF policy, over the global ``waf.*`` key by key."""
+
+    mode: str | None = None
+    "off (not inspected), detect (inspected, logged, never refused) or block; unset: block."
+    paranoia_level: int | None = None
+    "CRS blocking paranoia level 1-4; unset: waf.paranoia_level."
+    detection_paranoia_level: int | None = None
+    "CRS 4 detection paranoia level (logged, not enforced); unset: waf's, or paranoia_level."
+    anomaly_threshold: int | None = None
+    "Inbound anomaly threshold; unset: waf.anomaly_threshold."
+    exclusions: list[WafExclusion] = field(default_factory=list)
+    "Added to waf.exclusions on this route."
+
+    @property
+    def changes_rules(self) -> bool:
+        """Whether this policy needs a rule set of its own (more than a mode)."""
+        return (
+            self.paranoia_level is not None
+            or self.detection_paranoia_level is not None
+            or self.anomaly_threshold is not None
+            or bool(self.exclusions)
+        )
+
+
+DEFAULT_AUDIT_MASK = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "x-auth-token",
+    "cookie:session",
+    "cookie:sessionid",
+    "cookie:sid",
+    "cookie:phpsessid",
+    "cookie:jsessionid",
+    "cookie:connect.sid",
+    "cookie:asp.net_sessionid",
+]
+"Headers and cookies whose values the WAF audit log masks by default."
+
+
+@dataclass
+class WafAuditConfig:
+    """``waf.audit``: one JSON record per request the WAF refused or scored."""
+
+    log: str = "stdout"
+    "stdout, a file path (appended to), or off."
+    record: str = "refused"
+    "refused (refused, or would be: detect mode, detection paranoia level), scored or all."
+    rate: float = 50.0
+    "Records written per second at most (a token bucket); the rest are dropped and counted."
+    burst: int = 200
+    "Records that may be written at once before ``rate`` applies."
+    data_limit: int = 200
+    "Bytes of a rule's matched data kept in a record."
+    mask: list[str] = field(default_factory=lambda: list(DEFAULT_AUDIT_MASK))
+    "Header names, and cookie:NAME (cookie:* for every cookie), whose values are masked."
 
 
 @dataclass
@@ -341,9 +442,11 @@ class WafConfig:
     extra_rules: list[str] = field(default_factory=list)
     "Extra rule files loaded after the CRS."
     exclusions: list[WafExclusion] = field(default_factory=list)
-    "Rules removed, everywhere or under a path prefix."
+    "Rules (by id or tag) removed, everywhere or under a path prefix, whole or for a target."
     pool_size: int = 16
     "Keep-alive connections to the WAF service."
+    audit: WafAuditConfig = field(default_factory=WafAuditConfig)
+    "The audit log of refused/scored requests."
 
 
 @dataclass
@@ -658,6 +761,12 @@ def _validate(cfg: Config) -> None:
             )
     if waf.timeout_ms <= 0:
         raise ConfigError("waf.timeout_ms", "must be positive", "give milliseconds, e.g. 1000")
+    _validate_audit(waf.audit)
+    for i, exclusion in enumerate(waf.exclusions):
+        exclusion.check(f"waf.exclusions[{i}]")
+    for i, route in enumerate(cfg.routes):
+        if route.waf is not None:
+            _validate_route_waf(f"routes[{i}].waf", route.waf, waf)
     if waf.mode == "service":
         if not waf.url:
             raise ConfigError(
@@ -744,6 +853,59 @@ def _validate_upstream(cfg: Config) -> None:
         raise ConfigError(
             "upstream.outlier.max_ejected_share", "out of range", "give a share 0 to 1, e.g. 0.5"
         )
+
+
+def _validate_route_waf(key: str, policy: RouteWaf, waf: WafConfig) -> None:
+    if policy.mode is not None:
+        _check_choice(key + ".mode", policy.mode, ("off", "detect", "block"))
+    if policy.changes_rules and waf.mode == "service":
+        raise ConfigError(
+            key,
+            "paranoia levels, threshold and exclusions need waf.mode inline",
+            "set them in the WAF service's own config, or keep only mode here",
+        )
+    level = policy.paranoia_level if policy.paranoia_level is not None else waf.paranoia_level
+    if not 1 <= level <= 4:
+        raise ConfigError(key + ".paranoia_level", "out of range", "use 1 to 4")
+    detection = policy.detection_paranoia_level
+    if detection is not None and not level <= detection <= 4:
+        raise ConfigError(
+            key + ".detection_paranoia_level", "out of range", "use paranoia_level to 4"
+        )
+    if policy.anomaly_threshold is not None and policy.anomaly_threshold < 1:
+        raise ConfigError(key + ".anomaly_threshold", "must be positive", "give a score, e.g. 5")
+    for j, exclusion in enumerate(policy.exclusions):
+        exclusion.check(f"{key}.exclusions[{j}]")
+
+
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+def _validate_audit(audit: WafAuditConfig) -> None:
+    _check_choice("waf.audit.record", audit.record, ("refused", "scored", "all"))
+    if not audit.log:
+        raise ConfigError("waf.audit.log", "empty", "use stdout, off or a file path")
+    if audit.log not in ("stdout", "off"):
+        folder = os.path.dirname(os.path.abspath(audit.log))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError(
+                "waf.audit.log", f"cannot write in {folder}", "give a file in a writable folder"
+            )
+    if not (audit.rate > 0 and math.isfinite(audit.rate)):
+        raise ConfigError("waf.audit.rate", "must be positive", "give records per second, e.g. 50")
+    if audit.burst < 1:
+        raise ConfigError("waf.audit.burst", "must be at least 1", "e.g. 200")
+    if not 16 <= audit.data_limit <= 65536:
+        raise ConfigError("waf.audit.data_limit", "out of range", "use 16 to 65536 bytes")
+    for i, item in enumerate(audit.mask):
+        name = item.lower()
+        name = name[7:] if name.startswith("cookie:") else name
+        if not name or not (_HEADER_NAME.match(name) or name == "*"):
+            raise ConfigError(
+                f"waf.audit.mask[{i}]",
+                f"{item!r} is not a header name or cookie:NAME",
+                "e.g. authorization or cookie:session",
+            )
 
 
 def _validate_ops(cfg: Config) -> None:

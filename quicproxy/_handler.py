@@ -52,6 +52,8 @@ from .upstream._health import Prober
 from .upstream._member import AlpnChanged, Member
 from .upstream._retry import send_with_retries
 from .upstream._tunnel import TunnelCaps, open_websocket
+from .waf._audit import AuditEntry, WafAudit
+from .waf._policy import WafPolicies
 from .waf._types import Waf, WafDecision, WafRequest, WafTransaction, WafUnavailable
 
 __all__ = ["Handler", "ResponseWriter", "error_response"]
@@ -111,6 +113,12 @@ class Handler:
         self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit.enabled else None
         self.waf_engine = cfg.waf.engine if cfg.waf.mode == "inline" else cfg.waf.mode
         "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
+        self.waf_policies = WafPolicies(cfg, waf)
+        "Each route's WAF mode and rule set (routes[].waf); compiled here, at start."
+        self.audit: WafAudit | None = None
+        "The WAF audit log (waf.audit); its ``sink`` can be replaced."
+        if cfg.waf.mode != "off" and cfg.waf.audit.log != "off":
+            self.audit = WafAudit(cfg.waf.audit)
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -331,12 +339,14 @@ class Handler:
             if limited is not None:
                 return limited
         self._check_limits(req)
-        if self.waf is None:
+        policy = self.waf_policies.get(pool.name if pool is not None else None)
+        waf = self.waf if policy is self.waf_policies.default else policy.waf
+        if waf is None:
             return await self._forward(req, rec, self._target(req, pool))
         started = time.perf_counter()
-        tx = self.waf.transaction(self._waf_request(req))  # may start evaluating (bodiless)
+        tx = waf.transaction(self._waf_request(req))  # may start evaluating (bodiless)
         target = self._target(req, pool)  # prepared while the engine evaluates
-        blocked = await self._inspect(req, rec, tx, started)
+        blocked = await self._inspect(req, rec, tx, started, policy.mode)
         if blocked is not None:
             return blocked
         return await self._forward(req, rec, target)
@@ -476,12 +486,13 @@ class Handler:
     # ------------------------------------------------------------------ WAF
 
     async def _inspect(
-        self, req: Request, rec: AccessRecord, tx: WafTransaction, started: float
+        self, req: Request, rec: AccessRecord, tx: WafTransaction, started: float, mode: str
     ) -> Response | None:
-        """The WAF's verdict on ``req``: a response when it must not go on, else None."""
+        """The WAF's verdict on ``req``: a response when it must not go on, else None.
+        ``mode`` is the route's: detect forwards what block would refuse."""
         bodiless = req.body.ended
         try:
-            return await self._decide(req, rec, tx)
+            return await self._decide(req, rec, tx, mode)
         finally:
             seconds = time.perf_counter() - started
             engine = getattr(tx, "engine_seconds", 0.0)  # a Waf of the library's user may not say
@@ -514,7 +525,9 @@ class Handler:
             has_body=not req.body.ended and req.upgrade is None,
         )
 
-    async def _decide(self, req: Request, rec: AccessRecord, tx: WafTransaction) -> Response | None:
+    async def _decide(
+        self, req: Request, rec: AccessRecord, tx: WafTransaction, mode: str
+    ) -> Response | None:
         wcfg = self.cfg.waf
         rec.waf = "error"
         try:
@@ -538,14 +551,16 @@ class Handler:
             except WafUnavailable:
                 pass
         rule = ",".join(decision.rule_ids) or "unknown"
-        if decision.allowed:
+        if decision.allowed or mode == "detect":
             rec.waf = "allow"
-            if decision.rule_ids:
+            if decision.rule_ids or not decision.allowed:
                 rec.waf, rec.waf_rule = "detect", rule
                 self._log_decision("waf_detect", req, decision)
+            self._audit(req, rec, decision, mode)
             return None
         rec.waf, rec.waf_rule = "block", rule
         self._log_decision("waf_block", req, decision)
+        self._audit(req, rec, decision, mode)
         status = decision.status if decision.status >= 400 else 403
         return Response.text(
             status,
@@ -574,6 +589,27 @@ class Handler:
             fed += len(part)
         if wcfg.over_limit == "reject" and sum(map(len, chunks)) > limit:
             raise too_large
+
+    def _audit(self, req: Request, rec: AccessRecord, decision: WafDecision, mode: str) -> None:
+        """The decision's audit record (waf.audit), if one is due, written one loop step
+        later (the request goes upstream first); never raises."""
+        if self.audit is None:
+            return
+        entry = AuditEntry(
+            request_id=rec.request_id,
+            started=rec.started,
+            client=rec.client,
+            host=rec.host,
+            method=rec.method,
+            path=rec.path,
+            protocol=rec.protocol,
+            route=rec.route,
+            mode=mode,
+            verdict=rec.waf,
+            headers=req.headers,
+        )
+        audit = self.audit
+        asyncio.get_running_loop().call_soon(_safe, lambda: audit.write(entry, decision))
 
     def _log_decision(self, event: str, req: Request, decision: WafDecision) -> None:
         line = {

@@ -242,6 +242,16 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.waf_audit_records = Counter(
+            p + "waf_audit_records",
+            "WAF audit records written.",
+            registry=reg,
+        )
+        self.waf_audit_dropped = Counter(
+            p + "waf_audit_dropped",
+            "WAF audit records dropped: over waf.audit.rate, or the writer behind.",
+            registry=reg,
+        )
         self.waf_info = Gauge(
             p + "waf_info",
             "The inline WAF engine and rule set (1 per engine loaded).",

@@ -331,7 +331,10 @@ class Proxy:
             self._metrics_server.close()
         if self.handler.waf is not None:
             await self.handler.waf.aclose()
+        await self.handler.waf_policies.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.handler.access.close)
+        if self.handler.audit is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.handler.audit.close)
         self._stopped.set()
         return clean
 

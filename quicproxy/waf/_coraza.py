@@ -22,8 +22,8 @@ from .._errors import ConfigError
 from ._channel import Verdict, VerdictChannel
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
-from ._pooled import PooledTransaction, PooledWaf
-from ._rules import base_directives, removal_directives, settings_directives
+from ._pooled import PooledTransaction, PooledWaf, stamp
+from ._rules import base_directives, removal_directives, score_directives, settings_directives
 from ._types import WafDecision, WafRequest, WafUnavailable
 
 __all__ = ["CorazaEngine", "CorazaTransaction", "CorazaWaf", "coraza_directives"]
@@ -59,7 +59,11 @@ def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> s
         f'"id:{RAW_BODY_RULE},phase:1,pass,nolog,ctl:requestBodyProcessor=RAW"\n',
         "Include @crs-setup.conf.example\n",
         settings_directives(config, crs_version),
-        "Include @owasp_crs/REQUEST-*.conf\n",
+        "Include @owasp_crs/REQUEST-9[0-3]*.conf\n",
+        "Include @owasp_crs/REQUEST-94[0-8]*.conf\n",
+        score_directives(crs_version),
+        "Include @owasp_crs/REQUEST-949*.conf\n",
+        "Include @owasp_crs/REQUEST-9[5-9]*.conf\n",
     ]
     for i, path in enumerate(config.extra_rules):
         if not os.path.isfile(path):
@@ -186,9 +190,11 @@ class CorazaTransaction(PooledTransaction):
     def _parse_matches(self, text: str) -> None:
         self._matches = []
         for line in text.splitlines():
-            rule_id, severity, message = (line.split("\t", 2) + ["", ""])[:3]
+            rule_id, severity, message, variable, data = (line.split("\t", 4) + [""] * 4)[:5]
             level = int(severity) if severity.lstrip("-").isdigit() else -1
-            self._matches.append(Match(rule_id, message, level if 0 <= level <= 7 else None))
+            self._matches.append(
+                Match(rule_id, message, level if 0 <= level <= 7 else None, variable, data)
+            )
 
     def _fields(self) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes]:
         """Client and server address, URI, method, protocol (as the engine is told) and
@@ -306,7 +312,7 @@ class CorazaTransaction(PooledTransaction):
     # -- WafTransaction ----------------------------------------------------------------
 
     def _decision(self) -> WafDecision:
-        return decide(self._matches, self._blocked)
+        return stamp(decide(self._matches, self._blocked), self._engine)
 
 
 class CorazaWaf(PooledWaf):

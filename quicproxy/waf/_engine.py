@@ -18,7 +18,7 @@ from .._config import WafConfig
 from .._errors import ConfigError
 from ._binding import Intervention, LogCallback, ModSecLib, load_library, text_at
 from ._matches import make_decision
-from ._pooled import PooledTransaction, PooledWaf
+from ._pooled import PooledTransaction, PooledWaf, stamp
 from ._rules import INSTALL_HINT, CrsLayout, RuleSource, find_crs, rule_sources
 from ._types import WafDecision, WafRequest
 
@@ -277,7 +277,7 @@ class InlineTransaction(PooledTransaction):
     # -- WafTransaction ----------------------------------------------------------------
 
     def _decision(self) -> WafDecision:
-        return make_decision(self._lines, self._blocked)
+        return stamp(make_decision(self._lines, self._blocked), self._engine)
 
 
 class InlineWaf(PooledWaf):

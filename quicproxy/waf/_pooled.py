@@ -11,9 +11,21 @@ from typing import Any, TypeVar
 
 from ._types import WafDecision, WafRequest
 
-__all__ = ["PooledWaf", "PooledTransaction"]
+__all__ = ["PooledWaf", "PooledTransaction", "stamp"]
 
 T = TypeVar("T")
+
+
+def stamp(decision: WafDecision, engine: Any) -> WafDecision:
+    """``decision`` with the engine's name and the levels of the policy it evaluated."""
+    config = engine.config
+    decision.engine = engine.name
+    decision.paranoia_level = config.paranoia_level
+    decision.detection_paranoia_level = max(
+        config.detection_paranoia_level or 0, config.paranoia_level
+    )
+    decision.anomaly_threshold = config.anomaly_threshold
+    return decision
 
 
 class PooledTransaction:

@@ -1,8 +1,9 @@
 """The rule set the inline WAF loads, in order, built from :class:`WafConfig`.
 
 Order: base directives (engine, body handling), the CRS setup file, our
-settings (paranoia level, threshold, path exclusions), the CRS request rules,
-the after-CRS exclusion files, ``extra_rules``, then global rule removals.
+settings (paranoia level, threshold, path exclusions), the CRS request rules
+with our score report just before the blocking evaluation (REQUEST-949), the
+after-CRS exclusion files, ``extra_rules``, then global rule removals.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "base_directives",
     "settings_directives",
     "removal_directives",
+    "score_directives",
     "INSTALL_HINT",
 ]
 
@@ -38,11 +40,11 @@ _VERSION = re.compile(rb"ver:'OWASP_CRS/(\d+)\.(\d+)\.(\d+)'")
 _SETUP_VERSION = re.compile(rb"(?m)^[^#\n]*crs_setup_version=(\d+)")
 _APP_FILE = re.compile(r"^REQUEST-903\.\d+-(\w+)-EXCLUSION-RULES\.conf$")
 _APP_ENABLED = re.compile(rb"(?mi)^[^#\n]*tx\.crs_exclusions_(\w+)=1")
-_SAFE_PREFIX = re.compile(r"^/[^\"'\\\s]*$")
 
 # Rule ids 99000-99999 sit in ModSecurity's "local use" range, away from CRS ids.
 _ID_BASE = 99001
 _ID_SETTINGS = 99010
+_ID_SCORES = 99030
 _ID_PATH_EXCLUSIONS = 99100
 
 
@@ -242,27 +244,53 @@ def settings_directives(config: WafConfig, version: tuple[int, int, int]) -> str
     lines = [f'SecAction "id:{_ID_SETTINGS},phase:1,pass,nolog,t:none,{setvars}"']
     for i, exclusion in enumerate(config.exclusions):
         key = f"waf.exclusions[{i}]"
-        if exclusion.rule_id <= 0:
+        if exclusion.rule_id <= 0 and exclusion.tag is None:
             raise ConfigError(key + ".rule_id", "missing or not positive", "give a rule id")
+        exclusion.check(key)
         prefix = exclusion.path_prefix
+        if prefix is None and exclusion.target is None and exclusion.tag is None:
+            continue  # removed from the rule set (removal_directives)
+        if exclusion.tag is not None:
+            what = f"ruleRemoveByTag={exclusion.tag}"
+            if exclusion.target is not None:
+                what = f"ruleRemoveTargetByTag={exclusion.tag};{exclusion.target}"
+        elif exclusion.target is not None:
+            what = f"ruleRemoveTargetById={exclusion.rule_id};{exclusion.target}"
+        else:
+            what = f"ruleRemoveById={exclusion.rule_id}"
+        rule_id = _ID_PATH_EXCLUSIONS + i
         if prefix is None:
-            continue
-        if not _SAFE_PREFIX.match(prefix):
-            raise ConfigError(
-                key + ".path_prefix",
-                f"{prefix!r} is not a plain path",
-                "start with / and leave out quotes, backslashes and spaces",
+            lines.append(f'SecAction "id:{rule_id},phase:1,pass,nolog,t:none,ctl:{what}"')
+        else:
+            lines.append(
+                f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
+                f'"id:{rule_id},phase:1,t:none,t:normalizePath,pass,nolog,ctl:{what}"'
             )
-        lines.append(
-            f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
-            f'"id:{_ID_PATH_EXCLUSIONS + i},phase:1,t:none,t:normalizePath,pass,nolog,'
-            f'ctl:ruleRemoveById={exclusion.rule_id}"'
-        )
     return "\n".join(lines) + "\n"
 
 
+def score_directives(version: tuple[int, int, int]) -> str:
+    """Two rules placed before the CRS blocking evaluation (REQUEST-949): when any
+    inbound anomaly score is set, rule 99031 logs the score of each paranoia level
+    1-4 in its message (the audit log's scores; :func:`._matches.decide` reads it).
+    Rules above the detection paranoia level do not run, so their level scores 0."""
+    var = "tx.inbound_anomaly_score_pl" if version[0] >= 4 else "tx.anomaly_score_pl"
+    levels = [f"%{{{var}{n}}}" for n in range(1, 5)]
+    total = ",".join(f"setvar:'tx.qp_score_total=+{level}'" for level in levels)
+    return (
+        f'SecAction "id:{_ID_SCORES},phase:2,pass,nolog,t:none,'
+        f"setvar:'tx.qp_score_total=0',{total}\"\n"
+        f'SecRule TX:QP_SCORE_TOTAL "@gt 0" "id:{_ID_SCORES + 1},phase:2,pass,log,t:none,'
+        f"msg:'quicproxy anomaly scores {' '.join(levels)}'\"\n"
+    )
+
+
 def removal_directives(config: WafConfig) -> str:
-    ids = [str(e.rule_id) for e in config.exclusions if e.path_prefix is None]
+    ids = [
+        str(e.rule_id)
+        for e in config.exclusions
+        if e.path_prefix is None and e.target is None and e.tag is None
+    ]
     return "".join(f"SecRuleRemoveById {rule_id}\n" for rule_id in ids)
 
 
@@ -276,8 +304,16 @@ def rule_sources(config: WafConfig, layout: CrsLayout) -> list[RuleSource]:
     sources.append(
         RuleSource("WAF settings", "waf.exclusions", settings_directives(config, layout.version))
     )
+    scores: RuleSource | None = RuleSource(
+        "anomaly score report", "waf", score_directives(layout.version)
+    )
     for path in layout.before + layout.rules + layout.after:
+        if scores is not None and os.path.basename(path).startswith("REQUEST-949"):
+            sources.append(scores)
+            scores = None
         sources.append(RuleSource(path, "waf.rules_dir"))
+    if scores is not None:
+        sources.append(scores)
     for i, path in enumerate(config.extra_rules):
         sources.append(RuleSource(path, f"waf.extra_rules[{i}]"))
     removals = removal_directives(config)

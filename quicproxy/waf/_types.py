@@ -7,7 +7,7 @@ from typing import Protocol
 
 from .._model import Headers
 
-__all__ = ["WafDecision", "WafRequest", "WafTransaction", "Waf", "WafUnavailable"]
+__all__ = ["RuleMatch", "WafDecision", "WafRequest", "WafTransaction", "Waf", "WafUnavailable"]
 
 
 @dataclass
@@ -35,6 +35,22 @@ class WafRequest:
 
 
 @dataclass
+class RuleMatch:
+    """One rule that matched, as the audit log shows it."""
+
+    rule_id: str
+    "Rule id."
+    message: str
+    "Rule message (msg action), may be empty."
+    severity: int | None
+    "Severity number 0-7, None when the rule gives none."
+    variable: str = ""
+    "The variable the rule matched first, e.g. ARGS:q or REQUEST_HEADERS:user-agent."
+    data: str = ""
+    "The rule's logdata (CRS: 'Matched Data: ... found within VAR: value'), cut short."
+
+
+@dataclass
 class WafDecision:
     """The engine's verdict, taken from ModSecurity's intervention and log callback."""
 
@@ -48,6 +64,23 @@ class WafDecision:
     "Rule messages."
     severity: str | None = None
     "Highest severity among the matches (CRITICAL, ERROR, WARNING, NOTICE)."
+    matches: list[RuleMatch] = field(default_factory=list)
+    "The rules that matched, in ``rule_ids`` order, with variable and logged data."
+    scores: list[int] | None = None
+    """Inbound anomaly score added at each paranoia level 1-4 (CRS ``tx.*_pl1..4``), None
+    when the engine did not report them (blocked before the CRS scored, or no CRS)."""
+    engine: str = ""
+    "coraza or modsecurity (the engine that evaluated, also behind the WAF service)."
+    paranoia_level: int = 0
+    "Blocking paranoia level of the policy evaluated (0: not known)."
+    detection_paranoia_level: int = 0
+    "Detection paranoia level of the policy evaluated (0: not known)."
+    anomaly_threshold: int = 0
+    "Inbound anomaly threshold of the policy evaluated (0: not known)."
+
+    def score_at(self, level: int) -> int | None:
+        """Inbound anomaly score counting the rules up to paranoia ``level``."""
+        return None if self.scores is None else sum(self.scores[: max(0, level)])
 
 
 class WafUnavailable(Exception):

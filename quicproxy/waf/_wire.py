@@ -5,7 +5,10 @@ plus optional ``protocol``, ``remote_port`` and ``body_b64`` (binary bodies).
 ``headers`` is an object name -> value, or a list of [name, value] pairs.
 
 Answer: ``{allowed, status_code, message, rule_id, severity}`` plus
-``rule_ids`` and ``messages`` (every rule that matched, in order).
+``rule_ids`` and ``messages`` (every rule that matched, in order), and for the
+audit log ``matches`` ([{id, message, severity, variable, data}]), ``scores``
+(inbound anomaly score per paranoia level 1-4, or null), ``engine``,
+``paranoia_level``, ``detection_paranoia_level`` and ``anomaly_threshold``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import binascii
 from typing import Any
 
 from .._model import Headers, decimal
-from ._types import WafDecision, WafRequest
+from ._types import RuleMatch, WafDecision, WafRequest
 
 __all__ = [
     "BadInput",
@@ -134,7 +137,46 @@ def decision_to_json(decision: WafDecision) -> dict[str, Any]:
         "severity": decision.severity,
         "rule_ids": decision.rule_ids,
         "messages": decision.messages,
+        "matches": [
+            {
+                "id": m.rule_id,
+                "message": m.message,
+                "severity": m.severity,
+                "variable": m.variable,
+                "data": m.data,
+            }
+            for m in decision.matches
+        ],
+        "scores": decision.scores,
+        "engine": decision.engine,
+        "paranoia_level": decision.paranoia_level,
+        "detection_paranoia_level": decision.detection_paranoia_level,
+        "anomaly_threshold": decision.anomaly_threshold,
     }
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _matches_from_json(value: Any) -> list[RuleMatch]:
+    if not isinstance(value, list):
+        return []
+    out = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise BadInput("'matches' must hold objects")
+        severity = item.get("severity")
+        out.append(
+            RuleMatch(
+                str(item.get("id", "")),
+                str(item.get("message", "")),
+                severity if isinstance(severity, int) and 0 <= severity <= 7 else None,
+                str(item.get("variable", "")),
+                str(item.get("data", "")),
+            )
+        )
+    return out
 
 
 def decision_from_json(data: Any) -> WafDecision:
@@ -152,10 +194,21 @@ def decision_from_json(data: Any) -> WafDecision:
     if not isinstance(messages, list):
         messages = [data["message"]] if data.get("message") else []
     severity = data.get("severity")
+    scores = data.get("scores")
+    if scores is not None and not (
+        isinstance(scores, list) and len(scores) == 4 and all(_int(v) == v for v in scores)
+    ):
+        raise BadInput("'scores' must be 4 numbers or null")
     return WafDecision(
         allowed=allowed,
         status=status,
         rule_ids=[str(r) for r in rule_ids],
         messages=[str(m) for m in messages],
         severity=None if severity in (None, "") else str(severity),
+        matches=_matches_from_json(data.get("matches")),
+        scores=scores,
+        engine=str(data.get("engine") or ""),
+        paranoia_level=_int(data.get("paranoia_level")),
+        detection_paranoia_level=_int(data.get("detection_paranoia_level")),
+        anomaly_threshold=_int(data.get("anomaly_threshold")),
     )

@@ -43,3 +43,10 @@ def test_decision_dedupes_and_ranks_severity() -> None:
     assert decision.severity == "CRITICAL"
     allowed = make_decision([warning], status=None)
     assert allowed.allowed and allowed.status == 200 and allowed.severity == "WARNING"
+
+
+def test_variable_and_logged_data_are_read() -> None:
+    match = parse_line(LINE)
+    assert match is not None
+    assert match.variable == "ARGS:id"
+    assert match.data == "Matched Data: s&1c found within ARGS:id: 1' OR 1=1--"

@@ -69,9 +69,12 @@ async def test_evaluate_blocked(http: httpx.AsyncClient) -> None:
     assert data["message"] == "SQL Injection Attack Detected via libinjection"
     assert data["severity"] == "CRITICAL"
     assert data["rule_ids"][-1] == "949110"
+    assert data["matches"][0]["id"] == "942100"
+    assert data["matches"][0]["variable"] == "ARGS:id"
+    assert data["scores"][0] >= 5
 
 
-async def test_evaluate_allowed(http: httpx.AsyncClient) -> None:
+async def test_evaluate_allowed(http: httpx.AsyncClient, waf_engine: str) -> None:
     answer = await http.post("/evaluate", json=evaluate_json("/products?page=2"))
     assert answer.json() == {
         "allowed": True,
@@ -81,6 +84,12 @@ async def test_evaluate_allowed(http: httpx.AsyncClient) -> None:
         "severity": None,
         "rule_ids": [],
         "messages": [],
+        "matches": [],
+        "scores": [0, 0, 0, 0],
+        "engine": waf_engine,
+        "paranoia_level": 1,
+        "detection_paranoia_level": 1,
+        "anomaly_threshold": 5,
     }
 
 

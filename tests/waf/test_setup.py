@@ -13,7 +13,12 @@ import pytest
 from quicproxy._config import WafConfig, WafExclusion, load_config
 from quicproxy._errors import ConfigError
 from quicproxy.waf import InlineWaf, WafClient, create_waf, engine_version, inline_waf
-from quicproxy.waf._rules import base_directives, find_crs, settings_directives
+from quicproxy.waf._rules import (
+    base_directives,
+    find_crs,
+    removal_directives,
+    settings_directives,
+)
 from tests.conftest import require_engine
 
 from .helpers import inline_config, make_request
@@ -245,3 +250,24 @@ def test_coraza_engine_failure_is_a_request_error_not_a_crash() -> None:
         tx._end(None)
     finally:
         waf.engine.close()
+
+
+def test_exclusions_by_tag_and_target_become_ctl_rules() -> None:
+    config = WafConfig(
+        exclusions=[
+            WafExclusion(rule_id=942100),
+            WafExclusion(tag="attack-sqli", target="ARGS:json.note", path_prefix="/api"),
+            WafExclusion(rule_id=941100, target="REQUEST_HEADERS:referer"),
+        ]
+    )
+    text = settings_directives(config, (4, 25, 0))
+    assert (
+        'SecRule REQUEST_FILENAME "@beginsWith /api" "id:99101,phase:1,t:none,t:normalizePath,'
+        'pass,nolog,ctl:ruleRemoveTargetByTag=attack-sqli;ARGS:json.note"'
+    ) in text
+    assert (
+        'SecAction "id:99102,phase:1,pass,nolog,t:none,'
+        'ctl:ruleRemoveTargetById=941100;REQUEST_HEADERS:referer"'
+    ) in text
+    assert "942100" not in text  # removed from the rule set instead
+    assert removal_directives(config) == "SecRuleRemoveById 942100\n"

@@ -298,29 +298,57 @@ func finish(t types.Transaction) C.int {
 }
 
 // qpc_tx_matches lists the logged rule matches, one per line:
-// "id<TAB>severity number or -1<TAB>message".
+// "id<TAB>severity number or -1<TAB>message<TAB>variable<TAB>logdata", where
+// variable is the first matched COLLECTION:key and logdata the rule's expanded
+// logdata cut to DataLimit bytes (tabs and line breaks become spaces).
 //
 //export qpc_tx_matches
 func qpc_tx_matches(h C.uintptr_t) *C.char {
 	return C.CString(matchLines(tx(h)))
 }
 
+// DataLimit bounds the logdata of one match line (the proxy cuts it further).
+const DataLimit = 512
+
+func oneLine(text string, limit int) string {
+	if len(text) > limit {
+		text = text[:limit]
+	}
+	return strings.Map(func(r rune) rune {
+		if r == '\n' || r == '\t' || r == '\r' {
+			return ' '
+		}
+		return r
+	}, text)
+}
+
+// ScoreRule is the rule (quicproxy/waf/_rules.py) whose message carries the anomaly
+// scores; its line goes first, so a verdict cut at VerdictLimit still has it.
+const ScoreRule = 99031
+
 func matchLines(t types.Transaction) string {
-	var out strings.Builder
+	var first, out strings.Builder
 	for _, m := range t.MatchedRules() {
 		if logged, ok := m.(interface{ Log() bool }); ok && !logged.Log() {
 			continue
 		}
 		rule := m.Rule()
-		msg := strings.Map(func(r rune) rune {
-			if r == '\n' || r == '\t' || r == '\r' {
-				return ' '
+		variable := ""
+		for _, d := range m.MatchedDatas() {
+			variable = d.Variable().Name()
+			if d.Key() != "" {
+				variable += ":" + d.Key()
 			}
-			return r
-		}, m.Message())
-		fmt.Fprintf(&out, "%d\t%d\t%s\n", rule.ID(), int(rule.Severity()), msg)
+			break
+		}
+		line := &out
+		if rule.ID() == ScoreRule {
+			line = &first
+		}
+		fmt.Fprintf(line, "%d\t%d\t%s\t%s\t%s\n", rule.ID(), int(rule.Severity()),
+			oneLine(m.Message(), 1024), oneLine(variable, 256), oneLine(m.Data(), DataLimit))
 	}
-	return out.String()
+	return first.String() + out.String()
 }
 
 // qpc_tx_close runs the logging phase and frees the transaction.

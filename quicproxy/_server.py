@@ -13,7 +13,7 @@ import ssl
 from typing import Protocol
 
 from ._caps import AddressCounter
-from ._certwatch import TlsStore
+from ._certwatch import Certificates
 from ._config import Config, Route
 from ._errors import ConfigError
 from ._h1 import H1Connection
@@ -96,8 +96,8 @@ class Proxy:
         self.port_note: str | None = None
         self.metrics_port: int | None = None
         "Port of the separate metrics listener (metrics.port), once bound."
-        self.tls_store: TlsStore | None = None
-        "The certificate pair in use, reloaded when its files change."
+        self.tls_store: Certificates | None = None
+        "The certificate pairs in use (chosen by SNI), reloaded when their files change."
         self._tcp: list[asyncio.Server] = []
         self._metrics_server: asyncio.Server | None = None
         self._quic: QuicListener | None = None
@@ -121,7 +121,8 @@ class Proxy:
         cfg = self.config
         self.cert, self.key, self.self_signed = ensure_certificate(cfg)
         share_tls_buffers()
-        self.tls_store = TlsStore(self.cert, self.key)
+        pairs = [(str(p.cert), str(p.key)) for p in cfg.tls.certificates]
+        self.tls_store = Certificates((self.cert, self.key), pairs)
         tls = self.tls_store.context
         waf = None
         if cfg.waf.mode != "off":

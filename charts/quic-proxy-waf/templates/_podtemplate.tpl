@@ -131,6 +131,11 @@ spec:
         - name: tls-self-signed
           mountPath: /var/run/quicproxy/tls
         {{- end }}
+        {{- range $i, $sni := $tls.secrets }}
+        - name: tls-sni-{{ $i }}
+          mountPath: /etc/quicproxy/tls-sni/{{ $sni.secretName }}
+          readOnly: true
+        {{- end }}
         {{- if .Values.proxy.upstreamTls.secretName }}
         - name: upstream-tls
           mountPath: /etc/quicproxy/upstream-tls
@@ -169,6 +174,16 @@ spec:
     {{- else }}
     - name: tls-self-signed
       emptyDir: {}
+    {{- end }}
+    {{- range $i, $sni := $tls.secrets }}
+    - name: tls-sni-{{ $i }}
+      secret:
+        secretName: {{ $sni.secretName }}
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
     {{- end }}
     {{- with .Values.proxy.upstreamTls.secretName }}
     - name: upstream-tls

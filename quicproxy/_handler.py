@@ -4,12 +4,18 @@ Health, limits, rate limits, 0-RTT policy, the WAF, routing and forwarding,
 the request id, the access log line and the request metrics are written once
 here; the h1, h2 and h3 adapters only translate events and write responses
 through a :class:`ResponseWriter`.
+
+Everything a request reads of the configuration (``cfg``, ``router``, ``waf``,
+``limiter``, ``access``, ``trusted``) comes from one :class:`Runtime`: the one in force
+when its exchange began, held to its end (a context variable, inherited by the tasks and
+callbacks the exchange starts), whatever :meth:`Handler.swap` puts in force meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -43,6 +49,7 @@ from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response, header_value
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Pool, Router
+from ._runtime import Runtime, build_runtime
 from ._target import check_request, options_response
 from .upstream._h1 import UpstreamPool
 from .upstream._h2 import H2Pool
@@ -55,6 +62,10 @@ __all__ = ["Handler", "ResponseWriter", "error_response"]
 log = logging.getLogger("quicproxy")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _PREFETCH = 65536
+_REQUEST_RUNTIME: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
+    "quicproxy_runtime", default=None
+)
+"The runtime of the request being handled (None outside a request)."
 
 
 class ResponseWriter(Protocol):
@@ -93,26 +104,63 @@ class Handler:
     """Answers requests from every listener; one per worker process."""
 
     def __init__(self, cfg: Config, router: Router, waf: Waf | None = None) -> None:
-        self.cfg = cfg
-        self.router = router
-        self.waf = waf
+        self.runtime = build_runtime(cfg, waf, router=router)
+        "The configuration in force for requests that begin now (see :meth:`swap`)."
         self.upstream = UpstreamPool(cfg.upstream)
         self.tunnels = TunnelCaps(cfg.limits.max_tunnels, cfg.limits.max_tunnels_per_client)
         "Open WebSocket tunnels, in total and per client address."
         self.upstream_h2 = H2Pool(self.upstream)
         "HTTP/2 (h2c://) upstream connections, under the same connection caps."
-        self.trusted = TrustedProxies(cfg.trusted_proxies)
-        self.access = AccessLog(cfg.log.access)
-        "Access log; its ``sink`` (a callable taking one line) can be replaced."
-        self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit.enabled else None
-        self.waf_engine = cfg.waf.engine if cfg.waf.mode == "inline" else cfg.waf.mode
-        "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.alt_svc: str | None = None
         "Alt-Svc value added to every response (set by the server once ports are known)."
+
+    # ------------------------------------------------------------------ runtime
+
+    def _rt(self) -> Runtime:
+        return _REQUEST_RUNTIME.get() or self.runtime
+
+    @property
+    def cfg(self) -> Config:
+        return self._rt().cfg
+
+    @property
+    def router(self) -> Router:
+        return self._rt().router
+
+    @property
+    def waf(self) -> Waf | None:
+        return self._rt().waf
+
+    @property
+    def limiter(self) -> RateLimiter | None:
+        return self._rt().limiter
+
+    @property
+    def access(self) -> AccessLog:
+        "Access log; its ``sink`` (a callable taking one line) can be replaced."
+        return self._rt().access
+
+    @property
+    def trusted(self) -> TrustedProxies:
+        return self._rt().trusted
+
+    @property
+    def waf_engine(self) -> str:
+        "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
+        return self._rt().waf_engine
+
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Put ``runtime`` in force for requests that begin from now on; requests in
+        flight finish on theirs. Returns the runtime it replaced."""
+        old, self.runtime = self.runtime, runtime
+        limits = runtime.cfg.limits
+        self.tunnels.total = limits.max_tunnels
+        self.tunnels.per_client = limits.max_tunnels_per_client
+        return old
 
     # ------------------------------------------------------------------ exchange
 
@@ -126,6 +174,9 @@ class Handler:
         :class:`ClientGone` from the writer or the request body) is normal traffic:
         nothing is logged above DEBUG, the upstream connection is closed, the access
         log says 499 and ``client_cancels`` counts it."""
+        runtime = self.runtime
+        held = _REQUEST_RUNTIME.set(runtime)  # this request's, to its end
+        runtime.uses.enter()
         self.active += 1
         self._idle.clear()
         started = time.monotonic()
@@ -170,7 +221,8 @@ class Handler:
             rec.duration = time.monotonic() - started
             # Metrics and the access log after the protocol's flush of the response (h2
             # and h3 send once per loop turn): the answer does not wait for bookkeeping.
-            asyncio.get_running_loop().call_soon(self._settle, rec)
+            asyncio.get_running_loop().call_soon(self._settle, rec)  # in this context
+            _REQUEST_RUNTIME.reset(held)
         return resp
 
     async def _send_body(
@@ -197,6 +249,7 @@ class Handler:
         try:
             self._finish(rec)
         finally:
+            self._rt().uses.leave()
             self.active -= 1
             _safe(lambda: metrics.in_flight.dec())
             if self.active == 0:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._config import Config, load_config
 from ._errors import ConfigError
+from ._metrics import metrics
 from ._runtime import Runtime, build_runtime, effective_config, fixed_changes, new_router
 
 if TYPE_CHECKING:
@@ -171,12 +172,14 @@ class Reloader:
                     running.version,
                     exc,
                 )
+                _count("error")
                 return False
             runtime = build_runtime(cfg, waf, previous=running, router=router)
             fixed = fixed_changes(self.loaded, new) if self.loaded is not None else []
             self._swap(runtime)
             self.loaded = new
             self.reloads += 1
+            _count("ok")
             note = f"; not applied until a restart: {', '.join(fixed)}" if fixed else ""
             (log.warning if fixed else log.info)(
                 "config reloaded (%s): version %d in force for new requests%s",
@@ -225,6 +228,13 @@ class Reloader:
         close = getattr(old.router, "close", None)
         if callable(close) and all(r.router is not old.router for r in self._live):
             close()
+
+
+def _count(result: str) -> None:
+    try:
+        metrics.config_reloads.labels(result=result).inc()
+    except Exception:
+        log.exception("recording a metric failed")
 
 
 async def _close_waf(waf: Any) -> None:

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from quicproxy import Proxy
+from quicproxy._metrics import metrics
 from quicproxy._reload import ConfigSource
 from tests.backend import Backend
 from tests.helpers import free_port, h3, https_url, tcp_client
@@ -173,6 +174,7 @@ async def test_routes_rewritten_under_h1_h2_h3_load_fail_no_request(tmp_path, ce
     print(f"{len(answers)} requests over {rewrites} reloads, 0 failed")
     assert len(answers) > 20 * rewrites
     assert wrong == []
+    assert metrics.value("quicproxy_config_reloads_total", result="ok") == rewrites
     seen = {b for _, _, b in answers}
     assert seen == {"b0", "b1", "b2"}  # every version's route was used
 
@@ -240,6 +242,7 @@ async def test_a_broken_config_changes_nothing_and_logs_one_line(
         assert line.levelno == logging.ERROR and "\n" not in line.getMessage()
         assert all(w in line.getMessage() for w in words), line.getMessage()
         assert proxy.handler.runtime is before  # nothing changed
+        assert metrics.value("quicproxy_config_reloads_total", result="error") == 1
         async with tcp_client(certs, http2=False) as client:
             resp = await client.get(https_url(proxy, "/p"))
             assert resp.headers["x-backend"] == "b0"

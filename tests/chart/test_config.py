@@ -40,7 +40,7 @@ def _load(m, tmp_path):
     assert c["command"] == ["quicproxy"] and c["args"][:3] == [
         "serve",
         "--config",
-        "/etc/quicproxy/config.yaml",
+        "/etc/quicproxy/config/config.yaml",
     ]
     return load_config(str(path), env=env)
 
@@ -61,7 +61,8 @@ def test_quicproxy_accepts_the_rendered_config(profile, name, tmp_path):
 def test_config_file_is_mounted_where_serve_reads_it(profile):
     pod = profile("default").proxy_pod()
     mount = next(v for v in container(pod, "proxy")["volumeMounts"] if v["name"] == "config")
-    assert (mount["mountPath"], mount["subPath"]) == ("/etc/quicproxy/config.yaml", "config.yaml")
+    # a folder, not subPath: the kubelet's updates of the ConfigMap reach the running pod
+    assert mount == {"name": "config", "mountPath": "/etc/quicproxy/config", "readOnly": True}
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
     assert (
         volume["configMap"]["name"]

@@ -352,7 +352,6 @@ def _check_engine(cfg: Config) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # never the default (exit): reload once serving
     source = ConfigSource(args.config, _overrides(args))
     cfg = source.load()
     _check_engine(cfg)
@@ -415,6 +414,9 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("serve", "waf"):
+        # never SIGHUP's default (exit): once serving, the proxy reloads on it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if args.command == "serve":
             return _cmd_serve(args)

@@ -402,3 +402,32 @@ async def test_sighup_reloads_every_worker_and_never_kills_a_download(
     # the second SIGHUP reached every worker (all were serving by then); the first, every
     # worker that had started (one still starting reads the new file as it starts)
     assert workers + 1 <= len(sighup) <= 2 * workers, out
+
+
+def test_sighup_does_not_stop_the_waf_service():
+    port = free_port()
+    proc = subprocess.Popen(
+        [*QUICPROXY, "waf", "serve", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--waf-engine", "modsecurity"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "SIGHUP ignored" in out

@@ -4,8 +4,9 @@
 default one (``tls.cert``/``tls.key``) and those of ``tls.certificates``, each serving
 the names its certificate holds (subjectAltName DNS names, ``*.example.com`` matching
 one label; the common name when there is none). A handshake's server name picks the
-pair: an exact name first, then a wildcard, the first listed pair winning a tie; a
-client without SNI or with a name no pair holds gets the default. Both listeners ask
+pair: an exact name first, then a wildcard, the first listed pair winning a tie and the
+default pair's own names coming last; a client without SNI or with a name no pair
+holds gets the default. Both listeners ask
 the same :meth:`Certificates.choose`:
 
 - TLS over TCP: the default pair's context has an ``sni_callback`` that moves the
@@ -296,7 +297,8 @@ class Certificates:
     def _index(self) -> None:
         exact: dict[str, TlsStore] = {}
         wildcard: dict[str, TlsStore] = {}
-        for store in self.stores:  # the first listed pair wins a name two hold
+        # the first listed pair wins a name two hold; the default's names come last
+        for store in (*self.stores, self.default) if self.stores else ():
             for name in store.current().names:
                 if name.startswith("*."):
                     wildcard.setdefault(name[2:], store)

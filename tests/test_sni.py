@@ -220,12 +220,14 @@ async def test_rotating_one_pair_leaves_the_others(tmp_path, pairs, backend):
 
 
 def test_choice_is_exact_then_wildcard_then_first_listed(tmp_path):
-    default = _pair(tmp_path / "d", DEFAULT)
+    default = _pair(tmp_path / "d", ("www.example.com", "*.default.test"))
     wide = _pair(tmp_path / "w", ("*.example.com",))
     exact = _pair(tmp_path / "e", ("a.example.com", "*.example.com"))
     certs = Certificates(default, [wide, exact])
     try:
         assert certs.choose("a.example.com") is certs.stores[1]  # exact beats wildcard
+        assert certs.choose("www.example.com") is certs.default  # the default's exact name too
+        assert certs.choose("x.default.test") is certs.default
         assert certs.choose("b.example.com") is certs.stores[0]  # first listed wildcard
         assert certs.choose("example.com") is certs.default
         assert certs.choose(".example.com") is certs.default  # empty label

@@ -5,17 +5,17 @@ the request id, the access log line and the request metrics are written once
 here; the h1, h2 and h3 adapters only translate events and write responses
 through a :class:`ResponseWriter`.
 
-Everything a request reads of the configuration (``cfg``, ``router``, ``waf``,
-``limiter``, ``access``, ``trusted``) comes from one :class:`Runtime`: the one in force
-when its exchange began, held to its end (a context variable, inherited by the tasks and
-callbacks the exchange starts), whatever :meth:`Handler.swap` puts in force meanwhile.
+Everything a request reads of the configuration (its config, router, WAF, rate
+limiter, access log, trusted proxies) comes from one :class:`Runtime`: the one in force
+when its exchange began, handed down the pipeline to its access-log line, whatever
+:meth:`Handler.swap` puts in force meanwhile. ``Handler.cfg``, ``.router`` and the like
+are the runtime in force now (for the protocol adapters' connection settings).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import json
 import logging
 import time
@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from ._access import AccessLog, AccessRecord, request_id
-from ._config import Config
+from ._config import Config, WafConfig
 from ._demo import demo_response
 from ._errors import (
     BodyTooLarge,
@@ -62,10 +62,6 @@ __all__ = ["Handler", "ResponseWriter", "error_response"]
 log = logging.getLogger("quicproxy")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _PREFETCH = 65536
-_REQUEST_RUNTIME: contextvars.ContextVar[Runtime | None] = contextvars.ContextVar(
-    "quicproxy_runtime", default=None
-)
-"The runtime of the request being handled (None outside a request)."
 
 
 class ResponseWriter(Protocol):
@@ -120,38 +116,35 @@ class Handler:
 
     # ------------------------------------------------------------------ runtime
 
-    def _rt(self) -> Runtime:
-        return _REQUEST_RUNTIME.get() or self.runtime
-
     @property
     def cfg(self) -> Config:
-        return self._rt().cfg
+        return self.runtime.cfg
 
     @property
     def router(self) -> Router:
-        return self._rt().router
+        return self.runtime.router
 
     @property
     def waf(self) -> Waf | None:
-        return self._rt().waf
+        return self.runtime.waf
 
     @property
     def limiter(self) -> RateLimiter | None:
-        return self._rt().limiter
+        return self.runtime.limiter
 
     @property
     def access(self) -> AccessLog:
         "Access log; its ``sink`` (a callable taking one line) can be replaced."
-        return self._rt().access
+        return self.runtime.access
 
     @property
     def trusted(self) -> TrustedProxies:
-        return self._rt().trusted
+        return self.runtime.trusted
 
     @property
     def waf_engine(self) -> str:
         "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
-        return self._rt().waf_engine
+        return self.runtime.waf_engine
 
     def swap(self, runtime: Runtime) -> Runtime:
         """Put ``runtime`` in force for requests that begin from now on; requests in
@@ -174,18 +167,17 @@ class Handler:
         :class:`ClientGone` from the writer or the request body) is normal traffic:
         nothing is logged above DEBUG, the upstream connection is closed, the access
         log says 499 and ``client_cancels`` counts it."""
-        runtime = self.runtime
-        held = _REQUEST_RUNTIME.set(runtime)  # this request's, to its end
-        runtime.uses.enter()
+        rt = self.runtime  # this request's, to its end
+        rt.uses.enter()
         self.active += 1
         self._idle.clear()
         started = time.monotonic()
-        rec = self._begin(req)
+        rec = self._begin(req, rt)
         body_in = req.body
         resp: Response | None = None
         gone = False
         try:
-            resp = await self.handle(req, rec)
+            resp = await self.handle(req, rec, rt)
             headers = response_fields(req.method, resp.status, resp.headers, resp.content_length)
             headers = [(k, v) for k, v in headers if k != "x-request-id"]
             headers.append(("x-request-id", rec.request_id))
@@ -221,8 +213,7 @@ class Handler:
             rec.duration = time.monotonic() - started
             # Metrics and the access log after the protocol's flush of the response (h2
             # and h3 send once per loop turn): the answer does not wait for bookkeeping.
-            asyncio.get_running_loop().call_soon(self._settle, rec)  # in this context
-            _REQUEST_RUNTIME.reset(held)
+            asyncio.get_running_loop().call_soon(self._settle, rec, rt)
         return resp
 
     async def _send_body(
@@ -245,25 +236,25 @@ class Handler:
             return
         await writer.send_end(resp.body.trailers)
 
-    def _settle(self, rec: AccessRecord) -> None:
+    def _settle(self, rec: AccessRecord, rt: Runtime) -> None:
         try:
-            self._finish(rec)
+            self._finish(rec, rt)
         finally:
-            self._rt().uses.leave()
+            rt.uses.leave()
             self.active -= 1
             _safe(lambda: metrics.in_flight.dec())
             if self.active == 0:
                 self._idle.set()
 
-    def _begin(self, req: Request) -> AccessRecord:
+    def _begin(self, req: Request, rt: Runtime) -> AccessRecord:
         """Request id (kept from a trusted proxy, else new; sent upstream) and log record."""
         _safe(lambda: metrics.in_flight.inc())
-        rid = request_id(req, self.trusted)
+        rid = request_id(req, rt.trusted)
         req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"]
         req.headers.append(("x-request-id", rid))
-        return self.access.start(req, real_client(req, self.trusted), rid)
+        return rt.access.start(req, real_client(req, rt.trusted), rid)
 
-    def _finish(self, rec: AccessRecord) -> None:
+    def _finish(self, rec: AccessRecord, rt: Runtime) -> None:
         try:
             metrics.request_done(
                 rec.protocol,
@@ -276,7 +267,7 @@ class Handler:
             )
         except Exception:  # metrics must never break a request
             log.exception("recording metrics failed")
-        self.access.write(rec)
+        rt.access.write(rec)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if ``timeout`` ran out first."""
@@ -286,12 +277,16 @@ class Handler:
         except TimeoutError:
             return False
 
-    async def handle(self, req: Request, rec: AccessRecord | None = None) -> Response:
-        """The response for ``req``; errors become small error responses."""
+    async def handle(
+        self, req: Request, rec: AccessRecord | None = None, rt: Runtime | None = None
+    ) -> Response:
+        """The response for ``req`` under ``rt`` (default: the runtime in force); errors
+        become small error responses."""
+        rt = rt or self.runtime
         if rec is None:
-            rec = self.access.start(req, req.client[0], "-")
+            rec = rt.access.start(req, req.client[0], "-")
         try:
-            resp = await self._handle(req, rec)
+            resp = await self._handle(req, rec, rt)
             if resp.generated and resp.status >= 400 and is_grpc(req):
                 return grpc_error(resp.status, wire_reason(resp.status))
             return resp
@@ -316,8 +311,9 @@ class Handler:
 
     # ------------------------------------------------------------------ steps
 
-    async def _handle(self, req: Request, rec: AccessRecord) -> Response:
-        check_request(req, self.cfg.limits.max_headers)
+    async def _handle(self, req: Request, rec: AccessRecord, rt: Runtime) -> Response:
+        cfg = rt.cfg
+        check_request(req, cfg.limits.max_headers)
         if req.target == "*":
             return options_response()
         if req.path == "/_gwhealthz":
@@ -325,33 +321,32 @@ class Handler:
                 return Response.text(503, "draining\n")
             return Response.text(200, "OK")
         if req.scheme == "http":
-            if req.path == "/metrics" and self.cfg.metrics.port is None:
+            if req.path == "/metrics" and cfg.metrics.port is None:
                 return Response(200, [("content-type", CONTENT_TYPE)], Body.of(metrics.render()))
-            if self.cfg.listen.plain_http == "redirect":
-                return self._redirect(req)
-        pool = self.router.match(req.host, req.path)
+            if cfg.listen.plain_http == "redirect":
+                return self._redirect(req, cfg)
+        pool = rt.router.match(req.host, req.path)
         rec.route = pool.name if pool is not None else "demo"
-        if self.limiter is not None:
-            limited = self._rate_limit(rec)
+        if rt.limiter is not None:
+            limited = self._rate_limit(rec, rt.limiter)
             if limited is not None:
                 return limited
-        self._check_limits(req)
-        if self.waf is None:
-            return await self._forward(req, rec, self._target(req, pool))
+        self._check_limits(req, cfg)
+        if rt.waf is None:
+            return await self._forward(req, rec, self._target(req, pool, rt.trusted), cfg)
         started = time.perf_counter()
-        tx = self.waf.transaction(self._waf_request(req))  # may start evaluating (bodiless)
-        target = self._target(req, pool)  # prepared while the engine evaluates
-        blocked = await self._inspect(req, rec, tx, started)
+        tx = rt.waf.transaction(self._waf_request(req))  # may start evaluating (bodiless)
+        target = self._target(req, pool, rt.trusted)  # prepared while the engine evaluates
+        blocked = await self._inspect(req, rec, tx, started, rt)
         if blocked is not None:
             return blocked
-        return await self._forward(req, rec, target)
+        return await self._forward(req, rec, target, cfg)
 
-    def _rate_limit(self, rec: AccessRecord) -> Response | None:
+    def _rate_limit(self, rec: AccessRecord, limiter: RateLimiter) -> Response | None:
         """429 with Retry-After when the client is over its rate; never raises."""
-        assert self.limiter is not None
         try:
-            wait = self.limiter.check(rec.client, rec.route or "")
-            metrics.rate_limit_buckets.set(len(self.limiter))
+            wait = limiter.check(rec.client, rec.route or "")
+            metrics.rate_limit_buckets.set(len(limiter))
             if wait is None:
                 return None
             metrics.rate_limited.labels(route=rec.route or "-").inc()
@@ -365,38 +360,40 @@ class Handler:
             [("retry-after", RateLimiter.retry_after(wait))],
         )
 
-    def _redirect(self, req: Request) -> Response:
-        port = self.cfg.listen.alt_svc_port or self.cfg.listen.https_port or 443
+    def _redirect(self, req: Request, cfg: Config) -> Response:
+        port = cfg.listen.alt_svc_port or cfg.listen.https_port or 443
         host = req.host or "localhost"
         location = f"https://{host}{'' if port == 443 else f':{port}'}{req.target}"
         resp = Response.text(308, f"Redirecting to {location}\n")
         resp.headers.append(("location", location))
         return resp
 
-    def _check_limits(self, req: Request) -> None:
+    def _check_limits(self, req: Request, cfg: Config) -> None:
         size = len(req.target) + len(req.authority)
         size += sum(len(k) + len(v) + 4 for k, v in req.headers)
-        if size > self.cfg.limits.max_header_bytes:
-            raise HeadersTooLarge(f"request headers over {self.cfg.limits.max_header_bytes} bytes")
-        limit = self.cfg.limits.max_body_bytes
+        if size > cfg.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request headers over {cfg.limits.max_header_bytes} bytes")
+        limit = cfg.limits.max_body_bytes
         if limit and req.content_length is not None and req.content_length > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
         if req.early_data and (req.method not in _SAFE_METHODS or req.upgrade):
             raise TooEarly("retry after the handshake completes")
 
-    def _target(self, req: Request, pool: Pool | None) -> tuple[Member, Headers]:
+    def _target(
+        self, req: Request, pool: Pool | None, trusted: TrustedProxies
+    ) -> tuple[Member, Headers]:
         """Where the request goes and the headers it goes with."""
         if pool is None:
             return DEMO, []
-        return pool.pick(), upstream_headers(req, self.trusted)
+        return pool.pick(), upstream_headers(req, trusted)
 
     async def _forward(
-        self, req: Request, rec: AccessRecord, target: tuple[Member, Headers]
+        self, req: Request, rec: AccessRecord, target: tuple[Member, Headers], cfg: Config
     ) -> Response:
         member, headers = target
         if req.upgrade:
-            return await self._tunnel(req, rec, member, headers)
-        limit = self.cfg.limits.max_body_bytes
+            return await self._tunnel(req, rec, member, headers, cfg)
+        limit = cfg.limits.max_body_bytes
         grpc = is_grpc(req)
         if req.content_length is None and not req.body.ended and not grpc:
             await self._measure_small_body(req, limit)  # a gRPC stream may wait for answers
@@ -427,7 +424,7 @@ class Handler:
         return resp  # hop-by-hop fields go in ``exchange`` (``response_fields``)
 
     async def _tunnel(
-        self, req: Request, rec: AccessRecord, member: Member, headers: Headers
+        self, req: Request, rec: AccessRecord, member: Member, headers: Headers, cfg: Config
     ) -> Response:
         """A WebSocket handshake: the backend's answer, whose body is the tunnel."""
         if member == DEMO:
@@ -435,7 +432,7 @@ class Handler:
         rec.upstream = member.label
         sent = time.monotonic()
         resp = await open_websocket(
-            self.cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client
+            cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client
         )
         rec.upstream_time = time.monotonic() - sent
         return resp  # hop-by-hop fields go in ``exchange``; h1's 101 gets its Upgrade back
@@ -453,29 +450,33 @@ class Handler:
     # ------------------------------------------------------------------ WAF
 
     async def _inspect(
-        self, req: Request, rec: AccessRecord, tx: WafTransaction, started: float
+        self, req: Request, rec: AccessRecord, tx: WafTransaction, started: float, rt: Runtime
     ) -> Response | None:
         """The WAF's verdict on ``req``: a response when it must not go on, else None."""
         bodiless = req.body.ended
+        label = rt.waf_engine
         try:
-            return await self._decide(req, rec, tx)
+            return await self._decide(req, rec, tx, rt.cfg.waf)
         finally:
             seconds = time.perf_counter() - started
             engine = getattr(tx, "engine_seconds", 0.0)  # a Waf of the library's user may not say
             # Recorded one loop step later: the request goes upstream first.
             asyncio.get_running_loop().call_soon(
-                _safe, lambda: self._record_waf(rec.waf, seconds, engine, bodiless)
+                _safe, lambda: self._record_waf(label, rec.waf, seconds, engine, bodiless)
             )
 
-    def _record_waf(self, verdict: str, seconds: float, engine: float, bodiless: bool) -> None:
+    @staticmethod
+    def _record_waf(
+        label: str, verdict: str, seconds: float, engine: float, bodiless: bool
+    ) -> None:
         """The decision and its time; with the engine's own share when the engine ran here
         (what remains of a bodiless request's time is the WAF's hand-over and queueing)."""
-        metrics.waf_decisions.labels(self.waf_engine, verdict).inc()
-        metrics.waf_duration.labels(self.waf_engine).observe(seconds)
+        metrics.waf_decisions.labels(label, verdict).inc()
+        metrics.waf_duration.labels(label).observe(seconds)
         if engine > 0:
-            metrics.waf_engine.labels(self.waf_engine).observe(engine)
+            metrics.waf_engine.labels(label).observe(engine)
             if bodiless:
-                metrics.waf_wait.labels(self.waf_engine).observe(max(0.0, seconds - engine))
+                metrics.waf_wait.labels(label).observe(max(0.0, seconds - engine))
 
     @staticmethod
     def _waf_request(req: Request) -> WafRequest:
@@ -491,13 +492,14 @@ class Handler:
             has_body=not req.body.ended and req.upgrade is None,
         )
 
-    async def _decide(self, req: Request, rec: AccessRecord, tx: WafTransaction) -> Response | None:
-        wcfg = self.cfg.waf
+    async def _decide(
+        self, req: Request, rec: AccessRecord, tx: WafTransaction, wcfg: WafConfig
+    ) -> Response | None:
         rec.waf = "error"
         try:
             decision = await tx.headers()
             if decision is None or decision.allowed:
-                await self._inspect_body(req, tx)
+                await self._inspect_body(req, tx, wcfg)
                 decision = await tx.finish()
         except WafUnavailable as exc:
             if wcfg.fail == "closed":
@@ -530,9 +532,8 @@ class Handler:
             [("x-waf-rule-id", rule)],
         )
 
-    async def _inspect_body(self, req: Request, tx: WafTransaction) -> None:
+    async def _inspect_body(self, req: Request, tx: WafTransaction, wcfg: WafConfig) -> None:
         """Stream up to body_limit bytes into the engine; the body is left unread."""
-        wcfg = self.cfg.waf
         if not wcfg.body_access or req.body.ended or req.upgrade or is_grpc(req):
             # a WebSocket's body is its tunnel (only the handshake is inspected); a gRPC
             # body is protobuf, and a stream that may wait for answers

@@ -81,8 +81,96 @@ async def backends() -> Any:
         await b.stop()
 
 
+Answer = tuple[float, float, str, int, str]
+"(sent, answered, path, status, x-backend) of one request."
+
+
+async def load_while_rewriting(
+    proxy: Proxy,
+    path: Path,
+    certs: tuple[str, str],
+    version_config: Any,
+    rewrites: int,
+    per_protocol: int,
+    paths: list[str],
+) -> tuple[list[Answer], dict[int, tuple[float, float]]]:
+    """h1, h2 and h3 clients (``per_protocol`` each, one connection each) loop over
+    ``paths`` while the file is rewritten to versions 2..rewrites+1, each waited for.
+    Returns the answers and, per version, the window its swap happened in (file written,
+    version seen); asserts that no request failed and no connection was replaced."""
+    assert proxy.handler is not None and proxy._quic is not None
+    handler, quic = proxy.handler, proxy._quic
+    windows: dict[int, tuple[float, float]] = {1: (0.0, time.monotonic())}
+    answers: list[Answer] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def loop_requests(send: Any) -> None:
+        i = 0
+        while not stop.is_set():
+            target = paths[i % len(paths)]
+            i += 1
+            sent = time.monotonic()
+            try:
+                status, backend = await send(target)
+            except Exception as exc:  # any failure counts
+                failures.append(repr(exc))
+                continue
+            answers.append((sent, time.monotonic(), target, status, backend))
+
+    async def tcp_loop(http2: bool) -> None:
+        async with tcp_client(certs, http2=http2) as client:
+            await client.get(https_url(proxy, "/"))  # its connection is open before
+
+            async def send(target: str) -> tuple[int, str]:
+                r = await client.get(https_url(proxy, target))
+                return r.status_code, r.headers.get("x-backend", "")
+
+            await loop_requests(send)
+
+    async def h3_loop() -> None:
+        async with h3(proxy, certs) as client:
+            await client.request("GET", "/")
+
+            async def send(target: str) -> tuple[int, str]:
+                r = await client.request("GET", target)
+                return r.status, r.header("x-backend") or ""
+
+            await loop_requests(send)
+
+    tasks = [asyncio.ensure_future(tcp_loop(False)) for _ in range(per_protocol)]
+    tasks += [asyncio.ensure_future(tcp_loop(True)) for _ in range(per_protocol)]
+    tasks += [asyncio.ensure_future(h3_loop()) for _ in range(per_protocol)]
+    try:
+        await until(lambda: len(proxy._conns) == 2 * per_protocol)
+        await until(lambda: len(quic.connections) == per_protocol)
+        tcp_before, quic_before = set(proxy._conns), set(quic.connections)
+        for k in range(2, rewrites + 2):
+            await asyncio.sleep(0.15)
+            written = time.monotonic()
+            write_config(path, version_config(k))
+            await until(lambda k=k: handler.runtime.version == k, 30)
+            windows[k] = (written, time.monotonic())
+        await asyncio.sleep(0.15)
+        # the connections open before are the ones open now: none was closed or replaced
+        assert set(proxy._conns) == tcp_before
+        assert set(quic.connections) == quic_before
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert failures == []
+    windows[rewrites + 2] = (float("inf"), float("inf"))
+    return answers, windows
+
+
+def in_force(windows: dict[int, tuple[float, float]], sent: float, done: float) -> list[int]:
+    """The versions that may have been in force at some time in [sent, done]."""
+    last = max(windows) - 1
+    return [k for k in range(1, last + 1) if windows[k][0] <= done and sent <= windows[k + 1][1]]
+
+
 async def test_routes_rewritten_under_h1_h2_h3_load_fail_no_request(tmp_path, certs, backends):
-    rewrites, per_protocol = 12, 4
+    rewrites = 12
     path = tmp_path / "config.yaml"
 
     def version_config(k: int) -> dict[str, Any]:
@@ -90,93 +178,61 @@ async def test_routes_rewritten_under_h1_h2_h3_load_fail_no_request(tmp_path, ce
 
     write_config(path, version_config(1))
     proxy = await started(path)
-    assert proxy.handler is not None
-    handler = proxy.handler
-    # version k: swapped in between windows[k][0] (file written) and windows[k][1] (seen)
-    windows: dict[int, tuple[float, float]] = {1: (0.0, time.monotonic())}
-    answers: list[tuple[float, float, str]] = []
-    failures: list[str] = []
-    stop = asyncio.Event()
-
-    async def loop_requests(send: Any) -> None:
-        while not stop.is_set():
-            sent = time.monotonic()
-            try:
-                status, backend = await send()
-            except Exception as exc:  # any failure counts
-                failures.append(repr(exc))
-                continue
-            if status != 200:
-                failures.append(f"status {status}")
-            answers.append((sent, time.monotonic(), backend))
-
-    async def tcp_loop(http2: bool) -> None:
-        async with tcp_client(certs, http2=http2) as client:
-            await client.get(https_url(proxy, "/p"))  # its connection is open before
-            opened.set()
-
-            async def send() -> tuple[int, str]:
-                r = await client.get(https_url(proxy, "/p"))
-                return r.status_code, r.headers["x-backend"]
-
-            await loop_requests(send)
-
-    async def h3_loop() -> None:
-        async with h3(proxy, certs) as client:
-            await client.request("GET", "/p")
-            opened.set()
-
-            async def send() -> tuple[int, str]:
-                r = await client.request("GET", "/p")
-                return r.status, r.header("x-backend") or ""
-
-            await loop_requests(send)
-
-    opened = asyncio.Event()
-    tasks = [asyncio.ensure_future(tcp_loop(False)) for _ in range(per_protocol)]
-    tasks += [asyncio.ensure_future(tcp_loop(True)) for _ in range(per_protocol)]
-    tasks += [asyncio.ensure_future(h3_loop()) for _ in range(per_protocol)]
     try:
-        await until(lambda: len(proxy._conns) == 2 * per_protocol)
-        assert proxy._quic is not None
-        await until(lambda: len(proxy._quic.connections) == per_protocol)
-        tcp_before, quic_before = set(proxy._conns), set(proxy._quic.connections)
-        for k in range(2, rewrites + 2):
-            await asyncio.sleep(0.15)
-            written = time.monotonic()
-            write_config(path, version_config(k))
-            await until(lambda k=k: handler.runtime.version == k)
-            windows[k] = (written, time.monotonic())
-        await asyncio.sleep(0.15)
-        # the connections open before are the ones open now: none was closed or replaced
-        assert set(proxy._conns) == tcp_before
-        assert set(proxy._quic.connections) == quic_before
-        stop.set()
-        await asyncio.gather(*tasks)
+        answers, windows = await load_while_rewriting(
+            proxy, path, certs, version_config, rewrites, 4, ["/p", "/other"]
+        )
     finally:
-        stop.set()
-        for t in tasks:
-            t.cancel()
         await proxy.stop(grace=1)
-    assert failures == []
-    last = max(windows)
-    windows[last + 1] = (float("inf"), float("inf"))
 
-    def possible(sent: float, done: float) -> set[str]:
-        """Backends of /p under the versions in force at some time in [sent, done]."""
-        return {
-            backends[k % 3].name
-            for k in range(1, last + 1)
-            if windows[k][0] <= done and sent <= windows[k + 1][1]
-        }
+    def expected(target: str, k: int) -> str:
+        return backends[k % 3 if target == "/p" else (k + 1) % 3].name
 
-    wrong = [(s, d, b) for s, d, b in answers if b not in possible(s, d)]
+    wrong = [
+        a
+        for a in answers
+        if a[3] != 200 or a[4] not in {expected(a[2], k) for k in in_force(windows, *a[:2])}
+    ]
     print(f"{len(answers)} requests over {rewrites} reloads, 0 failed")
     assert len(answers) > 20 * rewrites
     assert wrong == []
     assert metrics.value("quicproxy_config_reloads_total", result="ok") == rewrites
-    seen = {b for _, _, b in answers}
-    assert seen == {"b0", "b1", "b2"}  # every version's route was used
+    assert {a[4] for a in answers} == {"b0", "b1", "b2"}  # every version's routes were used
+
+
+async def test_waf_and_routes_rewritten_under_load(tmp_path, certs, backends, waf_engine):
+    """Every other version turns the inline WAF on (paranoia 1, then 2): an attack is
+    answered 403 or passed by the version in force while it ran, never by another."""
+    rewrites = 8
+    path = tmp_path / "config.yaml"
+    attack = "/p?q=<script>alert(document.cookie)</script>"
+
+    def version_config(k: int) -> dict[str, Any]:
+        waf = {"mode": "off"}
+        if k % 2 == 0:
+            waf = {"mode": "inline", "engine": waf_engine, "paranoia_level": 1 + k % 4 // 2}
+        return routed(certs, backends[k % 3], backends[k % 3], waf=waf)
+
+    write_config(path, version_config(1))
+    proxy = await started(path)
+    try:
+        answers, windows = await load_while_rewriting(
+            proxy, path, certs, version_config, rewrites, 3, ["/p", attack]
+        )
+    finally:
+        await proxy.stop(grace=1)
+
+    def outcome(target: str, k: int) -> tuple[int, str]:
+        if target == attack and k % 2 == 0:
+            return 403, ""
+        return 200, backends[k % 3].name
+
+    wrong = [
+        a for a in answers if a[3:] not in {outcome(a[2], k) for k in in_force(windows, *a[:2])}
+    ]
+    assert wrong == []
+    assert {a[3] for a in answers if a[2] == attack} == {200, 403}
+    assert len(answers) > 10 * rewrites
 
 
 async def test_a_request_in_flight_finishes_on_the_config_it_began_with(tmp_path, certs, backends):

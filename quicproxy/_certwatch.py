@@ -273,26 +273,56 @@ class Certificates:
         self.stores: list[TlsStore] = []
         "The pairs of tls.certificates, in their order."
         self._task: asyncio.Task[None] | None = None
+        self._exact: dict[str, TlsStore] = {}
+        self._wildcard: dict[str, TlsStore] = {}
+        self.context: ssl.SSLContext = self.default.context
+        "The TCP listener's context: the default pair, moved to another by SNI."
         try:
-            for i, (cert, key) in enumerate(pairs or ()):
-                store = TlsStore(cert, key, poll, setting=f"tls.certificates[{i}].cert")
-                self.stores.append(store)
-                if not store.current().names:
-                    raise ConfigError(
-                        store.setting,
-                        f"{cert} holds no DNS name to serve",
-                        "give a certificate whose subjectAltName lists DNS names",
-                    )
+            self.use(self.load(pairs or []))
         except Exception:
             self.close()
             raise
-        self._exact: dict[str, TlsStore] = {}
-        self._wildcard: dict[str, TlsStore] = {}
+
+    def load(self, pairs: list[tuple[str, str]]) -> list[TlsStore]:
+        """Stores for ``pairs`` (a reload's tls.certificates): those already in use kept
+        as they are, the others loaded; ConfigError naming the entry when one does not
+        load. Nothing changes until :meth:`use` (or :meth:`discard`)."""
+        known = {(s.cert_path, s.key_path): s for s in self.stores}
+        stores: list[TlsStore] = []
+        try:
+            for i, (cert, key) in enumerate(pairs):
+                store = known.get((cert, key))
+                if store is None:
+                    store = TlsStore(cert, key, self.poll, setting=f"tls.certificates[{i}].cert")
+                    stores.append(store)  # closed below if a later one fails
+                    if not store.current().names:
+                        raise ConfigError(
+                            store.setting,
+                            f"{cert} holds no DNS name to serve",
+                            "give a certificate whose subjectAltName lists DNS names",
+                        )
+                else:
+                    stores.append(store)
+        except Exception:
+            self.discard(stores)
+            raise
+        return stores
+
+    def use(self, stores: list[TlsStore]) -> None:
+        """Serve ``stores`` (from :meth:`load`) from the next handshake on; pairs no longer
+        listed are closed (connections open with them keep them)."""
+        dropped = [s for s in self.stores if s not in stores]
+        self.stores = stores
         self._index()
-        self.context: ssl.SSLContext = self.default.context
-        "The TCP listener's context: the default pair, moved to another by SNI."
-        if self.stores:
-            self.context.sni_callback = self._sni
+        self.context.sni_callback = self._sni if stores else None
+        for store in dropped:
+            store.close()
+
+    def discard(self, stores: list[TlsStore]) -> None:
+        """Close the stores of a :meth:`load` that will not be used."""
+        for store in stores:
+            if store not in self.stores:
+                store.close()
 
     def _index(self) -> None:
         exact: dict[str, TlsStore] = {}

@@ -4,7 +4,8 @@
 the file, the environment and the command line flags, in the same precedence), builds
 the next :class:`Runtime` beside the running one (a new router; the WAF built again
 when its settings changed, or on SIGHUP, which also rereads its rule files; built in a
-thread, the event loop keeps serving) and swaps it in with ``Handler.swap``: requests
+thread, the event loop keeps serving; the SNI pairs of ``tls.certificates`` added or
+dropped, see ``Certificates.load``) and swaps it in with ``Handler.swap``: requests
 that begin afterwards use it, requests in flight finish on theirs, connections stay
 open. A config that does not load (validation, a route's backend, the WAF engine or a
 rule file) is refused with one log line naming the key and the fix, and the running
@@ -158,14 +159,20 @@ class Reloader:
             if handler is None:
                 return False
             running = handler.runtime
+            certs = self.proxy.tls_store
+            pairs: list[Any] | None = None
+            waf = running.waf
             try:
                 new = self.source.load()
                 cfg = effective_config(new, self.proxy.config)
                 router = new_router(cfg)
-                waf = running.waf
+                if certs is not None and cfg.tls.certificates != running.cfg.tls.certificates:
+                    pairs = certs.load([(str(c.cert), str(c.key)) for c in cfg.tls.certificates])
                 if rebuild_waf or cfg.waf != running.cfg.waf:
                     waf = await self._new_waf(cfg)
             except ConfigError as exc:
+                if certs is not None and pairs is not None:
+                    certs.discard(pairs)
                 log.error(
                     "config reload (%s) refused, version %d stays in force: %s",
                     why,
@@ -176,6 +183,8 @@ class Reloader:
                 return False
             runtime = build_runtime(cfg, waf, previous=running, router=router)
             fixed = fixed_changes(self.loaded, new) if self.loaded is not None else []
+            if certs is not None and pairs is not None:
+                certs.use(pairs)
             self._swap(runtime)
             self.loaded = new
             self.reloads += 1

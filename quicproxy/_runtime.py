@@ -34,9 +34,11 @@ __all__ = ["FIXED", "Runtime", "Uses", "build_runtime", "fixed_changes", "effect
 log = logging.getLogger("quicproxy")
 
 FIXED = ("listen", "tls", "quic", "metrics", "workers", "upstream")
-"""Config sections (or keys) that need a restart: sockets, certificates (watched on their
-own), worker processes, and the upstream connection pools (``upstream.tls`` excepted: it
-shapes the router's members, rebuilt on every reload)."""
+"""Config sections (or keys) that need a restart: sockets, the default certificate pair
+(watched on its own; ``tls.certificates`` excepted: the SNI pairs are reloaded), worker
+processes, and the upstream connection pools (``upstream.tls`` excepted: it shapes the
+router's members, rebuilt on every reload)."""
+LIVE_IN_FIXED = {("upstream", "tls"), ("tls", "certificates")}
 
 
 @dataclass
@@ -99,10 +101,11 @@ def new_router(cfg: Config) -> Router:
 def effective_config(new: Config, running: Config) -> Config:
     """``new`` with the FIXED settings of ``running`` (they stay until a restart)."""
     upstream = dataclasses.replace(running.upstream, tls=new.upstream.tls)
+    tls = dataclasses.replace(running.tls, certificates=new.tls.certificates)
     return dataclasses.replace(
         new,
         listen=running.listen,
-        tls=running.tls,
+        tls=tls,
         quic=running.quic,
         metrics=running.metrics,
         workers=running.workers,
@@ -120,8 +123,8 @@ def fixed_changes(old: Config, new: Config) -> list[str]:
                 changed.append(name)
             continue
         for f in dataclasses.fields(before):
-            if name == "upstream" and f.name == "tls":
-                continue  # live
+            if (name, f.name) in LIVE_IN_FIXED:
+                continue
             if getattr(before, f.name) != getattr(after, f.name):
                 changed.append(f"{name}.{f.name}")
     return changed

@@ -267,3 +267,59 @@ def test_a_bad_certificates_entry_is_one_error_naming_its_key(pairs, entry, key)
 def test_a_pair_that_does_not_load_is_refused_at_start_naming_it(tmp_path, pairs):
     with pytest.raises(ConfigError, match=r"tls\.certificates\[1\]\.cert"):
         Certificates(pairs["default"], [pairs["shop"], (pairs["api"][0], pairs["shop"][1])])
+
+
+async def test_a_reload_adds_and_drops_sni_pairs_and_refuses_one_that_does_not_load(
+    tmp_path, pairs, backend, caplog
+):
+    import logging
+
+    import yaml
+
+    from quicproxy._reload import ConfigSource
+
+    def entry(name: str) -> dict[str, str]:
+        return {"cert": pairs[name][0], "key": pairs[name][1]}
+
+    def write(listed: list[dict[str, str]]) -> None:
+        data = {
+            "backend": backend.url,
+            "listen": {"host": "127.0.0.1", "http_port": 0, "https_port": 0},
+            "tls": {
+                "cert": pairs["default"][0],
+                "key": pairs["default"][1],
+                "certificates": listed,
+            },
+            "log": {"access": "off"},
+        }
+        (tmp_path / "c.tmp").write_text(yaml.safe_dump(data))
+        (tmp_path / "c.tmp").replace(path)
+
+    path = tmp_path / "config.yaml"
+    write([entry("shop")])
+    source = ConfigSource(str(path), env={})
+    proxy = Proxy(source.load(), source=source)
+    await proxy.start()
+    try:
+        port = proxy.https_port
+        assert await quic_names(port, "v1.api.example.com") == DEFAULT
+        write([entry("shop"), entry("api")])  # a new site
+        assert await proxy.reload()
+        assert await quic_names(port, "v1.api.example.com") == API
+        assert (await tcp_names(port, "v1.api.example.com"))[0] == API
+        assert await h2_get(port, "v1.api.example.com", pairs["api"][0]) == 200
+        write([entry("api")])  # one dropped
+        assert await proxy.reload()
+        assert await quic_names(port, "shop.example.com") == DEFAULT
+        assert (await tcp_names(port, "shop.example.com"))[0] == DEFAULT
+        assert (await tcp_names(port, "v1.api.example.com"))[0] == API
+        # a pair whose key is another's: refused, nothing changes
+        with caplog.at_level(logging.ERROR, logger="quicproxy"):
+            write([entry("api"), {"cert": pairs["shop"][0], "key": pairs["api"][1]}])
+            assert not await proxy.reload()
+        (line,) = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert "tls.certificates[1].cert" in line and "fix:" in line
+        assert (await tcp_names(port, "shop.example.com"))[0] == DEFAULT
+        assert await quic_names(port, "v1.api.example.com") == API
+    finally:
+        await proxy.stop(grace=1)

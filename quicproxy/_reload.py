@@ -171,6 +171,7 @@ class Reloader:
                 if rebuild_waf or cfg.waf != running.cfg.waf:
                     waf = await self._new_waf(cfg)
             except ConfigError as exc:
+                self._seen()
                 if certs is not None and pairs is not None:
                     certs.discard(pairs)
                 log.error(
@@ -186,6 +187,7 @@ class Reloader:
             if certs is not None and pairs is not None:
                 certs.use(pairs)
             self._swap(runtime)
+            self._seen()
             self.loaded = new
             self.reloads += 1
             _count("ok")
@@ -197,6 +199,11 @@ class Reloader:
                 note,
             )
             return True
+
+    def _seen(self) -> None:
+        """The file as this reload read it: the watcher does not load those bytes again."""
+        if self.source.signature:
+            self._signature, self._digest = self.source.signature, self.source.digest
 
     async def _new_waf(self, cfg: Config) -> Any:
         if cfg.waf.mode == "off":

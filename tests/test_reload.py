@@ -159,6 +159,10 @@ async def load_while_rewriting(
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     assert failures == []
+    # every retired runtime was let go once its requests finished: only the current is held
+    assert proxy.reloader is not None
+    live = proxy.reloader._live
+    await until(lambda: live == [handler.runtime])
     windows[rewrites + 2] = (float("inf"), float("inf"))
     return answers, windows
 

@@ -21,6 +21,7 @@ from ._config import Config, load_config
 from ._errors import ConfigError
 from ._metrics import mark_worker_dead, metrics, multiprocess_dir
 from ._quiclisten import Workers
+from ._reload import ConfigSource
 from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
 
@@ -164,9 +165,13 @@ def _banner(proxy: Proxy) -> str:
 
 
 async def _serve(
-    cfg: Config, reuse_port: bool, banner: bool, workers: Workers | None = None
+    cfg: Config,
+    reuse_port: bool,
+    banner: bool,
+    workers: Workers | None = None,
+    source: ConfigSource | None = None,
 ) -> int:
-    proxy = Proxy(cfg, reuse_port=reuse_port, workers=workers)
+    proxy = Proxy(cfg, reuse_port=reuse_port, workers=workers, source=source)
     await proxy.start()
     if banner:
         print(_banner(proxy), flush=True)
@@ -192,12 +197,15 @@ def _exit_now(_signum: int, _frame: object) -> None:
     sys.exit(0)
 
 
-def _worker(cfg: Config, banner: bool, metrics_dir: str, workers: Workers) -> None:
+def _worker(
+    cfg: Config, banner: bool, metrics_dir: str, workers: Workers, source: ConfigSource
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve_forever reloads on SIGHUP
     signal.signal(signal.SIGTERM, _exit_now)  # until serve_forever drains on SIGTERM
     metrics.use_multiprocess(metrics_dir)
     try:
-        code = asyncio.run(_serve(cfg, True, banner, workers))
+        code = asyncio.run(_serve(cfg, True, banner, workers, source))
     except ConfigError as exc:
         print(f"quicproxy: {exc}", file=sys.stderr)
         code = 2
@@ -216,6 +224,8 @@ def _exit_text(code: int | None) -> str:
 class _Supervisor:
     """Keeps ``cfg.workers`` worker processes running until SIGTERM/SIGINT.
 
+    SIGHUP is passed on to every worker: each reloads the config.
+
     A worker that dies is restarted after a backoff (0.5 s, doubling up to 30 s
     while workers keep dying within a minute of their start), with one log line
     naming its exit status or signal. A worker that exits with status 2 (bad
@@ -226,8 +236,11 @@ class _Supervisor:
     BACKOFF_MAX = 30.0
     STABLE = 60.0
 
-    def __init__(self, cfg: Config, metrics_dir: str, workers_dir: str) -> None:
+    def __init__(
+        self, cfg: Config, metrics_dir: str, workers_dir: str, source: ConfigSource
+    ) -> None:
         self.cfg = cfg
+        self.source = source
         self.metrics_dir = metrics_dir
         self.workers_dir = workers_dir
         "Where workers hand QUIC datagrams to each other (one Unix socket each)."
@@ -245,7 +258,7 @@ class _Supervisor:
 
     def start(self, slot: int, banner: bool) -> None:
         workers = Workers(slot, self.cfg.workers, self.workers_dir, self.secret)
-        args = (self.cfg, banner, self.metrics_dir, workers)
+        args = (self.cfg, banner, self.metrics_dir, workers, self.source)
         proc = self.ctx.Process(target=_worker, args=args, daemon=False)
         proc.start()
         self.procs[slot] = proc
@@ -258,6 +271,13 @@ class _Supervisor:
             if proc.pid is not None and proc.exitcode is None:
                 with contextlib.suppress(OSError):
                     os.kill(proc.pid, signal.SIGTERM)
+
+    def reload(self, _signum: int = 0, _frame: object = None) -> None:
+        """SIGHUP: every worker reloads the config."""
+        for proc in self.procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                with contextlib.suppress(OSError):
+                    os.kill(proc.pid, signal.SIGHUP)
 
     def _reap(self, slot: int) -> None:
         proc = self.procs.pop(slot)
@@ -293,6 +313,7 @@ class _Supervisor:
             self.start(slot, slot == 0)
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self.reload)
         while self.procs or self.due:
             now = time.monotonic()
             for slot, when in list(self.due.items()):
@@ -306,7 +327,7 @@ class _Supervisor:
         return self.code or (1 if self.abnormal else 0)
 
 
-def _run_workers(cfg: Config) -> int:
+def _run_workers(cfg: Config, source: ConfigSource) -> int:
     http, https, _ = default_ports(cfg)
     if not http or not https:
         raise ConfigError(
@@ -320,7 +341,7 @@ def _run_workers(cfg: Config) -> int:
         multiprocess_dir() as folder,  # every worker's metric files; removed at exit
         tempfile.TemporaryDirectory(prefix="quicproxy-workers-") as sockets,
     ):
-        return _Supervisor(cfg, folder, sockets).run()
+        return _Supervisor(cfg, folder, sockets, source).run()
 
 
 def _check_engine(cfg: Config) -> None:
@@ -333,12 +354,13 @@ def _check_engine(cfg: Config) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, overrides=_overrides(args))
+    source = ConfigSource(args.config, _overrides(args))
+    cfg = source.load()
     _check_engine(cfg)
     _logging(cfg.log_level)
     if cfg.workers > 1:
-        return _run_workers(cfg)
-    return asyncio.run(_serve(cfg, False, True))
+        return _run_workers(cfg, source)
+    return asyncio.run(_serve(cfg, False, True, source=source))
 
 
 def _waf_config(args: argparse.Namespace) -> Config:
@@ -394,6 +416,9 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("serve", "waf"):
+        # never SIGHUP's default (exit): once serving, the proxy reloads on it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if args.command == "serve":
             return _cmd_serve(args)

@@ -29,6 +29,7 @@ __all__ = [
     "Config",
     "ListenConfig",
     "TlsConfig",
+    "TlsCertificate",
     "QuicConfig",
     "LimitsConfig",
     "TimeoutsConfig",
@@ -166,6 +167,16 @@ class ListenConfig:
 
 
 @dataclass
+class TlsCertificate:
+    """One more certificate pair (``tls.certificates[]``), served to the names it holds."""
+
+    cert: str | None = None
+    "PEM certificate chain; its subjectAltName DNS names (wildcards too) choose it by SNI."
+    key: str | None = None
+    "PEM private key."
+
+
+@dataclass
 class TlsConfig:
     cert: str | None = None
     "PEM certificate chain; a self-signed one is generated when unset."
@@ -173,6 +184,29 @@ class TlsConfig:
     "PEM private key."
     self_signed_dir: str | None = None
     "Where a generated self-signed pair is kept and reused (default: user cache dir)."
+    certificates: list[TlsCertificate] = field(default_factory=list)
+    "More pairs chosen by SNI; cert/key above is the default (no SNI, unknown name)."
+
+    def check(self) -> None:
+        """Every pair given whole and readable; ConfigError naming the key otherwise."""
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(
+                "tls.cert", "cert and key must be given together", "set both or neither"
+            )
+        _check_readable("tls.cert", self.cert)
+        _check_readable("tls.key", self.key)
+        if self.certificates and self.cert is None:
+            raise ConfigError(
+                "tls.certificates",
+                "given without a default pair",
+                "set tls.cert and tls.key too (served to clients without SNI or with another name)",
+            )
+        for i, pair in enumerate(self.certificates):
+            for name in ("cert", "key"):
+                key = f"tls.certificates[{i}].{name}"
+                if not getattr(pair, name):
+                    raise ConfigError(key, "missing", "give both cert: FILE and key: FILE")
+                _check_readable(key, getattr(pair, name))
 
 
 @dataclass
@@ -656,10 +690,7 @@ def _validate(cfg: Config) -> None:
     _check_port("listen.https_port", cfg.listen.https_port)
     _check_port("listen.alt_svc_port", cfg.listen.alt_svc_port)
     _check_choice("listen.plain_http", cfg.listen.plain_http, ("redirect", "proxy"))
-    if (cfg.tls.cert is None) != (cfg.tls.key is None):
-        raise ConfigError("tls.cert", "cert and key must be given together", "set both or neither")
-    _check_readable("tls.cert", cfg.tls.cert)
-    _check_readable("tls.key", cfg.tls.key)
+    cfg.tls.check()
     if cfg.backend is not None:
         parse_upstream("backend", cfg.backend)
     cfg.upstream.tls.check("upstream.tls")

@@ -4,6 +4,12 @@ Health, limits, rate limits, 0-RTT policy, the WAF, routing and forwarding,
 the request id, the access log line and the request metrics are written once
 here; the h1, h2 and h3 adapters only translate events and write responses
 through a :class:`ResponseWriter`.
+
+Everything a request reads of the configuration (its config, router, WAF, rate
+limiter, access log, trusted proxies) comes from one :class:`Runtime`: the one in force
+when its exchange began, handed down the pipeline to its access-log line, whatever
+:meth:`Handler.swap` puts in force meanwhile. ``Handler.cfg``, ``.router`` and the like
+are the runtime in force now (for the protocol adapters' connection settings).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from ._access import AccessLog, AccessRecord, request_id
-from ._config import Config
+from ._config import Config, WafConfig
 from ._demo import demo_response
 from ._errors import (
     BodyTooLarge,
@@ -44,6 +50,7 @@ from ._metrics import CONTENT_TYPE, metrics
 from ._model import Body, Headers, Request, Response, header_value
 from ._ratelimit import RateLimiter
 from ._router import DEMO, Pool, Router
+from ._runtime import Runtime, build_runtime
 from ._target import check_request, options_response
 from .upstream._balance import hash_key
 from .upstream._h1 import UpstreamPool
@@ -99,26 +106,13 @@ class Handler:
     """Answers requests from every listener; one per worker process."""
 
     def __init__(self, cfg: Config, router: Router, waf: Waf | None = None) -> None:
-        self.cfg = cfg
-        self.router = router
-        self.waf = waf
+        self.runtime = build_runtime(cfg, waf, router=router)
+        "The configuration in force for requests that begin now (see :meth:`swap`)."
         self.upstream = UpstreamPool(cfg.upstream)
         self.tunnels = TunnelCaps(cfg.limits.max_tunnels, cfg.limits.max_tunnels_per_client)
         "Open WebSocket tunnels, in total and per client address."
         self.upstream_h2 = H2Pool(self.upstream)
         "HTTP/2 (h2c://) upstream connections, under the same connection caps."
-        self.trusted = TrustedProxies(cfg.trusted_proxies)
-        self.access = AccessLog(cfg.log.access)
-        "Access log; its ``sink`` (a callable taking one line) can be replaced."
-        self.limiter = RateLimiter(cfg.rate_limit) if cfg.rate_limit.enabled else None
-        self.waf_engine = cfg.waf.engine if cfg.waf.mode == "inline" else cfg.waf.mode
-        "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
-        self.waf_policies = WafPolicies(cfg, waf)
-        "Each route's WAF mode and rule set (routes[].waf); compiled here, at start."
-        self.audit: WafAudit | None = None
-        "The WAF audit log (waf.audit); its ``sink`` can be replaced."
-        if cfg.waf.mode != "off" and cfg.waf.audit.log != "off":
-            self.audit = WafAudit(cfg.waf.audit)
         self.draining = False
         self.active = 0
         self._idle = asyncio.Event()
@@ -164,6 +158,63 @@ class Handler:
             await resp.body.aclose()
         return resp.status
 
+    # ------------------------------------------------------------------ runtime
+
+    @property
+    def cfg(self) -> Config:
+        return self.runtime.cfg
+
+    @property
+    def router(self) -> Router:
+        return self.runtime.router
+
+    @property
+    def waf(self) -> Waf | None:
+        return self.runtime.waf
+
+    @property
+    def limiter(self) -> RateLimiter | None:
+        return self.runtime.limiter
+
+    @property
+    def access(self) -> AccessLog:
+        "Access log; its ``sink`` (a callable taking one line) can be replaced."
+        return self.runtime.access
+
+    @property
+    def trusted(self) -> TrustedProxies:
+        return self.runtime.trusted
+
+    @property
+    def waf_engine(self) -> str:
+        "Engine label of the WAF metrics: coraza or modsecurity inline, else 'service'."
+        return self.runtime.waf_engine
+
+    @property
+    def waf_policies(self) -> WafPolicies:
+        "Each route's WAF mode and rule set (routes[].waf)."
+        return self.runtime.policies
+
+    @property
+    def audit(self) -> WafAudit | None:
+        "The WAF audit log (waf.audit); its ``sink`` can be replaced."
+        return self.runtime.audit
+
+    def swap(self, runtime: Runtime) -> Runtime:
+        """Put ``runtime`` in force for requests that begin from now on; requests in
+        flight finish on theirs. Returns the runtime it replaced."""
+        old, self.runtime = self.runtime, runtime
+        if old.router.on_add is not None:  # probing: the new router's routes from now on
+            old.router.on_add = None
+            retired, self.probers = self.probers, []
+            for prober in retired:
+                asyncio.ensure_future(prober.stop())
+            self.start_probes()
+        limits = runtime.cfg.limits
+        self.tunnels.total = limits.max_tunnels
+        self.tunnels.per_client = limits.max_tunnels_per_client
+        return old
+
     # ------------------------------------------------------------------ exchange
 
     async def exchange(self, req: Request, writer: ResponseWriter) -> Response | None:
@@ -176,15 +227,17 @@ class Handler:
         :class:`ClientGone` from the writer or the request body) is normal traffic:
         nothing is logged above DEBUG, the upstream connection is closed, the access
         log says 499 and ``client_cancels`` counts it."""
+        rt = self.runtime  # this request's, to its end
+        rt.uses.enter()
         self.active += 1
         self._idle.clear()
         started = time.monotonic()
-        rec = self._begin(req)
+        rec = self._begin(req, rt)
         body_in = req.body
         resp: Response | None = None
         gone = False
         try:
-            resp = await self.handle(req, rec)
+            resp = await self.handle(req, rec, rt)
             headers = response_fields(req.method, resp.status, resp.headers, resp.content_length)
             headers = [(k, v) for k, v in headers if k != "x-request-id"]
             headers.append(("x-request-id", rec.request_id))
@@ -220,7 +273,7 @@ class Handler:
             rec.duration = time.monotonic() - started
             # Metrics and the access log after the protocol's flush of the response (h2
             # and h3 send once per loop turn): the answer does not wait for bookkeeping.
-            asyncio.get_running_loop().call_soon(self._settle, rec)
+            asyncio.get_running_loop().call_soon(self._settle, rec, rt)
         return resp
 
     async def _send_body(
@@ -243,24 +296,25 @@ class Handler:
             return
         await writer.send_end(resp.body.trailers)
 
-    def _settle(self, rec: AccessRecord) -> None:
+    def _settle(self, rec: AccessRecord, rt: Runtime) -> None:
         try:
-            self._finish(rec)
+            self._finish(rec, rt)
         finally:
+            rt.uses.leave()
             self.active -= 1
             _safe(lambda: metrics.in_flight.dec())
             if self.active == 0:
                 self._idle.set()
 
-    def _begin(self, req: Request) -> AccessRecord:
+    def _begin(self, req: Request, rt: Runtime) -> AccessRecord:
         """Request id (kept from a trusted proxy, else new; sent upstream) and log record."""
         _safe(lambda: metrics.in_flight.inc())
-        rid = request_id(req, self.trusted)
+        rid = request_id(req, rt.trusted)
         req.headers = [(k, v) for k, v in req.headers if k != "x-request-id"]
         req.headers.append(("x-request-id", rid))
-        return self.access.start(req, real_client(req, self.trusted), rid)
+        return rt.access.start(req, real_client(req, rt.trusted), rid)
 
-    def _finish(self, rec: AccessRecord) -> None:
+    def _finish(self, rec: AccessRecord, rt: Runtime) -> None:
         try:
             metrics.request_done(
                 rec.protocol,
@@ -273,7 +327,7 @@ class Handler:
             )
         except Exception:  # metrics must never break a request
             log.exception("recording metrics failed")
-        self.access.write(rec)
+        rt.access.write(rec)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight; False if ``timeout`` ran out first."""
@@ -283,12 +337,16 @@ class Handler:
         except TimeoutError:
             return False
 
-    async def handle(self, req: Request, rec: AccessRecord | None = None) -> Response:
-        """The response for ``req``; errors become small error responses."""
+    async def handle(
+        self, req: Request, rec: AccessRecord | None = None, rt: Runtime | None = None
+    ) -> Response:
+        """The response for ``req`` under ``rt`` (default: the runtime in force); errors
+        become small error responses."""
+        rt = rt or self.runtime
         if rec is None:
-            rec = self.access.start(req, req.client[0], "-")
+            rec = rt.access.start(req, req.client[0], "-")
         try:
-            resp = await self._handle(req, rec)
+            resp = await self._handle(req, rec, rt)
             if resp.generated and resp.status >= 400 and is_grpc(req):
                 return grpc_error(resp.status, wire_reason(resp.status))
             return resp
@@ -319,8 +377,9 @@ class Handler:
 
     # ------------------------------------------------------------------ steps
 
-    async def _handle(self, req: Request, rec: AccessRecord) -> Response:
-        check_request(req, self.cfg.limits.max_headers)
+    async def _handle(self, req: Request, rec: AccessRecord, rt: Runtime) -> Response:
+        cfg = rt.cfg
+        check_request(req, cfg.limits.max_headers)
         if req.target == "*":
             return options_response()
         if req.path == "/_gwhealthz":
@@ -328,35 +387,34 @@ class Handler:
                 return Response.text(503, "draining\n")
             return Response.text(200, "OK")
         if req.scheme == "http":
-            if req.path == "/metrics" and self.cfg.metrics.port is None:
+            if req.path == "/metrics" and cfg.metrics.port is None:
                 return Response(200, [("content-type", CONTENT_TYPE)], Body.of(metrics.render()))
-            if self.cfg.listen.plain_http == "redirect":
-                return self._redirect(req)
-        pool = self.router.match(req.host, req.path)
+            if cfg.listen.plain_http == "redirect":
+                return self._redirect(req, cfg)
+        pool = rt.router.match(req.host, req.path)
         rec.route = pool.name if pool is not None else "demo"
-        if self.limiter is not None:
-            limited = self._rate_limit(rec)
+        if rt.limiter is not None:
+            limited = self._rate_limit(rec, rt.limiter)
             if limited is not None:
                 return limited
-        self._check_limits(req)
-        policy = self.waf_policies.get(pool.name if pool is not None else None)
-        waf = self.waf if policy is self.waf_policies.default else policy.waf
+        self._check_limits(req, cfg)
+        policy = rt.policies.get(pool.name if pool is not None else None)
+        waf = rt.waf if policy is rt.policies.default else policy.waf
         if waf is None:
-            return await self._forward(req, rec, self._target(req, pool))
+            return await self._forward(req, rec, self._target(req, pool, rt.trusted), cfg)
         started = time.perf_counter()
         tx = waf.transaction(self._waf_request(req))  # may start evaluating (bodiless)
-        target = self._target(req, pool)  # prepared while the engine evaluates
-        blocked = await self._inspect(req, rec, tx, started, policy.mode)
+        target = self._target(req, pool, rt.trusted)  # prepared while the engine evaluates
+        blocked = await self._inspect(req, rec, tx, started, rt, policy.mode)
         if blocked is not None:
             return blocked
-        return await self._forward(req, rec, target)
+        return await self._forward(req, rec, target, cfg)
 
-    def _rate_limit(self, rec: AccessRecord) -> Response | None:
+    def _rate_limit(self, rec: AccessRecord, limiter: RateLimiter) -> Response | None:
         """429 with Retry-After when the client is over its rate; never raises."""
-        assert self.limiter is not None
         try:
-            wait = self.limiter.check(rec.client, rec.route or "")
-            metrics.rate_limit_buckets.set(len(self.limiter))
+            wait = limiter.check(rec.client, rec.route or "")
+            metrics.rate_limit_buckets.set(len(limiter))
             if wait is None:
                 return None
             metrics.rate_limited.labels(route=rec.route or "-").inc()
@@ -370,38 +428,40 @@ class Handler:
             [("retry-after", RateLimiter.retry_after(wait))],
         )
 
-    def _redirect(self, req: Request) -> Response:
-        port = self.cfg.listen.alt_svc_port or self.cfg.listen.https_port or 443
+    def _redirect(self, req: Request, cfg: Config) -> Response:
+        port = cfg.listen.alt_svc_port or cfg.listen.https_port or 443
         host = req.host or "localhost"
         location = f"https://{host}{'' if port == 443 else f':{port}'}{req.target}"
         resp = Response.text(308, f"Redirecting to {location}\n")
         resp.headers.append(("location", location))
         return resp
 
-    def _check_limits(self, req: Request) -> None:
+    def _check_limits(self, req: Request, cfg: Config) -> None:
         size = len(req.target) + len(req.authority)
         size += sum(len(k) + len(v) + 4 for k, v in req.headers)
-        if size > self.cfg.limits.max_header_bytes:
-            raise HeadersTooLarge(f"request headers over {self.cfg.limits.max_header_bytes} bytes")
-        limit = self.cfg.limits.max_body_bytes
+        if size > cfg.limits.max_header_bytes:
+            raise HeadersTooLarge(f"request headers over {cfg.limits.max_header_bytes} bytes")
+        limit = cfg.limits.max_body_bytes
         if limit and req.content_length is not None and req.content_length > limit:
             raise BodyTooLarge(f"request body over {limit} bytes")
         if req.early_data and (req.method not in _SAFE_METHODS or req.upgrade):
             raise TooEarly("retry after the handshake completes")
 
-    def _target(self, req: Request, pool: Pool | None) -> tuple[Pool | None, Headers]:
+    def _target(
+        self, req: Request, pool: Pool | None, trusted: TrustedProxies
+    ) -> tuple[Pool | None, Headers]:
         """Where the request goes (None: the demo backend) and the headers it goes with."""
         if pool is None:
             return None, []
-        return pool, upstream_headers(req, self.trusted)
+        return pool, upstream_headers(req, trusted)
 
     async def _forward(
-        self, req: Request, rec: AccessRecord, target: tuple[Pool | None, Headers]
+        self, req: Request, rec: AccessRecord, target: tuple[Pool | None, Headers], cfg: Config
     ) -> Response:
         pool, headers = target
         if req.upgrade:
-            return await self._tunnel(req, rec, pool.pick() if pool else DEMO, headers)
-        limit = self.cfg.limits.max_body_bytes
+            return await self._tunnel(req, rec, pool.pick() if pool else DEMO, headers, cfg)
+        limit = cfg.limits.max_body_bytes
         grpc = is_grpc(req)
         if req.content_length is None and not req.body.ended and not grpc:
             await self._measure_small_body(req, limit)  # a gRPC stream may wait for answers
@@ -460,7 +520,7 @@ class Handler:
         raise AssertionError("unreachable")
 
     async def _tunnel(
-        self, req: Request, rec: AccessRecord, member: Member, headers: Headers
+        self, req: Request, rec: AccessRecord, member: Member, headers: Headers, cfg: Config
     ) -> Response:
         """A WebSocket handshake: the backend's answer, whose body is the tunnel."""
         if member == DEMO:
@@ -468,7 +528,7 @@ class Handler:
         rec.upstream = member.label
         sent = time.monotonic()
         resp = await open_websocket(
-            self.cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client
+            cfg, self.upstream.dial, member, req, headers, self.tunnels, rec.client
         )
         rec.upstream_time = time.monotonic() - sent
         return resp  # hop-by-hop fields go in ``exchange``; h1's 101 gets its Upgrade back
@@ -486,30 +546,40 @@ class Handler:
     # ------------------------------------------------------------------ WAF
 
     async def _inspect(
-        self, req: Request, rec: AccessRecord, tx: WafTransaction, started: float, mode: str
+        self,
+        req: Request,
+        rec: AccessRecord,
+        tx: WafTransaction,
+        started: float,
+        rt: Runtime,
+        mode: str,
     ) -> Response | None:
         """The WAF's verdict on ``req``: a response when it must not go on, else None.
         ``mode`` is the route's: detect forwards what block would refuse."""
         bodiless = req.body.ended
+        label = rt.waf_engine
         try:
-            return await self._decide(req, rec, tx, mode)
+            return await self._decide(req, rec, tx, rt, mode)
         finally:
             seconds = time.perf_counter() - started
             engine = getattr(tx, "engine_seconds", 0.0)  # a Waf of the library's user may not say
             # Recorded one loop step later: the request goes upstream first.
             asyncio.get_running_loop().call_soon(
-                _safe, lambda: self._record_waf(rec.waf, seconds, engine, bodiless)
+                _safe, lambda: self._record_waf(label, rec.waf, seconds, engine, bodiless)
             )
 
-    def _record_waf(self, verdict: str, seconds: float, engine: float, bodiless: bool) -> None:
+    @staticmethod
+    def _record_waf(
+        label: str, verdict: str, seconds: float, engine: float, bodiless: bool
+    ) -> None:
         """The decision and its time; with the engine's own share when the engine ran here
         (what remains of a bodiless request's time is the WAF's hand-over and queueing)."""
-        metrics.waf_decisions.labels(self.waf_engine, verdict).inc()
-        metrics.waf_duration.labels(self.waf_engine).observe(seconds)
+        metrics.waf_decisions.labels(label, verdict).inc()
+        metrics.waf_duration.labels(label).observe(seconds)
         if engine > 0:
-            metrics.waf_engine.labels(self.waf_engine).observe(engine)
+            metrics.waf_engine.labels(label).observe(engine)
             if bodiless:
-                metrics.waf_wait.labels(self.waf_engine).observe(max(0.0, seconds - engine))
+                metrics.waf_wait.labels(label).observe(max(0.0, seconds - engine))
 
     @staticmethod
     def _waf_request(req: Request) -> WafRequest:
@@ -526,14 +596,14 @@ class Handler:
         )
 
     async def _decide(
-        self, req: Request, rec: AccessRecord, tx: WafTransaction, mode: str
+        self, req: Request, rec: AccessRecord, tx: WafTransaction, rt: Runtime, mode: str
     ) -> Response | None:
-        wcfg = self.cfg.waf
+        wcfg = rt.cfg.waf
         rec.waf = "error"
         try:
             decision = await tx.headers()
             if decision is None or decision.allowed:
-                await self._inspect_body(req, tx)
+                await self._inspect_body(req, tx, wcfg)
                 decision = await tx.finish()
         except WafUnavailable as exc:
             if wcfg.fail == "closed":
@@ -556,11 +626,11 @@ class Handler:
             if decision.rule_ids or not decision.allowed:
                 rec.waf, rec.waf_rule = "detect", rule
                 self._log_decision("waf_detect", req, decision)
-            self._audit(req, rec, decision, mode)
+            self._audit(req, rec, decision, mode, rt.audit)
             return None
         rec.waf, rec.waf_rule = "block", rule
         self._log_decision("waf_block", req, decision)
-        self._audit(req, rec, decision, mode)
+        self._audit(req, rec, decision, mode, rt.audit)
         status = decision.status if decision.status >= 400 else 403
         return Response.text(
             status,
@@ -568,9 +638,8 @@ class Handler:
             [("x-waf-rule-id", rule)],
         )
 
-    async def _inspect_body(self, req: Request, tx: WafTransaction) -> None:
+    async def _inspect_body(self, req: Request, tx: WafTransaction, wcfg: WafConfig) -> None:
         """Stream up to body_limit bytes into the engine; the body is left unread."""
-        wcfg = self.cfg.waf
         if not wcfg.body_access or req.body.ended or req.upgrade or is_grpc(req):
             # a WebSocket's body is its tunnel (only the handshake is inspected); a gRPC
             # body is protobuf, and a stream that may wait for answers
@@ -590,10 +659,17 @@ class Handler:
         if wcfg.over_limit == "reject" and sum(map(len, chunks)) > limit:
             raise too_large
 
-    def _audit(self, req: Request, rec: AccessRecord, decision: WafDecision, mode: str) -> None:
+    def _audit(
+        self,
+        req: Request,
+        rec: AccessRecord,
+        decision: WafDecision,
+        mode: str,
+        audit: WafAudit | None,
+    ) -> None:
         """The decision's audit record (waf.audit), if one is due, written one loop step
         later (the request goes upstream first); never raises."""
-        if self.audit is None:
+        if audit is None:
             return
         entry = AuditEntry(
             request_id=rec.request_id,
@@ -608,7 +684,6 @@ class Handler:
             verdict=rec.waf,
             headers=req.headers,
         )
-        audit = self.audit
         asyncio.get_running_loop().call_soon(_safe, lambda: audit.write(entry, decision))
 
     def _log_decision(self, event: str, req: Request, decision: WafDecision) -> None:

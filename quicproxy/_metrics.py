@@ -252,6 +252,12 @@ class Metrics:
             "WAF audit records dropped: over waf.audit.rate, or the writer behind.",
             registry=reg,
         )
+        self.config_reloads = Counter(
+            p + "config_reloads",
+            "Config reloads (SIGHUP, file change), by result (ok, error).",
+            ["result"],
+            registry=reg,
+        )
         self.waf_info = Gauge(
             p + "waf_info",
             "The inline WAF engine and rule set (1 per engine loaded).",

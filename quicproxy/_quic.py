@@ -77,6 +77,10 @@ loudly when an upgrade removes one):
   the budget): frames that cost work and produce nothing are budgeted,
   *_BLOCKED frames never raise a window, and a connection keeps a few network paths (see
   ``FrameGuard``).
+- ``QuicConnection._initialize`` (where qh3 builds the connection's ``tls.Context``),
+  ``tls.Context._server_handle_hello`` and ``tls.pull_client_hello``: with several
+  certificate pairs, the ClientHello's server name is read first and the pair chosen
+  for it is put on the TLS context before qh3 answers (see ``CreditedConnection``).
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,6 +229,8 @@ PRIVATE = [
     (QuicConnection, "_initialize"),
     ("connection", "_is_client"),
     ("tls", "_new_session_ticket"),
+    (tls.Context, "_server_handle_hello"),
+    (tls, "pull_client_hello"),
 ]
 "(owner, attribute) pairs this module reads or overrides; checked by a test."
 
@@ -935,6 +942,34 @@ for _name in _BUDGETED_FRAMES:
     setattr(FrameGuard, f"_handle_{_name}_frame", _budgeted(f"_handle_{_name}_frame"))
 
 
+CertificatePair = tuple[Any, list[Any], Any]
+"A server certificate (qh3's), its intermediate chain and its private key."
+
+
+def _choose_by_server_name(
+    context: tls.Context, certificates: Callable[[str | None], CertificatePair]
+) -> None:
+    """Make ``context`` read the ClientHello's server name before answering it, and
+    take the pair ``certificates`` chooses for that name (the signature algorithm
+    qh3 then offers follows the chosen key)."""
+    answer = context._server_handle_hello
+
+    def handle_hello(input_buf: Buffer, *outputs: Buffer) -> None:
+        start = input_buf.tell()
+        try:
+            name = tls.pull_client_hello(input_buf).server_name
+        except Exception:  # a malformed hello: qh3 refuses it below, with its alert
+            name = None
+        input_buf.seek(start)
+        cert, chain, key = certificates(name)
+        context.certificate = cert
+        context.certificate_chain = chain
+        context.certificate_private_key = key
+        answer(input_buf, *outputs)
+
+    context._server_handle_hello = handle_hello  # type: ignore[method-assign,assignment]
+
+
 class CreditedConnection(FrameGuard):
     """qh3's QuicConnection whose request-stream receive windows follow what the proxy
     consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
@@ -942,6 +977,9 @@ class CreditedConnection(FrameGuard):
     With several workers, every connection ID it issues carries the worker's
     index in its first byte, so a datagram that reaches another worker (the
     client's address changed) can be handed to the owner.
+
+    With ``certificates`` (a server name, or None, to the certificate, its chain and
+    its private key), the pair is chosen when the ClientHello arrives, by its SNI.
     """
 
     __slots__ = (
@@ -953,6 +991,7 @@ class CreditedConnection(FrameGuard):
         "_unacked",
         "_probe_path",
         "_probe",
+        "_certificates",
     )
 
     def __init__(
@@ -961,8 +1000,10 @@ class CreditedConnection(FrameGuard):
         worker: int | None = None,
         keys: QuicKeys | None = None,
         tickets: SessionTickets | None = None,
+        certificates: Callable[[str | None], CertificatePair] | None = None,
         **kw: Any,
     ) -> None:
+        self._certificates = certificates
         self.tickets = tickets
         "Seals the session tickets this connection issues (see ``SessionTickets``)."
         if tickets is not None:
@@ -988,11 +1029,14 @@ class CreditedConnection(FrameGuard):
             self._local_initial_source_connection_id = first.cid
 
     def _initialize(self, peer_cid: bytes) -> None:
-        """As qh3; a server's TLS context seals the session tickets it issues."""
+        """As qh3; a server's TLS context seals the session tickets it issues and, with
+        SNI pairs, answers with the pair chosen by the ClientHello's server name."""
         super()._initialize(peer_cid)
         if self.tickets is not None and not self._is_client:
             self.tls.__class__ = _SealingContext
             self.tls.tickets = self.tickets  # type: ignore[attr-defined]
+        if self._certificates is not None and not self._is_client:
+            _choose_by_server_name(self.tls, self._certificates)
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
         """As qh3, but 1-RTT acknowledgements follow RFC 9000 §13.2.2: at once from

@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._caps import AddressCounter, address_key
-from ._certwatch import TlsStore
+from ._certwatch import Certificates
 from ._config import Config
 from ._h3 import H3Conn, warm_up
 from ._handler import Handler
@@ -208,8 +208,8 @@ class QuicListener:
         self.handshakes_per_address = AddressCounter(q.max_handshakes_per_address)
         self.draining = False
         self.socket: DatagramSocket | None = None
-        self.tls_store: TlsStore | None = None
-        "Where new connections take the current certificate pair from (set by the server)."
+        self.tls_store: Certificates | None = None
+        "Where new connections take the current certificate pairs from (set by the server)."
         self.address: tuple[str, int] = ("", 0)
         self._dirty: set[H3Conn] = set()
         self._flush: asyncio.Handle | None = None
@@ -460,11 +460,15 @@ class QuicListener:
             self._refuse(refused)
             return None
         configuration = self.configuration
-        if self.tls_store is not None:  # the certificate pair in use now (rotation)
+        choose = None
+        if self.tls_store is not None:  # the certificate pairs in use now (rotation)
             configuration = self.tls_store.quic_configuration(configuration)
+            if self.tls_store.stores:  # several: chosen by the ClientHello's SNI
+                choose = self.tls_store.quic_pair
         quic = CreditedConnection(
             worker=self.worker,
             keys=self.keys,
+            certificates=choose,
             configuration=configuration,
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,

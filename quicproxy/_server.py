@@ -1,4 +1,7 @@
-"""The proxy: listeners for plain HTTP, TLS (h2/http1.1) and QUIC (h3), and their life cycle."""
+"""The proxy: listeners for plain HTTP, TLS (h2/http1.1) and QUIC (h3), and their life cycle.
+
+Signals while serving: SIGTERM and SIGINT drain and stop; SIGHUP reloads the config
+(``_reload.Reloader``; the listeners, their connections and requests in flight go on)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import ssl
 from typing import Protocol
 
 from ._caps import AddressCounter
-from ._certwatch import TlsStore
+from ._certwatch import Certificates
 from ._config import Config, Route
 from ._errors import ConfigError
 from ._h1 import H1Connection
@@ -23,7 +26,9 @@ from ._memtrim import Trimmer
 from ._metrics import metrics
 from ._metrics_http import start_metrics_listener
 from ._quiclisten import QuicListener, Workers, start_quic_listener
+from ._reload import ConfigSource, Reloader
 from ._router import Router
+from ._runtime import new_router
 from ._sockets import bind_socket, plain_addr
 from ._sslbuf import install as share_tls_buffers
 from ._tls import ensure_certificate
@@ -77,18 +82,21 @@ class Proxy:
     """
 
     def __init__(
-        self, config: Config, *, reuse_port: bool = False, workers: Workers | None = None
+        self,
+        config: Config,
+        *,
+        reuse_port: bool = False,
+        workers: Workers | None = None,
+        source: ConfigSource | None = None,
     ) -> None:
         self.config = config.validate()
+        "The config in force (after a reload: the new one, restart-only settings as they were)."
         self.reuse_port = reuse_port
         self.workers = workers
         "This worker's index among several sharing the ports (QUIC hands datagrams over)."
-        self.router = Router(upstream=config.upstream)
-        if config.backend:
-            member = self.router.member("backend", config.backend)
-            self.router.default = self.router.pool("default", [member])
-        for route in config.routes:
-            self.router.add(route)
+        self._router = new_router(config)
+        self.reloader = Reloader(self, source) if source is not None else None
+        "Reloads the config from ``source`` on SIGHUP and when its file changes."
         self.handler: Handler | None = None
         self.http_port = 0
         self.https_port = 0
@@ -98,22 +106,42 @@ class Proxy:
         self.port_note: str | None = None
         self.metrics_port: int | None = None
         "Port of the separate metrics listener (metrics.port), once bound."
-        self.tls_store: TlsStore | None = None
-        "The certificate pair in use, reloaded when its files change."
+        self.tls_store: Certificates | None = None
+        "The certificate pairs in use (chosen by SNI), reloaded when their files change."
         self._tcp: list[asyncio.Server] = []
         self._metrics_server: asyncio.Server | None = None
         self._quic: QuicListener | None = None
         self._conns: set[_Conn] = set()
         self._tasks: set[asyncio.Task[object]] = set()
+        self._reloading: set[asyncio.Task[bool]] = set()
         self.per_address = AddressCounter(config.limits.max_connections_per_address)
         "Open TCP connections per client address (the QUIC listener may share it)."
         self._stopped = asyncio.Event()
         self.trimmer = Trimmer(lambda: len(self._quic.connections) if self._quic else 0)
         "Gives the heap's free pages back once connections closed (TCP counted, QUIC sampled)."
 
+    @property
+    def router(self) -> Router:
+        """The router in force (a reload puts a new one in force, without routes added
+        by :meth:`add_route`)."""
+        return self.handler.runtime.router if self.handler is not None else self._router
+
     def add_route(self, route: Route) -> None:
         """Add a host/path route while running (or before start)."""
         self.router.add(route)
+
+    def waf_loaded(self, waf: object) -> None:
+        """A WAF engine was put in force (at start or by a reload): its facts as metrics."""
+        if self.config.waf.mode == "inline":
+            _record_waf_info(waf, self.config)
+
+    async def reload(self, rebuild_waf: bool = True) -> bool:
+        """Load the config again from its source and put it in force (as SIGHUP does);
+        False when it is refused (logged) or there is no source."""
+        if self.reloader is None:
+            log.warning("reload: no config source (the proxy was given a Config object)")
+            return False
+        return await self.reloader.reload("SIGHUP", rebuild_waf=rebuild_waf)
 
     @property
     def using_demo_backend(self) -> bool:
@@ -123,16 +151,16 @@ class Proxy:
         cfg = self.config
         self.cert, self.key, self.self_signed = ensure_certificate(cfg)
         share_tls_buffers()
-        self.tls_store = TlsStore(self.cert, self.key)
+        pairs = [(str(p.cert), str(p.key)) for p in cfg.tls.certificates]
+        self.tls_store = Certificates((self.cert, self.key), pairs)
         tls = self.tls_store.context
         waf = None
         if cfg.waf.mode != "off":
             from .waf import create_waf
 
             waf = create_waf(cfg.waf)
-            if cfg.waf.mode == "inline":
-                _record_waf_info(waf, cfg)
-        self.handler = handler = Handler(cfg, self.router, waf)
+            self.waf_loaded(waf)
+        self.handler = handler = Handler(cfg, self._router, waf)
         http, https, self.port_note = default_ports(cfg)
         host = cfg.listen.host
         loop = asyncio.get_running_loop()
@@ -164,6 +192,8 @@ class Proxy:
         self.tls_store.start()
         self.trimmer.start()
         handler.start_probes()
+        if self.reloader is not None:
+            self.reloader.start()
         self.https_port = secure.sockets[0].getsockname()[1]
         alt = cfg.listen.alt_svc_port or self.https_port
         handler.alt_svc = f'h3=":{alt}"; ma=86400'
@@ -308,6 +338,8 @@ class Proxy:
         self.handler.draining = True
         self.trimmer.stop()
         await self.handler.stop_probes()
+        if self.reloader is not None:
+            self.reloader.close()
         await self._close_listeners()
         for conn in list(self._conns):
             conn.shutdown()
@@ -352,18 +384,26 @@ class Proxy:
             await asyncio.wait(list(self._tasks), timeout=1.0)
 
     async def serve_forever(self) -> int:
-        """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code."""
+        """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code.
+        SIGHUP reloads the config meanwhile."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await stop.wait()
         log.info("shutting down: draining for up to %ss", self.config.shutdown_grace)
         clean = await self.stop()
         if not clean:
             log.warning("grace period over with requests still in flight")
         return 0
+
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._reloading.add(task)
+        task.add_done_callback(self._reloading.discard)
 
     async def __aenter__(self) -> Proxy:
         await self.start()

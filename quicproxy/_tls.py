@@ -74,15 +74,16 @@ def ensure_certificate(cfg: Config) -> tuple[str, str, bool]:
     return str(cert), str(key), True
 
 
-def tcp_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    """Server context for TLS over TCP, offering h2 and http/1.1 by ALPN."""
+def tcp_tls_context(cert: str, key: str, setting: str = "tls.cert") -> ssl.SSLContext:
+    """Server context for TLS over TCP, offering h2 and http/1.1 by ALPN (``setting``:
+    the config key named when the pair does not load)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(
-            "tls.cert", f"cannot load certificate/key ({exc})", "give a matching PEM pair"
+            setting, f"cannot load certificate/key ({exc})", "give a matching PEM pair"
         ) from None
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     return ctx

@@ -199,12 +199,17 @@ async def _serve_until_signalled(config: WafConfig, host: str, port: int) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _sighup)  # never the default: exit
     log.info("WAF service (%s) listening on %s:%d", service.waf.engine.version, host, service.port)
     try:
         await stop.wait()
     finally:
         log.info("WAF service stopping")
         await service.aclose()
+
+
+def _sighup() -> None:
+    log.info("WAF service: SIGHUP ignored (restart the service to change its settings)")
 
 
 def run_waf_service(config: WafConfig, host: str, port: int) -> int:

@@ -27,7 +27,13 @@ def _load(m, tmp_path):
         from quicproxy._tls import self_signed
 
         self_signed(tmp_path / "tls.crt", tmp_path / "tls.key")
+        listed = data["tls"].get("certificates", [])
+        for pair in listed:  # the SNI pairs (proxy.tls.secrets): mounted too
+            assert posixpath.dirname(pair["cert"]) in mounts
+            assert posixpath.dirname(pair["key"]) in mounts
         data["tls"] = {"cert": str(tmp_path / "tls.crt"), "key": str(tmp_path / "tls.key")}
+        if listed:
+            data["tls"]["certificates"] = [dict(data["tls"]) for _ in listed]
     secret = data.get("quic", {}).get("shared_secret_file")
     if secret:  # the QUIC secret's Secret: check the pod mounts it, load a stand-in
         mounts = [v["mountPath"] for v in c["volumeMounts"] if v["name"] == "quic-secret"]
@@ -40,7 +46,7 @@ def _load(m, tmp_path):
     assert c["command"] == ["quicproxy"] and c["args"][:3] == [
         "serve",
         "--config",
-        "/etc/quicproxy/config.yaml",
+        "/etc/quicproxy/config/config.yaml",
     ]
     return load_config(str(path), env=env)
 
@@ -52,7 +58,7 @@ def test_quicproxy_accepts_the_rendered_config(profile, name, tmp_path):
     ports = {p["name"]: p["containerPort"] for p in m.proxy_container()["ports"]}
     assert cfg.listen.http_port == ports["http"]
     assert cfg.listen.https_port == ports["https"] == ports["http3"]
-    if m.find("Certificate") is None:
+    if not m.all("Certificate"):
         assert cfg.tls.self_signed_dir == "/var/run/quicproxy/tls"
     assert cfg.metrics.port == ports["metrics"] and cfg.metrics.host == "0.0.0.0"
     assert cfg.log.access == "json"
@@ -61,7 +67,8 @@ def test_quicproxy_accepts_the_rendered_config(profile, name, tmp_path):
 def test_config_file_is_mounted_where_serve_reads_it(profile):
     pod = profile("default").proxy_pod()
     mount = next(v for v in container(pod, "proxy")["volumeMounts"] if v["name"] == "config")
-    assert (mount["mountPath"], mount["subPath"]) == ("/etc/quicproxy/config.yaml", "config.yaml")
+    # a folder, not subPath: the kubelet's updates of the ConfigMap reach the running pod
+    assert mount == {"name": "config", "mountPath": "/etc/quicproxy/config", "readOnly": True}
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
     assert (
         volume["configMap"]["name"]

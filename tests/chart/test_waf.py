@@ -95,13 +95,25 @@ def test_external_waf_url_is_used_when_the_chart_deploys_none(render):
     assert (waf["mode"], waf["url"]) == ("service", "http://waf.security:9000")
 
 
-def test_proxy_restarts_when_waf_settings_change(render):
+def test_proxy_restarts_only_for_settings_it_cannot_reload(render):
+    """The proxy reloads routes, limits and WAF settings when the mounted ConfigMap
+    changes; only ports, certificates, QUIC, workers, upstream pools and rule files roll
+    the pods (the checksum annotation)."""
+
     def checksum(values):
         pod = render(values=values).proxy_pod()
         return pod["metadata"]["annotations"]["checksum/config"]
 
-    assert checksum({}) != checksum({"proxy": {"waf": {"timeout": 250}}})
-    assert checksum({}) == checksum({"proxy": {"replicaCount": 4}})
+    base = checksum({})
+    assert base == checksum({"proxy": {"waf": {"timeout": 250}}})  # reloaded live
+    assert base == checksum({"proxy": {"config": {"routes": [{"backends": ["http://a:1"]}]}}})
+    assert base == checksum({"proxy": {"replicaCount": 4}})
+    assert base != checksum({"proxy": {"config": {"workers": 2}}})
+    assert base != checksum({"proxy": {"config": {"quic": {"idle_timeout": 30}}}})
+    assert base != checksum({"proxy": {"tls": {"secretName": "edge-tls"}}})
+    rules = {"waf": {"enabled": False, "crs": {"extraRules": {"a.conf": "# one"}}}}
+    other = {"waf": {"enabled": False, "crs": {"extraRules": {"a.conf": "# two"}}}}
+    assert checksum(rules) != checksum(other)
 
 
 CRS_VALUES = {
@@ -162,11 +174,10 @@ def test_inline_proxy_gets_engine_settings_and_rule_files(render, tmp_path):
     cm = m.get("ConfigMap", "-proxy-config")
     waf = _loads_in_quicproxy(cm["data"]["config.yaml"], tmp_path)
     assert (waf.mode, waf.engine, waf.paranoia_level) == ("inline", "modsecurity", 2)
-    assert waf.extra_rules == ["/etc/quicproxy/local.conf"]
+    assert waf.extra_rules == ["/etc/quicproxy/config/local.conf"]
     assert "local.conf" in cm["data"]
     mounts = container(m.proxy_pod(), "proxy")["volumeMounts"]
-    rules = {"mountPath": "/etc/quicproxy/local.conf", "subPath": "local.conf", "readOnly": True}
-    assert {"name": "config", **rules} in mounts
+    assert {"name": "config", "mountPath": "/etc/quicproxy/config", "readOnly": True} in mounts
 
 
 def test_service_mode_proxy_config_carries_no_engine_settings(render):

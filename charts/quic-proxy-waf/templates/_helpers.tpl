@@ -215,8 +215,12 @@ securityContext:
 {{- end }}
 
 {{/* WAF engine settings as quicproxy's `waf:` config keys (YAML), from waf.engine and waf.crs.
-     Extra rule files are mounted next to config.yaml in /etc/quicproxy. */}}
+     Extra rule files are mounted next to config.yaml: in /etc/quicproxy (the WAF service),
+     or in the folder given as "dir" (the proxy: /etc/quicproxy/config).
+     Call with (dict "root" . "dir" FOLDER). */}}
 {{- define "quic-proxy-waf.wafEngineConfig" -}}
+{{- $dir := .dir | default "/etc/quicproxy" }}
+{{- with .root }}
 {{- $c := .Values.waf.crs }}
 {{- $cfg := dict "engine" .Values.waf.engine "paranoia_level" (int $c.paranoiaLevel) "anomaly_threshold" (int $c.inboundAnomalyThreshold) "outbound_anomaly_threshold" (int $c.outboundAnomalyThreshold) "early_blocking" $c.earlyBlocking "allowed_methods" $c.allowedMethods }}
 {{- if $c.detectionParanoiaLevel }}
@@ -236,15 +240,27 @@ securityContext:
 {{- end }}
 {{- $files := list }}
 {{- range $name, $_ := $c.extraRules }}
-{{- $files = append $files (printf "/etc/quicproxy/%s" $name) }}
+{{- $files = append $files (printf "%s/%s" $dir $name) }}
 {{- end }}
 {{- if $files }}
 {{- $_ := set $cfg "extra_rules" $files }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
+{{- end }}
 
 {{/* The Secret holding the proxies' shared QUIC secret (see quic-secret.yaml). */}}
 {{- define "quic-proxy-waf.proxy.quicSecret" -}}
 {{- default (printf "%s-quic" (include "quic-proxy-waf.proxy.fullname" .)) .Values.proxy.quic.sharedSecret.existingSecret }}
+{{- end }}
+
+{{/* Checksum of the proxy's settings that need a restart (quicproxy reloads the rest of
+     its config.yaml live when the mounted ConfigMap changes): listen, tls, quic, metrics,
+     workers, upstream, and the extra WAF rule files. */}}
+{{- define "quic-proxy-waf.proxy.restartChecksum" -}}
+{{- $cm := include (print .Template.BasePath "/configmap.yaml") . | fromYaml }}
+{{- $cfg := get $cm.data "config.yaml" | fromYaml }}
+{{- $fixed := pick $cfg "listen" "tls" "quic" "metrics" "workers" "upstream" }}
+{{- $rules := omit $cm.data "config.yaml" }}
+{{- dict "config" $fixed "rules" $rules | toYaml | sha256sum }}
 {{- end }}

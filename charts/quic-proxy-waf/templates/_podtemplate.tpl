@@ -12,7 +12,8 @@ metadata:
     {{- with .Values.proxy.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- $podAnnotations := merge (dict "checksum/config" (include (print $.Template.BasePath "/configmap.yaml") . | sha256sum)) (deepCopy .Values.proxy.podAnnotations) }}
+  {{- /* only settings that need a restart roll the pods: the rest is reloaded live */}}
+  {{- $podAnnotations := merge (dict "checksum/config" (include "quic-proxy-waf.proxy.restartChecksum" .)) (deepCopy .Values.proxy.podAnnotations) }}
   {{- with include "quic-proxy-waf.annotations" (dict "root" . "extra" $podAnnotations) }}{{ . | nindent 2 }}{{ end }}
 spec:
   serviceAccountName: {{ include "quic-proxy-waf.serviceAccountName" . }}
@@ -41,7 +42,7 @@ spec:
       args:
         - serve
         - --config
-        - /etc/quicproxy/config.yaml
+        - /etc/quicproxy/config/config.yaml
         {{- range .Values.proxy.extraArgs }}
         - {{ . | quote }}
         {{- end }}
@@ -104,18 +105,10 @@ spec:
       securityContext:
         {{- include "quic-proxy-waf.proxy.securityContext" . | nindent 8 }}
       volumeMounts:
+        # a folder, never subPath: the kubelet's updates reach the pod, quicproxy reloads
         - name: config
-          mountPath: /etc/quicproxy/config.yaml
-          subPath: config.yaml
+          mountPath: /etc/quicproxy/config
           readOnly: true
-        {{- if eq (include "quic-proxy-waf.proxy.wafMode" .) "inline" }}
-        {{- range $name, $_ := .Values.waf.crs.extraRules }}
-        - name: config
-          mountPath: /etc/quicproxy/{{ $name }}
-          subPath: {{ $name }}
-          readOnly: true
-        {{- end }}
-        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- if $tls.secretName }}
@@ -130,6 +123,11 @@ spec:
         {{- else }}
         - name: tls-self-signed
           mountPath: /var/run/quicproxy/tls
+        {{- end }}
+        {{- range $i, $sni := $tls.secrets }}
+        - name: tls-sni-{{ $i }}
+          mountPath: /etc/quicproxy/tls-sni/{{ $sni.secretName }}
+          readOnly: true
         {{- end }}
         {{- if .Values.proxy.upstreamTls.secretName }}
         - name: upstream-tls
@@ -174,6 +172,16 @@ spec:
     {{- else }}
     - name: tls-self-signed
       emptyDir: {}
+    {{- end }}
+    {{- range $i, $sni := $tls.secrets }}
+    - name: tls-sni-{{ $i }}
+      secret:
+        secretName: {{ $sni.secretName }}
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
     {{- end }}
     {{- with .Values.proxy.upstreamTls.secretName }}
     - name: upstream-tls

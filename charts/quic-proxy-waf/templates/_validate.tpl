@@ -17,6 +17,16 @@
 {{- if and $p.upstreamTls.clientCertificate (not $p.upstreamTls.secretName) }}
 {{- fail "proxy.upstreamTls.clientCertificate: the client certificate comes from a Secret; set proxy.upstreamTls.secretName" }}
 {{- end }}
+{{- if and $p.tls.secrets (not $p.tls.secretName) }}
+{{- fail "proxy.tls.secrets: the default pair (no SNI, other names) is missing; set proxy.tls.secretName" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $p.tls.secrets }}
+{{- if or (hasKey $seen .secretName) (eq .secretName $p.tls.secretName) }}
+{{- fail (printf "proxy.tls.secrets: Secret %s is listed twice; list each Secret once" .secretName) }}
+{{- end }}
+{{- $_ := set $seen .secretName true }}
+{{- end }}
 {{- if and $p.tls.certManager.enabled (not $p.tls.secretName) }}
 {{- fail "proxy.tls.certManager.enabled: cert-manager needs a Secret to write to; set proxy.tls.secretName" }}
 {{- end }}

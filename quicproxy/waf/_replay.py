@@ -344,6 +344,8 @@ def render_outcomes(
             details.append(f"expected {r.expect}")
         if r.approximate:
             details.append("rebuilt from audit record")
+        if o.matched is False and r.body:
+            details.append("body " + _cut(r.body.decode("utf-8", "replace"), 60))
         if o.note:
             details.append(o.note)
         out.append(

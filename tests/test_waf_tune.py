@@ -272,7 +272,7 @@ def test_tune_never_proposes_the_verdict_rules():
     lines = [
         _record("/api/items/1", [("942100", "ARGS:q", "it's select time"), score, correlation]),
         _record("/api/items/2", [("942100", "ARGS:q", "union jack"), score]),
-        _record("/only/verdict", [score]),
+        _record("/only/verdict", [score], rules_omitted=3),
         _record("/not/refused", [("942100", "ARGS:q", "x")], would_refuse=False),
         "not json",
     ]
@@ -287,6 +287,7 @@ def test_tune_never_proposes_the_verdict_rules():
     assert "anomaly-score / blocking evaluation" in text
     assert "1 refused requests named no rule but the verdict rules" in text
     assert "1 lines skipped" in text
+    assert "1 refused requests listed only their first rules (rules_omitted)" in text
     assert yaml.safe_load(text) == {
         "waf.exclusions": [{"rule_id": 942100, "path_prefix": "/api/items", "target": "ARGS:q"}]
     }
@@ -318,7 +319,7 @@ def test_tune_prefers_a_field_groups_by_segment_and_counts(tmp_path, capsys):
     }
     assert main(["waf", "tune", str(audit)]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
-    assert {"rule_id": 932100, "path_prefix": "/shop/x", "target": "ARGS:cmd"} in data[
+    assert {"rule_id": 932100, "path_prefix": "/shop/x", "target": "ARGS_GET:cmd"} in data[
         "waf.exclusions"
     ]
     # the proposals load as config as they are
@@ -336,6 +337,7 @@ def test_tune_prefers_a_field_groups_by_segment_and_counts(tmp_path, capsys):
         (["/a", "/b"], None),
         (["/files/a b.txt", "/files/c"], "/files"),
         (["/x%2e/y"], None),
+        (["/a/b\x01c/d", "/a/b\x01c/e"], "/a/"),
     ],
 )
 def test_common_prefix_is_cut_at_a_segment(paths: list[str], prefix: str | None) -> None:

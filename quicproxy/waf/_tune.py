@@ -38,10 +38,12 @@ VERDICT_RULES = re.compile(r"^(?:949|959|980)\d{3}$")
 "Anomaly-score and blocking-evaluation rules: never excluded (they follow the others)."
 _OWN_RULES = re.compile(r"^99\d{3}$")
 "The proxy's own rules (body parse errors, score report): never excluded."
-_TARGETS = re.compile(r"^(ARGS|ARGS_GET|ARGS_POST|REQUEST_HEADERS|REQUEST_COOKIES):(.+)$", re.I)
+_TARGETS = re.compile(
+    r"^(ARGS|ARGS_GET|ARGS_POST|ARGS_NAMES|REQUEST_HEADERS|REQUEST_COOKIES):(.+)$", re.I
+)
 _NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]$@]{1,256}$")
 _WITHIN = re.compile(r" found within [^\s]*?: (.*)$", re.S)
-_UNSAFE = re.compile(r"[\"'\\\s%?#;]")
+_UNSAFE = re.compile(r"[\"'\\\s%?#;\x00-\x1f\x7f]")
 _EXAMPLE = 60
 "Characters of an example value shown in a comment."
 
@@ -88,6 +90,8 @@ class TuneReport:
     "Groups seen fewer than --min-count times (not proposed)."
     unscored: int = 0
     "Refused records that named no rule but verdict rules (rules omitted or cut)."
+    cut: int = 0
+    "Refused records whose rules were not all listed (``rules_omitted``)."
 
 
 def read_records(lines: Iterable[str], report: TuneReport) -> list[dict[str, object]]:
@@ -123,10 +127,7 @@ def _target(variable: str) -> str | None:
     found = _TARGETS.match(variable)
     if found is None or not _NAME.match(found.group(2)):
         return None
-    collection = found.group(1).upper()
-    if collection in ("ARGS_GET", "ARGS_POST"):
-        collection = "ARGS"  # ARGS:name removes it from ARGS_GET/ARGS_POST too
-    return f"{collection}:{found.group(2)}"
+    return f"{found.group(1).upper()}:{found.group(2)}"  # the collection the rule read
 
 
 def _value(data: str) -> str:
@@ -141,6 +142,8 @@ def findings(records: list[dict[str, object]], report: TuneReport) -> list[Findi
         if not _refused(record):
             continue
         report.refused += 1
+        if record.get("rules_omitted"):
+            report.cut += 1
         route = str(record.get("route") or "default")
         path = str(record.get("path") or "/").split("?", 1)[0] or "/"
         named = 0
@@ -204,7 +207,7 @@ def propose(lines: Iterable[str], config: Config | None = None, min_count: int =
         target = _target(item.variable)
         # a header or cookie is a property of the site; an argument or a path is not:
         # group those by their first path segment so one prefix never spans the site
-        where = "" if target and not target.startswith("ARGS:") else _segment(item.path)
+        where = "" if target and not target.startswith("ARGS") else _segment(item.path)
         groups.setdefault((item.route, item.rule_id, item.variable, target, where), []).append(item)
     for (route, rule_id, _variable, target, _where), items in groups.items():
         if len(items) < min_count:
@@ -314,6 +317,11 @@ def render(report: TuneReport, source: str, config: Config | None = None) -> str
         out.append(
             f"# {report.unscored} refused requests named no rule but the verdict rules "
             "(rules_omitted): raise nothing here, look at them by hand"
+        )
+    if report.cut:
+        out.append(
+            f"# {report.cut} refused requests listed only their first rules (rules_omitted): "
+            "run waf test, and tune again on a new detection period"
         )
     if not report.proposals:
         out.append("# nothing to propose")

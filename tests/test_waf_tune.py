@@ -342,3 +342,21 @@ def test_tune_prefers_a_field_groups_by_segment_and_counts(tmp_path, capsys):
 )
 def test_common_prefix_is_cut_at_a_segment(paths: list[str], prefix: str | None) -> None:
     assert common_prefix(paths) == prefix
+
+
+def test_tune_reads_malformed_records_without_failing():
+    lines = [
+        "[]",
+        '{"rules": "x"}',
+        '{"rules": [1, null, {"id": "942100"}], "verdict": "block", "path": 5}',
+        '{"rules": [{"id": "941100", "variable": "ARGS:q\\n- {rule_id: 1}"}], "verdict": "block",'
+        ' "path": "/a/b", "route": "default"}',
+        "\x00\xff" * 100,
+    ]
+    report = propose(lines)
+    text = render(report, "audit.log")
+    assert report.records == 2 and report.unreadable == 3
+    # a variable that is not a plain name never becomes a target; nothing breaks the YAML
+    assert yaml.safe_load(text) == {
+        "waf.exclusions": [{"rule_id": 941100, "path_prefix": "/a/b"}, {"rule_id": 942100}]
+    }

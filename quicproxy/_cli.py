@@ -1,4 +1,4 @@
-"""Command line: `quicproxy serve`, `quicproxy waf serve|info`, `quicproxy get`."""
+"""Command line: `quicproxy serve`, `quicproxy waf serve|info|tune|test`, `quicproxy get`."""
 
 from __future__ import annotations
 
@@ -72,6 +72,26 @@ def _parser() -> argparse.ArgumentParser:
     winfo = waf_sub.add_parser("info", help="load the WAF and print engine, CRS and rule count")
     winfo.add_argument("--config", help="YAML config file (its waf: section is used)")
     winfo.add_argument("--waf-engine", choices=_ENGINES, help="WAF engine")
+    wtune = waf_sub.add_parser(
+        "tune", help="propose exclusions from the audit log of a benign detection period"
+    )
+    wtune.add_argument(
+        "audit_log", metavar="AUDIT_LOG", help="audit records, JSON lines (- for stdin)"
+    )
+    wtune.add_argument("--config", help="YAML config file (routes are named by their index)")
+    wtune.add_argument("--min-count", type=int, default=1, help="propose only what N requests hit")
+    wtune.add_argument("-o", "--output", help="also write the proposals to this file")
+    wtest = waf_sub.add_parser(
+        "test", help="replay recorded requests through the configured WAF policy"
+    )
+    wtest.add_argument(
+        "requests", metavar="REQUESTS_FILE", help="requests or audit records, JSON lines"
+    )
+    wtest.add_argument("--config", help="YAML config file (its waf: and routes: are used)")
+    wtest.add_argument("--waf-engine", choices=_ENGINES, help="WAF engine")
+    wtest.add_argument(
+        "--route-aware", action="store_true", help="apply each route's routes[].waf policy"
+    )
 
     get = sub.add_parser("get", help="fetch a URL over HTTP/3 and print the body")
     get.add_argument("url")
@@ -384,11 +404,58 @@ def _cmd_waf_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_lines(path: str, key: str) -> list[str]:
+    if path == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(
+            key, f"cannot read {path} ({exc.strerror})", "give a readable file"
+        ) from None
+
+
+def _cmd_waf_tune(args: argparse.Namespace) -> int:
+    from .waf._tune import propose, render
+
+    if args.min_count < 1:
+        raise ConfigError("--min-count", f"{args.min_count} is not positive", "use 1 or more")
+    cfg = load_config(args.config) if args.config else None
+    lines = _read_lines(args.audit_log, "AUDIT_LOG")
+    text = render(propose(lines, cfg, args.min_count), args.audit_log, cfg)
+    sys.stdout.write(text)
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as fh:
+                fh.write(text)
+        except OSError as exc:
+            raise ConfigError(
+                "--output", f"cannot write {args.output} ({exc.strerror})", "give a writable path"
+            ) from None
+    return 0
+
+
+def _cmd_waf_test(args: argparse.Namespace) -> int:
+    from .waf._replay import parse_requests, render_outcomes, replay
+
+    cfg = _waf_config(args)
+    requests, errors = parse_requests(_read_lines(args.requests, "REQUESTS_FILE"))
+    outcomes = asyncio.run(replay(cfg, requests, args.route_aware))
+    text, status = render_outcomes(outcomes, errors, cfg, args.route_aware)
+    sys.stdout.write(text)
+    return status
+
+
 def _cmd_waf(args: argparse.Namespace) -> int:
     from .waf import run_waf_service
 
     if args.waf_command == "info":
         return _cmd_waf_info(args)
+    if args.waf_command == "tune":
+        return _cmd_waf_tune(args)
+    if args.waf_command == "test":
+        return _cmd_waf_test(args)
     try:
         port = int(args.port)
     except ValueError:

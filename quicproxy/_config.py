@@ -572,6 +572,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(key, f"expected a string, got {value!r}", "give a string")
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off/on as a boolean
+            return "on" if value else "off"
         return str(value)
     return value
 

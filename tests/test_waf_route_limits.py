@@ -132,3 +132,15 @@ def test_route_limits_need_the_inline_engine() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(env={}, overrides={"waf": waf, "routes": [route]})
     assert str(caught.value).startswith("config error: routes[0].waf: ")
+
+
+def test_an_unquoted_off_in_a_yaml_file_means_off(tmp_path) -> None:
+    # YAML 1.1 reads a bare off as false; every key whose value may be "off" takes it
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "waf: {mode: off, audit: {log: off}}\nlog: {access: off}\n"
+        "routes: [{path_prefix: /a, backends: ['http://127.0.0.1:9'], waf: {mode: off}}]\n"
+    )
+    cfg = load_config(str(path), env={})
+    assert (cfg.waf.mode, cfg.waf.audit.log, cfg.log.access) == ("off", "off", "off")
+    assert cfg.routes[0].waf is not None and cfg.routes[0].waf.mode == "off"

@@ -12,7 +12,11 @@ metadata:
     {{- with .Values.proxy.podLabels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
-  {{- $podAnnotations := merge (dict "checksum/config" (include (print $.Template.BasePath "/configmap.yaml") . | sha256sum)) (deepCopy .Values.proxy.podAnnotations) }}
+  {{- $checksums := dict "checksum/config" (include (print $.Template.BasePath "/configmap.yaml") . | sha256sum) }}
+  {{- if and (eq (include "quic-proxy-waf.proxy.wafMode" .) "inline") .Values.waf.plugins.files }}
+  {{- $_ := set $checksums "checksum/waf-plugins" (include (print $.Template.BasePath "/waf-plugins-configmap.yaml") . | sha256sum) }}
+  {{- end }}
+  {{- $podAnnotations := merge $checksums (deepCopy .Values.proxy.podAnnotations) }}
   {{- with include "quic-proxy-waf.annotations" (dict "root" . "extra" $podAnnotations) }}{{ . | nindent 2 }}{{ end }}
 spec:
   serviceAccountName: {{ include "quic-proxy-waf.serviceAccountName" . }}
@@ -115,6 +119,9 @@ spec:
           subPath: {{ $name }}
           readOnly: true
         {{- end }}
+        {{- if include "quic-proxy-waf.wafPlugins" . }}
+        {{- include "quic-proxy-waf.wafPluginsMount" . | nindent 8 }}
+        {{- end }}
         {{- end }}
         - name: tmp
           mountPath: /tmp
@@ -145,6 +152,9 @@ spec:
     - name: config
       configMap:
         name: {{ include "quic-proxy-waf.proxy.fullname" . }}-config
+    {{- if and (eq (include "quic-proxy-waf.proxy.wafMode" .) "inline") (include "quic-proxy-waf.wafPlugins" .) }}
+    {{- include "quic-proxy-waf.wafPluginsVolume" . | nindent 4 }}
+    {{- end }}
     - name: tmp
       emptyDir: {}
     {{- if $tls.secretName }}

@@ -1031,6 +1031,7 @@ def _env_dict(env: Mapping[str, str]) -> dict[str, Any]:
         ("WAF_TIMEOUT_MS", "timeout_ms"),
         ("WAF_FAIL", "fail"),
         ("WAF_RULES_DIR", "rules_dir"),
+        ("WAF_PLUGINS_DIR", "plugins_dir"),
         ("WAF_PARANOIA_LEVEL", "paranoia_level"),
         ("WAF_ANOMALY_THRESHOLD", "anomaly_threshold"),
         ("WAF_ENGINE", "engine"),

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from quicproxy import load_config
+from quicproxy._config import WafConfig
 from quicproxy._errors import ConfigError
 from quicproxy._server import Proxy
 from tests.conftest import require_engine
@@ -98,6 +99,54 @@ async def test_each_kind_of_plugin_file_loads_in_its_crs4_slot(
     assert [r[1].split("?")[0] for r in backend.requests] == ["/search"]
 
 
+async def test_the_waf_service_loads_the_plugins_it_is_given(make_proxy, backend, certs, coraza):
+    from quicproxy.waf import start_waf_service
+
+    config = WafConfig(mode="inline", plugins_dir=EXAMPLE)
+    service = await start_waf_service(config, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{service.port}"
+        proxy = await make_proxy(backend, waf={"mode": "service", "url": url})
+        code = _page("SQL joins", CODE)
+        assert (await fetch(proxy, certs, "h3", "POST", "/wiki/api/p", code, JSON))[0] == 200
+        status, headers, _ = await fetch(
+            proxy, certs, "h2", "POST", "/wiki/api/p", _page("<i>x</i>", "x"), JSON
+        )
+        assert status == 403 and "9510130" in headers["x-waf-rule-id"].split(",")
+        assert [r[1] for r in backend.requests] == ["/wiki/api/p"]
+    finally:
+        await service.aclose()
+
+
+def test_modsecurity_sources_put_plugins_in_crs4_order(tmp_path):
+    """The ModSecurity rule list for a CRS 4 layout (none is installed here to run)."""
+    from quicproxy.waf._rules import CrsLayout, rule_sources
+
+    for kind in ("after", "before", "config"):
+        _plugin(tmp_path, "p", kind, "\n")
+    rules = [f"/crs/rules/REQUEST-{n}.conf" for n in (901, 942, 949, 980)]
+    layout = CrsLayout(
+        "/crs", (4, 25, 0), "/crs/crs-setup.conf", ["/crs/x-BEFORE-CRS.conf"], rules, []
+    )
+    cfg = load_config(env={}, overrides={"waf": {"mode": "inline", "plugins_dir": str(tmp_path)}})
+    names = [os.path.basename(s.name) for s in rule_sources(cfg.waf, layout)]
+    assert names[names.index("crs-setup.conf") :] == [
+        "crs-setup.conf",
+        "WAF settings",
+        "x-BEFORE-CRS.conf",
+        "p-config.conf",
+        "p-before.conf",
+        "REQUEST-901.conf",
+        "REQUEST-942.conf",
+        "anomaly score report",
+        "REQUEST-949.conf",
+        "REQUEST-980.conf",
+        "p-after.conf",
+    ]
+    keys = {os.path.basename(s.name): s.key for s in rule_sources(cfg.waf, layout)}
+    assert keys["p-before.conf"] == "waf.plugins_dir"
+
+
 def test_the_directives_put_plugins_in_crs4_order(tmp_path):
     require_engine("coraza")
     from quicproxy.waf._coraza import coraza_directives
@@ -170,10 +219,16 @@ def test_a_bad_plugins_dir_names_the_key(
     assert reason in str(caught.value)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_an_unreadable_plugin_file_names_the_key(tmp_path: Path) -> None:
-    _plugin(tmp_path, "locked", "before", "\n")
-    (tmp_path / "locked-before.conf").chmod(0)
+    # a link to nothing (as a ConfigMap key removed under a running pod): unreadable even by root
+    (tmp_path / "gone-before.conf").symlink_to(tmp_path / "missing")
     with pytest.raises(ConfigError) as caught:
         load_config(env={}, overrides={"waf": {"mode": "inline", "plugins_dir": str(tmp_path)}})
-    assert str(caught.value).startswith("config error: waf.plugins_dir: cannot read ")
+    text = str(caught.value)
+    assert text.startswith("config error: waf.plugins_dir: cannot read ")
+    assert "gone-before.conf" in text
+
+
+def test_the_plugins_dir_can_come_from_the_environment() -> None:
+    cfg = load_config(env={"WAF_ENABLED": "true", "WAF_PLUGINS_DIR": EXAMPLE})
+    assert (cfg.waf.mode, cfg.waf.plugins_dir) == ("inline", EXAMPLE)

@@ -387,6 +387,12 @@ class RouteWaf:
     "Inbound anomaly threshold; unset: waf.anomaly_threshold."
     exclusions: list[WafExclusion] = field(default_factory=list)
     "Added to waf.exclusions on this route."
+    allowed_methods: list[str] | None = None
+    "Request methods the CRS allows on this route (rule 911100); unset: waf.allowed_methods."
+    allowed_content_types: list[str] | None = None
+    "Request content types the CRS allows on this route (rule 920420), replacing waf's."
+    body_limit: int | None = None
+    "Bytes of a request body inspected on this route, at most waf.body_limit (over_limit applies)."
 
     @property
     def changes_rules(self) -> bool:
@@ -396,6 +402,9 @@ class RouteWaf:
             or self.detection_paranoia_level is not None
             or self.anomaly_threshold is not None
             or bool(self.exclusions)
+            or self.allowed_methods is not None
+            or self.allowed_content_types is not None
+            or self.body_limit is not None
         )
 
 
@@ -475,6 +484,8 @@ class WafConfig:
     "Bodies over body_limit: 'reject' (413) or 'inspect-prefix' (inspect the start, forward all)."
     extra_rules: list[str] = field(default_factory=list)
     "Extra rule files loaded after the CRS."
+    plugins_dir: str | None = None
+    "CRS 4 plugins (*-config.conf, *-before.conf, *-after.conf), loaded in CRS 4's order."
     exclusions: list[WafExclusion] = field(default_factory=list)
     "Rules (by id or tag) removed, everywhere or under a path prefix, whole or for a target."
     pool_size: int = 16
@@ -595,6 +606,8 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(key, f"expected a string, got {value!r}", "give a string")
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off/on as a boolean
+            return "on" if value else "off"
         return str(value)
     return value
 
@@ -778,18 +791,10 @@ def _validate(cfg: Config) -> None:
     for key in ("anomaly_threshold", "outbound_anomaly_threshold"):
         if getattr(waf, key) < 1:
             raise ConfigError(f"waf.{key}", "must be positive", "give a score, e.g. 5")
-    for i, method in enumerate(waf.allowed_methods):
-        if not method.isalpha() or not method.isupper():
-            raise ConfigError(
-                f"waf.allowed_methods[{i}]", f"{method!r} is not a method", "e.g. GET"
-            )
-    for i, ctype in enumerate(waf.allowed_content_types):
-        if not _CONTENT_TYPE.match(ctype):
-            raise ConfigError(
-                f"waf.allowed_content_types[{i}]",
-                f"{ctype!r} is not a media type",
-                "give type/subtype, e.g. application/octet-stream",
-            )
+    _check_methods("waf.allowed_methods", waf.allowed_methods)
+    _check_content_types("waf.allowed_content_types", waf.allowed_content_types)
+    if waf.plugins_dir is not None and waf.mode != "off":
+        _check_plugins_dir(waf)
     if waf.timeout_ms <= 0:
         raise ConfigError("waf.timeout_ms", "must be positive", "give milliseconds, e.g. 1000")
     _validate_audit(waf.audit)
@@ -886,13 +891,64 @@ def _validate_upstream(cfg: Config) -> None:
         )
 
 
+def _check_methods(key: str, methods: list[str]) -> None:
+    for i, method in enumerate(methods):
+        if not method.isalpha() or not method.isupper():
+            raise ConfigError(f"{key}[{i}]", f"{method!r} is not a method", "e.g. GET")
+
+
+def _check_content_types(key: str, types: list[str]) -> None:
+    for i, ctype in enumerate(types):
+        if not _CONTENT_TYPE.match(ctype):
+            raise ConfigError(
+                f"{key}[{i}]",
+                f"{ctype!r} is not a media type",
+                "give type/subtype, e.g. application/octet-stream",
+            )
+
+
+PLUGIN_SUFFIXES = ("-config.conf", "-before.conf", "-after.conf")
+"The files of a CRS 4 plugin, in the order their kinds load."
+
+
+def _check_plugins_dir(waf: WafConfig) -> None:
+    """``waf.plugins_dir``: a readable directory holding readable plugin files (whether
+    they parse is the engine's to say, at start)."""
+    key, folder = "waf.plugins_dir", waf.plugins_dir or ""
+    if waf.mode == "service":
+        raise ConfigError(
+            key, "the WAF service loads the rules", "set it in the config of quicproxy waf serve"
+        )
+    if not os.path.isdir(folder):
+        raise ConfigError(key, f"{folder} is not a directory", "give the folder of the plugins")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise ConfigError(key, f"cannot read {folder}", "make it readable by the proxy's user")
+    names = [n for n in sorted(os.listdir(folder)) if n.endswith(PLUGIN_SUFFIXES)]
+    if not names:
+        raise ConfigError(
+            key,
+            f"no plugin files in {folder}",
+            "put NAME-config.conf, NAME-before.conf or NAME-after.conf files there",
+        )
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                key, f"cannot read {path} ({exc.strerror})", "fix or remove the file"
+            ) from None
+
+
 def _validate_route_waf(key: str, policy: RouteWaf, waf: WafConfig) -> None:
     if policy.mode is not None:
         _check_choice(key + ".mode", policy.mode, ("off", "detect", "block"))
     if policy.changes_rules and waf.mode == "service":
         raise ConfigError(
             key,
-            "paranoia levels, threshold and exclusions need waf.mode inline",
+            "paranoia levels, threshold, methods, types, body limit and exclusions "
+            "need waf.mode inline",
             "set them in the WAF service's own config, or keep only mode here",
         )
     level = policy.paranoia_level if policy.paranoia_level is not None else waf.paranoia_level
@@ -907,6 +963,16 @@ def _validate_route_waf(key: str, policy: RouteWaf, waf: WafConfig) -> None:
         raise ConfigError(key + ".anomaly_threshold", "must be positive", "give a score, e.g. 5")
     for j, exclusion in enumerate(policy.exclusions):
         exclusion.check(f"{key}.exclusions[{j}]")
+    if policy.allowed_methods is not None:
+        _check_methods(key + ".allowed_methods", policy.allowed_methods)
+    if policy.allowed_content_types is not None:
+        _check_content_types(key + ".allowed_content_types", policy.allowed_content_types)
+    if policy.body_limit is not None and not 1 <= policy.body_limit <= waf.body_limit:
+        raise ConfigError(
+            key + ".body_limit",
+            f"out of range (1 to waf.body_limit, {waf.body_limit})",
+            "lower it, or raise waf.body_limit and set smaller limits on other routes",
+        )
 
 
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
@@ -996,6 +1062,7 @@ def _env_dict(env: Mapping[str, str]) -> dict[str, Any]:
         ("WAF_TIMEOUT_MS", "timeout_ms"),
         ("WAF_FAIL", "fail"),
         ("WAF_RULES_DIR", "rules_dir"),
+        ("WAF_PLUGINS_DIR", "plugins_dir"),
         ("WAF_PARANOIA_LEVEL", "paranoia_level"),
         ("WAF_ANOMALY_THRESHOLD", "anomaly_threshold"),
         ("WAF_ENGINE", "engine"),

@@ -23,7 +23,13 @@ from ._channel import Verdict, VerdictChannel
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
 from ._pooled import PooledTransaction, PooledWaf, stamp
-from ._rules import base_directives, removal_directives, score_directives, settings_directives
+from ._rules import (
+    base_directives,
+    find_plugins,
+    removal_directives,
+    score_directives,
+    settings_directives,
+)
 from ._types import WafDecision, WafRequest, WafUnavailable
 
 __all__ = ["CorazaEngine", "CorazaTransaction", "CorazaWaf", "coraza_directives"]
@@ -47,32 +53,52 @@ def _bytes(text: str) -> bytes:
 
 
 def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> str:
-    """The whole rule set: base, CRS 4 setup, our settings, CRS rules, extras, removals."""
+    """The whole rule set: base, CRS 4 setup, our settings, plugin config and before
+    files, CRS rules, plugin after files, extras, removals."""
+    return "".join(text for text, _ in _directive_parts(config, crs_version))
+
+
+def _directive_parts(
+    config: WafConfig, crs_version: tuple[int, int, int]
+) -> list[tuple[str, str | None]]:
+    """The rule set in order, each part with the plugin file it includes (else None)."""
     limit = max(1, config.body_limit)
-    parts = [
-        base_directives(config),
-        f"SecRequestBodyInMemoryLimit {limit}\n",
+    plugins = find_plugins(config, crs_version)
+    parts: list[tuple[str, str | None]] = [
+        (base_directives(config), None),
+        (f"SecRequestBodyInMemoryLimit {limit}\n", None),
         # CRS rule 901340 forces REQUEST_BODY for bodies no processor claims; Coraza
         # then parses them as urlencoded (binary uploads turn into garbage ARGS).
         # The raw processor fills REQUEST_BODY alone, as ModSecurity does.
-        'SecRule REQBODY_PROCESSOR "!@rx (?:URLENCODED|MULTIPART|XML|JSON)" '
-        f'"id:{RAW_BODY_RULE},phase:1,pass,nolog,ctl:requestBodyProcessor=RAW"\n',
-        "Include @crs-setup.conf.example\n",
-        settings_directives(config, crs_version),
-        "Include @owasp_crs/REQUEST-9[0-3]*.conf\n",
-        "Include @owasp_crs/REQUEST-94[0-8]*.conf\n",
-        score_directives(crs_version),
-        "Include @owasp_crs/REQUEST-949*.conf\n",
-        "Include @owasp_crs/REQUEST-9[5-9]*.conf\n",
+        (
+            'SecRule REQBODY_PROCESSOR "!@rx (?:URLENCODED|MULTIPART|XML|JSON)" '
+            f'"id:{RAW_BODY_RULE},phase:1,pass,nolog,ctl:requestBodyProcessor=RAW"\n',
+            None,
+        ),
+        ("Include @crs-setup.conf.example\n", None),
+        (settings_directives(config, crs_version), None),
     ]
+    parts += [(f"Include {path}\n", path) for path in plugins.config + plugins.before]
+    parts += [
+        ("Include @owasp_crs/REQUEST-9[0-3]*.conf\n", None),
+        ("Include @owasp_crs/REQUEST-94[0-8]*.conf\n", None),
+        (score_directives(crs_version), None),
+        ("Include @owasp_crs/REQUEST-949*.conf\n", None),
+        ("Include @owasp_crs/REQUEST-9[5-9]*.conf\n", None),
+    ]
+    parts += [(f"Include {path}\n", path) for path in plugins.after]
     for i, path in enumerate(config.extra_rules):
         if not os.path.isfile(path):
             raise ConfigError(
                 f"waf.extra_rules[{i}]", f"rule file {path} not found", "fix the path"
             )
-        parts.append(f"Include {os.path.abspath(path)}\n")
-    parts.append(removal_directives(config))
-    return "".join(parts)
+        parts.append((f"Include {os.path.abspath(path)}\n", None))
+    parts.append((removal_directives(config), None))
+    return parts
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
 
 
 def _version_tuple(text: str) -> tuple[int, int, int]:
@@ -95,11 +121,17 @@ class CorazaEngine:
         "CRS version compiled in, e.g. 4.25.0."
         self.version = f"Coraza v{self.release}"
         self.crs_version = _version_tuple(self.crs_release)
-        error = ctypes.c_void_p()
-        directives = coraza_directives(config, self.crs_version)
-        self.handle: int | None = self.lib.qpc_waf_new(directives.encode(), ctypes.byref(error))
+        parts = _directive_parts(config, self.crs_version)
+        self.handle: int | None = None
+        self.handle, detail = self._compile("".join(text for text, _ in parts))
         if not self.handle:
-            detail = self.lib.take_text(error.value) or "unknown error"
+            plugin, why = self._failing_plugin(parts)
+            if plugin is not None:
+                raise ConfigError(
+                    "waf.plugins_dir",
+                    f"coraza refused {plugin}: {_first_line(why)}",
+                    "fix or remove the plugin file",
+                )
             raise ConfigError(
                 "waf.extra_rules" if config.extra_rules else "waf",
                 f"coraza refused the rules: {detail}",
@@ -110,6 +142,26 @@ class CorazaEngine:
             max_workers=workers or os.cpu_count() or 2, thread_name_prefix="waf"
         )
         self._channel: VerdictChannel | None = None
+
+    def _compile(self, directives: str) -> tuple[int | None, str]:
+        """(rule set handle, or None and the library's error)."""
+        error = ctypes.c_void_p()
+        handle = self.lib.qpc_waf_new(directives.encode(), ctypes.byref(error))
+        if handle:
+            return handle, ""
+        return None, self.lib.take_text(error.value) or "unknown error"
+
+    def _failing_plugin(self, parts: list[tuple[str, str | None]]) -> tuple[str | None, str]:
+        """The first plugin file whose inclusion makes the rule set fail to compile
+        (only after a failure: each try compiles the rules up to one plugin file)."""
+        for end, (_, plugin) in enumerate(parts):
+            if plugin is None:
+                continue
+            handle, detail = self._compile("".join(text for text, _ in parts[: end + 1]))
+            if not handle:
+                return plugin, detail
+            self.lib.qpc_waf_free(handle)
+        return None, ""
 
     def channel(self) -> VerdictChannel:
         """The running loop's channel to the library (bodiless requests' verdicts)."""

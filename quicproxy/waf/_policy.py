@@ -2,12 +2,15 @@
 
 ``routes[].waf`` sets a route's mode (``off``: not inspected; ``detect``: inspected,
 logged and audited, never refused; ``block``) and, over the global ``waf.*`` key by key,
-its paranoia levels, anomaly threshold and extra exclusions. A policy that changes the
+its paranoia levels, anomaly threshold, allowed methods and content types (CRS
+``tx.allowed_methods``, ``tx.allowed_request_content_type``), body limit and extra
+exclusions. A policy that changes the
 rules gets a rule set of its own, compiled once at start beside the global one; routes
 with the same effective settings share it (a CRS rule set costs ~0.05-0.2 s and a few
 MB). Paranoia levels and exclusions are thus plain CRS settings and ``ctl:`` rules in
 each rule set (:mod:`._rules`), the same on both engines; the route itself is chosen by
-the router, never re-derived from paths inside the rules.
+the router, never re-derived from paths inside the rules. A route's body limit is its
+rule set's ``body_limit``, which its transactions enforce (:mod:`._pooled`).
 """
 
 from __future__ import annotations
@@ -49,7 +52,14 @@ def effective_config(base: WafConfig, policy: RouteWaf) -> WafConfig:
         detection_paranoia_level=max(detection, level),
         anomaly_threshold=threshold if threshold is not None else base.anomaly_threshold,
         exclusions=[*base.exclusions, *policy.exclusions],
+        allowed_methods=_given(policy.allowed_methods, base.allowed_methods),
+        allowed_content_types=_given(policy.allowed_content_types, base.allowed_content_types),
+        body_limit=policy.body_limit if policy.body_limit is not None else base.body_limit,
     )
+
+
+def _given(value: list[str] | None, default: list[str]) -> list[str]:
+    return list(value) if value is not None else default
 
 
 def _own_rules(base: WafConfig, policy: RouteWaf) -> bool:

@@ -1,4 +1,5 @@
-"""What both inline engines share: transactions evaluated in the engine's thread pool."""
+"""What both inline engines share: transactions evaluated in the engine's thread pool,
+and the body limit of their rule set (``body_limit``, lower on a route with its own)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .._errors import BodyTooLarge
 from ._types import WafDecision, WafRequest
 
 __all__ = ["PooledWaf", "PooledTransaction", "stamp"]
@@ -42,6 +44,8 @@ class PooledTransaction:
         self._finished = False
         self._closed = False
         self._pending: concurrent.futures.Future[Any] | None = None
+        self._fed = 0
+        "Body bytes handed to the engine."
         self.engine_seconds = 0.0
 
     # -- engine calls, by the subclass -------------------------------------------------
@@ -110,9 +114,21 @@ class PooledTransaction:
         return None if self._blocked is None else self._decision()
 
     async def body_chunk(self, data: bytes) -> None:
+        """Hand a body chunk to the engine, up to the rule set's ``body_limit``: past it,
+        BodyTooLarge (413) with ``over_limit: reject``, else the rest is not inspected.
+        (The caller feeds at most the global limit; a route's own may be lower.)"""
         if not self._started:
             await self.headers()
-        if self._blocked is None:
+        config = self._engine.config
+        room = config.body_limit - self._fed
+        if len(data) > room:
+            if config.over_limit == "reject":
+                raise BodyTooLarge(
+                    f"request body over the WAF inspection limit ({config.body_limit} bytes)"
+                )
+            data = data[: max(room, 0)]
+        self._fed += len(data)
+        if self._blocked is None and data:
             self._take(data)
 
     async def finish(self) -> WafDecision:

@@ -1,9 +1,11 @@
 """The rule set the inline WAF loads, in order, built from :class:`WafConfig`.
 
 Order: base directives (engine, body handling), the CRS setup file, our
-settings (paranoia level, threshold, path exclusions), the CRS request rules
-with our score report just before the blocking evaluation (REQUEST-949), the
-after-CRS exclusion files, ``extra_rules``, then global rule removals.
+settings (paranoia level, threshold, path exclusions), the plugins' config then
+before files (``waf.plugins_dir``, CRS 4 only), the CRS request rules with our
+score report just before the blocking evaluation (REQUEST-949), the after-CRS
+exclusion files and the plugins' after files, ``extra_rules``, then global rule
+removals.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import os
 import re
 from dataclasses import dataclass
 
-from .._config import WafConfig
+from .._config import PLUGIN_SUFFIXES, WafConfig
 from .._errors import ConfigError
 
 __all__ = [
     "CrsLayout",
+    "Plugins",
+    "find_plugins",
     "RuleSource",
     "find_crs",
     "rule_sources",
@@ -64,6 +68,42 @@ class CrsLayout:
     "REQUEST-*.conf rule files, in order."
     after: list[str]
     "Files loaded after the CRS rules (exclusions, plugins)."
+
+
+@dataclass
+class Plugins:
+    """The files of the CRS 4 plugins in one directory, by kind, each sorted by name."""
+
+    config: list[str]
+    "NAME-config.conf: the plugins' settings, after the CRS setup."
+    before: list[str]
+    "NAME-before.conf: before the CRS rules (exclusions, early rules)."
+    after: list[str]
+    "NAME-after.conf: after the CRS rules."
+
+    def __bool__(self) -> bool:
+        return bool(self.config or self.before or self.after)
+
+
+def find_plugins(config: WafConfig, version: tuple[int, int, int]) -> Plugins:
+    """``waf.plugins_dir``'s plugins (none when unset); ConfigError on a CRS before 4,
+    which has no plugin slots."""
+    folder = config.plugins_dir
+    if not folder:
+        return Plugins([], [], [])
+    if version[0] < 4:
+        raise ConfigError(
+            "waf.plugins_dir",
+            f"CRS plugins need CRS 4, the rules are CRS {'.'.join(map(str, version))}",
+            "use waf.engine coraza, or point waf.rules_dir at a CRS 4",
+        )
+    folder = os.path.abspath(folder)
+    return Plugins(
+        *(
+            sorted(glob.glob(os.path.join(glob.escape(folder), "*" + kind)))
+            for kind in PLUGIN_SUFFIXES
+        )
+    )
 
 
 @dataclass
@@ -307,13 +347,20 @@ def rule_sources(config: WafConfig, layout: CrsLayout) -> list[RuleSource]:
     scores: RuleSource | None = RuleSource(
         "anomaly score report", "waf", score_directives(layout.version)
     )
-    for path in layout.before + layout.rules + layout.after:
+    plugins = find_plugins(config, layout.version)
+    for path in layout.before:
+        sources.append(RuleSource(path, "waf.rules_dir"))
+    for path in plugins.config + plugins.before:
+        sources.append(RuleSource(path, "waf.plugins_dir"))
+    for path in layout.rules + layout.after:
         if scores is not None and os.path.basename(path).startswith("REQUEST-949"):
             sources.append(scores)
             scores = None
         sources.append(RuleSource(path, "waf.rules_dir"))
     if scores is not None:
         sources.append(scores)
+    for path in plugins.after:
+        sources.append(RuleSource(path, "waf.plugins_dir"))
     for i, path in enumerate(config.extra_rules):
         sources.append(RuleSource(path, f"waf.extra_rules[{i}]"))
     removals = removal_directives(config)

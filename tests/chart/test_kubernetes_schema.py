@@ -43,6 +43,26 @@ VARIANTS = {
         "annotations": {"owner": "edge-team"},
     },
     "nodeport": {"service": {"type": "NodePort"}},
+    "waf-plugins-audit": {
+        "waf": {
+            "plugins": {"files": {"app-before.conf": "# rules\n", "app-config.conf": "#\n"}},
+            "audit": {"log": "/tmp/waf-audit.log", "mask": ["cookie:*"]},
+        },
+    },
+    "inline-waf-plugins-configmap": {
+        "waf": {"enabled": False, "plugins": {"configMap": "edge-plugins"}},
+        "proxy": {
+            "config": {
+                "routes": [
+                    {
+                        "path_prefix": "/api",
+                        "backends": ["http://api:80"],
+                        "waf": {"mode": "detect", "body_limit": 4096},
+                    }
+                ]
+            }
+        },
+    },
 }
 
 

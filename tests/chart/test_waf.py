@@ -49,7 +49,14 @@ def test_complete_example_runs_three_waf_replicas(profile):
 
 def test_proxy_calls_the_waf_service_from_its_configmap(profile):
     waf = profile("default").proxy_config()["waf"]
-    assert waf == {"mode": "service", "url": WAF_URL, "timeout_ms": 1000, "fail": "closed"}
+    audit = {"log": "stdout", "record": "refused", "rate": 50, "burst": 200, "data_limit": 200}
+    assert waf == {
+        "mode": "service",
+        "url": WAF_URL,
+        "timeout_ms": 1000,
+        "fail": "closed",
+        "audit": audit,
+    }
 
 
 def test_waf_settings_follow_values(render):

@@ -245,8 +245,32 @@ securityContext:
 {{- if $files }}
 {{- $_ := set $cfg "extra_rules" $files }}
 {{- end }}
+{{- if include "quic-proxy-waf.wafPlugins" . }}
+{{- $_ := set $cfg "plugins_dir" "/etc/quicproxy-plugins" }}
+{{- end }}
 {{- toYaml $cfg }}
 {{- end }}
+{{- end }}
+
+{{/* The ConfigMap holding the CRS plugins (waf.plugins), empty when there are none. */}}
+{{- define "quic-proxy-waf.wafPlugins" -}}
+{{- if .Values.waf.plugins.configMap }}
+{{- .Values.waf.plugins.configMap }}
+{{- else if .Values.waf.plugins.files }}
+{{- printf "%s-waf-plugins" (include "quic-proxy-waf.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/* The plugins volume (under volumes:) and its mount (under volumeMounts:). */}}
+{{- define "quic-proxy-waf.wafPluginsVolume" -}}
+- name: waf-plugins
+  configMap:
+    name: {{ include "quic-proxy-waf.wafPlugins" . }}
+{{- end }}
+{{- define "quic-proxy-waf.wafPluginsMount" -}}
+- name: waf-plugins
+  mountPath: /etc/quicproxy-plugins
+  readOnly: true
 {{- end }}
 
 {{/* The Secret holding the proxies' shared QUIC secret (see quic-secret.yaml). */}}

@@ -13,7 +13,11 @@ metadata:
     {{- toYaml . | nindent 4 }}
     {{- end }}
   {{- /* only settings that need a restart roll the pods: the rest is reloaded live */}}
-  {{- $podAnnotations := merge (dict "checksum/config" (include "quic-proxy-waf.proxy.restartChecksum" .)) (deepCopy .Values.proxy.podAnnotations) }}
+  {{- $checksums := dict "checksum/config" (include "quic-proxy-waf.proxy.restartChecksum" .) }}
+  {{- if and (eq (include "quic-proxy-waf.proxy.wafMode" .) "inline") .Values.waf.plugins.files }}
+  {{- $_ := set $checksums "checksum/waf-plugins" (include (print $.Template.BasePath "/waf-plugins-configmap.yaml") . | sha256sum) }}
+  {{- end }}
+  {{- $podAnnotations := merge $checksums (deepCopy .Values.proxy.podAnnotations) }}
   {{- with include "quic-proxy-waf.annotations" (dict "root" . "extra" $podAnnotations) }}{{ . | nindent 2 }}{{ end }}
 spec:
   serviceAccountName: {{ include "quic-proxy-waf.serviceAccountName" . }}
@@ -109,6 +113,9 @@ spec:
         - name: config
           mountPath: /etc/quicproxy/config
           readOnly: true
+        {{- if and (eq (include "quic-proxy-waf.proxy.wafMode" .) "inline") (include "quic-proxy-waf.wafPlugins" .) }}
+        {{- include "quic-proxy-waf.wafPluginsMount" . | nindent 8 }}
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- if $tls.secretName }}
@@ -143,6 +150,9 @@ spec:
     - name: config
       configMap:
         name: {{ include "quic-proxy-waf.proxy.fullname" . }}-config
+    {{- if and (eq (include "quic-proxy-waf.proxy.wafMode" .) "inline") (include "quic-proxy-waf.wafPlugins" .) }}
+    {{- include "quic-proxy-waf.wafPluginsVolume" . | nindent 4 }}
+    {{- end }}
     - name: tmp
       emptyDir: {}
     {{- if $tls.secretName }}

@@ -33,4 +33,21 @@
 {{- if and $p.tls.certManager.enabled (or (not $p.tls.certManager.issuerRef.name) (not $p.tls.certManager.dnsNames)) }}
 {{- fail "proxy.tls.certManager: set issuerRef.name and at least one dnsNames entry" }}
 {{- end }}
+{{- with .Values.waf.plugins }}
+{{- if and .configMap .files }}
+{{- fail "waf.plugins: both configMap and files are set; give the plugins one way" }}
+{{- end }}
+{{- if and (or .configMap .files) (eq $.Values.waf.engine "modsecurity") }}
+{{- fail "waf.plugins: CRS plugins need CRS 4 and the image's ModSecurity runs CRS 3; use waf.engine coraza" }}
+{{- end }}
+{{- end }}
+{{- if eq (include "quic-proxy-waf.proxy.wafMode" .) "service" }}
+{{- range $i, $route := (default (list) $p.config.routes) }}
+{{- range $key, $_ := (default (dict) $route.waf) }}
+{{- if ne $key "mode" }}
+{{- fail (printf "proxy.config.routes[%d].waf.%s: needs the WAF inline (the WAF service applies its own rules); set waf.enabled=false and proxy.waf.url empty, or keep only mode" $i $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}

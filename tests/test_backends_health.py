@@ -371,6 +371,11 @@ async def test_h2c_members_are_probed_and_a_refused_connect_goes_to_another(make
             assert time.monotonic() - started < 2
             probes = "quicproxy_health_probes_total"
             assert metrics.value(probes, route="*/", member=dead, result="fail") >= 2
+            started = time.monotonic()  # the live one's probes take a round trip each
+            while time.monotonic() - started < 5 and (
+                metrics.value(probes, route="*/", member=live.url, result="pass") < 2
+            ):
+                await asyncio.sleep(0.02)
             assert metrics.value(probes, route="*/", member=live.url, result="pass") >= 2
             assert metrics.value(up, route="*/", member=live.url) == 1
             r = await c.post(https_url(proxy, "/echo"), content=b"f" * 10)

@@ -454,7 +454,9 @@ async def test_a_browser_loading_600_resources_stays_well_inside_the_budget(
         "quicproxy_requests_total", protocol="h3", status_class="2xx", route="default"
     )
     print(f"chromium, 600 resources: budget spent {dict(spent)}, lowest {lowest[0]:.0f}")
-    assert answered == 600
+    # every resource answered; Chromium may fetch one again under load (seen once on a
+    # loaded 2-core box: /s228.js twice, 0.55 s apart, both 200)
+    assert 600 <= answered <= 606
     assert sum(spent.values()) > 20  # it did draw on the budget
     assert lowest[0] > _quic.FRAME_BURST / 2
     assert errors(caplog) == [] and not [r for r in caplog.records if "flood" in r.getMessage()]

@@ -220,6 +220,7 @@ async def _h3_used(port: int, requests: int) -> tuple[Any, H3Protocol]:
     )
     opening = quic_connect("127.0.0.1", port, configuration=config, create_protocol=H3Protocol)
     proto = await asyncio.wait_for(opening.__aenter__(), 30)
+    proto.opening = opening  # held: dropped, its generator would close the connection
     client = H3Client(proto, f"localhost:{port}")
     for _ in range(requests):
         response = await asyncio.wait_for(client.request("GET", "/"), 30)

@@ -337,17 +337,28 @@ ROWS = {
 }
 
 
-def memory_rows(t: targets.Target, quick: bool, log: Any) -> dict[str, float]:
+def memory_rows(
+    lab: targets.Lab, t: targets.Target, quick: bool, fresh: bool, log: Any
+) -> dict[str, float]:
     """The bench's memory rows (``workloads``: idle h3, idle h1/h2 held, h2 churn), in
-    that order on one fresh process, as ``python -m bench`` runs them."""
+    that order on one fresh process, as ``python -m bench`` runs them; with ``fresh``,
+    each row on a process of its own (a row then reuses nothing the previous one freed)."""
     from bench import workloads
 
     s = workloads.Settings.quick() if quick else workloads.Settings()
+    steps = [
+        lambda: workloads.idle_memory(t, s),
+        lambda: workloads.idle_tcp_memory(t, s, "h1"),
+        lambda: workloads.idle_tcp_memory(t, s, "h2"),
+        lambda: workloads.churn_memory(t, s),
+    ]
     got: dict[str, float] = {}
-    got.update(workloads.idle_memory(t, s))
-    for proto in ("h1", "h2"):
-        got.update(workloads.idle_tcp_memory(t, s, proto))
-    got.update(workloads.churn_memory(t, s))
+    for i, step in enumerate(steps):
+        if fresh and i:
+            lab.stop(t)
+            lab.start(t)
+            time.sleep(2.0)
+        got.update(step())
     log(f"  {t.name}: " + ", ".join(f"{k} {v:.1f}" for k, v in got.items()))
     return got
 
@@ -385,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the bench's memory rows (idle h3, idle h1/h2, h2 churn) instead",
     )
+    p.add_argument("--fresh", action="store_true", help="--rows: each row on a fresh process")
     a = p.parse_args(argv)
     scale = 10 if a.quick else 1
     counts = {
@@ -416,12 +428,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 lab.start(t)
                 time.sleep(2.0)
-                runs[name] = memory_rows(t, a.quick, log) if a.rows else soak(t, counts, a, log)
+                if a.rows:
+                    runs[name] = memory_rows(lab, t, a.quick, a.fresh, log)
+                else:
+                    runs[name] = soak(t, counts, a, log)
             finally:
                 lab.stop(t)
     finally:
         lab.close()
-    stem = "memory-rows" if a.rows else "soak"
+    stem = ("memory-rows-fresh" if a.fresh else "memory-rows") if a.rows else "soak"
     text = rows_table(runs, a.quick) if a.rows else table(runs)
     (a.out / f"{stem}.md").write_text(text + "\n")
     (a.out / f"{stem}.json").write_text(json.dumps(runs, indent=1))

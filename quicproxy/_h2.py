@@ -99,6 +99,16 @@ class _Settings(jh2.settings.Settings):
         super().__setitem__(key, value)
 
 
+class _JH2(jh2.connection.H2Connection):
+    """jh2's connection remembering how its last ``MAX_CLOSED_STREAMS`` streams closed
+    (jh2: 65,536, ~110 bytes each, so a long-lived connection grew with every request up
+    to ~7 MiB). Twice the streams a client may have open covers frames still in flight for
+    the ones just closed (frames on a stream the proxy reset are ignored); DATA or HEADERS on
+    an older one is a connection error (STREAM_CLOSED), as on a stream closed normally."""
+
+    MAX_CLOSED_STREAMS = 2 * _MAX_STREAMS
+
+
 class H2Connection:
     """One HTTP/2 client connection inside TLS."""
 
@@ -116,7 +126,7 @@ class H2Connection:
             validate_outbound_headers=False,
             normalize_outbound_headers=False,
         )
-        self.h2 = jh2.connection.H2Connection(config)
+        self.h2 = _JH2(config)
         self.h2.remote_settings = _Settings(client=True)  # the defaults, as jh2's own
         self.h2.decoder = StrictDecoder(self.h2.decoder, _HEADER_TABLE)
         self._window = asyncio.Event()

@@ -161,6 +161,8 @@ class H3Conn:
         self.handshaking = True
         self.received_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        "The handshake's deadline (set and cancelled by the listener)."
         self.timer_at: float | None = None
         self.closed = False
         self.streams = Streams(handler, self, "HTTP/3", self.client, listener.address)

@@ -483,7 +483,7 @@ class QuicListener:
         self.stats["handshakes"] += 1
         self.cid_issued(conn, header.dcid)
         self.cid_issued(conn, quic.host_cid)
-        self.loop.call_later(q.handshake_timeout, self._handshake_deadline, conn)
+        conn.deadline = self.loop.call_later(q.handshake_timeout, self._handshake_deadline, conn)
         self._receive(conn, data, addr)
         return conn
 
@@ -505,6 +505,7 @@ class QuicListener:
         conn.cids.discard(cid)
 
     def handshake_done(self, conn: H3Conn) -> None:
+        _cancel_deadline(conn)
         if conn.handshaking:
             conn.handshaking = False
             self.handshakes -= 1
@@ -512,7 +513,10 @@ class QuicListener:
             _safe(metrics.quic_handshakes.inc)
 
     def remove(self, conn: H3Conn) -> None:
-        """Forget a connection: O(number of its connection IDs)."""
+        """Forget a connection: O(number of its connection IDs). Nothing of the listener
+        refers to it afterwards (its handshake deadline's handle held it for
+        ``quic.handshake_timeout``)."""
+        _cancel_deadline(conn)
         for cid in conn.cids:
             if self.by_cid.get(cid) is conn:
                 del self.by_cid[cid]
@@ -656,6 +660,12 @@ def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
             "process" if workers is None else "run",
         )
     return keys
+
+
+def _cancel_deadline(conn: H3Conn) -> None:
+    if conn.deadline is not None:
+        conn.deadline.cancel()  # the handle lets go of the connection
+        conn.deadline = None
 
 
 def _safe(record: Callable[[], object]) -> None:

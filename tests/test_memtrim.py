@@ -4,6 +4,8 @@ seen going (QUIC: the number open falling), and not otherwise."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import pytest
 
@@ -29,3 +31,23 @@ async def test_trims_after_enough_closed_connections_only():
         assert trimmer.trims == 2
     finally:
         trimmer.stop()
+
+
+def test_a_trim_collects_the_cycles_closed_connections_leave():
+    """A closed QUIC connection is reference cycles: reference counting alone never frees
+    it, the trim's collection does (whatever generation it reached)."""
+
+    class Node:
+        pass
+
+    gc.disable()
+    try:
+        node = Node()
+        node.me = node  # type: ignore[attr-defined]
+        ref = weakref.ref(node)
+        del node
+        assert ref() is not None
+        Trimmer(lambda: 0).trim()
+        assert ref() is None
+    finally:
+        gc.enable()

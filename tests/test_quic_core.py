@@ -410,3 +410,20 @@ def test_only_the_quic_core_imports_the_quic_library():
             if any(name == "qh3" or name.startswith("qh3.") for name in names):
                 importers.add(path.relative_to(package).as_posix())
     assert importers == {"_quic.py", "_quicpacket.py", "_h3.py"}
+
+
+def test_finished_streams_are_one_number_per_type_until_a_gap():
+    """qh3's record of discarded streams: what finished in order is a floor per stream type,
+    only what finished above a stream still open is held, and membership is unchanged."""
+    done = _quic.FinishedStreams()
+    for sid in range(0, 4000, 4):  # a thousand requests, one after the other
+        done.add(sid)
+    assert len(done) == 0 and 0 in done and 3996 in done and 4000 not in done
+    done.add(4004)  # 4000 still open
+    done.add(4008)
+    assert len(done) == 2 and 4004 in done and 4000 not in done
+    done.add(4000)  # the gap closes
+    assert len(done) == 0 and 4008 in done and 4012 not in done
+    done.add(3)  # a server-initiated unidirectional stream: a type of its own
+    assert 3 in done and 7 not in done and 2 not in done
+    assert "x" not in done

@@ -1,6 +1,6 @@
-"""Memory probes: `quicproxy serve` in a subprocess, and real TLS clients that hold
-connections idle (h1 or h2 after its preface) or use them (h2 requests), to read what
-each costs in the proxy's VmRSS.
+"""Memory probes: `quicproxy serve` in a subprocess, and real clients that hold
+connections idle (TLS: h1, or h2 after its preface) or use them (h2 requests; HTTP/3
+with aioquic), to read what each costs in the proxy's VmRSS.
 
     python -m tests.hostile.memprobe      # prints the figures (a measuring tool)
 """
@@ -21,7 +21,12 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+from aioquic.asyncio.client import connect as quic_connect
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
 
+from quicproxy._client import H3Client
+from quicproxy._client import _Protocol as H3Protocol
 from tests.helpers import free_port
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -203,6 +208,40 @@ async def used(port: int, alpn: str, n: int, requests: int) -> list[asyncio.Stre
     """n connections, each having made ``requests`` requests, still open."""
     one = _h2_used if alpn == "h2" else _h1_used
     return await _gather_bounded([one(port, requests) for _ in range(n)], 32)
+
+
+async def _h3_used(port: int, requests: int) -> tuple[Any, H3Protocol]:
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=H3_ALPN,
+        verify_mode=ssl.CERT_NONE,
+        server_name="localhost",
+        idle_timeout=300.0,
+    )
+    opening = quic_connect("127.0.0.1", port, configuration=config, create_protocol=H3Protocol)
+    proto = await asyncio.wait_for(opening.__aenter__(), 30)
+    proto.opening = opening  # held: dropped, its generator would close the connection
+    client = H3Client(proto, f"localhost:{port}")
+    for _ in range(requests):
+        response = await asyncio.wait_for(client.request("GET", "/"), 30)
+        if response.status != 200:
+            raise ConnectionError(f"status {response.status}")
+    return opening, proto
+
+
+async def h3_used(port: int, n: int, requests: int) -> list[H3Protocol]:
+    """n HTTP/3 connections (aioquic), each having made ``requests`` GETs, still open."""
+    opened = await _gather_bounded([_h3_used(port, requests) for _ in range(n)], 32)
+    return [proto for _opening, proto in opened]
+
+
+async def close_h3(protocols: list[H3Protocol]) -> None:
+    """CONNECTION_CLOSE on each, all at once (one by one costs a PTO each)."""
+    for proto in protocols:
+        proto.close()
+    await asyncio.wait([asyncio.ensure_future(p.wait_closed()) for p in protocols], timeout=5)
+    for proto in protocols:
+        proto._transport.close()  # the client's UDP socket (its context manager is not left)
 
 
 async def churn(proxy: ServedProxy, n: int, seconds: float) -> list[int]:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, NoReturn
 
@@ -483,8 +484,10 @@ def _cmd_get(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("serve", "waf"):
-        # never SIGHUP's default (exit): once serving, the proxy reloads on it
+    serving = args.command == "serve" or getattr(args, "waf_command", None) == "serve"
+    if serving and threading.current_thread() is threading.main_thread():
+        # never SIGHUP's default (exit): once serving, the proxy reloads on it (only the
+        # long-running commands; the others may run in a library user's thread)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if args.command == "serve":

@@ -20,10 +20,10 @@ from . import __version__
 from ._config import Config, load_config
 from ._errors import ConfigError
 from ._metrics import mark_worker_dead, metrics, multiprocess_dir
-from ._quiclisten import Workers
 from ._reload import ConfigSource
 from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
+from .quic._listen import Workers
 
 __all__ = ["main"]
 
@@ -245,7 +245,7 @@ class _Supervisor:
         self.workers_dir = workers_dir
         "Where workers hand QUIC datagrams to each other (one Unix socket each)."
         self.secret = os.urandom(32)
-        "The workers' QUIC secret when no quic.shared_secret_file is set (see _quickeys)."
+        "The workers' QUIC secret when no quic.shared_secret_file is set (see quic._keys)."
         self.ctx = multiprocessing.get_context("fork")
         self.procs: dict[int, Any] = {}
         self.started: dict[int, float] = {}

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ._errors import ConfigError
-from ._quickeys import SecretFileError, read_secret_file
+from .quic._keys import SecretFileError, read_secret_file
 from .upstream._member import TlsProfile, client_context
 
 __all__ = [

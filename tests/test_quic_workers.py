@@ -9,7 +9,7 @@ import hashlib
 import socket
 
 from quicproxy import Proxy
-from quicproxy._quiclisten import Workers
+from quicproxy.quic._listen import Workers
 from tests.backend import pattern_bytes
 from tests.helpers import free_port, h3, proxy_config
 

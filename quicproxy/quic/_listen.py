@@ -31,13 +31,13 @@
   connection (the client's address changed) is handed to that worker over a
   Unix datagram socket, with the client's address in front.
 - Retry tokens and session tickets are sealed, and stateless-reset tokens derived,
-  under keys of the QUIC secret (``_quickeys``; ``quic.shared_secret_file`` is looked
+  under keys of the QUIC secret (``_keys``; ``quic.shared_secret_file`` is looked
   at every two seconds and read again when it changed): replicas with the same file
   accept each other's tokens and tickets.
 - A short-header datagram for a connection nobody here knows (this process
   restarted, or a balancer moved the client) gets a stateless reset (RFC 9000
   §10.3) with the token derived from the connection ID and the QUIC secret
-  (``_quickeys``): the one the connection was given, when the secret is shared.
+  (``_keys``): the one the connection was given, when the secret is shared.
   Never for a long header, never one that is not smaller than the datagram (no
   loops) or under 21 bytes; at most ``quic.stateless_reset_rate`` a second, and a
   tenth of that per client address (``ResetBudget``).
@@ -57,13 +57,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._caps import AddressCounter, address_key
-from ._certwatch import Certificates
-from ._config import Config
-from ._h3 import H3Conn, warm_up
-from ._handler import Handler
-from ._metrics import metrics
-from ._quic import (
+from .._caps import AddressCounter, address_key
+from .._certwatch import Certificates
+from .._config import Config
+from .._handler import Handler
+from .._metrics import metrics
+from .._sockets import bind_socket, plain_addr
+from ._core import (
     MIN_INITIAL_SIZE,
     MIN_RESET_SIZE,
     CreditedConnection,
@@ -77,8 +77,8 @@ from ._quic import (
     stateless_reset,
     version_negotiation,
 )
-from ._quickeys import QuicKeys
-from ._sockets import bind_socket, plain_addr
+from ._h3 import H3Conn, warm_up
+from ._keys import QuicKeys
 from ._udp import DatagramSocket, Source
 
 __all__ = ["QuicListener", "start_quic_listener"]
@@ -195,7 +195,7 @@ class QuicListener:
         self.workers = workers
         self.worker = workers.index if workers is not None else None
         self.keys = keys or quic_keys(cfg, workers)
-        "The QUIC secret's keys (see ``_quickeys``): reset tokens, Retry tokens, tickets."
+        "The QUIC secret's keys (see ``_keys``): reset tokens, Retry tokens, tickets."
         self.retry = RetryTokens(self.worker, self.keys)
         self.tickets = SessionTickets(self.keys) if q.early_data else None
         self.resets = ResetBudget(q.stateless_reset_rate)

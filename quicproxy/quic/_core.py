@@ -3,7 +3,7 @@
 Everything the listener and the HTTP/3 adapter need from the QUIC library goes
 through here: reading a packet header, checking that an Initial decrypts,
 Retry, Version Negotiation and stateless reset packets, session tickets that carry
-their own state (sealed under the keys of ``_quickeys``), the connection object (with a budget for
+their own state (sealed under the keys of ``_keys``), the connection object (with a budget for
 the frames a client sends that cost work and produce nothing, ``FrameGuard``) and
 the few private attributes the proxy relies on. Swapping the QUIC library means
 rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
@@ -13,7 +13,7 @@ per-packet work in Rust: packet protection and building, stream send and receive
 buffers, range sets, the pacer, QPACK and TLS primitives. In memory, one server
 connection spent ~12 ms of CPU per MiB sent against aioquic's ~41, ~74 us per
 small request against ~130, and ~1.5 ms per handshake against ~2.0; with the short
-1-RTT packet path (``_quicpacket.py``) and the idle streams kept out of qh3's send
+1-RTT packet path (``_packet.py``) and the idle streams kept out of qh3's send
 queue, ~5 ms per MiB on an HTTP/3 connection (qh3 2.x moves the whole state machine
 to Rust but grants a stream's receive credit as soon as its data is delivered, with
 no hook to withhold it: the memory bound below would be lost).
@@ -66,9 +66,9 @@ loudly when an upgrade removes one):
 - ``qh3.tls`` / ``qh3.quic.crypto`` ``hkdf_expand_label`` and ``hkdf_extract``: replaced
   by one-shot HMAC versions (same bytes, a fraction of the cost).
 - ``qh3.quic.connection.EPOCHS``: memoised (it returns frozensets: immutable, shareable).
-- ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_quicpacket.PacketBuilder``,
+- ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_packet.PacketBuilder``,
   which builds 1-RTT packets on a short path (the builder attributes it uses are in
-  ``_quicpacket.PRIVATE``).
+  ``_packet.PRIVATE``).
 - The frame handlers ``_handle_<type>_frame`` of every frame type a client may send
   (``_GUARDED_FRAMES``; qh3 binds them into its per-connection dispatch table),
   ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``,
@@ -119,9 +119,9 @@ from qh3.quic.packet import (
 from qh3.quic.stream import QuicStream
 from qh3.tls import SessionTicket
 
-from quicproxy import _quicpacket
-from quicproxy._quickeys import RESET_TOKEN_SIZE, QuicKeys
-from quicproxy._quicpacket import PacketBuilder
+from quicproxy.quic import _packet
+from quicproxy.quic._keys import RESET_TOKEN_SIZE, QuicKeys
+from quicproxy.quic._packet import PacketBuilder
 
 __all__ = [
     "PRIVATE",
@@ -186,7 +186,7 @@ PRIVATE = [
     (quic_connection_module, "QuicStream"),
     (quic_connection_module, "EPOCHS"),
     (quic_connection_module, "QuicPacketBuilder"),
-    *((_quicpacket.packet_builder.QuicPacketBuilder, name) for name in _quicpacket.PRIVATE),
+    *((_packet.packet_builder.QuicPacketBuilder, name) for name in _packet.PRIVATE),
     (tls, "hkdf_expand_label"),
     (tls, "hkdf_extract"),
     (quic_crypto_module, "hkdf_expand_label"),
@@ -323,7 +323,7 @@ for _module in (tls, quic_crypto_module):
     _module.hkdf_expand_label = hkdf_expand_label  # type: ignore[attr-defined]
     _module.hkdf_extract = hkdf_extract  # type: ignore[attr-defined]
 
-# 1-RTT packets are built on a short path (see _quicpacket.py).
+# 1-RTT packets are built on a short path (see _packet.py).
 quic_connection_module.QuicPacketBuilder = PacketBuilder  # type: ignore[misc]
 
 # qh3 builds its frame-handler table per connection, with a fresh frozenset of epochs
@@ -532,7 +532,7 @@ _CLOCK_SKEW = 5.0
 class RetryTokens:
     """Stateless Retry: tokens bind the client address, the original DCID and the
     Retry's source CID (where the client must write next), sealed with AES-GCM under
-    the current Retry key (``_quickeys``: shared by the fleet, or of this process),
+    the current Retry key (``_keys``: shared by the fleet, or of this process),
     and expire after 30 s of wall-clock time. A token starts with its key's id; any
     accepted key validates it (rotation)."""
 
@@ -600,7 +600,7 @@ _TICKET = struct.Struct("!HIdI?I")
 class SessionTickets:
     """TLS session tickets (resumption, 0-RTT) that carry their own state: the
     resumption secret, cipher suite, issue time, lifetime and age_add, sealed with
-    AES-256-GCM under the current ticket key (``_quickeys``) and prefixed with its id.
+    AES-256-GCM under the current ticket key (``_keys``) and prefixed with its id.
     Any process holding the secret resumes a ticket another issued (qh3 keeps tickets
     in the process: ``_SealingContext`` seals them as qh3 builds them).
 

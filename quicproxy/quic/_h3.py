@@ -1,6 +1,6 @@
 """HTTP/3 adapter: one QUIC connection's events to the request model.
 
-The connection is driven by the listener (``_quiclisten.py``): it hands in
+The connection is driven by the listener (``_listen.py``): it hands in
 datagrams and timer expiries, and flushes what the connection has to send
 once per event-loop turn. The stream life cycle itself lives in
 ``_streams.py``, shared with HTTP/2.
@@ -35,12 +35,13 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from ._errors import ClientGone, HeadersTooLarge
-from ._h3gate import FrameRefused, QpackError, RequestFrames, field_section_size
-from ._handler import Handler
-from ._model import Headers
-from ._pseudo import response_headers, trailer_fields
-from ._quic import (
+from .._errors import ClientGone, HeadersTooLarge
+from .._handler import Handler
+from .._model import Headers
+from .._pseudo import response_headers, trailer_fields
+from .._sockets import plain_addr
+from .._streams import Streams
+from ._core import (
     CreditedConnection,
     control_stream,
     events,
@@ -48,11 +49,10 @@ from ._quic import (
     stream_answered,
     unsent_bytes,
 )
-from ._sockets import plain_addr
-from ._streams import Streams
+from ._h3gate import FrameRefused, QpackError, RequestFrames, field_section_size
 
 if TYPE_CHECKING:
-    from ._quiclisten import QuicListener
+    from ._listen import QuicListener
 
 __all__ = ["H3Conn", "warm_up"]
 

@@ -15,7 +15,7 @@ from aioquic.quic.connection import QuicConnection
 from qh3 import tls
 
 from quicproxy.quic import _core as _quic
-from quicproxy.quic._h3 import _H3 as H3
+from quicproxy.quic._core import ProxyH3 as H3
 from tests.hostile.probe import client_initial
 
 

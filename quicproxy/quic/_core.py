@@ -6,7 +6,8 @@ Retry, Version Negotiation and stateless reset packets, session tickets that car
 their own state (sealed under the keys of ``_keys``), the connection object (with a budget for
 the frames a client sends that cost work and produce nothing, ``FrameGuard``) and
 the few private attributes the proxy relies on. Swapping the QUIC library means
-rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
+rewriting this module (and the h3 framing in ``_h3.py``, on qh3's public API), nothing
+else; ``_h3.py`` and the listener use no private attribute of qh3.
 
 qh3 1.9 is aioquic's design (the connection's state machine in Python) with the
 per-packet work in Rust: packet protection and building, stream send and receive
@@ -53,8 +54,10 @@ loudly when an upgrade removes one):
   acknowledged (closing a drained connection).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
 - ``H3Connection._decoder``: replaced by a QPACK decoder without a dynamic table (see
-  ``_h3.py``); ``H3Connection._stream`` (an HTTP/3 stream's parsing state): dropped when
-  the proxy refuses a request stream before qh3 saw its headers.
+  ``ProxyH3``), ``_get_local_settings`` (the SETTINGS announced) and ``_decode_headers``
+  (a header block that is not UTF-8 or too large becomes a refusal) overridden;
+  ``H3Connection._stream`` (an HTTP/3 stream's parsing state): dropped when the proxy
+  refuses a request stream before qh3 saw its headers (``ProxyH3.forget``).
 - ``QuicConnection._local_max_streams_bidi`` and ``_local_max_streams_uni``: replaced by
   ``StreamCredit``, raised as the peer's request streams finish, not as they open (qh3
   doubles a limit once the peer has opened half of it). ``_streams_finished``: where a
@@ -100,8 +103,21 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from qh3 import tls
-from qh3._hazmat import AeadAes128Gcm, Buffer, BufferReadError, QUICHeaderProtection
-from qh3.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from qh3._hazmat import (
+    AeadAes128Gcm,
+    Buffer,
+    BufferReadError,
+    DecoderStreamError,
+    QpackDecoder,
+    QUICHeaderProtection,
+)
+from qh3.h3.connection import (
+    H3_ALPN,
+    ErrorCode,
+    H3Connection,
+    QpackDecompressionFailed,
+    Setting,
+)
 from qh3.quic import connection as quic_connection_module
 from qh3.quic import crypto as quic_crypto_module
 from qh3.quic import events as quic_events
@@ -120,6 +136,7 @@ from qh3.quic.stream import QuicStream
 from qh3.tls import SessionTicket
 
 from quicproxy.quic import _packet
+from quicproxy.quic._h3gate import QpackError, field_section_size
 from quicproxy.quic._keys import RESET_TOKEN_SIZE, QuicKeys
 from quicproxy.quic._packet import PacketBuilder
 
@@ -129,7 +146,10 @@ __all__ = [
     "MIN_RESET_SIZE",
     "Header",
     "CreditedConnection",
+    "ProxyH3",
     "ProxyStream",
+    "TooLarge",
+    "Undecodable",
     "StreamCredit",
     "QuicConfiguration",
     "RetryTokens",
@@ -225,6 +245,8 @@ PRIVATE = [
     ("connection", "_local_max_streams_uni"),
     ("h3", "_decoder"),
     ("h3", "_stream"),
+    (H3Connection, "_get_local_settings"),
+    (H3Connection, "_decode_headers"),
     ("connection", "_streams_finished"),
     (QuicConnection, "_initialize"),
     ("connection", "_is_client"),
@@ -1250,3 +1272,73 @@ def stream_answered(quic: QuicConnection, stream_id: int) -> bool:
 def control_stream(h3: H3Connection) -> int | None:
     """The local HTTP/3 control stream, where GOAWAY goes."""
     return h3._local_control_stream_id
+
+
+class Undecodable(list[tuple[bytes, bytes]]):
+    """The headers of a request whose header block could not be decoded."""
+
+
+class TooLarge(list[tuple[bytes, bytes]]):
+    """The headers of a request whose header block was too large to be decoded."""
+
+
+_PLACEHOLDER = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":authority", b"-"),
+    (b":path", b"/"),
+]
+
+
+class ProxyH3(H3Connection):
+    """qh3's HTTP/3 layer (its private settings and header decoding overridden) without
+    its H3_DATAGRAM setting: qh3 always announces it,
+    and RFC 9297 lets clients (aioquic, for one) close a connection that announces it
+    without QUIC datagram support, which the proxy does not offer. It announces extended
+    CONNECT instead (WebSocket over HTTP/3, RFC 9220).
+
+    Its QPACK decoder has no dynamic table (SETTINGS_QPACK_MAX_TABLE_CAPACITY and
+    SETTINGS_QPACK_BLOCKED_STREAMS 0): an encoder-stream instruction other than "capacity
+    0" is QPACK_ENCODER_STREAM_ERROR (qh3's decoder refuses them), a header block that
+    refers to the table QPACK_DECOMPRESSION_FAILED, and no stream waits for an insert."""
+
+    def __init__(self, quic: QuicConnection, max_field_section: int = 4 * 65536) -> None:
+        self.max_field_section = max_field_section
+        self.oversize: dict[int, bool] = {}
+        "Streams whose next header block stands for an oversize one (see ``_h3gate``)."
+        super().__init__(quic)
+        self._decoder = QpackDecoder(0, 0)
+
+    def forget(self, stream_id: int) -> None:
+        """A request stream refused before qh3 saw its headers: its parsing state goes."""
+        self._stream.pop(stream_id, None)
+        self.oversize.pop(stream_id, None)
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
+        settings[0x08] = 1  # SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket (RFC 9220)
+        settings[Setting.QPACK_MAX_TABLE_CAPACITY] = 0
+        settings[Setting.QPACK_BLOCKED_STREAMS] = 0
+        settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section
+        return settings
+
+    def _decode_headers(
+        self, stream_id: int, frame_data: bytes | None
+    ) -> list[tuple[bytes, bytes]]:
+        """As qh3, except a header block its QPACK decoder refuses because a string is
+        not UTF-8 (HTTP allows other bytes): qh3 would raise out of the connection.
+        The request gets a 400 instead, as on h2 (see ``_h3.H3Conn._request``); a block that
+        refers to the dynamic table (there is none) closes the connection. An oversize
+        block (its stand-in, see ``_h3gate``) is not decoded: the request gets 431."""
+        head = self.oversize.pop(stream_id, None)
+        if head is not None:
+            return TooLarge(_PLACEHOLDER if head else [])  # trailers: ignored
+        try:
+            return super()._decode_headers(stream_id, frame_data)
+        except DecoderStreamError:
+            try:
+                field_section_size(frame_data or b"")
+            except QpackError as exc:
+                raise QpackDecompressionFailed(str(exc)) from None
+            return Undecodable(_PLACEHOLDER)  # valid for qh3's checks; never forwarded

@@ -63,6 +63,7 @@ from .._config import Config
 from .._handler import Handler
 from .._metrics import metrics
 from .._sockets import bind_socket, plain_addr
+from ._conn import QuicConn
 from ._core import (
     MIN_INITIAL_SIZE,
     MIN_RESET_SIZE,
@@ -200,8 +201,8 @@ class QuicListener:
         self.tickets = SessionTickets(self.keys) if q.early_data else None
         self.resets = ResetBudget(q.stateless_reset_rate)
         self._handover: socket.socket | None = None
-        self.by_cid: dict[bytes, H3Conn] = {}
-        self.connections: set[H3Conn] = set()
+        self.by_cid: dict[bytes, QuicConn] = {}
+        self.connections: set[QuicConn] = set()
         self.handshakes = 0
         self.per_address = AddressCounter(q.max_connections_per_address)
         "Connections per client address (handshaking or not)."
@@ -211,7 +212,7 @@ class QuicListener:
         self.tls_store: Certificates | None = None
         "Where new connections take the current certificate pairs from (set by the server)."
         self.address: tuple[str, int] = ("", 0)
-        self._dirty: set[H3Conn] = set()
+        self._dirty: set[QuicConn] = set()
         self._flush: asyncio.Handle | None = None
         self.stats = dict.fromkeys(
             (
@@ -318,7 +319,7 @@ class QuicListener:
             return  # a Version Negotiation: no answer
         if header.version not in self._versions:
             if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
-                self._send([(version_negotiation(header, self._versions), addr)], source)
+                self.send([(version_negotiation(header, self._versions), addr)], source)
             return
         if self._opens(header, data):
             self._wait_turn(header, data, addr, source)
@@ -337,7 +338,7 @@ class QuicListener:
             return
         self.stats["reset"] += 1
         _safe(lambda: metrics.stateless_resets.labels(result="sent").inc())
-        self._send([(reset, addr)], source)
+        self.send([(reset, addr)], source)
 
     def _opens(self, header: Header, data: bytes) -> bool:
         """Whether a datagram of an unknown connection may open one: a padded Initial
@@ -387,7 +388,7 @@ class QuicListener:
         if self._waiting:
             self._admit = self.loop.call_soon(self._admit_next)
 
-    def _receive(self, conn: H3Conn, data: bytes, addr: Any) -> None:
+    def _receive(self, conn: QuicConn, data: bytes, addr: Any) -> None:
         try:
             conn.receive(data, addr, self.loop.time())
         except Exception:
@@ -436,7 +437,7 @@ class QuicListener:
 
     def _new_connection(
         self, header: Header, data: bytes, addr: Any, source: Source
-    ) -> H3Conn | None:
+    ) -> QuicConn | None:
         q = self.cfg
         if not self._examine_budget():
             self._drop("shed", "rate")
@@ -453,7 +454,7 @@ class QuicListener:
                 self.stats["retry"] += 1
                 _safe(metrics.retry_sent.inc)
                 retry = self.retry.retry_packet(header, addr, time.time())
-                self._send([(retry, addr)], source)
+                self.send([(retry, addr)], source)
                 return None
         refused = self._capped(host)
         if refused:
@@ -487,31 +488,31 @@ class QuicListener:
         self._receive(conn, data, addr)
         return conn
 
-    def _handshake_deadline(self, conn: H3Conn) -> None:
+    def _handshake_deadline(self, conn: QuicConn) -> None:
         if conn.handshaking and not conn.closed:
             self.stats["expired"] += 1
             conn.terminated()
 
     # ------------------------------------------------------------------ connection callbacks
 
-    def cid_issued(self, conn: H3Conn, cid: bytes) -> None:
+    def cid_issued(self, conn: QuicConn, cid: bytes) -> None:
         if not conn.closed:
             self.by_cid[cid] = conn
             conn.cids.add(cid)
 
-    def cid_retired(self, conn: H3Conn, cid: bytes) -> None:
+    def cid_retired(self, conn: QuicConn, cid: bytes) -> None:
         if self.by_cid.get(cid) is conn:
             del self.by_cid[cid]
         conn.cids.discard(cid)
 
-    def handshake_done(self, conn: H3Conn) -> None:
+    def handshake_done(self, conn: QuicConn) -> None:
         if conn.handshaking:
             conn.handshaking = False
             self.handshakes -= 1
             self.handshakes_per_address.release(conn.client[0])
             _safe(metrics.quic_handshakes.inc)
 
-    def remove(self, conn: H3Conn) -> None:
+    def remove(self, conn: QuicConn) -> None:
         """Forget a connection: O(number of its connection IDs)."""
         for cid in conn.cids:
             if self.by_cid.get(cid) is conn:
@@ -529,7 +530,7 @@ class QuicListener:
 
     # ------------------------------------------------------------------ output
 
-    def dirty(self, conn: H3Conn) -> None:
+    def dirty(self, conn: QuicConn) -> None:
         self._dirty.add(conn)
         if self._flush is None:
             self._flush = self.loop.call_soon(self.flush)
@@ -550,48 +551,15 @@ class QuicListener:
         dirty, self._dirty = self._dirty, set()
         now = self.loop.time()
         for conn in dirty:
-            self._output(conn, now)
+            conn.output(now)
 
-    def send_now(self, conn: H3Conn) -> None:
+    def send_now(self, conn: QuicConn) -> None:
         """Send one connection's queued datagrams now (a new connection's flight, what
         is queued before a close) and re-arm its timer."""
         self._dirty.discard(conn)
-        self._output(conn, self.loop.time())
+        conn.output(self.loop.time())
 
-    def _output(self, conn: H3Conn, now: float) -> None:
-        if conn.closed:
-            return
-        try:
-            out = conn.quic.datagrams_to_send(now=now)
-        except Exception:  # one broken connection never stops the others' output
-            log.exception("QUIC output for %s failed", conn.client[0])
-            conn.terminated()
-            return
-        if out:
-            self._send(out, conn.source)
-        self._arm(conn)
-
-    def _arm(self, conn: H3Conn) -> None:
-        at = conn.quic.get_timer()
-        if conn.timer is not None and conn.timer_at != at:
-            conn.timer.cancel()
-            conn.timer = None
-        if conn.timer is None and at is not None:
-            conn.timer = self.loop.call_at(at, self._on_timer, conn)
-        conn.timer_at = at
-
-    def _on_timer(self, conn: H3Conn) -> None:
-        if conn.closed:
-            return
-        try:
-            conn.on_timer()
-        except Exception:
-            log.exception("QUIC timer for %s failed", conn.client[0])
-            conn.terminated()
-            return
-        self.dirty(conn)
-
-    def _send(self, datagrams: list[tuple[bytes, Any]], source: Source = None) -> None:
+    def send(self, datagrams: list[tuple[bytes, Any]], source: Source = None) -> None:
         if self.socket is not None:
             self.socket.send(datagrams, source)
 

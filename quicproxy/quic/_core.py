@@ -159,6 +159,7 @@ __all__ = [
     "initial_decrypts",
     "stateless_reset",
     "owner",
+    "generation",
     "parse_header",
     "stamp",
     "stream_answered",
@@ -558,9 +559,15 @@ class RetryTokens:
     and expire after 30 s of wall-clock time. A token starts with its key's id; any
     accepted key validates it (rotation)."""
 
-    def __init__(self, worker: int | None = None, keys: QuicKeys | None = None) -> None:
+    def __init__(
+        self,
+        worker: int | None = None,
+        keys: QuicKeys | None = None,
+        generation: int | None = None,
+    ) -> None:
         self.keys = keys or QuicKeys.random()
         self.worker = worker
+        self.generation = generation
         self._aeads: dict[bytes, AESGCM] = {}
 
     def _aead(self, key: bytes) -> AESGCM:
@@ -574,7 +581,7 @@ class RetryTokens:
     def retry_packet(self, header: Header, addr: Any, now: float) -> bytes:
         """A Retry for an Initial; ``now`` is wall-clock time (``time.time()``)."""
         assert header.version is not None
-        source_cid = stamp(os.urandom(8), self.worker)  # the token is ours to check
+        source_cid = stamp(os.urandom(8), self.worker, None, self.generation)  # ours to check
         plain = (
             struct.pack("!dB", now, len(header.dcid))
             + header.dcid
@@ -711,21 +718,31 @@ class _SealingContext(tls.Context):
         self.__dict__["_new_session_ticket"] = message
 
 
-def stamp(cid: bytes, worker: int | None, key_id: int | None = None) -> bytes:
-    """A connection ID whose first byte names the worker that owns the connection and
-    whose second names the secret its stateless-reset token comes from."""
-    if len(cid) < 2:
+def stamp(
+    cid: bytes, worker: int | None, key_id: int | None = None, generation: int | None = None
+) -> bytes:
+    """A connection ID whose first byte names the worker that owns the connection, whose
+    second names the secret its stateless-reset token comes from and whose third the
+    generation (the run of the proxy on this port: a restart's new process has another)."""
+    if len(cid) < 3:
         return cid
     if worker is not None:
         cid = bytes([worker]) + cid[1:]
     if key_id is not None:
         cid = cid[:1] + bytes([key_id]) + cid[2:]
+    if generation is not None:
+        cid = cid[:2] + bytes([generation]) + cid[3:]
     return cid
 
 
 def owner(cid: bytes) -> int:
     """The worker a connection ID was stamped for (see :func:`stamp`)."""
     return cid[0] if cid else -1
+
+
+def generation(cid: bytes) -> int:
+    """The generation a connection ID was stamped for (see :func:`stamp`)."""
+    return cid[2] if len(cid) > 2 else -1
 
 
 class _Probe(int):
@@ -997,8 +1014,9 @@ class CreditedConnection(FrameGuard):
     consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
 
     With several workers, every connection ID it issues carries the worker's
-    index in its first byte, so a datagram that reaches another worker (the
-    client's address changed) can be handed to the owner.
+    index in its first byte (and the generation, the proxy's run, in its third), so a
+    datagram that reaches another worker (the client's address changed) or another
+    process on the port (a restart) can be handed to the owner.
 
     With ``certificates`` (a server name, or None, to the certificate, its chain and
     its private key), the pair is chosen when the ClientHello arrives, by its SNI.
@@ -1007,6 +1025,7 @@ class CreditedConnection(FrameGuard):
     __slots__ = (
         "credit",
         "worker",
+        "generation",
         "keys",
         "tickets",
         "on_cid_issued",
@@ -1022,6 +1041,7 @@ class CreditedConnection(FrameGuard):
         worker: int | None = None,
         keys: QuicKeys | None = None,
         tickets: SessionTickets | None = None,
+        generation: int | None = None,
         certificates: Callable[[str | None], CertificatePair] | None = None,
         **kw: Any,
     ) -> None:
@@ -1036,6 +1056,7 @@ class CreditedConnection(FrameGuard):
         self._hold_stream_limits()
         self._unacked = 0
         self.worker = worker
+        self.generation = generation
         self.keys = keys
         "Where stateless-reset tokens come from (None: qh3's random ones)."
         self.on_cid_issued: Any = None
@@ -1229,7 +1250,10 @@ class CreditedConnection(FrameGuard):
         keys = self.keys
         self._host_cid_seq_map.pop(connection_id.cid, None)
         connection_id.cid = stamp(
-            connection_id.cid, self.worker, keys.current.id if keys is not None else None
+            connection_id.cid,
+            self.worker,
+            keys.current.id if keys is not None else None,
+            self.generation,
         )
         if keys is not None:
             connection_id.stateless_reset_token = keys.reset_token(connection_id.cid)

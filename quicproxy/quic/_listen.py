@@ -50,7 +50,10 @@ import contextlib
 import functools
 import logging
 import os
+import random
+import re
 import socket
+import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -71,6 +74,7 @@ from ._core import (
     Header,
     RetryTokens,
     SessionTickets,
+    generation,
     initial_decrypts,
     owner,
     parse_header,
@@ -82,7 +86,7 @@ from ._h3 import H3Conn, warm_up
 from ._keys import QuicKeys
 from ._udp import DatagramSocket, Source
 
-__all__ = ["QuicListener", "start_quic_listener"]
+__all__ = ["QuicListener", "Workers", "handover_folder", "new_generation", "start_quic_listener"]
 
 log = logging.getLogger("quicproxy")
 
@@ -138,17 +142,60 @@ class ResetBudget:
 
 @dataclass
 class Workers:
-    """This worker's place among the workers sharing the port."""
+    """This worker's place among the workers sharing the port, and the run it belongs to."""
 
     index: int
     count: int
     folder: str
-    "Where each worker's Unix socket for handed-over datagrams lives."
+    "Where each worker's Unix socket for handed-over datagrams lives (one folder per port)."
     secret: bytes = b""
     "The QUIC secret the supervisor made for its workers (without a shared secret file)."
+    generation: int | None = None
+    """This run's generation (a byte in every connection ID): processes started on the
+    same port while this one runs have another, and hand each other their datagrams."""
 
-    def path(self, index: int) -> str:
-        return os.path.join(self.folder, f"w{index}.sock")
+    def path(self, index: int, generation: int | None = -1) -> str:
+        """The socket of worker ``index`` of ``generation`` (this run's by default)."""
+        if generation == -1:
+            generation = self.generation
+        if generation is None:
+            return os.path.join(self.folder, f"w{index}.sock")
+        return os.path.join(self.folder, f"g{generation}w{index}.sock")
+
+
+_HANDOVER_NAME = re.compile(r"g(\d{1,3})w(\d{1,3})\.sock")
+_LOOK_EVERY = 1.0
+"Seconds between looks at the hand-over folder (which runs share the port)."
+
+
+def handover_folder(cfg: Config, port: int) -> str:
+    """The folder of the hand-over sockets for ``port``: ``quic.handover_dir``, else
+    $XDG_RUNTIME_DIR/quicproxy, /run/quicproxy or the temporary folder's quicproxy-UID;
+    one folder per port number, made (mode 0700) when missing."""
+    base = cfg.quic.handover_dir
+    if not base:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and os.path.isdir(runtime):
+            base = os.path.join(runtime, "quicproxy")
+        elif os.access("/run", os.W_OK):
+            base = "/run/quicproxy"
+        else:
+            base = os.path.join(tempfile.gettempdir(), f"quicproxy-{os.getuid()}")
+    folder = os.path.join(base, str(port))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
+def new_generation(folder: str) -> int:
+    """A generation no socket in ``folder`` names (a random one when all 256 are taken)."""
+    taken = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            found = _HANDOVER_NAME.fullmatch(name)
+            if found:
+                taken.add(int(found.group(1)))
+    free = [g for g in range(256) if g not in taken]
+    return random.choice(free) if free else random.randrange(256)
 
 
 def _pack(addr: Any, source: Source, data: bytes) -> bytes:
@@ -197,10 +244,14 @@ class QuicListener:
         self.worker = workers.index if workers is not None else None
         self.keys = keys or quic_keys(cfg, workers)
         "The QUIC secret's keys (see ``_keys``): reset tokens, Retry tokens, tickets."
-        self.retry = RetryTokens(self.worker, self.keys)
+        self.generation = workers.generation if workers is not None else None
+        self.retry = RetryTokens(self.worker, self.keys, self.generation)
         self.tickets = SessionTickets(self.keys) if q.early_data else None
         self.resets = ResetBudget(q.stateless_reset_rate)
         self._handover: socket.socket | None = None
+        self._others: list[tuple[int, int]] = []
+        "(generation, worker) of the other runs' sockets on this port, newest first."
+        self._looked = -_LOOK_EVERY
         self.by_cid: dict[bytes, QuicConn] = {}
         self.connections: set[QuicConn] = set()
         self.handshakes = 0
@@ -278,19 +329,60 @@ class QuicListener:
         self._batch_end()
 
     def _hand_over(self, header: Header, data: bytes, addr: Any, source: Source) -> bool:
-        """Send a datagram to the worker whose connection ID it carries; False if ours."""
+        """Send a datagram to the worker, of this run or of another on the port, whose
+        connection ID it carries; while draining, a new connection's datagrams go to the
+        newest other run. False when it stays here (then nobody has its connection)."""
         workers = self.workers
-        if workers is None or self._handover is None or len(header.dcid) != self._cid_length:
+        if workers is None or self._handover is None:
             return False
-        target = owner(header.dcid)
-        if target == workers.index or not 0 <= target < workers.count:
-            return False
-        if header.long and header.initial and not header.token:
-            return False  # a new client's first Initial: any worker may take it
-        with contextlib.suppress(OSError):
-            self._handover.sendto(_pack(addr, source, data), workers.path(target))
-            self.stats["handed_over"] += 1
+        first = header.long and header.initial and not header.token
+        if len(header.dcid) == self._cid_length and not first:
+            # not a new client's first Initial (its DCID is the client's: any worker takes it)
+            target, gen = owner(header.dcid), generation(header.dcid)
+            if self.generation is None or gen == self.generation:
+                if target != workers.index and 0 <= target < workers.count:
+                    return self._send_over(workers.path(target), addr, source, data)
+            elif (gen, target) in self._other_runs():
+                return self._send_over(workers.path(target, gen), addr, source, data)
+        if self.draining and header.long:
+            # a new connection while this run drains: the run that took over starts it
+            for gen, target in self._other_runs():
+                if target == workers.index:
+                    return self._send_over(workers.path(target, gen), addr, source, data)
+            for gen, target in self._other_runs():
+                return self._send_over(workers.path(target, gen), addr, source, data)
+        return False
+
+    def _send_over(self, path: str, addr: Any, source: Source, data: bytes) -> bool:
+        assert self._handover is not None
+        try:
+            self._handover.sendto(_pack(addr, source, data), path)
+        except (BlockingIOError, InterruptedError):
+            return True  # its queue is full: dropped, as on a busy link
+        except OSError:
+            return False  # gone (a run that ended without removing its socket)
+        self.stats["handed_over"] += 1
         return True
+
+    def _other_runs(self) -> list[tuple[int, int]]:
+        """(generation, worker) of the other runs' sockets on this port (looked at once
+        a second at most), newest first."""
+        now = self.loop.time()
+        if now - self._looked < _LOOK_EVERY or self.workers is None:
+            return self._others
+        self._looked = now
+        found = []
+        folder = self.workers.folder
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                match = _HANDOVER_NAME.fullmatch(name)
+                if not match or int(match.group(1)) == self.generation:
+                    continue
+                with contextlib.suppress(OSError):
+                    when = os.stat(os.path.join(folder, name)).st_mtime
+                    found.append((when, int(match.group(1)), int(match.group(2))))
+        self._others = [(gen, index) for _, gen, index in sorted(found, reverse=True)]
+        return self._others
 
     # ------------------------------------------------------------------ input
 
@@ -474,6 +566,7 @@ class QuicListener:
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
             tickets=self.tickets,
+            generation=self.generation,
         )
         conn = H3Conn(quic, self, self.handler, addr)
         quic.on_cid_issued = functools.partial(self.cid_issued, conn)
@@ -597,6 +690,9 @@ class QuicListener:
             self.loop.remove_reader(self._handover.fileno())
             self._handover.close()
             self._handover = None
+            if self.workers is not None:  # datagrams for this run now get a reset
+                with contextlib.suppress(OSError):
+                    os.unlink(self.workers.path(self.workers.index))
 
 
 def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
@@ -621,7 +717,7 @@ def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
         log.info(
             "QUIC keys: a random secret of this %s (set quic.shared_secret_file to share "
             "Retry tokens, session tickets and stateless resets across replicas)",
-            "process" if workers is None else "run",
+            "run" if workers is not None and workers.secret else "process",
         )
     return keys
 

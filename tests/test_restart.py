@@ -160,3 +160,16 @@ def test_handover_dir_must_be_absolute():
     folder = "/tmp/quicproxy-test-handover"
     cfg = load_config(env={}, overrides={"quic": {"handover_dir": folder}})
     assert cfg.quic.handover_dir == folder
+
+
+def test_handover_folder_is_refused_when_others_can_write_to_it(tmp_path):
+    from quicproxy._config import load_config
+    from quicproxy.quic._listen import handover_folder
+
+    base = tmp_path / "handover"
+    cfg = load_config(env={}, overrides={"quic": {"handover_dir": str(base)}})
+    folder = handover_folder(cfg, 8443)
+    assert folder == str(base / "8443") and (os.stat(folder).st_mode & 0o777) == 0o700
+    os.chmod(base, 0o777)  # anyone could put a socket there and inject datagrams
+    with pytest.raises(OSError):
+        handover_folder(cfg, 8443)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -183,6 +184,10 @@ def handover_folder(cfg: Config, port: int) -> str:
             base = os.path.join(tempfile.gettempdir(), f"quicproxy-{os.getuid()}")
     folder = os.path.join(base, str(port))
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    for path in (base, folder):  # whoever can write there can inject datagrams
+        info = os.stat(path)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise OSError(errno.EPERM, f"{path} is not this user's alone")
     return folder
 
 

@@ -3,7 +3,8 @@ ports of process A while A runs (SO_REUSEPORT), then A gets SIGTERM. A keeps its
 established QUIC connections until they finish (a download in progress, requests in
 flight): the datagrams of A's connections that the kernel now hashes to B are handed to A
 by connection ID (its generation byte), and a new connection goes to B, even when its
-datagrams hash to A. TCP the same: B accepts, A drains."""
+datagrams hash to A. A's GOAWAY moves a client's next request to a new connection (B's);
+one sent on A's connection anyway is refused unprocessed. TCP the same: B accepts, A drains."""
 
 from __future__ import annotations
 
@@ -107,16 +108,25 @@ async def test_a_second_serve_takes_over_and_the_first_keeps_its_connections(
                     "GET", f"/bytes/{DOWNLOAD}", keep_body=False, hasher=digest, timeout=120
                 )
             )
-            slow = [
-                asyncio.ensure_future(client.request("GET", "/slow?s=3", timeout=60))
-                for client in old[1:]
-            ]
             tcp_old = await stack.enter_async_context(tcp_client(certs, http2=True))
-            tcp_slow = asyncio.ensure_future(tcp_old.get(f"https://localhost:{https}/slow?s=3"))
+            before = await tcp_old.get(f"https://localhost:{https}/tcp-before")
+            assert before.status_code == 200 and before.http_version == "HTTP/2"
             await asyncio.sleep(0.3)
             b = await stack.enter_async_context(_serve(config, log_b, workers))
+            # in flight across the SIGTERM, on connections hashed to A and B alike now
+            slow = [
+                asyncio.ensure_future(client.request("GET", "/slow?s=4", timeout=60))
+                for client in old[1:]
+            ]
+            tcp_slow = asyncio.ensure_future(tcp_old.get(f"https://localhost:{https}/slow?s=4"))
+            await asyncio.sleep(0.3)
             a.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)  # A has stopped taking connections
+            # after A's GOAWAY a new request on its connection is refused unprocessed
+            # (H3_REQUEST_REJECTED: safe to retry), and its retry on a new connection is B's
+            during = await old[2].request("GET", "/during", timeout=10)
+            async with h3_client(url, cafile=certs[0]) as client:
+                retried = (await client.request("GET", "/during-retried", timeout=20)).status
             fresh = []
             for j in range(NEW):
                 async with h3_client(url, cafile=certs[0]) as client:
@@ -139,6 +149,8 @@ async def test_a_second_serve_takes_over_and_the_first_keeps_its_connections(
     assert got.status == 200 and got.size == DOWNLOAD
     assert digest.hexdigest() == hashlib.sha256(pattern_bytes(DOWNLOAD)).hexdigest()
     assert fresh == [200] * NEW and tcp_new == [200] * NEW
+    assert during.reset and during.status == 0 and retried == 200
+    assert "/during" not in paths_a + paths_b and "/during-retried" in paths_b
     assert tcp_answer == 200  # a TCP request in flight on A completes
     new_paths = {f"/new-{j}" for j in range(NEW)} | {f"/tcp-new-{j}" for j in range(NEW)}
     assert new_paths <= set(paths_b), sorted(new_paths - set(paths_b))

@@ -27,7 +27,7 @@ from quicproxy._client import h3_client
 from tests.backend import Backend, pattern_bytes
 from tests.helpers import free_port, tcp_client
 
-OLD = 12
+OLD = 100
 "Connections opened to A before the restart."
 NEW = 8
 "Connections opened after A got SIGTERM."

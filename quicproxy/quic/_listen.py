@@ -279,6 +279,7 @@ class QuicListener:
                 "expired",
                 "shed",
                 "handed_over",
+                "handover_dropped",
                 "reset",
                 "reset_limited",
             ),
@@ -363,6 +364,7 @@ class QuicListener:
         try:
             self._handover.sendto(_pack(addr, source, data), path)
         except (BlockingIOError, InterruptedError):
+            self.stats["handover_dropped"] += 1
             return True  # its queue is full: dropped, as on a busy link
         except OSError:
             return False  # gone (a run that ended without removing its socket)

@@ -1,6 +1,7 @@
 """Several workers on one QUIC port: a client whose address changes mid-transfer reaches
 a worker that does not know its connection; that worker hands the datagrams to the owner
-(connection IDs carry the owner's index) and the transfer completes."""
+(connection IDs carry the owner's index) and the transfer completes. The same across two
+runs on the port (a restart: connection IDs carry the run's generation too)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ the same :meth:`Certificates.choose`:
 - TLS over TCP: the default pair's context has an ``sni_callback`` that moves the
   handshake to the chosen pair's context.
 - QUIC: each new connection reads the ClientHello's server name before answering
-  (``_quic.CreditedConnection``) and takes the chosen pair's certificate and key.
+  (``quic._core.CreditedConnection``) and takes the chosen pair's certificate and key.
 
 Each :class:`TlsStore` polls the certificate and key files (every second by default).
 A change of inode, mtime or size, including the atomic ``..data`` symlink swap
@@ -24,7 +24,7 @@ untouched; the names a rotated certificate holds are taken into use with it):
   OpenSSL copies the certificate into each connection when it starts, so open
   connections keep theirs and new handshakes get the new one.
 - QUIC: the QUIC listener asks :meth:`TlsStore.quic_configuration` for the
-  configuration of each new connection (see ``_h3._Server``); connections
+  configuration of each new connection (see ``quic._listen.QuicListener``); connections
   already open keep the configuration they were created with.
 
 A pair that does not load (half-written files, key not matching) is retried on
@@ -51,8 +51,8 @@ from cryptography.x509.oid import NameOID
 
 from ._errors import ConfigError
 from ._metrics import metrics
-from ._quic import QuicConfiguration
 from ._tls import tcp_tls_context
+from .quic._core import QuicConfiguration
 
 __all__ = ["Certificates", "TlsStore", "TlsPair", "certificate_names"]
 

@@ -21,10 +21,10 @@ from . import __version__
 from ._config import Config, load_config
 from ._errors import ConfigError
 from ._metrics import mark_worker_dead, metrics, multiprocess_dir
-from ._quiclisten import Workers
 from ._reload import ConfigSource
 from ._server import Proxy, default_ports
 from ._tls import ensure_certificate
+from .quic._listen import Workers, handover_folder, new_generation
 
 __all__ = ["main"]
 
@@ -265,8 +265,10 @@ class _Supervisor:
         self.metrics_dir = metrics_dir
         self.workers_dir = workers_dir
         "Where workers hand QUIC datagrams to each other (one Unix socket each)."
+        self.generation = new_generation(workers_dir)
+        "This run's generation, in every connection ID of its workers (see Workers)."
         self.secret = os.urandom(32)
-        "The workers' QUIC secret when no quic.shared_secret_file is set (see _quickeys)."
+        "The workers' QUIC secret when no quic.shared_secret_file is set (see quic._keys)."
         self.ctx = multiprocessing.get_context("fork")
         self.procs: dict[int, Any] = {}
         self.started: dict[int, float] = {}
@@ -278,12 +280,15 @@ class _Supervisor:
         self.code = 0
 
     def start(self, slot: int, banner: bool) -> None:
-        workers = Workers(slot, self.cfg.workers, self.workers_dir, self.secret)
+        workers = Workers(slot, self.cfg.workers, self.workers_dir, self.secret, self.generation)
         args = (self.cfg, banner, self.metrics_dir, workers, self.source)
         proc = self.ctx.Process(target=_worker, args=args, daemon=False)
         proc.start()
         self.procs[slot] = proc
         self.started[slot] = time.monotonic()
+
+    def handover_path(self, slot: int) -> str:
+        return Workers(slot, self.cfg.workers, self.workers_dir, b"", self.generation).path(slot)
 
     def stop(self, _signum: int = 0, _frame: object = None) -> None:
         self.stopping = True
@@ -358,11 +363,18 @@ def _run_workers(cfg: Config, source: ConfigSource) -> int:
         )
     cfg.listen.http_port, cfg.listen.https_port = http, https
     cfg.tls.cert, cfg.tls.key, _ = ensure_certificate(cfg)
-    with (
-        multiprocess_dir() as folder,  # every worker's metric files; removed at exit
-        tempfile.TemporaryDirectory(prefix="quicproxy-workers-") as sockets,
-    ):
-        return _Supervisor(cfg, folder, sockets, source).run()
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(multiprocess_dir())  # every worker's metric files
+        sockets = _handover_folder(cfg, https)  # shared with other runs on the port
+        if sockets is None:  # this run's workers only
+            sockets = stack.enter_context(tempfile.TemporaryDirectory(prefix="quicproxy-w-"))
+        supervisor = _Supervisor(cfg, folder, sockets, source)
+        try:
+            return supervisor.run()
+        finally:
+            for slot in range(cfg.workers):  # a killed worker's socket (see Workers)
+                with contextlib.suppress(OSError):
+                    os.unlink(supervisor.handover_path(slot))
 
 
 def _check_engine(cfg: Config) -> None:
@@ -381,7 +393,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _logging(cfg.log_level)
     if cfg.workers > 1:
         return _run_workers(cfg, source)
-    return asyncio.run(_serve(cfg, False, True, source=source))
+    workers = None
+    _, https, _ = default_ports(cfg)
+    if https:  # a fixed port: another run may start on it (a restart) and take over
+        folder = _handover_folder(cfg, https)
+        if folder:
+            workers = Workers(0, 1, folder, generation=new_generation(folder))
+    return asyncio.run(_serve(cfg, True, True, workers, source))
+
+
+def _handover_folder(cfg: Config, port: int) -> str | None:
+    """The hand-over folder of ``port``, or None (said once) when it cannot be made."""
+    try:
+        return handover_folder(cfg, port)
+    except OSError as exc:
+        log.warning(
+            "QUIC hand-over folder for port %d unusable (%s): a process started on the "
+            "port later cannot take over this one's connections (set quic.handover_dir)",
+            port,
+            exc.strerror or exc,
+        )
+        return None
 
 
 def _waf_config(args: argparse.Namespace) -> Config:

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from ._errors import ConfigError
-from ._quickeys import SecretFileError, read_secret_file
+from .quic._keys import SecretFileError, read_secret_file
 from .upstream._member import TlsProfile, client_context
 
 __all__ = [
@@ -247,6 +247,10 @@ class QuicConfig:
     "Stateless resets sent per second at most, a tenth of it per client address (0: none)."
     shared_secret_file: str | None = None
     "File of the QUIC secret shared by workers and replicas (base64 lines, newest first)."
+    handover_dir: str | None = None
+    """Folder of the Unix sockets through which processes on one port hand each other QUIC
+    datagrams (workers; an old and a new process during a restart); one subfolder a port.
+    Default: $XDG_RUNTIME_DIR/quicproxy, /run/quicproxy, else the temporary folder's."""
 
 
 @dataclass
@@ -744,6 +748,10 @@ def _validate(cfg: Config) -> None:
                 "write one base64 secret of 32+ bytes a line, newest first "
                 "(e.g. openssl rand -base64 32)",
             ) from None
+    if cfg.quic.handover_dir is not None and not os.path.isabs(cfg.quic.handover_dir):
+        raise ConfigError(
+            "quic.handover_dir", "not an absolute path", "give e.g. /run/quicproxy or leave it out"
+        )
     if cfg.quic.stateless_reset_rate < 0:
         raise ConfigError(
             "quic.stateless_reset_rate", "negative", "use 0 (none) or a rate, e.g. 100"

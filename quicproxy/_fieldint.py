@@ -1,5 +1,5 @@
 """The prefixed integer of HPACK and QPACK field blocks (RFC 7541 §5.1, RFC 9204 §4.1.1),
-read in one place for both checks (``_hpack.py``, ``_h3gate.py``)."""
+read in one place for both checks (``_hpack.py``, ``quic/_h3gate.py``)."""
 
 from __future__ import annotations
 

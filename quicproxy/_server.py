@@ -25,13 +25,13 @@ from ._handler import Handler
 from ._memtrim import Trimmer
 from ._metrics import metrics
 from ._metrics_http import start_metrics_listener
-from ._quiclisten import QuicListener, Workers, start_quic_listener
 from ._reload import ConfigSource, Reloader
 from ._router import Router
 from ._runtime import new_router
 from ._sockets import bind_socket, plain_addr
 from ._sslbuf import install as share_tls_buffers
 from ._tls import ensure_certificate
+from .quic._listen import QuicListener, Workers, start_quic_listener
 from .upstream._tunnel import GOING_AWAY_WAIT
 
 __all__ = ["Proxy", "default_ports"]

@@ -8,7 +8,7 @@ import random
 import pytest
 from qh3._hazmat import QpackDecoder, QpackEncoder
 
-from quicproxy import _h3gate as gate
+from quicproxy.quic import _h3gate as gate
 
 
 def encoded(headers: list[tuple[bytes, bytes]]) -> bytes:

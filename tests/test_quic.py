@@ -194,8 +194,8 @@ async def test_the_listener_runs_an_http3_exchange_in_memory_before_it_binds(pro
 
 
 def test_warm_up_completes_a_request_on_the_listeners_configuration(certs):
-    from quicproxy._h3 import warm_up
-    from quicproxy._quic import server_configuration
+    from quicproxy.quic._core import server_configuration
+    from quicproxy.quic._h3 import warm_up
 
     cert, key = certs
     configuration = server_configuration(
@@ -206,7 +206,7 @@ def test_warm_up_completes_a_request_on_the_listeners_configuration(certs):
 
 async def test_a_failing_warm_up_does_not_stop_the_start(make_proxy, backend, certs, monkeypatch):
     """A test double: no real input makes the in-memory exchange raise, so one is put in."""
-    import quicproxy._quiclisten as quiclisten
+    import quicproxy.quic._listen as quiclisten
 
     def broken(configuration):
         raise RuntimeError("warm-up broke")

@@ -14,13 +14,13 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from qh3 import tls
 
-from quicproxy import _quic
-from quicproxy._h3 import _H3 as H3
+from quicproxy.quic import _core as _quic
+from quicproxy.quic._core import ProxyH3 as H3
 from tests.hostile.probe import client_initial
 
 
 def test_every_private_qh3_attribute_the_core_uses_still_exists(certs):
-    """Fails loudly when a qh3 upgrade renames or removes one (see _quic.py)."""
+    """Fails loudly when a qh3 upgrade renames or removes one (see quic/_core.py)."""
     client, conn, _ = _pair(certs)
     owners: dict[str, object] = {
         "connection": conn,
@@ -38,7 +38,7 @@ def test_every_private_qh3_attribute_the_core_uses_still_exists(certs):
         target = owners[owner] if isinstance(owner, str) else owner
         if not hasattr(target, name):
             missing.append(f"{getattr(target, '__name__', owner)}.{name}")
-    assert missing == [], f"qh3 no longer has {missing}: update quicproxy/_quic.py"
+    assert missing == [], f"qh3 no longer has {missing}: update quicproxy/quic/_core.py"
     assert _quic.unsent_bytes(conn, sid) == 3 and not conn.all_acknowledged()
     assert conn.handshake_complete is True and conn.closing is False
     assert isinstance(conn._streams[sid], _quic.ProxyStream)
@@ -393,12 +393,12 @@ def test_idle_streams_wait_outside_the_send_queue_and_still_send_later(certs, mo
 
 
 def test_only_the_quic_core_imports_the_quic_library():
-    """Swapping the QUIC library means rewriting the core (``_quic.py`` and its packet
-    builder ``_quicpacket.py``) and the HTTP/3 framing in ``_h3.py``, nothing else."""
+    """Swapping the QUIC library means rewriting the core (``quic/_core.py`` and its packet
+    builder ``quic/_packet.py``) and the HTTP/3 framing in ``quic/_h3.py``, nothing else."""
     import ast
     from pathlib import Path
 
-    package = Path(_quic.__file__).parent
+    package = Path(_quic.__file__).parent.parent
     importers = set()
     for path in package.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -409,7 +409,7 @@ def test_only_the_quic_core_imports_the_quic_library():
                 names = [node.module]
             if any(name == "qh3" or name.startswith("qh3.") for name in names):
                 importers.add(path.relative_to(package).as_posix())
-    assert importers == {"_quic.py", "_quicpacket.py", "_h3.py"}
+    assert importers == {"quic/_core.py", "quic/_packet.py", "quic/_h3.py"}
 
 
 def test_finished_streams_are_one_number_per_type_until_a_gap():

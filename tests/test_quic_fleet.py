@@ -29,9 +29,9 @@ from aioquic.quic.events import HandshakeCompleted
 
 from quicproxy import Proxy, load_config
 from quicproxy._client import h3_client
-from quicproxy._quic import stamp, stateless_reset
-from quicproxy._quickeys import KeySet, QuicKeys
-from quicproxy._quiclisten import Workers, quic_keys
+from quicproxy.quic._core import stamp, stateless_reset
+from quicproxy.quic._keys import KeySet, QuicKeys
+from quicproxy.quic._listen import Workers, quic_keys
 from tests.helpers import free_port, https_url, need_tool, proxy_config
 
 CLIENTS = Path(__file__).parent / "clients"

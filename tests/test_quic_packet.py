@@ -1,4 +1,4 @@
-"""The QUIC core's packet builder (``_quicpacket.PacketBuilder``) against qh3's own: the
+"""The QUIC core's packet builder (``quic/_packet.PacketBuilder``) against qh3's own: the
 same calls give the same datagrams, byte for byte, and the same packet records, for
 1-RTT packets alone, coalesced behind Initial and Handshake packets, padded, cut short
 by the congestion and amplification budgets, and empty."""
@@ -15,7 +15,8 @@ from qh3.quic.crypto import CryptoPair
 from qh3.quic.logger import QuicLoggerTrace
 from qh3.quic.packet import QuicFrameType, QuicPacketType, QuicProtocolVersion
 
-from quicproxy import _quic, _quicpacket
+from quicproxy.quic import _core as _quic
+from quicproxy.quic import _packet as _quicpacket
 
 TYPES = [QuicPacketType.ONE_RTT] * 6 + [QuicPacketType.INITIAL, QuicPacketType.HANDSHAKE]
 FRAMES = [

@@ -11,7 +11,7 @@ import pytest
 from qh3 import tls
 from qh3.quic.packet_builder import QuicDeliveryState
 
-from quicproxy import _quic
+from quicproxy.quic import _core as _quic
 from tests.test_quic_core import _pair
 
 HOME = ("127.0.0.1", 4433)

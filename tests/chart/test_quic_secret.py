@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import base64
 
-from quicproxy._quickeys import read_secret_file
+from quicproxy.quic._keys import read_secret_file
 
 from ._chart import container
 

@@ -18,7 +18,7 @@ from qh3.quic import events as quic_events
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from quicproxy._h3 import _H3 as ProxyH3
+from quicproxy.quic._core import ProxyH3
 from tests.helpers import fetch, h3
 from tests.hostile.probe import in_process, rss_kib
 

@@ -28,8 +28,8 @@ from aioquic.quic.packet import QuicPacketType
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.tls import Epoch
 
-from quicproxy import _quic
 from quicproxy._metrics import metrics
+from quicproxy.quic import _core as _quic
 from tests.helpers import chromium_args, fetch, h3_from, run_chromium
 from tests.hostile.probe import in_process
 

@@ -112,6 +112,11 @@ annotations:
 {{- if and (include "quic-proxy-waf.isDaemonSet" .) .Values.proxy.ports.useHostPorts .Values.daemonset.hostNetwork }}true{{ end }}
 {{- end }}
 
+{{/* Surge updates: daemonset.surge on the host network (see values.yaml). */}}
+{{- define "quic-proxy-waf.proxy.surge" -}}
+{{- if and .Values.daemonset.surge (include "quic-proxy-waf.proxy.hostNetwork" .) }}true{{ end }}
+{{- end }}
+
 {{/* Ports the container binds: the public ones with host networking (a hostPort must then equal the containerPort), unprivileged ones otherwise. */}}
 {{- define "quic-proxy-waf.proxy.containerHttp" -}}
 {{- if include "quic-proxy-waf.proxy.hostNetwork" . }}{{ .Values.proxy.ports.http }}{{ else }}{{ .Values.proxy.ports.containerHttp }}{{ end }}

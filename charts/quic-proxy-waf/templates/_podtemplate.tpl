@@ -4,6 +4,7 @@ in the workload fields around it (replicas/strategy vs updateStrategy).
 */}}
 {{- define "quic-proxy-waf.proxy.podTemplate" -}}
 {{- $hostNetwork := include "quic-proxy-waf.proxy.hostNetwork" . }}
+{{- $surge := include "quic-proxy-waf.proxy.surge" . }}
 {{- $ports := .Values.proxy.ports }}
 {{- $tls := .Values.proxy.tls -}}
 metadata:
@@ -65,6 +66,7 @@ spec:
       envFrom:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- if not $surge }}
       ports:
         - name: http
           containerPort: {{ include "quic-proxy-waf.proxy.containerHttp" . }}
@@ -92,15 +94,16 @@ spec:
           {{- if $hostNetwork }}
           hostPort: {{ .Values.metrics.port }}
           {{- end }}
+      {{- end }}
       livenessProbe:
         httpGet:
           path: /_gwhealthz
-          port: http
+          port: {{ if $surge }}{{ include "quic-proxy-waf.proxy.containerHttp" . }}{{ else }}http{{ end }}
         {{- toYaml .Values.proxy.livenessProbe | nindent 8 }}
       readinessProbe:
         httpGet:
           path: /_gwhealthz
-          port: http
+          port: {{ if $surge }}{{ include "quic-proxy-waf.proxy.containerHttp" . }}{{ else }}http{{ end }}
         {{- toYaml .Values.proxy.readinessProbe | nindent 8 }}
       {{- with .Values.proxy.resources }}
       resources:
@@ -146,7 +149,17 @@ spec:
           mountPath: /etc/quicproxy/quic
           readOnly: true
         {{- end }}
+        {{- if $surge }}
+        - name: quic-handover
+          mountPath: /run/quicproxy
+        {{- end }}
   volumes:
+    {{- if $surge }}
+    - name: quic-handover
+      hostPath:
+        path: {{ .Values.daemonset.handoverPath }}
+        type: DirectoryOrCreate
+    {{- end }}
     - name: config
       configMap:
         name: {{ include "quic-proxy-waf.proxy.fullname" . }}-config

@@ -27,6 +27,9 @@
 {{- end }}
 {{- $_ := set $seen .secretName true }}
 {{- end }}
+{{- if and .Values.daemonset.surge (not (include "quic-proxy-waf.proxy.hostNetwork" .)) }}
+{{- fail "daemonset.surge: needs the host network (proxy.kind daemonset, proxy.ports.useHostPorts and daemonset.hostNetwork true): two pods cannot hold one hostPort; set daemonset.surge=false" }}
+{{- end }}
 {{- if and $p.tls.certManager.enabled (not $p.tls.secretName) }}
 {{- fail "proxy.tls.certManager.enabled: cert-manager needs a Secret to write to; set proxy.tls.secretName" }}
 {{- end }}

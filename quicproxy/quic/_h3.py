@@ -1,8 +1,9 @@
 """HTTP/3 adapter: one QUIC connection's events to the request model.
 
-The connection is driven by the listener (``_quiclisten.py``): it hands in
-datagrams and timer expiries, and flushes what the connection has to send
-once per event-loop turn. The stream life cycle itself lives in
+An ``H3Conn`` is the application on a ``_conn.QuicConn`` (which owns the QUIC
+connection, its timer and its output): it gets the connection's events and
+writes responses; the listener (``_listen.py``) drives it through ``QuicConn`` and
+it reaches the listener only through ``_conn.Host``. The stream life cycle itself lives in
 ``_streams.py``, shared with HTTP/2.
 
 Request streams reach qh3 through ``_h3gate.RequestFrames`` (frame sizes, the decoded
@@ -18,16 +19,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from qh3._hazmat import DecoderStreamError, QpackDecoder
 from qh3.h3.connection import (
     H3_ALPN,
     ErrorCode,
     FrameType,
     H3Connection,
-    QpackDecompressionFailed,
-    Setting,
     encode_frame,
     encode_uint_var,
 )
@@ -35,24 +33,24 @@ from qh3.h3.events import DataReceived, H3Event, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
 from qh3.quic.connection import QuicConnection
 
-from ._errors import ClientGone, HeadersTooLarge
-from ._h3gate import FrameRefused, QpackError, RequestFrames, field_section_size
-from ._handler import Handler
-from ._model import Headers
-from ._pseudo import response_headers, trailer_fields
-from ._quic import (
+from .._errors import ClientGone, HeadersTooLarge
+from .._handler import Handler
+from .._model import Headers
+from .._pseudo import response_headers, trailer_fields
+from .._streams import Streams
+from ._conn import Host, QuicConn
+from ._core import (
     CreditedConnection,
+    ProxyH3,
+    TooLarge,
+    Undecodable,
     control_stream,
     events,
     parse_header,
     stream_answered,
     unsent_bytes,
 )
-from ._sockets import plain_addr
-from ._streams import Streams
-
-if TYPE_CHECKING:
-    from ._quiclisten import QuicListener
+from ._h3gate import FrameRefused, RequestFrames
 
 __all__ = ["H3Conn", "warm_up"]
 
@@ -70,102 +68,23 @@ _RESET_CODES = {
 }
 
 
-class _H3(H3Connection):
-    """qh3's HTTP/3 layer without its H3_DATAGRAM setting: qh3 always announces it,
-    and RFC 9297 lets clients (aioquic, for one) close a connection that announces it
-    without QUIC datagram support, which the proxy does not offer. It announces extended
-    CONNECT instead (WebSocket over HTTP/3, RFC 9220).
-
-    Its QPACK decoder has no dynamic table (SETTINGS_QPACK_MAX_TABLE_CAPACITY and
-    SETTINGS_QPACK_BLOCKED_STREAMS 0): an encoder-stream instruction other than "capacity
-    0" is QPACK_ENCODER_STREAM_ERROR (qh3's decoder refuses them), a header block that
-    refers to the table QPACK_DECOMPRESSION_FAILED, and no stream waits for an insert."""
-
-    def __init__(self, quic: QuicConnection, max_field_section: int = 4 * 65536) -> None:
-        self.max_field_section = max_field_section
-        self.oversize: dict[int, bool] = {}
-        "Streams whose next header block stands for an oversize one (see ``_h3gate``)."
-        super().__init__(quic)
-        self._decoder = QpackDecoder(0, 0)
-
-    def _get_local_settings(self) -> dict[int, int]:
-        settings = super()._get_local_settings()
-        settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
-        settings[0x08] = 1  # SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket (RFC 9220)
-        settings[Setting.QPACK_MAX_TABLE_CAPACITY] = 0
-        settings[Setting.QPACK_BLOCKED_STREAMS] = 0
-        settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section
-        return settings
-
-    def _decode_headers(
-        self, stream_id: int, frame_data: bytes | None
-    ) -> list[tuple[bytes, bytes]]:
-        """As qh3, except a header block its QPACK decoder refuses because a string is
-        not UTF-8 (HTTP allows other bytes): qh3 would raise out of the connection.
-        The request gets a 400 instead, as on h2 (see ``H3Conn._request``); a block that
-        refers to the dynamic table (there is none) closes the connection. An oversize
-        block (its stand-in, see ``_h3gate``) is not decoded: the request gets 431."""
-        head = self.oversize.pop(stream_id, None)
-        if head is not None:
-            return _TooLarge(_PLACEHOLDER if head else [])  # trailers: ignored
-        try:
-            return super()._decode_headers(stream_id, frame_data)
-        except DecoderStreamError:
-            try:
-                field_section_size(frame_data or b"")
-            except QpackError as exc:
-                raise QpackDecompressionFailed(str(exc)) from None
-            return _Undecodable(_PLACEHOLDER)  # valid for qh3's checks; never forwarded
-
-
 def _too_large(headers: list[tuple[bytes, bytes]], cap: int) -> HeadersTooLarge | None:
-    if isinstance(headers, _TooLarge):
+    if isinstance(headers, TooLarge):
         return HeadersTooLarge(f"request headers over {cap} bytes")
     return None
 
 
-class _Undecodable(list[tuple[bytes, bytes]]):
-    """The headers of a request whose header block could not be decoded."""
+class H3Conn(QuicConn):
+    """One QUIC connection carrying HTTP/3 requests: the application on a ``QuicConn``."""
 
-
-class _TooLarge(list[tuple[bytes, bytes]]):
-    """The headers of a request whose header block was too large to be decoded."""
-
-
-_PLACEHOLDER = [
-    (b":method", b"GET"),
-    (b":scheme", b"https"),
-    (b":authority", b"-"),
-    (b":path", b"/"),
-]
-
-
-class H3Conn:
-    """One QUIC connection carrying HTTP/3 requests."""
-
-    def __init__(
-        self, quic: CreditedConnection, listener: QuicListener, handler: Handler, addr: Any
-    ) -> None:
-        self.quic = quic
-        self.listener = listener
+    def __init__(self, quic: CreditedConnection, host: Host, handler: Handler, addr: Any) -> None:
+        super().__init__(quic, host, addr)
         self.handler = handler
         cap = handler.cfg.limits.max_header_bytes
-        self.h3 = _H3(quic, max_field_section=4 * cap)
+        self.h3 = ProxyH3(quic, max_field_section=4 * cap)
         self.frames = RequestFrames(cap, HEADER_BUDGET * cap, self.h3.oversize)
         self._head_timers: dict[int, asyncio.TimerHandle] = {}
-        self.cids: set[bytes] = set()
-        "Connection IDs that route datagrams to this connection."
-        self.source: tuple[int, int, bytes] | None = None
-        "Where the client's latest datagram was addressed: answers leave from there."
-        self.client = plain_addr(addr)
-        self.handshaking = True
-        self.received_bytes = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline: asyncio.TimerHandle | None = None
-        "The handshake's deadline (set and cancelled by the listener)."
-        self.timer_at: float | None = None
-        self.closed = False
-        self.streams = Streams(handler, self, "HTTP/3", self.client, listener.address)
+        self.streams = Streams(handler, self, "HTTP/3", self.client, host.address)
         self._window = handler.cfg.quic.stream_window
         self._consumed: dict[int, int] = {}
         self._acked = asyncio.Event()
@@ -174,42 +93,20 @@ class H3Conn:
     # ------------------------------------------------------------------ input
 
     def receive(self, data: bytes, addr: Any, now: float) -> None:
-        self.received_bytes += len(data)
-        self.quic.receive_datagram(data, addr, now=now)
-        self._process()
+        super().receive(data, addr, now)
         self._acked.set()
 
-    def on_timer(self) -> None:
-        self.timer = None
-        now = max(self.timer_at or 0.0, self.listener.loop.time())
-        self.timer_at = None
-        self.quic.handle_timer(now=now)
-        self._process()
-
-    def _process(self) -> None:
-        quic = self.quic
-        while (event := quic.next_event()) is not None:
-            if isinstance(event, events.ConnectionIdIssued):
-                self.listener.cid_issued(self, event.connection_id)
-            elif isinstance(event, events.ConnectionIdRetired):
-                self.listener.cid_retired(self, event.connection_id)
-            elif isinstance(event, events.HandshakeCompleted):
-                quic.shed_handshake_buffers()
-                self.listener.handshake_done(self)
-            elif isinstance(event, (events.StreamReset, events.StopSendingReceived)):
-                # A cancel, either way: STOP_SENDING has qh3 reset our side (a browser
-                # leaving a page sends it alone once its request's FIN was acknowledged).
-                self._forget(event.stream_id)
-                if self.streams.peer_reset(event.stream_id):
-                    self.reset(event.stream_id, "cancelled")  # our half goes too: stream freed
-            elif isinstance(event, events.ConnectionTerminated):
-                self.terminated()
-                return
-            if isinstance(event, events.StreamDataReceived) and not self._gate(event):
-                continue
-            for h3_event in self.h3.handle_event(event):
-                self._h3_event(h3_event)
-        self.transmit()
+    def quic_event(self, event: events.QuicEvent) -> None:
+        if isinstance(event, (events.StreamReset, events.StopSendingReceived)):
+            # A cancel, either way: STOP_SENDING has qh3 reset our side (a browser
+            # leaving a page sends it alone once its request's FIN was acknowledged).
+            self._forget(event.stream_id)
+            if self.streams.peer_reset(event.stream_id):
+                self.reset(event.stream_id, "cancelled")  # our half goes too: stream freed
+        if isinstance(event, events.StreamDataReceived) and not self._gate(event):
+            return
+        for h3_event in self.h3.handle_event(event):
+            self._h3_event(h3_event)
 
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, HeadersReceived):
@@ -227,7 +124,7 @@ class H3Conn:
     def _request(self, event: HeadersReceived) -> None:
         sid = event.stream_id
         raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers]
-        if isinstance(event.headers, _Undecodable):
+        if isinstance(event.headers, Undecodable):
             raw = [(":undecodable", "")]  # refused by the request model: 400
         if not event.stream_ended:
             self.quic.credit[sid] = self._window
@@ -266,7 +163,7 @@ class H3Conn:
             pass
         elif self.frames.waiting(sid):
             if sid not in self._head_timers:
-                self._head_timers[sid] = self.listener.loop.call_later(
+                self._head_timers[sid] = self.host.loop.call_later(
                     self.handler.cfg.timeouts.header, self._head_late, sid
                 )
         elif sid in self._head_timers:
@@ -286,8 +183,7 @@ class H3Conn:
     def _refuse_stream(self, sid: int, code: int) -> None:
         """Reset a request stream both ways; what qh3 holds of it goes."""
         self.streams.cancel(sid, "stream refused")
-        self.h3._stream.pop(sid, None)
-        self.h3.oversize.pop(sid, None)
+        self.h3.forget(sid)
         self._consumed.pop(sid, None)
         self.quic.credit.pop(sid, None)
         timer = self._head_timers.pop(sid, None)
@@ -363,7 +259,7 @@ class H3Conn:
         self._closer = asyncio.ensure_future(self._close_when_acked())
 
     async def _close_when_acked(self, seconds: float = 2.0) -> None:
-        deadline = self.listener.loop.time() + seconds
+        deadline = self.host.loop.time() + seconds
         while not self.closed and not self.quic.all_acknowledged() and self._time_left(deadline):
             self._acked.clear()
             with contextlib.suppress(TimeoutError):
@@ -371,36 +267,21 @@ class H3Conn:
         self.close()
 
     def _time_left(self, deadline: float) -> float:
-        return max(0.0, deadline - self.listener.loop.time())
+        return max(0.0, deadline - self.host.loop.time())
 
     # ------------------------------------------------------------------ output, life cycle
 
-    def transmit(self) -> None:
-        """Ask the listener to send what this connection has, once this loop turn."""
-        if not self.closed:
-            self.listener.dirty(self)
-
     def close(self, code: int = ErrorCode.H3_NO_ERROR, reason: str = "") -> None:
         """CONNECTION_CLOSE, after whatever stream data is still queued has gone out."""
-        if not self.closed:
-            self.listener.send_now(self)
-            self.quic.close(error_code=code, reason_phrase=reason)
-            self.transmit()
+        self.close_quic(code, reason)
 
-    def terminated(self) -> None:
-        """The QUIC connection ended: forget it everywhere, stop its streams."""
-        if self.closed:
-            return
-        self.closed = True
+    def ended(self) -> None:
+        """The connection ended: its streams stop, its deadlines go."""
         self.streams.close_all("connection closed")
         for timer in self._head_timers.values():
             timer.cancel()
         self._head_timers.clear()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self._acked.set()
-        self.listener.remove(self)
 
     @property
     def busy(self) -> bool:
@@ -448,7 +329,7 @@ def warm_up(configuration: QuicConfiguration) -> bool:
     )
     client_h3 = H3Connection(client)
     server: CreditedConnection | None = None
-    server_h3: _H3 | None = None
+    server_h3: ProxyH3 | None = None
     here, there = ("127.0.0.1", 1), ("127.0.0.1", 2)
     now = 1.0
     client.connect(there, now=now)
@@ -462,7 +343,7 @@ def warm_up(configuration: QuicConfiguration) -> bool:
                 server = CreditedConnection(
                     configuration=configuration, original_destination_connection_id=header.dcid
                 )
-                server_h3 = _H3(server)
+                server_h3 = ProxyH3(server)
             server.receive_datagram(data, here, now=now)
         if server is None or server_h3 is None:
             return False

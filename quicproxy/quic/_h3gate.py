@@ -31,7 +31,7 @@ Pure protocol (RFC 9114, RFC 9204): nothing here knows the HTTP/3 library.
 
 from __future__ import annotations
 
-from ._fieldint import IntegerError, prefix_int
+from .._fieldint import IntegerError, prefix_int
 
 __all__ = [
     "FrameRefused",

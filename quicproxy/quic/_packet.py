@@ -1,4 +1,4 @@
-"""Part of the QUIC core (``_quic.py``): qh3's packet builder with a short path for
+"""Part of the QUIC core (``_core.py``): qh3's packet builder with a short path for
 1-RTT packets, which carry nearly every byte a server sends.
 
 qh3 starts and ends every packet through one general routine: it checks the packet

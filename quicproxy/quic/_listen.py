@@ -31,13 +31,13 @@
   connection (the client's address changed) is handed to that worker over a
   Unix datagram socket, with the client's address in front.
 - Retry tokens and session tickets are sealed, and stateless-reset tokens derived,
-  under keys of the QUIC secret (``_quickeys``; ``quic.shared_secret_file`` is looked
+  under keys of the QUIC secret (``_keys``; ``quic.shared_secret_file`` is looked
   at every two seconds and read again when it changed): replicas with the same file
   accept each other's tokens and tickets.
 - A short-header datagram for a connection nobody here knows (this process
   restarted, or a balancer moved the client) gets a stateless reset (RFC 9000
   §10.3) with the token derived from the connection ID and the QUIC secret
-  (``_quickeys``): the one the connection was given, when the secret is shared.
+  (``_keys``): the one the connection was given, when the secret is shared.
   Never for a long header, never one that is not smaller than the datagram (no
   loops) or under 21 bytes; at most ``quic.stateless_reset_rate`` a second, and a
   tenth of that per client address (``ResetBudget``).
@@ -47,29 +47,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
+import random
+import re
 import socket
+import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._caps import AddressCounter, address_key
-from ._certwatch import Certificates
-from ._config import Config
-from ._h3 import H3Conn, warm_up
-from ._handler import Handler
-from ._metrics import metrics
-from ._quic import (
+from .._caps import AddressCounter, address_key
+from .._certwatch import Certificates
+from .._config import Config
+from .._handler import Handler
+from .._metrics import metrics
+from .._sockets import bind_socket, plain_addr
+from ._conn import QuicConn
+from ._core import (
     MIN_INITIAL_SIZE,
     MIN_RESET_SIZE,
     CreditedConnection,
     Header,
     RetryTokens,
     SessionTickets,
+    generation,
     initial_decrypts,
     owner,
     parse_header,
@@ -77,11 +83,11 @@ from ._quic import (
     stateless_reset,
     version_negotiation,
 )
-from ._quickeys import QuicKeys
-from ._sockets import bind_socket, plain_addr
+from ._h3 import H3Conn, warm_up
+from ._keys import QuicKeys
 from ._udp import DatagramSocket, Source
 
-__all__ = ["QuicListener", "start_quic_listener"]
+__all__ = ["QuicListener", "Workers", "handover_folder", "new_generation", "start_quic_listener"]
 
 log = logging.getLogger("quicproxy")
 
@@ -137,17 +143,64 @@ class ResetBudget:
 
 @dataclass
 class Workers:
-    """This worker's place among the workers sharing the port."""
+    """This worker's place among the workers sharing the port, and the run it belongs to."""
 
     index: int
     count: int
     folder: str
-    "Where each worker's Unix socket for handed-over datagrams lives."
+    "Where each worker's Unix socket for handed-over datagrams lives (one folder per port)."
     secret: bytes = b""
     "The QUIC secret the supervisor made for its workers (without a shared secret file)."
+    generation: int | None = None
+    """This run's generation (a byte in every connection ID): processes started on the
+    same port while this one runs have another, and hand each other their datagrams."""
 
-    def path(self, index: int) -> str:
-        return os.path.join(self.folder, f"w{index}.sock")
+    def path(self, index: int, generation: int | None = -1) -> str:
+        """The socket of worker ``index`` of ``generation`` (this run's by default)."""
+        if generation == -1:
+            generation = self.generation
+        if generation is None:
+            return os.path.join(self.folder, f"w{index}.sock")
+        return os.path.join(self.folder, f"g{generation}w{index}.sock")
+
+
+_HANDOVER_NAME = re.compile(r"g(\d{1,3})w(\d{1,3})\.sock")
+_LOOK_EVERY = 1.0
+"Seconds between looks at the hand-over folder (which runs share the port)."
+
+
+def handover_folder(cfg: Config, port: int) -> str:
+    """The folder of the hand-over sockets for ``port``: ``quic.handover_dir``, else
+    $XDG_RUNTIME_DIR/quicproxy, /run/quicproxy or the temporary folder's quicproxy-UID;
+    one folder per port number, made (mode 0700) when missing."""
+    base = cfg.quic.handover_dir
+    if not base:
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        if runtime and os.path.isdir(runtime):
+            base = os.path.join(runtime, "quicproxy")
+        elif os.access("/run", os.W_OK):
+            base = "/run/quicproxy"
+        else:
+            base = os.path.join(tempfile.gettempdir(), f"quicproxy-{os.getuid()}")
+    folder = os.path.join(base, str(port))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for path in (base, folder):  # whoever can write there can inject datagrams
+        info = os.stat(path)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise OSError(errno.EPERM, f"{path} is not this user's alone")
+    return folder
+
+
+def new_generation(folder: str) -> int:
+    """A generation no socket in ``folder`` names (a random one when all 256 are taken)."""
+    taken = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            found = _HANDOVER_NAME.fullmatch(name)
+            if found:
+                taken.add(int(found.group(1)))
+    free = [g for g in range(256) if g not in taken]
+    return random.choice(free) if free else random.randrange(256)
 
 
 def _pack(addr: Any, source: Source, data: bytes) -> bytes:
@@ -195,13 +248,17 @@ class QuicListener:
         self.workers = workers
         self.worker = workers.index if workers is not None else None
         self.keys = keys or quic_keys(cfg, workers)
-        "The QUIC secret's keys (see ``_quickeys``): reset tokens, Retry tokens, tickets."
-        self.retry = RetryTokens(self.worker, self.keys)
+        "The QUIC secret's keys (see ``_keys``): reset tokens, Retry tokens, tickets."
+        self.generation = workers.generation if workers is not None else None
+        self.retry = RetryTokens(self.worker, self.keys, self.generation)
         self.tickets = SessionTickets(self.keys) if q.early_data else None
         self.resets = ResetBudget(q.stateless_reset_rate)
         self._handover: socket.socket | None = None
-        self.by_cid: dict[bytes, H3Conn] = {}
-        self.connections: set[H3Conn] = set()
+        self._others: list[tuple[int, int]] = []
+        "(generation, worker) of the other runs' sockets on this port, newest first."
+        self._looked = -_LOOK_EVERY
+        self.by_cid: dict[bytes, QuicConn] = {}
+        self.connections: set[QuicConn] = set()
         self.handshakes = 0
         self.per_address = AddressCounter(q.max_connections_per_address)
         "Connections per client address (handshaking or not)."
@@ -211,7 +268,7 @@ class QuicListener:
         self.tls_store: Certificates | None = None
         "Where new connections take the current certificate pairs from (set by the server)."
         self.address: tuple[str, int] = ("", 0)
-        self._dirty: set[H3Conn] = set()
+        self._dirty: set[QuicConn] = set()
         self._flush: asyncio.Handle | None = None
         self.stats = dict.fromkeys(
             (
@@ -222,6 +279,7 @@ class QuicListener:
                 "expired",
                 "shed",
                 "handed_over",
+                "handover_dropped",
                 "reset",
                 "reset_limited",
             ),
@@ -277,19 +335,61 @@ class QuicListener:
         self._batch_end()
 
     def _hand_over(self, header: Header, data: bytes, addr: Any, source: Source) -> bool:
-        """Send a datagram to the worker whose connection ID it carries; False if ours."""
+        """Send a datagram to the worker, of this run or of another on the port, whose
+        connection ID it carries; while draining, a new connection's datagrams go to the
+        newest other run. False when it stays here (then nobody has its connection)."""
         workers = self.workers
-        if workers is None or self._handover is None or len(header.dcid) != self._cid_length:
+        if workers is None or self._handover is None:
             return False
-        target = owner(header.dcid)
-        if target == workers.index or not 0 <= target < workers.count:
-            return False
-        if header.long and header.initial and not header.token:
-            return False  # a new client's first Initial: any worker may take it
-        with contextlib.suppress(OSError):
-            self._handover.sendto(_pack(addr, source, data), workers.path(target))
-            self.stats["handed_over"] += 1
+        first = header.long and header.initial and not header.token
+        if len(header.dcid) == self._cid_length and not first:
+            # not a new client's first Initial (its DCID is the client's: any worker takes it)
+            target, gen = owner(header.dcid), generation(header.dcid)
+            if self.generation is None or gen == self.generation:
+                if target != workers.index and 0 <= target < workers.count:
+                    return self._send_over(workers.path(target), addr, source, data)
+            elif (gen, target) in self._other_runs():
+                return self._send_over(workers.path(target, gen), addr, source, data)
+        if self.draining and header.long:
+            # a new connection while this run drains: the run that took over starts it
+            for gen, target in self._other_runs():
+                if target == workers.index:
+                    return self._send_over(workers.path(target, gen), addr, source, data)
+            for gen, target in self._other_runs():
+                return self._send_over(workers.path(target, gen), addr, source, data)
+        return False
+
+    def _send_over(self, path: str, addr: Any, source: Source, data: bytes) -> bool:
+        assert self._handover is not None
+        try:
+            self._handover.sendto(_pack(addr, source, data), path)
+        except (BlockingIOError, InterruptedError):
+            self.stats["handover_dropped"] += 1
+            return True  # its queue is full: dropped, as on a busy link
+        except OSError:
+            return False  # gone (a run that ended without removing its socket)
+        self.stats["handed_over"] += 1
         return True
+
+    def _other_runs(self) -> list[tuple[int, int]]:
+        """(generation, worker) of the other runs' sockets on this port (looked at once
+        a second at most), newest first."""
+        now = self.loop.time()
+        if now - self._looked < _LOOK_EVERY or self.workers is None:
+            return self._others
+        self._looked = now
+        found = []
+        folder = self.workers.folder
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                match = _HANDOVER_NAME.fullmatch(name)
+                if not match or int(match.group(1)) == self.generation:
+                    continue
+                with contextlib.suppress(OSError):
+                    when = os.stat(os.path.join(folder, name)).st_mtime
+                    found.append((when, int(match.group(1)), int(match.group(2))))
+        self._others = [(gen, index) for _, gen, index in sorted(found, reverse=True)]
+        return self._others
 
     # ------------------------------------------------------------------ input
 
@@ -318,7 +418,7 @@ class QuicListener:
             return  # a Version Negotiation: no answer
         if header.version not in self._versions:
             if len(data) >= MIN_INITIAL_SIZE:  # no amplification: answer big datagrams only
-                self._send([(version_negotiation(header, self._versions), addr)], source)
+                self.send([(version_negotiation(header, self._versions), addr)], source)
             return
         if self._opens(header, data):
             self._wait_turn(header, data, addr, source)
@@ -337,7 +437,7 @@ class QuicListener:
             return
         self.stats["reset"] += 1
         _safe(lambda: metrics.stateless_resets.labels(result="sent").inc())
-        self._send([(reset, addr)], source)
+        self.send([(reset, addr)], source)
 
     def _opens(self, header: Header, data: bytes) -> bool:
         """Whether a datagram of an unknown connection may open one: a padded Initial
@@ -387,7 +487,7 @@ class QuicListener:
         if self._waiting:
             self._admit = self.loop.call_soon(self._admit_next)
 
-    def _receive(self, conn: H3Conn, data: bytes, addr: Any) -> None:
+    def _receive(self, conn: QuicConn, data: bytes, addr: Any) -> None:
         try:
             conn.receive(data, addr, self.loop.time())
         except Exception:
@@ -436,7 +536,7 @@ class QuicListener:
 
     def _new_connection(
         self, header: Header, data: bytes, addr: Any, source: Source
-    ) -> H3Conn | None:
+    ) -> QuicConn | None:
         q = self.cfg
         if not self._examine_budget():
             self._drop("shed", "rate")
@@ -453,7 +553,7 @@ class QuicListener:
                 self.stats["retry"] += 1
                 _safe(metrics.retry_sent.inc)
                 retry = self.retry.retry_packet(header, addr, time.time())
-                self._send([(retry, addr)], source)
+                self.send([(retry, addr)], source)
                 return None
         refused = self._capped(host)
         if refused:
@@ -473,6 +573,7 @@ class QuicListener:
             original_destination_connection_id=original_dcid or header.dcid,
             retry_source_connection_id=header.dcid if original_dcid else None,
             tickets=self.tickets,
+            generation=self.generation,
         )
         conn = H3Conn(quic, self, self.handler, addr)
         quic.on_cid_issued = functools.partial(self.cid_issued, conn)
@@ -487,24 +588,24 @@ class QuicListener:
         self._receive(conn, data, addr)
         return conn
 
-    def _handshake_deadline(self, conn: H3Conn) -> None:
+    def _handshake_deadline(self, conn: QuicConn) -> None:
         if conn.handshaking and not conn.closed:
             self.stats["expired"] += 1
             conn.terminated()
 
     # ------------------------------------------------------------------ connection callbacks
 
-    def cid_issued(self, conn: H3Conn, cid: bytes) -> None:
+    def cid_issued(self, conn: QuicConn, cid: bytes) -> None:
         if not conn.closed:
             self.by_cid[cid] = conn
             conn.cids.add(cid)
 
-    def cid_retired(self, conn: H3Conn, cid: bytes) -> None:
+    def cid_retired(self, conn: QuicConn, cid: bytes) -> None:
         if self.by_cid.get(cid) is conn:
             del self.by_cid[cid]
         conn.cids.discard(cid)
 
-    def handshake_done(self, conn: H3Conn) -> None:
+    def handshake_done(self, conn: QuicConn) -> None:
         _cancel_deadline(conn)
         if conn.handshaking:
             conn.handshaking = False
@@ -512,7 +613,7 @@ class QuicListener:
             self.handshakes_per_address.release(conn.client[0])
             _safe(metrics.quic_handshakes.inc)
 
-    def remove(self, conn: H3Conn) -> None:
+    def remove(self, conn: QuicConn) -> None:
         """Forget a connection: O(number of its connection IDs). Nothing of the listener
         refers to it afterwards (its handshake deadline's handle held it for
         ``quic.handshake_timeout``)."""
@@ -533,7 +634,7 @@ class QuicListener:
 
     # ------------------------------------------------------------------ output
 
-    def dirty(self, conn: H3Conn) -> None:
+    def dirty(self, conn: QuicConn) -> None:
         self._dirty.add(conn)
         if self._flush is None:
             self._flush = self.loop.call_soon(self.flush)
@@ -554,48 +655,15 @@ class QuicListener:
         dirty, self._dirty = self._dirty, set()
         now = self.loop.time()
         for conn in dirty:
-            self._output(conn, now)
+            conn.output(now)
 
-    def send_now(self, conn: H3Conn) -> None:
+    def send_now(self, conn: QuicConn) -> None:
         """Send one connection's queued datagrams now (a new connection's flight, what
         is queued before a close) and re-arm its timer."""
         self._dirty.discard(conn)
-        self._output(conn, self.loop.time())
+        conn.output(self.loop.time())
 
-    def _output(self, conn: H3Conn, now: float) -> None:
-        if conn.closed:
-            return
-        try:
-            out = conn.quic.datagrams_to_send(now=now)
-        except Exception:  # one broken connection never stops the others' output
-            log.exception("QUIC output for %s failed", conn.client[0])
-            conn.terminated()
-            return
-        if out:
-            self._send(out, conn.source)
-        self._arm(conn)
-
-    def _arm(self, conn: H3Conn) -> None:
-        at = conn.quic.get_timer()
-        if conn.timer is not None and conn.timer_at != at:
-            conn.timer.cancel()
-            conn.timer = None
-        if conn.timer is None and at is not None:
-            conn.timer = self.loop.call_at(at, self._on_timer, conn)
-        conn.timer_at = at
-
-    def _on_timer(self, conn: H3Conn) -> None:
-        if conn.closed:
-            return
-        try:
-            conn.on_timer()
-        except Exception:
-            log.exception("QUIC timer for %s failed", conn.client[0])
-            conn.terminated()
-            return
-        self.dirty(conn)
-
-    def _send(self, datagrams: list[tuple[bytes, Any]], source: Source = None) -> None:
+    def send(self, datagrams: list[tuple[bytes, Any]], source: Source = None) -> None:
         if self.socket is not None:
             self.socket.send(datagrams, source)
 
@@ -633,6 +701,9 @@ class QuicListener:
             self.loop.remove_reader(self._handover.fileno())
             self._handover.close()
             self._handover = None
+            if self.workers is not None:  # datagrams for this run now get a reset
+                with contextlib.suppress(OSError):
+                    os.unlink(self.workers.path(self.workers.index))
 
 
 def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
@@ -657,12 +728,12 @@ def quic_keys(cfg: Config, workers: Workers | None = None) -> QuicKeys:
         log.info(
             "QUIC keys: a random secret of this %s (set quic.shared_secret_file to share "
             "Retry tokens, session tickets and stateless resets across replicas)",
-            "process" if workers is None else "run",
+            "run" if workers is not None and workers.secret else "process",
         )
     return keys
 
 
-def _cancel_deadline(conn: H3Conn) -> None:
+def _cancel_deadline(conn: QuicConn) -> None:
     if conn.deadline is not None:
         conn.deadline.cancel()  # the handle lets go of the connection
         conn.deadline = None

@@ -14,7 +14,7 @@
 - Every secret has a one-byte id, carried in what it seals (and in every connection ID
   issued), so a token is checked with the key it was made under.
 
-This module knows no QUIC library: ``_quic.py`` uses the keys.
+This module knows no QUIC library: ``_core.py`` uses the keys.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class QuicKeys:
 
     def reset_token(self, cid: bytes) -> bytes:
         """The stateless-reset token of one of our connection IDs: under the key its
-        second byte names (see ``_quic.stamp``), else the current one."""
+        second byte names (see ``_core.stamp``), else the current one."""
         if len(cid) > 1:
             for keys in self.accepted:
                 if keys.id == cid[1]:

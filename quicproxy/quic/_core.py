@@ -3,17 +3,18 @@
 Everything the listener and the HTTP/3 adapter need from the QUIC library goes
 through here: reading a packet header, checking that an Initial decrypts,
 Retry, Version Negotiation and stateless reset packets, session tickets that carry
-their own state (sealed under the keys of ``_quickeys``), the connection object (with a budget for
+their own state (sealed under the keys of ``_keys``), the connection object (with a budget for
 the frames a client sends that cost work and produce nothing, ``FrameGuard``) and
 the few private attributes the proxy relies on. Swapping the QUIC library means
-rewriting this module (and the h3 framing in ``_h3.py``), nothing else.
+rewriting this module (and the h3 framing in ``_h3.py``, on qh3's public API), nothing
+else; ``_h3.py`` and the listener use no private attribute of qh3.
 
 qh3 1.9 is aioquic's design (the connection's state machine in Python) with the
 per-packet work in Rust: packet protection and building, stream send and receive
 buffers, range sets, the pacer, QPACK and TLS primitives. In memory, one server
 connection spent ~12 ms of CPU per MiB sent against aioquic's ~41, ~74 us per
 small request against ~130, and ~1.5 ms per handshake against ~2.0; with the short
-1-RTT packet path (``_quicpacket.py``) and the idle streams kept out of qh3's send
+1-RTT packet path (``_packet.py``) and the idle streams kept out of qh3's send
 queue, ~5 ms per MiB on an HTTP/3 connection (qh3 2.x moves the whole state machine
 to Rust but grants a stream's receive credit as soon as its data is delivered, with
 no hook to withhold it: the memory bound below would be lost).
@@ -53,8 +54,10 @@ loudly when an upgrade removes one):
   acknowledged (closing a drained connection).
 - ``H3Connection._local_control_stream_id``: where an HTTP/3 GOAWAY is written.
 - ``H3Connection._decoder``: replaced by a QPACK decoder without a dynamic table (see
-  ``_h3.py``); ``H3Connection._stream`` (an HTTP/3 stream's parsing state): dropped when
-  the proxy refuses a request stream before qh3 saw its headers.
+  ``ProxyH3``), ``_get_local_settings`` (the SETTINGS announced) and ``_decode_headers``
+  (a header block that is not UTF-8 or too large becomes a refusal) overridden;
+  ``H3Connection._stream`` (an HTTP/3 stream's parsing state): dropped when the proxy
+  refuses a request stream before qh3 saw its headers (``ProxyH3.forget``).
 - ``QuicConnection._local_max_streams_bidi`` and ``_local_max_streams_uni``: replaced by
   ``StreamCredit``, raised as the peer's request streams finish, not as they open (qh3
   doubles a limit once the peer has opened half of it). ``_streams_finished``: where a
@@ -67,9 +70,9 @@ loudly when an upgrade removes one):
 - ``qh3.tls`` / ``qh3.quic.crypto`` ``hkdf_expand_label`` and ``hkdf_extract``: replaced
   by one-shot HMAC versions (same bytes, a fraction of the cost).
 - ``qh3.quic.connection.EPOCHS``: memoised (it returns frozensets: immutable, shareable).
-- ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_quicpacket.PacketBuilder``,
+- ``qh3.quic.connection.QuicPacketBuilder``: replaced by ``_packet.PacketBuilder``,
   which builds 1-RTT packets on a short path (the builder attributes it uses are in
-  ``_quicpacket.PRIVATE``).
+  ``_packet.PRIVATE``).
 - The frame handlers ``_handle_<type>_frame`` of every frame type a client may send
   (``_GUARDED_FRAMES``; qh3 binds them into its per-connection dispatch table),
   ``_assert_stream_can_receive``, ``_get_or_create_stream``, ``_local_max_data``,
@@ -101,8 +104,21 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from qh3 import tls
-from qh3._hazmat import AeadAes128Gcm, Buffer, BufferReadError, QUICHeaderProtection
-from qh3.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from qh3._hazmat import (
+    AeadAes128Gcm,
+    Buffer,
+    BufferReadError,
+    DecoderStreamError,
+    QpackDecoder,
+    QUICHeaderProtection,
+)
+from qh3.h3.connection import (
+    H3_ALPN,
+    ErrorCode,
+    H3Connection,
+    QpackDecompressionFailed,
+    Setting,
+)
 from qh3.quic import connection as quic_connection_module
 from qh3.quic import crypto as quic_crypto_module
 from qh3.quic import events as quic_events
@@ -120,9 +136,10 @@ from qh3.quic.packet import (
 from qh3.quic.stream import QuicStream
 from qh3.tls import SessionTicket
 
-from quicproxy import _quicpacket
-from quicproxy._quickeys import RESET_TOKEN_SIZE, QuicKeys
-from quicproxy._quicpacket import PacketBuilder
+from quicproxy.quic import _packet
+from quicproxy.quic._h3gate import QpackError, field_section_size
+from quicproxy.quic._keys import RESET_TOKEN_SIZE, QuicKeys
+from quicproxy.quic._packet import PacketBuilder
 
 __all__ = [
     "PRIVATE",
@@ -131,7 +148,10 @@ __all__ = [
     "Header",
     "CreditedConnection",
     "FinishedStreams",
+    "ProxyH3",
     "ProxyStream",
+    "TooLarge",
+    "Undecodable",
     "StreamCredit",
     "QuicConfiguration",
     "RetryTokens",
@@ -141,6 +161,7 @@ __all__ = [
     "initial_decrypts",
     "stateless_reset",
     "owner",
+    "generation",
     "parse_header",
     "stamp",
     "stream_answered",
@@ -188,7 +209,7 @@ PRIVATE = [
     (quic_connection_module, "QuicStream"),
     (quic_connection_module, "EPOCHS"),
     (quic_connection_module, "QuicPacketBuilder"),
-    *((_quicpacket.packet_builder.QuicPacketBuilder, name) for name in _quicpacket.PRIVATE),
+    *((_packet.packet_builder.QuicPacketBuilder, name) for name in _packet.PRIVATE),
     (tls, "hkdf_expand_label"),
     (tls, "hkdf_extract"),
     (quic_crypto_module, "hkdf_expand_label"),
@@ -227,6 +248,8 @@ PRIVATE = [
     ("connection", "_local_max_streams_uni"),
     ("h3", "_decoder"),
     ("h3", "_stream"),
+    (H3Connection, "_get_local_settings"),
+    (H3Connection, "_decode_headers"),
     ("connection", "_streams_finished"),
     (QuicConnection, "_initialize"),
     ("connection", "_is_client"),
@@ -325,7 +348,7 @@ for _module in (tls, quic_crypto_module):
     _module.hkdf_expand_label = hkdf_expand_label  # type: ignore[attr-defined]
     _module.hkdf_extract = hkdf_extract  # type: ignore[attr-defined]
 
-# 1-RTT packets are built on a short path (see _quicpacket.py).
+# 1-RTT packets are built on a short path (see _packet.py).
 quic_connection_module.QuicPacketBuilder = PacketBuilder  # type: ignore[misc]
 
 # qh3 builds its frame-handler table per connection, with a fresh frozenset of epochs
@@ -569,13 +592,19 @@ _CLOCK_SKEW = 5.0
 class RetryTokens:
     """Stateless Retry: tokens bind the client address, the original DCID and the
     Retry's source CID (where the client must write next), sealed with AES-GCM under
-    the current Retry key (``_quickeys``: shared by the fleet, or of this process),
+    the current Retry key (``_keys``: shared by the fleet, or of this process),
     and expire after 30 s of wall-clock time. A token starts with its key's id; any
     accepted key validates it (rotation)."""
 
-    def __init__(self, worker: int | None = None, keys: QuicKeys | None = None) -> None:
+    def __init__(
+        self,
+        worker: int | None = None,
+        keys: QuicKeys | None = None,
+        generation: int | None = None,
+    ) -> None:
         self.keys = keys or QuicKeys.random()
         self.worker = worker
+        self.generation = generation
         self._aeads: dict[bytes, AESGCM] = {}
 
     def _aead(self, key: bytes) -> AESGCM:
@@ -589,7 +618,7 @@ class RetryTokens:
     def retry_packet(self, header: Header, addr: Any, now: float) -> bytes:
         """A Retry for an Initial; ``now`` is wall-clock time (``time.time()``)."""
         assert header.version is not None
-        source_cid = stamp(os.urandom(8), self.worker)  # the token is ours to check
+        source_cid = stamp(os.urandom(8), self.worker, None, self.generation)  # ours to check
         plain = (
             struct.pack("!dB", now, len(header.dcid))
             + header.dcid
@@ -637,7 +666,7 @@ _TICKET = struct.Struct("!HIdI?I")
 class SessionTickets:
     """TLS session tickets (resumption, 0-RTT) that carry their own state: the
     resumption secret, cipher suite, issue time, lifetime and age_add, sealed with
-    AES-256-GCM under the current ticket key (``_quickeys``) and prefixed with its id.
+    AES-256-GCM under the current ticket key (``_keys``) and prefixed with its id.
     Any process holding the secret resumes a ticket another issued (qh3 keeps tickets
     in the process: ``_SealingContext`` seals them as qh3 builds them).
 
@@ -726,21 +755,31 @@ class _SealingContext(tls.Context):
         self.__dict__["_new_session_ticket"] = message
 
 
-def stamp(cid: bytes, worker: int | None, key_id: int | None = None) -> bytes:
-    """A connection ID whose first byte names the worker that owns the connection and
-    whose second names the secret its stateless-reset token comes from."""
-    if len(cid) < 2:
+def stamp(
+    cid: bytes, worker: int | None, key_id: int | None = None, generation: int | None = None
+) -> bytes:
+    """A connection ID whose first byte names the worker that owns the connection, whose
+    second names the secret its stateless-reset token comes from and whose third the
+    generation (the run of the proxy on this port: a restart's new process has another)."""
+    if len(cid) < 3:
         return cid
     if worker is not None:
         cid = bytes([worker]) + cid[1:]
     if key_id is not None:
         cid = cid[:1] + bytes([key_id]) + cid[2:]
+    if generation is not None:
+        cid = cid[:2] + bytes([generation]) + cid[3:]
     return cid
 
 
 def owner(cid: bytes) -> int:
     """The worker a connection ID was stamped for (see :func:`stamp`)."""
     return cid[0] if cid else -1
+
+
+def generation(cid: bytes) -> int:
+    """The generation a connection ID was stamped for (see :func:`stamp`)."""
+    return cid[2] if len(cid) > 2 else -1
 
 
 class _Probe(int):
@@ -1012,8 +1051,9 @@ class CreditedConnection(FrameGuard):
     consumed (see ``ProxyStream``): ``credit[stream_id] = limit`` grants more.
 
     With several workers, every connection ID it issues carries the worker's
-    index in its first byte, so a datagram that reaches another worker (the
-    client's address changed) can be handed to the owner.
+    index in its first byte (and the generation, the proxy's run, in its third), so a
+    datagram that reaches another worker (the client's address changed) or another
+    process on the port (a restart) can be handed to the owner.
 
     With ``certificates`` (a server name, or None, to the certificate, its chain and
     its private key), the pair is chosen when the ClientHello arrives, by its SNI.
@@ -1022,6 +1062,7 @@ class CreditedConnection(FrameGuard):
     __slots__ = (
         "credit",
         "worker",
+        "generation",
         "keys",
         "tickets",
         "on_cid_issued",
@@ -1037,6 +1078,7 @@ class CreditedConnection(FrameGuard):
         worker: int | None = None,
         keys: QuicKeys | None = None,
         tickets: SessionTickets | None = None,
+        generation: int | None = None,
         certificates: Callable[[str | None], CertificatePair] | None = None,
         **kw: Any,
     ) -> None:
@@ -1052,6 +1094,7 @@ class CreditedConnection(FrameGuard):
         self._hold_stream_limits()
         self._unacked = 0
         self.worker = worker
+        self.generation = generation
         self.keys = keys
         "Where stateless-reset tokens come from (None: qh3's random ones)."
         self.on_cid_issued: Any = None
@@ -1245,7 +1288,10 @@ class CreditedConnection(FrameGuard):
         keys = self.keys
         self._host_cid_seq_map.pop(connection_id.cid, None)
         connection_id.cid = stamp(
-            connection_id.cid, self.worker, keys.current.id if keys is not None else None
+            connection_id.cid,
+            self.worker,
+            keys.current.id if keys is not None else None,
+            self.generation,
         )
         if keys is not None:
             connection_id.stateless_reset_token = keys.reset_token(connection_id.cid)
@@ -1288,3 +1334,73 @@ def stream_answered(quic: QuicConnection, stream_id: int) -> bool:
 def control_stream(h3: H3Connection) -> int | None:
     """The local HTTP/3 control stream, where GOAWAY goes."""
     return h3._local_control_stream_id
+
+
+class Undecodable(list[tuple[bytes, bytes]]):
+    """The headers of a request whose header block could not be decoded."""
+
+
+class TooLarge(list[tuple[bytes, bytes]]):
+    """The headers of a request whose header block was too large to be decoded."""
+
+
+_PLACEHOLDER = [
+    (b":method", b"GET"),
+    (b":scheme", b"https"),
+    (b":authority", b"-"),
+    (b":path", b"/"),
+]
+
+
+class ProxyH3(H3Connection):
+    """qh3's HTTP/3 layer (its private settings and header decoding overridden) without
+    its H3_DATAGRAM setting: qh3 always announces it,
+    and RFC 9297 lets clients (aioquic, for one) close a connection that announces it
+    without QUIC datagram support, which the proxy does not offer. It announces extended
+    CONNECT instead (WebSocket over HTTP/3, RFC 9220).
+
+    Its QPACK decoder has no dynamic table (SETTINGS_QPACK_MAX_TABLE_CAPACITY and
+    SETTINGS_QPACK_BLOCKED_STREAMS 0): an encoder-stream instruction other than "capacity
+    0" is QPACK_ENCODER_STREAM_ERROR (qh3's decoder refuses them), a header block that
+    refers to the table QPACK_DECOMPRESSION_FAILED, and no stream waits for an insert."""
+
+    def __init__(self, quic: QuicConnection, max_field_section: int = 4 * 65536) -> None:
+        self.max_field_section = max_field_section
+        self.oversize: dict[int, bool] = {}
+        "Streams whose next header block stands for an oversize one (see ``_h3gate``)."
+        super().__init__(quic)
+        self._decoder = QpackDecoder(0, 0)
+
+    def forget(self, stream_id: int) -> None:
+        """A request stream refused before qh3 saw its headers: its parsing state goes."""
+        self._stream.pop(stream_id, None)
+        self.oversize.pop(stream_id, None)
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings.pop(0x33, None)  # SETTINGS_H3_DATAGRAM
+        settings[0x08] = 1  # SETTINGS_ENABLE_CONNECT_PROTOCOL: WebSocket (RFC 9220)
+        settings[Setting.QPACK_MAX_TABLE_CAPACITY] = 0
+        settings[Setting.QPACK_BLOCKED_STREAMS] = 0
+        settings[Setting.MAX_FIELD_SECTION_SIZE] = self.max_field_section
+        return settings
+
+    def _decode_headers(
+        self, stream_id: int, frame_data: bytes | None
+    ) -> list[tuple[bytes, bytes]]:
+        """As qh3, except a header block its QPACK decoder refuses because a string is
+        not UTF-8 (HTTP allows other bytes): qh3 would raise out of the connection.
+        The request gets a 400 instead, as on h2 (see ``_h3.H3Conn._request``); a block that
+        refers to the dynamic table (there is none) closes the connection. An oversize
+        block (its stand-in, see ``_h3gate``) is not decoded: the request gets 431."""
+        head = self.oversize.pop(stream_id, None)
+        if head is not None:
+            return TooLarge(_PLACEHOLDER if head else [])  # trailers: ignored
+        try:
+            return super()._decode_headers(stream_id, frame_data)
+        except DecoderStreamError:
+            try:
+                field_section_size(frame_data or b"")
+            except QpackError as exc:
+                raise QpackDecompressionFailed(str(exc)) from None
+            return Undecodable(_PLACEHOLDER)  # valid for qh3's checks; never forwarded

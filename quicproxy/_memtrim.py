@@ -49,8 +49,8 @@ class Trimmer:
     """Collects garbage and trims the heap every ``interval`` seconds once ``threshold``
     connections closed.
 
-    TCP connections report their end (:meth:`closed`); ``open_count`` is sampled too,
-    so connections that only go away (QUIC) count by how far the number open fell."""
+    TCP and QUIC connections report their end (:meth:`closed`); ``open_count`` is
+    sampled too, for connections that go away without a word."""
 
     def __init__(
         self, open_count: Callable[[], int], interval: float = 5.0, threshold: int = 64

@@ -189,6 +189,7 @@ class Proxy:
                 raise ConfigError("listen", f"cannot bind {where} ({exc.strerror})", hint) from None
         if self._quic is not None:
             self._quic.tls_store = self.tls_store
+            self._quic.on_closed = self.trimmer.closed
         self.tls_store.start()
         self.trimmer.start()
         handler.start_probes()

@@ -266,6 +266,8 @@ class QuicListener:
         self.draining = False
         self.socket: DatagramSocket | None = None
         self.tls_store: Certificates | None = None
+        self.on_closed: Callable[[], None] | None = None
+        "Told of each connection forgotten (the server's heap trimmer counts them)."
         "Where new connections take the current certificate pairs from (set by the server)."
         self.address: tuple[str, int] = ("", 0)
         self._dirty: set[QuicConn] = set()
@@ -625,6 +627,8 @@ class QuicListener:
         if conn in self.connections:
             self.connections.discard(conn)
             _safe(lambda: metrics.active_connections.labels("h3").dec())
+            if self.on_closed is not None:
+                self.on_closed()
             self.per_address.release(conn.client[0])
             if conn.handshaking:
                 conn.handshaking = False

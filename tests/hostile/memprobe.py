@@ -69,7 +69,8 @@ class ServedProxy:
                 "log:\n  access: 'off'\n"
                 "timeouts:\n  idle: 300\n  h2_preface: 300\n  header: 300\n"
             )
-        http, self.https = free_port(), free_port()
+        self.http = http = free_port()
+        self.https = free_port()
         args = ["serve", "--config", cfg, "--host", "127.0.0.1"]
         args += ["--http-port", str(http), "--https-port", str(self.https)]
         args += ["--backend", self.backend_url]

@@ -23,7 +23,13 @@ from ._channel import Verdict, VerdictChannel
 from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
 from ._pooled import PooledTransaction, PooledWaf, stamp
-from ._rules import base_directives, removal_directives, score_directives, settings_directives
+from ._rules import (
+    EXTRA_DETECTION,
+    base_directives,
+    removal_directives,
+    score_directives,
+    settings_directives,
+)
 from ._types import WafDecision, WafRequest, WafUnavailable
 
 __all__ = ["CorazaEngine", "CorazaTransaction", "CorazaWaf", "coraza_directives"]
@@ -61,6 +67,7 @@ def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> s
         settings_directives(config, crs_version),
         "Include @owasp_crs/REQUEST-9[0-3]*.conf\n",
         "Include @owasp_crs/REQUEST-94[0-8]*.conf\n",
+        f"Include {EXTRA_DETECTION}\n" if config.extra_detection else "",
         score_directives(crs_version),
         "Include @owasp_crs/REQUEST-949*.conf\n",
         "Include @owasp_crs/REQUEST-9[5-9]*.conf\n",

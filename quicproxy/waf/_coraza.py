@@ -53,7 +53,8 @@ def _bytes(text: str) -> bytes:
 
 
 def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> str:
-    """The whole rule set: base, CRS 4 setup, our settings, CRS rules, extras, removals."""
+    """The whole rule set: base, CRS 4 setup, our settings, CRS rules (our detection
+    rules before the blocking evaluation), extras, removals."""
     limit = max(1, config.body_limit)
     parts = [
         base_directives(config),

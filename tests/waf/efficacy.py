@@ -3,11 +3,11 @@ share of benign requests refused, per engine, with the extra detection rules on 
 
 The corpora are the text files in ``tests/waf/corpus/`` (written for this project: one
 payload per line, as sent on the wire). Each line is placed in each part of a request a
-WAF must read: query parameter, path segment, a header, an urlencoded form, a multipart
-field and a JSON field (XXE also as an XML body). Requests go over HTTP/1.1 on real
-sockets to a proxy with the inline WAF in front of a real backend; a request counts as
-refused when the backend's 200 does not come back (the WAF's 403, or the proxy's 400
-for a request it cannot parse).
+WAF must read: query parameter, path segment, a custom header, a cookie, the User-Agent,
+an urlencoded form, a multipart field and a JSON field (XXE also as an XML body).
+Requests go over HTTP/1.1 on real sockets to a proxy with the inline WAF in front of a
+real backend; a request counts as refused when the backend's 200 does not come back (the
+WAF's 403, or the proxy's 400 for a request it cannot parse).
 
 Run: ``python -m tests.waf.efficacy [--engine coraza|modsecurity|both] [--extra on|off|both]
 [--verbose]``. It prints a markdown table (the README's) and, with ``--verbose``, what
@@ -26,7 +26,7 @@ import re
 import sys
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 CORPUS = os.path.join(os.path.dirname(__file__), "corpus")
@@ -40,7 +40,7 @@ ATTACK_CLASSES = [
     "xxe",
     "ssti",
 ]
-PLACES = ["query", "path", "header", "form", "multipart", "json"]
+PLACES = ["query", "path", "header", "cookie", "user-agent", "form", "multipart", "json"]
 _HEX = re.compile(r"%(?:[0-9A-Fa-f]{2}|[uU][0-9A-Fa-f]{4})")
 BOUNDARY = "----qpCorpusBoundary0d1c62a3"
 
@@ -84,8 +84,11 @@ PATH_KEEP = "-._~!$'()*+,;:@/&=|`^{}\\<>\"[]"
 
 def _request(method: str, target: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "host: shop.example.com"]
+    if not any(n == "user-agent" for n, _ in headers):
+        lines.append(
+            "user-agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0"
+        )
     lines += [
-        "user-agent: Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
         "accept: text/html,application/xhtml+xml,*/*;q=0.8",
         "accept-language: en-US,en;q=0.5",
     ]
@@ -106,6 +109,13 @@ def place(payload: str, where: str) -> bytes | None:
         if not payload.isascii() or any(ord(c) < 0x20 for c in payload):
             return None  # a header value carries printable ASCII (clients encode the rest)
         return _request("GET", "/account", [("x-note", payload)], b"")
+    if where in ("cookie", "user-agent"):
+        if not payload.isascii() or any(ord(c) < 0x20 for c in payload):
+            return None
+        if where == "cookie":
+            value = "theme=dark; note=" + payload.replace(";", "%3B")
+            return _request("GET", "/account", [("cookie", value)], b"")
+        return _request("GET", "/account", [("user-agent", payload)], b"")
     if where == "form":
         value = _url_part(payload, QUERY_KEEP.replace("+", "")).replace("%20", "+")
         body = f"name=Jane&comment={value}".encode()
@@ -161,8 +171,11 @@ async def send(port: int, raw: bytes) -> tuple[int, str]:
     return status, rules.group(1).decode() if rules else ""
 
 
-async def measure(engine: str, extra: bool, workers: int = 8) -> dict[tuple[str, str], list]:
-    """{(class, place): [(payload, status), ...]} for one configuration."""
+async def measure(
+    engine: str, extra: bool, source: Iterable[Probe] | None = None, workers: int = 8
+) -> dict[tuple[str, str], list]:
+    """{(class, place): [(payload, status, rules), ...]} for one configuration, over
+    ``source`` (default: the corpus)."""
     from quicproxy import Proxy
     from quicproxy._tls import self_signed
     from tests.backend import Backend
@@ -198,7 +211,7 @@ async def measure(engine: str, extra: bool, workers: int = 8) -> dict[tuple[str,
         results[(probe.kind, probe.place)].append((probe.payload, status, rules))
 
     try:
-        await asyncio.gather(*(one(p) for p in probes()))
+        await asyncio.gather(*(one(p) for p in (probes() if source is None else source)))
     finally:
         await proxy.stop(grace=1)
         await backend.stop()

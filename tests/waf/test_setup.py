@@ -315,3 +315,14 @@ async def test_extra_detection_refuses_what_raw_crs_passes(
     extra = await evaluate(make_waf(), "GET", uri, headers)  # type: ignore[operator]
     assert raw.allowed, raw
     assert not extra.allowed and any(r.startswith("992") for r in extra.rule_ids), extra
+
+
+async def test_exclusion_by_tag_covers_the_crs_rule_and_ours(make_waf: object) -> None:
+    # The README's advice: excluding by tag silences a class on a path for the CRS
+    # rules and ours alike; elsewhere both still refuse.
+    exclusion = WafExclusion(tag="attack-sqli", path_prefix="/api/sql")
+    waf = make_waf(exclusions=[exclusion])  # type: ignore[operator]
+    attack = "?q=1%27%20UNION%20SELECT%20password%20FROM%20users--%20-"
+    assert (await evaluate(waf, "GET", "/api/sql/run" + attack)).allowed
+    refused = await evaluate(waf, "GET", "/api/other" + attack)
+    assert not refused.allowed and {"942100", "99220"} <= set(refused.rule_ids), refused

@@ -486,6 +486,8 @@ class WafConfig:
     "Bytes of a request body inspected (and held back until the decision)."
     over_limit: str = "reject"
     "Bodies over body_limit: 'reject' (413) or 'inspect-prefix' (inspect the start, forward all)."
+    extra_detection: bool = True
+    "Load the shipped rules that close CRS PL1's gaps (multi-decoding, evasions, more targets)."
     extra_rules: list[str] = field(default_factory=list)
     "Extra rule files loaded after the CRS."
     plugins_dir: str | None = None
@@ -1078,6 +1080,7 @@ def _env_dict(env: Mapping[str, str]) -> dict[str, Any]:
         ("WAF_LIBRARY", "library"),
         ("WAF_BODY_LIMIT", "body_limit"),
         ("WAF_OVER_LIMIT", "over_limit"),
+        ("WAF_EXTRA_DETECTION", "extra_detection"),
     ):
         if env.get(var):
             waf[key] = env[var]

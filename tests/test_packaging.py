@@ -70,5 +70,7 @@ def test_wheel_built_without_go_is_pure_and_says_what_to_do(tmp_path: Path) -> N
         assert "quicproxy/waf/coraza/main.go" in z.namelist() or any(
             n.startswith("quicproxy/waf/coraza/") and n.endswith(".go") for n in z.namelist()
         )
+        # The detection rules both engines load by default (waf.extra_detection).
+        assert "quicproxy/waf/rules/quicproxy-detection.conf" in z.namelist()
     assert "Go not found, installing without the Coraza WAF engine" in log
     assert "python -m quicproxy.waf.build" in log

@@ -138,6 +138,7 @@ def test_modsecurity_sources_put_plugins_in_crs4_order(tmp_path):
         "p-before.conf",
         "REQUEST-901.conf",
         "REQUEST-942.conf",
+        "quicproxy-detection.conf",  # waf.extra_detection (on by default)
         "anomaly score report",
         "REQUEST-949.conf",
         "REQUEST-980.conf",

@@ -24,6 +24,7 @@ from ._coraza_lib import CorazaLib, load, pack_headers
 from ._matches import Match, decide
 from ._pooled import PooledTransaction, PooledWaf, stamp
 from ._rules import (
+    EXTRA_DETECTION,
     base_directives,
     find_plugins,
     removal_directives,
@@ -54,7 +55,8 @@ def _bytes(text: str) -> bytes:
 
 def coraza_directives(config: WafConfig, crs_version: tuple[int, int, int]) -> str:
     """The whole rule set: base, CRS 4 setup, our settings, plugin config and before
-    files, CRS rules, plugin after files, extras, removals."""
+    files, CRS rules (our detection rules before the blocking evaluation), plugin after
+    files, extras, removals."""
     return "".join(text for text, _ in _directive_parts(config, crs_version))
 
 
@@ -82,6 +84,7 @@ def _directive_parts(
     parts += [
         ("Include @owasp_crs/REQUEST-9[0-3]*.conf\n", None),
         ("Include @owasp_crs/REQUEST-94[0-8]*.conf\n", None),
+        (f"Include {EXTRA_DETECTION}\n" if config.extra_detection else "", None),
         (score_directives(crs_version), None),
         ("Include @owasp_crs/REQUEST-949*.conf\n", None),
         ("Include @owasp_crs/REQUEST-9[5-9]*.conf\n", None),

@@ -3,9 +3,10 @@
 Order: base directives (engine, body handling), the CRS setup file, our
 settings (paranoia level, threshold, path exclusions), the plugins' config then
 before files (``waf.plugins_dir``, CRS 4 only), the CRS request rules with our
-score report just before the blocking evaluation (REQUEST-949), the after-CRS
-exclusion files and the plugins' after files, ``extra_rules``, then global rule
-removals.
+detection rules (:data:`EXTRA_DETECTION`, unless ``waf.extra_detection`` is off)
+and our score report just before the blocking evaluation (REQUEST-949), the
+after-CRS exclusion files and the plugins' after files, ``extra_rules``, then
+global rule removals.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ __all__ = [
     "removal_directives",
     "score_directives",
     "INSTALL_HINT",
+    "EXTRA_DETECTION",
 ]
 
 INSTALL_HINT = (
     "apt-get install libmodsecurity3 modsecurity-crs, or disable the WAF with --waf off "
     "(WAF_ENABLED=false)"
 )
+
+EXTRA_DETECTION = os.path.join(os.path.dirname(__file__), "rules", "quicproxy-detection.conf")
+"""Our rules that close CRS PL1's gaps (shipped with the package, ids 99200-99299), read
+by both engines and both CRS major versions; loaded before REQUEST-949 so they score."""
 
 DEBIAN_SETUP_DIR = "/etc/modsecurity/crs"
 "Where Debian's modsecurity-crs package keeps crs-setup.conf and the exclusion files."
@@ -354,6 +360,8 @@ def rule_sources(config: WafConfig, layout: CrsLayout) -> list[RuleSource]:
         sources.append(RuleSource(path, "waf.plugins_dir"))
     for path in layout.rules + layout.after:
         if scores is not None and os.path.basename(path).startswith("REQUEST-949"):
+            if config.extra_detection:
+                sources.append(RuleSource(EXTRA_DETECTION, "waf.extra_detection"))
             sources.append(scores)
             scores = None
         sources.append(RuleSource(path, "waf.rules_dir"))

@@ -8,7 +8,8 @@ the rule for that one variable (``target``, ``ctl:ruleRemoveTargetById``) under 
 longest path prefix the requests shared (cut at a segment), and the whole rule for that
 path only when its variable cannot be named (``REQUEST_URI``, ``REQUEST_BODY``...).
 Never a tag, never the anomaly-score and verdict rules (949xxx, 959xxx, 980xxx: they
-pass once the rules that scored are excluded) nor the proxy's own rules (99xxx).
+pass once the rules that scored are excluded) nor the proxy's own rules (99000-99199;
+its detection rules, 992xx, are proposed like CRS's).
 :func:`render` writes the proposals as YAML keyed by where each list goes
 (``waf.exclusions`` or ``routes[I].waf.exclusions``), one comment per entry.
 """
@@ -36,8 +37,9 @@ __all__ = [
 
 VERDICT_RULES = re.compile(r"^(?:949|959|980)\d{3}$")
 "Anomaly-score and blocking-evaluation rules: never excluded (they follow the others)."
-_OWN_RULES = re.compile(r"^99\d{3}$")
-"The proxy's own rules (body parse errors, score report): never excluded."
+_OWN_RULES = re.compile(r"^99[01]\d{2}$")
+"""The proxy's own rules (99000-99199: body parse errors, score report): never excluded.
+Its detection rules (99200-99299, ``waf.extra_detection``) are proposed like CRS's."""
 _TARGETS = re.compile(
     r"^(ARGS|ARGS_GET|ARGS_POST|ARGS_NAMES|REQUEST_HEADERS|REQUEST_COOKIES):(.+)$", re.I
 )

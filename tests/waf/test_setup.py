@@ -13,15 +13,18 @@ import pytest
 from quicproxy._config import WafConfig, WafExclusion, load_config
 from quicproxy._errors import ConfigError
 from quicproxy.waf import InlineWaf, WafClient, create_waf, engine_version, inline_waf
+from quicproxy.waf._coraza import coraza_directives
 from quicproxy.waf._rules import (
+    EXTRA_DETECTION,
     base_directives,
     find_crs,
     removal_directives,
+    rule_sources,
     settings_directives,
 )
 from tests.conftest import require_engine
 
-from .helpers import inline_config, make_request
+from .helpers import evaluate, inline_config, make_request
 
 CRS = "/usr/share/modsecurity-crs"
 
@@ -189,6 +192,7 @@ def test_crs4_settings_become_setvars() -> None:
         ({"outbound_anomaly_threshold": 0}, "waf.outbound_anomaly_threshold"),
         ({"allowed_methods": ["get"]}, "waf.allowed_methods[0]"),
         ({"allowed_content_types": ["octet-stream"]}, "waf.allowed_content_types[0]"),
+        ({"extra_detection": "maybe"}, "waf.extra_detection"),
     ],
 )
 def test_bad_waf_settings_fail_naming_the_key(waf: dict[str, object], key: str) -> None:
@@ -271,3 +275,54 @@ def test_exclusions_by_tag_and_target_become_ctl_rules() -> None:
     ) in text
     assert "942100" not in text  # removed from the rule set instead
     assert removal_directives(config) == "SecRuleRemoveById 942100\n"
+
+
+def test_extra_detection_loads_before_the_blocking_evaluation() -> None:
+    """On by default (env WAF_EXTRA_DETECTION switches it), loaded after the CRS attack
+    rules and before REQUEST-949 on both engines, so its scores count; off: absent."""
+    assert load_config(env={}).waf.extra_detection is True
+    assert load_config(env={"WAF_EXTRA_DETECTION": "false"}).waf.extra_detection is False
+    on = [os.path.basename(s.name) for s in rule_sources(inline_config(), find_crs(CRS))]
+    extra = on.index(os.path.basename(EXTRA_DETECTION))
+    assert on[extra - 1].startswith("REQUEST-944") and on[extra + 2].startswith("REQUEST-949")
+    off = rule_sources(inline_config(extra_detection=False), find_crs(CRS))
+    assert EXTRA_DETECTION not in [s.name for s in off]
+    text = coraza_directives(inline_config(engine="coraza"), (4, 25, 0))
+    include = text.index(f"Include {EXTRA_DETECTION}")
+    assert text.index("REQUEST-94[0-8]") < include < text.index("REQUEST-949")
+    assert EXTRA_DETECTION not in coraza_directives(
+        inline_config(engine="coraza", extra_detection=False), (4, 25, 0)
+    )
+
+
+@pytest.mark.parametrize(
+    "uri, headers",
+    [
+        # Each one passes raw CRS PL1 on both engines.
+        ("/?f=%f0%80%80%ae%f0%80%80%ae/secret.txt", []),
+        ("/?f=....//....//....//app/settings.py", []),
+        ("/static/x", [("x-file", "%25252e%25252e%25252f%25252e%25252e%25252fapp.ini")]),
+        ("/static/x", [("x-file", "C:\\Windows\\System32\\drivers\\etc\\hosts")]),
+        ("/api/items", [("x-filter", "1' UNION SELECT password FROM users-- -")]),
+        ("/?host=|%20id", []),
+        ("/?name={{config.items()}}", []),
+    ],
+)
+async def test_extra_detection_refuses_what_raw_crs_passes(
+    make_waf: object, waf_engine: str, uri: str, headers: list[tuple[str, str]]
+) -> None:
+    raw = await evaluate(make_waf(extra_detection=False), "GET", uri, headers)  # type: ignore[operator]
+    extra = await evaluate(make_waf(), "GET", uri, headers)  # type: ignore[operator]
+    assert raw.allowed, raw
+    assert not extra.allowed and any(r.startswith("992") for r in extra.rule_ids), extra
+
+
+async def test_exclusion_by_tag_covers_the_crs_rule_and_ours(make_waf: object) -> None:
+    # The README's advice: excluding by tag silences a class on a path for the CRS
+    # rules and ours alike; elsewhere both still refuse.
+    exclusion = WafExclusion(tag="attack-sqli", path_prefix="/api/sql")
+    waf = make_waf(exclusions=[exclusion])  # type: ignore[operator]
+    attack = "?q=1%27%20UNION%20SELECT%20password%20FROM%20users--%20-"
+    assert (await evaluate(waf, "GET", "/api/sql/run" + attack)).allowed
+    refused = await evaluate(waf, "GET", "/api/other" + attack)
+    assert not refused.allowed and {"942100", "99220"} <= set(refused.rule_ids), refused

@@ -11,9 +11,10 @@ with the same status:
   optional numeric port. Host names are stricter than RFC 3986 reg-name:
   letters, digits and ``-._~`` only (no percent-encoding, sub-delims or
   userinfo), so nothing else can end up in a redirect or a routing decision.
-- Method and header names are tokens; header values are visible ASCII,
-  space and tab only (control bytes and bytes over 0x7F get 400), so every
-  value can be written upstream as it came.
+- Method and header names are tokens; header values are visible ASCII, space,
+  tab and obs-text (bytes 0x80-0xFF, RFC 9110 §5.5: UTF-8 text such as ``Café``
+  is common in the wild and passed on opaque, byte for byte); control bytes get
+  400, so every value can be written upstream as it came.
 - At most ``max_fields`` header fields (431).
 
 HTTP/1.1 has an absolute form (``GET http://host/path``); :func:`origin_form`
@@ -31,7 +32,7 @@ from ._model import Headers, Request, Response
 __all__ = ["check_request", "check_authority", "origin_form", "options_response"]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 _TARGET = re.compile(r"/[\x21-\x7e]*")
 _REG_NAME = re.compile(r"[A-Za-z0-9._~-]{1,253}")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -95,7 +96,7 @@ def origin_form(method: str, target: str, host: str | None) -> tuple[str, str | 
 
 
 def check_fields(headers: Headers, max_fields: int) -> None:
-    """Header count (431), names (tokens) and values (visible ASCII) (400)."""
+    """Header count (431), names (tokens) and values (visible ASCII, obs-text) (400)."""
     if len(headers) > max_fields:
         raise HeadersTooLarge(f"{len(headers)} header fields, over the limit of {max_fields}")
     for name, value in headers:

@@ -112,7 +112,7 @@ class Backend:
 
     async def _serve(self, req: h11.Request, next_event, send, writer) -> None:  # type: ignore[no-untyped-def]
         target = req.target.decode()
-        headers = [(k.decode().lower(), v.decode()) for k, v in req.headers]
+        headers = [(k.decode().lower(), v.decode("utf-8", "replace")) for k, v in req.headers]
         self.requests.append((req.method.decode(), target, headers))
         parts = urlsplit(target)
         path = parts.path

@@ -115,3 +115,26 @@ async def test_upstream_connections_are_kept_alive_and_reused(proxy, certs, back
     assert all(r.status == 200 for r in results)
     assert backend.connections <= 21
     assert proxy.handler.upstream.connections_opened == backend.connections
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+async def test_utf8_header_values_pass_byte_for_byte(proxy, certs, proto):
+    """Bytes over 0x7F in a header value (obs-text, RFC 9110 §5.5: UTF-8 text in the wild)
+    are passed on opaque, byte for byte; control bytes still get 400."""
+    from tests.helpers import https_url, tcp_client
+
+    note = "Café – 東京"
+    if proto == "h3":
+        async with h3(proxy, certs) as client:
+            r = await client.request("GET", "/headers", [("x-note", note)])
+            status, body = r.status, r.body
+            bad = await client.request("GET", "/headers", [("x-note", "a\x01b")])
+            assert bad.status == 400
+    else:
+        async with tcp_client(certs, http2=proto == "h2") as client:
+            resp = await client.get(
+                https_url(proxy, "/headers"), headers={"x-note": note.encode("utf-8")}
+            )
+            status, body = resp.status_code, resp.content
+    assert status == 200
+    assert dict(json.loads(body))["x-note"] == note

@@ -12,9 +12,10 @@ with the same status:
   letters, digits and ``-._~`` only (no percent-encoding, sub-delims or
   userinfo), so nothing else can end up in a redirect or a routing decision.
 - Method and header names are tokens; header values are visible ASCII, space,
-  tab and obs-text (bytes 0x80-0xFF, RFC 9110 §5.5: UTF-8 text such as ``Café``
-  is common in the wild and passed on opaque, byte for byte); control bytes get
-  400, so every value can be written upstream as it came.
+  tab and UTF-8 text (obs-text, RFC 9110 §5.5: ``Café`` is common in the wild and
+  passed on byte for byte); control bytes and bytes over 0x7F that are not UTF-8
+  get 400 on every protocol alike (HTTP/3's QPACK decoder refuses them too), so
+  every value can be written upstream as it came.
 - At most ``max_fields`` header fields (431).
 
 HTTP/1.1 has an absolute form (``GET http://host/path``); :func:`origin_form`
@@ -96,14 +97,23 @@ def origin_form(method: str, target: str, host: str | None) -> tuple[str, str | 
 
 
 def check_fields(headers: Headers, max_fields: int) -> None:
-    """Header count (431), names (tokens) and values (visible ASCII, obs-text) (400)."""
+    """Header count (431), names (tokens) and values (visible ASCII, UTF-8) (400)."""
     if len(headers) > max_fields:
         raise HeadersTooLarge(f"{len(headers)} header fields, over the limit of {max_fields}")
     for name, value in headers:
         if not _TOKEN.fullmatch(name):
             raise BadRequest(f"bad header name {name[:100]!r}")
-        if not _VALUE.fullmatch(value):
+        if not _VALUE.fullmatch(value) or not (value.isascii() or _utf8(value)):
             raise BadRequest(f"bad byte in the value of header {name!r}")
+
+
+def _utf8(value: str) -> bool:
+    """A value's bytes (decoded as latin-1) are UTF-8 text."""
+    try:
+        value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return False
+    return True
 
 
 def check_request(req: Request, max_fields: int) -> None:

@@ -10,11 +10,14 @@ package main
 
 import (
 	"flag"
+	"io/fs"
 	"log"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"path/filepath"
+	"strings"
 
 	coreruleset "github.com/corazawaf/coraza-coreruleset/v4"
 	"github.com/corazawaf/coraza/v3"
@@ -33,7 +36,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	waf, err := coraza.NewWAF(coraza.NewWAFConfig().WithRootFS(coreruleset.FS).WithDirectives(string(rules)))
+	waf, err := coraza.NewWAF(coraza.NewWAFConfig().WithRootFS(rootFS{}).WithDirectives(string(rules)))
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -53,4 +56,36 @@ func main() {
 	})
 	go func() { log.Fatal(h3.ListenAndServeTLS(*cert, *key)) }()
 	log.Fatal((&http.Server{Addr: *addr, Handler: handler}).ListenAndServeTLS(*cert, *key))
+}
+
+// rootFS: names with an "@" element (@owasp_crs/..., @crs-setup.conf.example) from the CRS
+// compiled in, the rest (quicproxy's own rule files) from the disk.
+type rootFS struct{}
+
+func crs(name string) (string, bool) {
+	if i := strings.Index(name, "@"); i == 0 || strings.Contains(name, "/@") {
+		return name[i:], true
+	}
+	return name, false
+}
+
+func (rootFS) Open(name string) (fs.File, error) {
+	if n, ok := crs(name); ok {
+		return coreruleset.FS.Open(n)
+	}
+	return os.Open(name)
+}
+
+func (rootFS) ReadFile(name string) ([]byte, error) {
+	if n, ok := crs(name); ok {
+		return fs.ReadFile(coreruleset.FS, n)
+	}
+	return os.ReadFile(name)
+}
+
+func (rootFS) Glob(pattern string) ([]string, error) {
+	if n, ok := crs(pattern); ok {
+		return fs.Glob(coreruleset.FS, n)
+	}
+	return filepath.Glob(pattern)
 }

@@ -100,6 +100,16 @@ PROFILES = [
         host_ports=(80, 443),
     ),
     Profile(
+        "daemonset-surge",  # the edge example rolled with a surge (host network)
+        ["examples/values/daemonset-edge-complete.yaml"],
+        "DaemonSet",
+        service=False,
+        pdb=False,
+        waf=True,
+        host_ports=(80, 443),
+        set_values={"daemonset": {"surge": True}},
+    ),
+    Profile(
         "custom-ports",
         ["examples/values/custom-ports.yaml"],
         "DaemonSet",
@@ -258,6 +268,8 @@ class Release:
         }
         if self.profile.metrics:
             values["metrics"] = {"serviceMonitor": {"enabled": True}}
+        for key, value in self.profile.set_values.items():  # the profile's own, on top
+            values[key] = {**values.get(key, {}), **value}
         return values
 
     def merged_values(self) -> dict[str, Any]:
@@ -825,10 +837,12 @@ def test_daemonset_rolling_update(release: Release) -> None:
         finally:
             counts = loop.stop() if loop else {}
         progress(f"[{prof.name}] rolling update done; worst unavailable {worst}")
+        surge = ds["spec"]["updateStrategy"]["rollingUpdate"].get("maxSurge") or 0
+        surge = f"maxSurge {surge}" if surge else "no surge"
         for addr, (ok, failed) in sorted(counts.items()):
             progress(
                 f"[{prof.name}] client loop on {addr} through the update: {ok} answered, "
-                f"{failed} failed (maxUnavailable {max_unavail}, no surge on host ports)"
+                f"{failed} failed (maxUnavailable {max_unavail}, {surge})"
             )
         assert all(ok for ok, _ in counts.values()), counts  # every node answered again
     finally:

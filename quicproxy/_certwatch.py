@@ -103,7 +103,35 @@ def _stat(path: str) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-class TlsStore:
+class _Watched:
+    """Something whose files are checked every ``poll`` seconds in the background."""
+
+    poll: float
+    _task: asyncio.Task[None] | None
+
+    def check(self) -> bool:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Poll in the background of the running loop."""
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll)
+            try:
+                self.check()
+            except Exception:  # never let the watcher die
+                log.exception("certificate check failed")
+
+    def stop_watching(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+class TlsStore(_Watched):
     """One certificate pair in use by every listener of one process."""
 
     def __init__(
@@ -234,27 +262,12 @@ class TlsStore:
 
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> None:
-        """Poll in the background of the running loop."""
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll)
-            try:
-                self.check()
-            except Exception:  # never let the watcher die
-                log.exception("certificate check failed")
-
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        self.stop_watching()
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-class Certificates:
+class Certificates(_Watched):
     """Every certificate pair of one process, watched, and the choice of one by SNI.
 
     >>> certs = Certificates(("tls.crt", "tls.key"), [("shop.crt", "shop.key")])
@@ -379,20 +392,8 @@ class Certificates:
             self._index()
         return rotated
 
-    def start(self) -> None:
-        """Poll in the background of the running loop."""
-        if self._task is None:
-            self._task = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll)
-            self.check()
-
     def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        self.stop_watching()
         for store in (self.default, *self.stores):
             store.close()
 

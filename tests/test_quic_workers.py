@@ -109,7 +109,9 @@ async def test_a_new_run_on_the_port_hands_the_old_runs_datagrams_back(certs, ba
             await run.stop(grace=1)
     assert resp.status == 200 and resp.size == size
     assert digest.hexdigest() == hashlib.sha256(pattern_bytes(size)).hexdigest()
-    assert owners == (1, 0)  # the old run owned the connection throughout
+    # the old run owned the connection throughout (the new one never did); once the
+    # download ended, the draining old run may already have closed it
+    assert owners in ((1, 0), (0, 0))
     assert new_stats["handed_over"] > 0, f"nothing crossed in {moves} moves"
     assert fresh == [200] * 6 and old_stats["handshakes"] == 1  # new ones are the new run's
     assert new_stats["handshakes"] == 6
